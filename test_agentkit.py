@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import calendar
 import hashlib
 import itertools
 import os
@@ -367,3 +369,416 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert both.returncode == 2 and "not both" in both.stderr
     bad_app = cli("doctor", "--app", "nosuchmodule:kit", cwd=tmp_path)
     assert bad_app.returncode == 2 and "cannot load --app" in bad_app.stderr
+
+
+# ─────────────────────────────────────── job queue ───────────────────────────────────────
+
+
+def drained(kit: AgentKit) -> int:
+    return kit.work(until_idle=True)
+
+
+def test_a_job_runs_once_with_its_payload_and_keeps_its_result(kit: AgentKit) -> None:
+    seen = []
+
+    @kit.task
+    def add(payload: dict, ctx: agentkit.JobContext) -> int:
+        seen.append((ctx.job_id, ctx.attempt))
+        return payload["a"] + payload["b"]
+
+    job_id = kit.enqueue("add", {"a": 1, "b": 2})
+    assert kit.job(job_id).state == "queued"
+    assert drained(kit) == 1
+    job = kit.job(job_id)
+    assert (job.state, job.result, job.attempts) == ("done", 3, 1)
+    assert seen == [(job_id, 1)]
+    assert drained(kit) == 0
+
+
+def test_the_same_key_enqueued_twice_is_one_job(kit: AgentKit) -> None:
+    kit.task(lambda payload: None, name="report")
+    first = kit.enqueue("report", {"day": 1}, key="report-2026-11-21")
+    second = kit.enqueue("report", {"day": 2}, key="report-2026-11-21")
+    assert first == second
+    assert count(kit, "jobs") == 1
+    assert kit.job(first).payload == {"day": 1}
+
+
+def test_enqueue_many_keeps_order_and_priority_comes_first(kit: AgentKit) -> None:
+    order = []
+    kit.task(lambda payload: order.append(payload), name="note")
+    ids = kit.enqueue_many("note", [1, 2, 3])
+    kit.enqueue("note", "urgent", priority=5)
+    kit.enqueue("note", "later", delay=3600)
+    assert ids == sorted(ids, key=lambda i: int(i[4:]))
+    drained(kit)
+    assert order == ["urgent", 1, 2, 3]
+    assert [j.state for j in kit.jobs("queued")] == ["queued"]
+
+
+def test_bad_input_is_refused_and_writes_nothing(kit: AgentKit) -> None:
+    kit.task(lambda payload: None, name="t")
+    bad_calls = [
+        lambda: kit.enqueue("nope", {}),
+        lambda: kit.enqueue("t", {"x": object()}),
+        lambda: kit.enqueue("t", {"x": float("nan")}),
+        lambda: kit.enqueue("t", delay=-1),
+        lambda: kit.enqueue("t", priority="high"),
+        lambda: kit.enqueue("t", retries=-1),
+        lambda: kit.enqueue("t", key=""),
+        lambda: kit.enqueue_many("t", [1, {2}]),
+        lambda: kit.schedule("s", task="t", cron="61 * * * *"),
+        lambda: kit.schedule("s", task="t", cron="0 9 * * *", tz="Mars/Olympus"),
+        lambda: kit.schedule("s", task="t", cron="0 9 * * *", tz="../etc/passwd"),
+        lambda: kit.schedule("s", task="nope", every=60),
+        lambda: kit.schedule("s", task="t", every=0.5),
+        lambda: kit.schedule("s", task="t", every=60, cron="* * * * *"),
+        lambda: kit.schedule("s", task="t", every=60, payload={1, 2}),
+        lambda: kit.job("job_x"),
+        lambda: kit.job("job_999"),
+        lambda: kit.cancel("turn_1"),
+    ]
+    for call in bad_calls:
+        with pytest.raises(BadInput) as error:
+            call()
+        assert str(error.value)
+    assert count(kit, "jobs") == 0 and count(kit, "schedules") == 0
+    with pytest.raises(BadInput, match="no task named 'nope'"):
+        kit.enqueue("nope")
+    assert kit.job(kit.enqueue("nope", strict=False)).state == "queued"
+
+
+def test_a_failing_task_is_dead_after_retries_plus_one_attempts(kit: AgentKit, monkeypatch) -> None:
+    clock = [time.time()]
+    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
+
+    @kit.task(retries=3, backoff=10)
+    def flaky(payload: dict) -> None:
+        raise RuntimeError("service down")
+
+    job_id = kit.enqueue("flaky")
+    delays = []
+    for attempt in range(1, 5):
+        assert drained(kit) == 1
+        job = kit.job(job_id)
+        assert job.attempts == attempt
+        assert job.last_error == "RuntimeError: service down"
+        if attempt <= 3:
+            assert job.state == "queued"
+            delays.append(job.run_at - clock[0])
+            assert drained(kit) == 0  # not before its backoff
+            clock[0] = job.run_at
+    assert kit.job(job_id).state == "dead"
+    for attempt, delay in enumerate(delays, start=1):
+        base = 10 * 2 ** (attempt - 1)
+        assert base <= delay <= base * 1.25
+    assert drained(kit) == 0
+    retried = kit.retry(job_id)
+    assert (retried.state, retried.attempts) == ("queued", 0)
+
+
+def test_fail_ends_a_job_at_once_and_cancel_retry_rules(kit: AgentKit) -> None:
+    @kit.task(retries=5)
+    def refuse(payload: dict) -> None:
+        raise agentkit.Fail("bad request")
+
+    job_id = kit.enqueue("refuse")
+    drained(kit)
+    job = kit.job(job_id)
+    assert (job.state, job.attempts, job.last_error) == ("failed", 1, "Fail: bad request")
+    with pytest.raises(BadInput, match="failed, not queued"):
+        kit.cancel(job_id)
+    queued = kit.enqueue("refuse")
+    assert kit.cancel(queued).state == "cancelled"
+    with pytest.raises(BadInput, match="cancelled, not dead or failed"):
+        kit.retry(queued)
+    assert drained(kit) == 0
+
+
+def test_async_tasks_and_results_that_are_not_json(kit: AgentKit) -> None:
+    @kit.task
+    async def later(payload: int) -> int:
+        await asyncio_sleep0()
+        return payload * 2
+
+    @kit.task
+    def opaque(payload: None) -> object:
+        return object()
+
+    a, b = kit.enqueue("later", 21), kit.enqueue("opaque")
+    drained(kit)
+    assert kit.job(a).result == 42
+    assert kit.job(b).state == "failed"
+    assert "not JSON-serialisable" in kit.job(b).last_error
+
+
+async def asyncio_sleep0() -> None:
+    await asyncio.sleep(0)
+
+
+def test_a_task_past_its_timeout_is_retried_and_its_late_result_refused(kit: AgentKit) -> None:
+    release = threading.Event()
+    calls = []
+
+    @kit.task(timeout=0.2, retries=1, backoff=0)
+    def stuck(payload: None, ctx: agentkit.JobContext) -> str:
+        calls.append(ctx.attempt)
+        if ctx.attempt == 1:
+            release.wait(30)
+        return f"attempt {ctx.attempt}"
+
+    job_id = kit.enqueue("stuck")
+    worker = agentkit.Worker(kit.queue, concurrency=2, lease=0.3)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    thread.start()
+    wait_until(lambda: kit.job(job_id).state == "done", what="the retry to finish")
+    release.set()
+    wait_until(lambda: worker.done == 2, what="the stuck attempt to return")
+    stop.set()
+    thread.join()
+    job = kit.job(job_id)
+    assert (job.result, job.attempts, calls) == ("attempt 2", 2, [1, 2])
+
+
+def test_heartbeat_extends_the_lease_and_reports_loss(kit: AgentKit) -> None:
+    leases = []
+
+    @kit.task
+    def beat(payload: None, ctx: agentkit.JobContext) -> None:
+        leases.append(kit.store.read("SELECT lease_until FROM jobs")[0][0])
+        ctx.heartbeat()
+        leases.append(kit.store.read("SELECT lease_until FROM jobs")[0][0])
+        kit.store.connection().execute("UPDATE jobs SET owner = 'someone else'")
+        with pytest.raises(LeaseLost):
+            ctx.heartbeat()
+
+    kit.enqueue("beat")
+    drained(kit)
+    assert leases[1] > leases[0]
+
+
+def test_jobs_with_the_same_target_never_run_at_once(kit: AgentKit) -> None:
+    active: dict[str, int] = {}
+    overlaps = []
+    guard = threading.Lock()
+
+    @kit.task
+    def turn(payload: dict) -> None:
+        with guard:
+            active[payload["thread"]] = active.get(payload["thread"], 0) + 1
+            overlaps.append(active[payload["thread"]])
+        time.sleep(0.002)
+        with guard:
+            active[payload["thread"]] -= 1
+
+    for i in range(60):
+        thread = f"t{i % 3}"
+        kit.enqueue("turn", {"thread": thread}, target=thread)
+    assert kit.work(concurrency=6, until_idle=True) == 60
+    assert max(overlaps) == 1
+
+
+def test_four_processes_drain_twenty_thousand_jobs_exactly_once(tmp_path: Path, db: Path) -> None:
+    with AgentKit(db) as kit:
+        kit.task(lambda payload: None, name="record")
+        for start in range(0, 20_000, 5_000):
+            kit.enqueue_many("record", list(range(start, start + 5_000)))
+    code = """
+        import sys, agentkit
+        db, out = sys.argv[1:]
+        kit = agentkit.AgentKit(db)
+        seen = []
+        @kit.task
+        def record(payload, ctx):
+            seen.append(ctx.job_id)
+        kit.work(until_idle=True)
+        with open(out, "w") as f:
+            f.write("\\n".join(seen))
+    """
+    outs = [tmp_path / f"seen{i}" for i in range(4)]
+    for proc in [python(code, str(db), str(out)) for out in outs]:
+        finish(proc)
+    seen = [line for out in outs for line in out.read_text().split()]
+    assert len(seen) == 20_000 and len(set(seen)) == 20_000
+    with AgentKit(db) as kit:
+        assert kit.queue.counts() == {"done": 20_000}
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Path) -> None:
+    with AgentKit(db) as kit:
+        kit.task(lambda payload: None, name="slow")
+        job_id = kit.enqueue("slow", {"n": 1})
+    victim = python(
+        """
+        import sys, time, agentkit
+        kit = agentkit.AgentKit(sys.argv[1])
+        @kit.task
+        def slow(payload, ctx):
+            print(ctx.job_id, flush=True)
+            time.sleep(600)
+        kit.work(lease=1.0)
+        """,
+        str(db),
+    )
+    assert victim.stdout.readline().strip() == job_id
+    with AgentKit(db) as kit:
+        owner, attempt = kit.store.read("SELECT owner, attempts FROM jobs")[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        kit.task(lambda payload: "finished by the survivor", name="slow")
+        wait_until(lambda: drained(kit) == 1, what="the lease to run out")
+        job = kit.job(job_id)
+        assert (job.state, job.attempts, job.result) == ("done", 2, "finished by the survivor")
+        late = agentkit.Claimed(agentkit.job_rowid(job_id), "slow", {"n": 1}, attempt, 3, 1.0, None)
+        assert kit.queue.finish(owner, [(late, "ok", '"late"')]) == [late.rowid]
+        assert kit.job(job_id).result == "finished by the survivor"
+
+
+def test_an_idle_worker_wakes_for_a_job_from_another_process(db: Path) -> None:
+    with AgentKit(db) as kit:
+        done = threading.Event()
+        kit.task(lambda payload: done.set(), name="ping")
+        stop = threading.Event()
+        worker = threading.Thread(target=kit.work, kwargs={"stop": stop})
+        worker.start()
+        finish(
+            python(
+                """
+                import sys, agentkit
+                agentkit.AgentKit(sys.argv[1]).enqueue("ping", strict=False)
+                """,
+                str(db),
+            )
+        )
+        assert done.wait(30)
+        stop.set()
+        worker.join()
+
+
+def test_jobs_cli_lists_shows_and_retries(kit: AgentKit, db: Path) -> None:
+    kit.task(lambda payload: 1 / 0, name="broken", retries=0)
+    job_id = kit.enqueue("broken")
+    drained(kit)
+    listing = cli("jobs", "--db", str(db), "--state", "dead")
+    assert listing.returncode == 0 and job_id in listing.stdout
+    assert "ZeroDivisionError" in listing.stdout
+    shown = cli("jobs", "show", job_id, "--db", str(db))
+    assert shown.returncode == 0 and "state        dead" in shown.stdout
+    retried = cli("jobs", "retry", job_id, "--db", str(db))
+    assert retried.returncode == 0 and "state        queued" in retried.stdout
+    again = cli("jobs", "retry", job_id, "--db", str(db))
+    assert again.returncode == 2 and "queued, not dead or failed" in again.stderr
+    assert cli("jobs", "show", "--db", str(db)).returncode == 2
+
+
+# ─────────────────────────────────────── schedules ───────────────────────────────────────
+
+
+def calendar_utc(*args: int) -> float:
+    """Unix seconds of a UTC date and time given as year, month, day, hour, minute, second."""
+    return float(calendar.timegm((*args, 0, 0, 0)))
+
+
+def test_schedule_is_an_upsert_that_keeps_an_unchanged_due_time(kit: AgentKit, monkeypatch) -> None:
+    kit.task(lambda payload: None, name="t")
+    clock = [calendar_utc(2026, 11, 21, 8, 0, 0)]
+    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
+    first = kit.schedule("morning", task="t", cron="0 9 * * 1-5", tz="Europe/Paris")
+    assert first.next_due == calendar_utc(2026, 11, 23, 8, 0, 0)  # Monday 09:00 CET
+    clock[0] += 3600
+    assert kit.schedule("morning", task="t", cron="0 9 * * 1-5", tz="Europe/Paris") == first
+    changed = kit.schedule("morning", task="t", cron="0 10 * * 1-5", tz="Europe/Paris")
+    assert changed.next_due == calendar_utc(2026, 11, 23, 9, 0, 0)
+
+
+def test_missed_runs_are_coalesced_into_one(kit: AgentKit, monkeypatch) -> None:
+    kit.task(lambda payload: None, name="t")
+    start = calendar_utc(2026, 11, 21, 8, 0, 0)
+    monkeypatch.setattr(agentkit, "now", lambda: start)
+    kit.schedule("often", task="t", every=60, payload={"x": 1})
+    kit.schedule("hourly", task="t", cron="0 * * * *")
+    added = kit.tick(start + 10 * 3600 + 30)
+    assert len(added) == 2
+    keys = sorted(k for (k,) in kit.store.read("SELECT key FROM jobs"))
+    assert keys == ["schedule:hourly:2026-11-21T09:00:00Z", "schedule:often:2026-11-21T08:01:00Z"]
+    often = kit.scheduler.get("often")
+    assert often.next_due == start + 10 * 3600 + 60
+    assert kit.tick(start + 10 * 3600 + 31) == []
+
+
+def test_pause_resume_remove(kit: AgentKit, monkeypatch) -> None:
+    kit.task(lambda payload: None, name="t")
+    start = calendar_utc(2026, 11, 21, 8, 0, 0)
+    monkeypatch.setattr(agentkit, "now", lambda: start)
+    kit.schedule("s", task="t", every=60)
+    assert kit.pause_schedule("s").paused
+    assert kit.tick(start + 600) == []
+    monkeypatch.setattr(agentkit, "now", lambda: start + 600)
+    resumed = kit.resume_schedule("s")
+    assert not resumed.paused and resumed.next_due == start + 660
+    kit.remove_schedule("s")
+    assert kit.schedules() == []
+    with pytest.raises(BadInput):
+        kit.remove_schedule("s")
+
+
+def test_a_once_schedule_runs_once(kit: AgentKit) -> None:
+    kit.task(lambda payload: None, name="t")
+    when = time.time() + 60
+    kit.schedule("once", task="t", at=when)
+    assert kit.tick(when - 1) == []
+    assert len(kit.tick(when)) == 1
+    assert kit.tick(when + 3600) == []
+    assert kit.scheduler.get("once").next_due is None
+
+
+@pytest.mark.parametrize(
+    "tz, day, expected",
+    [
+        # spring: 02:30 does not exist; runs once at the first instant after the gap
+        ("Europe/Paris", (2026, 3, 29), (2026, 3, 29, 1, 0)),  # 03:00 CEST
+        ("America/New_York", (2026, 3, 8), (2026, 3, 8, 7, 0)),  # 03:00 EDT
+        # autumn: 02:30 (Paris) and 01:30 (New York) exist twice; runs once, at the first
+        ("Europe/Paris", (2026, 10, 25), (2026, 10, 25, 0, 30)),  # 02:30 CEST
+        ("America/New_York", (2026, 11, 1), (2026, 11, 1, 5, 30)),  # 01:30 EDT
+    ],
+)
+def test_scheduled_runs_across_daylight_saving_changes(
+    kit: AgentKit, monkeypatch, tz: str, day: tuple[int, int, int], expected: tuple
+) -> None:
+    kit.task(lambda payload: None, name="t")
+    hour = 1 if tz == "America/New_York" and day[1] == 11 else 2
+    start = calendar_utc(*day, 0, 0, 0) - 86400
+    monkeypatch.setattr(agentkit, "now", lambda: start)
+    kit.schedule("nightly", task="t", cron=f"30 {hour} * * *", tz=tz)
+    for minute in range(0, 3 * 24 * 60, 10):  # tick every 10 minutes for three days
+        kit.tick(start + minute * 60)
+    runs = sorted(r for (r,) in kit.store.read("SELECT run_at FROM jobs"))
+    assert calendar_utc(*expected, 0) in runs
+    assert len(runs) == 3  # the day before, the change day, the day after: once each
+
+
+def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
+    db: Path, tmp_path: Path
+) -> None:
+    start = calendar_utc(2026, 11, 21, 8, 0, 0)
+    code = """
+        import sys, agentkit
+        db, start = sys.argv[1], float(sys.argv[2])
+        agentkit.now = lambda: start
+        kit = agentkit.AgentKit(db)
+        kit.task(lambda payload: None, name="t")
+        kit.schedule("five", task="t", cron="*/5 * * * *")
+        kit.schedule("minute", task="t", every=60)
+        for second in range(0, 3600, 15):
+            kit.tick(start + second)
+    """
+    for proc in [python(code, str(db), str(start)) for _ in range(3)]:
+        finish(proc)
+    with AgentKit(db) as kit:
+        runs = kit.store.read("SELECT key, run_at FROM jobs ORDER BY run_at")
+    five = [r for k, r in runs if k.startswith("schedule:five:")]
+    minute = [r for k, r in runs if k.startswith("schedule:minute:")]
+    assert five == [start + 300 * i for i in range(1, 12)]
+    assert minute == [start + 60 * i for i in range(1, 60)]
