@@ -11,38 +11,68 @@ from __future__ import annotations
 import argparse
 import asyncio
 import calendar
+import concurrent.futures
 import contextlib
+import copy
 import dataclasses
+import getpass
+import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import socket
 import sys
 import threading
 import time
+import types
+import typing
+import urllib.parse
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
+import httpx
+import pydantic
+import pydantic_core
 
 __all__ = [
     "AgentKit",
     "AgentKitError",
+    "AnthropicModel",
     "BadInput",
+    "Block",
+    "EchoModel",
+    "Event",
     "Fail",
+    "HookFailed",
     "Job",
     "JobContext",
     "LeaseLost",
     "Lock",
     "LockBusy",
+    "Model",
+    "ModelError",
+    "ModelReply",
+    "OpenAIModel",
+    "Schedule",
+    "ScriptedModel",
     "StoreError",
+    "Tool",
+    "ToolCall",
+    "ToolContext",
+    "TurnResult",
+    "main",
 ]
 
 log = logging.getLogger("agentkit")
@@ -74,6 +104,10 @@ class Fail(AgentKitError):
     """Raise from a task to fail its job at once, without retries."""
 
 
+class HookFailed(AgentKitError):
+    """A hook raised; the turn it ran for failed."""
+
+
 def now() -> float:
     """The current time as Unix seconds (tests may replace it)."""
     return time.time()
@@ -95,6 +129,33 @@ def iso(ts: float) -> str:
 def worker_name() -> str:
     """A name for this process's claims: host, pid and a random part."""
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_guard = threading.Lock()
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """agentkit's event loop, in a daemon thread: async callbacks run there."""
+    global _background
+    with _background_guard:
+        if _background is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="agentkit-async", daemon=True).start()
+            _background = loop
+        return _background
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def call_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a callback from sync code; an async one runs on the background loop."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        return asyncio.run_coroutine_threadsafe(_awaited(result), background_loop()).result()
+    return result
 
 
 def check_name(kind: str, name: object, limit: int = 200) -> str:
@@ -164,6 +225,58 @@ MIGRATIONS: tuple[str, ...] = (
         paused INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX schedules_due ON schedules (next_due) WHERE paused = 0;
+    """,
+    # 2: conversations: threads, turns (the inbox), messages and tool calls
+    """
+    CREATE TABLE threads (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE turns (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        actor TEXT NOT NULL,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        source_id TEXT,
+        status TEXT NOT NULL CHECK (status IN
+            ('queued', 'running', 'done', 'failed', 'cancelled')),
+        job_id INTEGER,
+        steps INTEGER NOT NULL DEFAULT 0,
+        reply TEXT,
+        error TEXT,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE UNIQUE INDEX turns_source ON turns (source, source_id) WHERE source_id IS NOT NULL;
+    CREATE INDEX turns_thread ON turns (thread_id, status);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT,
+        command INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_thread ON messages (thread_id, command, id);
+    CREATE TABLE calls (
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        call_id TEXT NOT NULL,
+        message_id INTEGER NOT NULL REFERENCES messages (id),
+        position INTEGER NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'error')),
+        result TEXT,
+        finished_at REAL,
+        PRIMARY KEY (turn_id, call_id)
+    );
+    CREATE INDEX calls_message ON calls (message_id, position);
     """,
 )
 
@@ -534,7 +647,6 @@ class Task:
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
         self.takes_ctx = len(params) >= 2
-        self.is_async = inspect.iscoroutinefunction(self.fn)
 
 
 @dataclasses.dataclass
@@ -736,20 +848,23 @@ class Queue:
 
     # claiming and finishing
 
-    def claim(self, owner: str, names: Sequence[str], limit: int, lease: float) -> list[Claimed]:
-        """Lease up to `limit` ready jobs of these task names, at most one per target."""
+    def claim(
+        self, owner: str, names: Sequence[str], limit: int, lease: float, only: int | None = None
+    ) -> list[Claimed]:
+        """Lease up to `limit` ready jobs of these task names, at most one per target
+        (with `only`, just that job if it is ready)."""
         at = now()
         with self.store.transaction() as db:
             if at >= self._next_sweep:
                 self._sweep_expired(db, at)
             candidates = db.execute(
                 "SELECT id, target FROM jobs "
-                "WHERE state = 'queued' AND run_at <= ?1 "
+                f"WHERE {'id = ?4 AND' if only else ''} state = 'queued' AND run_at <= ?1 "
                 "AND name IN (SELECT value FROM json_each(?2)) "
                 "AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r "
                 "WHERE r.state = 'running' AND r.target = jobs.target)) "
                 "ORDER BY priority DESC, run_at, id LIMIT ?3",
-                (at, dumps(list(names)), limit),
+                (at, dumps(list(names)), limit, *([only] if only else [])),
             ).fetchall()
             if not candidates:
                 return []
@@ -920,28 +1035,40 @@ class Worker:
         self._guard = threading.Lock()
         self._busy = 0
         self._running: dict[int, tuple[Claimed, float]] = {}
-        self._local = threading.local()
 
     def run(self, *, until_idle: bool = False, stop: threading.Event | None = None) -> int:
         """Work until `stop` is set (or, with `until_idle`, until nothing is ready)."""
         stop = stop or threading.Event()
-        finished = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(finished,), daemon=True)
-        beat.start()
         threads = [
             threading.Thread(target=self._loop, args=(i, until_idle, stop), daemon=True)
             for i in range(1, self.concurrency)
         ]
-        for t in threads:
-            t.start()
-        try:
+        with self._heartbeating():
+            for t in threads:
+                t.start()
             self._loop(0, until_idle, stop)
             for t in threads:
                 t.join()
+        return self.done
+
+    def run_one(self, rowid: int) -> bool:
+        """Run one given job here if it is ready to be claimed; whether it ran."""
+        jobs = self.queue.claim(self.owner, self.names, 1, self.lease, only=rowid)
+        if jobs:
+            with self._heartbeating():
+                self._run_batch(jobs)
+        return bool(jobs)
+
+    @contextlib.contextmanager
+    def _heartbeating(self) -> Iterator[None]:
+        finished = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(finished,), daemon=True)
+        beat.start()
+        try:
+            yield
         finally:
             finished.set()
             beat.join()
-        return self.done
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
         batch, next_tick = 1, 0.0
@@ -986,10 +1113,8 @@ class Worker:
         task = self.queue.tasks[job.name]
         ctx = JobContext(self.queue, job, self.owner, self.lease)
         try:
-            result = task.fn(job.payload, ctx) if task.takes_ctx else task.fn(job.payload)
-            if task.is_async:
-                result = self._event_loop().run_until_complete(result)
-            return job, "ok", dumps(result)
+            args = (job.payload, ctx) if task.takes_ctx else (job.payload,)
+            return job, "ok", dumps(call_sync(task.fn, *args))
         except Fail as e:
             return job, "fail", f"Fail: {e}"
         except BadInput as e:
@@ -997,13 +1122,6 @@ class Worker:
         except Exception as e:
             log.warning("job_%d (%s) attempt %d: %r", job.rowid, job.name, job.attempt, e)
             return job, "error", f"{type(e).__name__}: {e}"
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """This thread's event loop for async tasks."""
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop
 
     def _heartbeat(self, finished: threading.Event) -> None:
         """Renew this worker's leases; fail the jobs that ran past their timeout."""
@@ -1419,6 +1537,1343 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
     return check_seconds("at", at)
 
 
+# ──────────────────────────────── conversation records ────────────────────────────────
+
+TURN_STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_TURN_STATES = ("done", "failed", "cancelled")
+
+
+def new_id(kind: str) -> str:
+    """A random id that carries its kind: `turn_3f9c…` (short enough for chat buttons)."""
+    return f"{kind}_{os.urandom(8).hex()}"
+
+
+def check_thread(thread: object) -> str:
+    """A thread or actor id: `<adapter>:<key>`, at most 200 characters."""
+    name = check_name("thread id", thread)
+    if ":" not in name[1:]:
+        raise BadInput(f"a thread id is '<adapter>:<key>', like 'cli:me', not {name!r}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnRow:
+    """One turn as stored: the message that started it and how far it got."""
+
+    id: str
+    thread_id: str
+    actor: str
+    text: str
+    status: str
+    steps: int
+    reply: str | None
+    error: str | None
+    input_tokens: int
+    output_tokens: int
+    cancel_requested: bool
+    job_id: int | None
+
+
+TURN_COLUMNS = (
+    "id, thread_id, actor, text, status, steps, reply, error, input_tokens, output_tokens, "
+    "cancel_requested, job_id"
+)
+
+
+class Records:
+    """Threads, turns, messages and tool calls: the SQL of the conversation store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add_turn(
+        self, db: apsw.Connection, thread: str, actor: str, text: str, source_id: str | None
+    ) -> tuple[str, bool]:
+        """Record an inbound message as a queued turn; `(turn id, created)`.
+
+        A message whose `(adapter, source id)` was seen before returns the first turn.
+        """
+        source = thread.partition(":")[0]
+        if source_id is not None:
+            row = db.execute(
+                "SELECT id FROM turns WHERE source = ? AND source_id = ?", (source, source_id)
+            ).fetchone()
+            if row:
+                return row[0], False
+        at = now()
+        db.execute(
+            "INSERT INTO threads (id, created_at, updated_at) VALUES (?1, ?2, ?2) "
+            "ON CONFLICT (id) DO UPDATE SET updated_at = ?2",
+            (thread, at),
+        )
+        turn_id = new_id("turn")
+        db.execute(
+            "INSERT INTO turns (id, thread_id, actor, text, source, source_id, status, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+            (turn_id, thread, actor, text, source, source_id, at),
+        )
+        return turn_id, True
+
+    def set_job(self, db: apsw.Connection, turn_id: str, job_rowid: int) -> None:
+        db.execute("UPDATE turns SET job_id = ? WHERE id = ?", (job_rowid, turn_id))
+
+    def turn(self, turn_id: str) -> TurnRow:
+        rows = self.store.read(f"SELECT {TURN_COLUMNS} FROM turns WHERE id = ?", (turn_id,))
+        if not rows:
+            raise BadInput(f"no turn {turn_id}")
+        return TurnRow(*rows[0][:10], bool(rows[0][10]), rows[0][11])
+
+    def start(self, turn: TurnRow, *, command: bool) -> None:
+        """Move a queued turn to running and add its user message to the thread."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE turns SET status = 'running' WHERE id = ?", (turn.id,))
+            self.add_message(db, turn.thread_id, turn.id, "user", turn.text, command=command)
+
+    @staticmethod
+    def add_message(
+        db: apsw.Connection,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        *,
+        command: bool,
+    ) -> int:
+        db.execute(
+            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (thread, turn_id, role, content, command, now()),
+        )
+        return db.last_insert_rowid()
+
+    def add_step(
+        self,
+        turn: TurnRow,
+        text: str | None,
+        calls: Sequence[tuple[str, str, str, str, str | None]],
+        usage: dict[str, int],
+    ) -> None:
+        """Store one model step: the assistant message, its calls `(id, tool, args, state,
+        result)` and the usage; a step without calls also ends the turn `done`."""
+        with self.store.transaction() as db:
+            message = self.add_message(
+                db, turn.thread_id, turn.id, "assistant", text, command=False
+            )
+            db.executemany(
+                "INSERT INTO calls (turn_id, message_id, position, call_id, tool, args, state, "
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(turn.id, message, i, *call) for i, call in enumerate(calls)],
+            )
+            db.execute(
+                "UPDATE turns SET steps = steps + 1, input_tokens = input_tokens + ?, "
+                "output_tokens = output_tokens + ? WHERE id = ?",
+                (usage.get("input_tokens", 0), usage.get("output_tokens", 0), turn.id),
+            )
+            if not calls:
+                self.end(db, turn.id, "done", reply=text)
+
+    @staticmethod
+    def end(
+        db: apsw.Connection,
+        turn_id: str,
+        status: str,
+        *,
+        reply: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        db.execute(
+            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status, reply, error, now(), turn_id),
+        )
+
+    def finish(
+        self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
+    ) -> None:
+        with self.store.transaction() as db:
+            self.end(db, turn_id, status, reply=reply, error=error)
+
+    def answer(self, turn: TurnRow, reply: str) -> None:
+        """End a command's turn with its reply, kept out of the model's context."""
+        with self.store.transaction() as db:
+            self.add_message(db, turn.thread_id, turn.id, "assistant", reply, command=True)
+            self.end(db, turn.id, "done", reply=reply)
+
+    def open_calls(self, turn_id: str) -> list[tuple[str, str, str, str]]:
+        """`(call id, tool, args, state)` of the calls not finished yet, in order."""
+        return self.store.read(
+            "SELECT call_id, tool, args, state FROM calls WHERE turn_id = ? "
+            "AND state IN ('pending', 'running') ORDER BY message_id, position",
+            (turn_id,),
+        )
+
+    def claim_call(self, turn_id: str, call_id: str) -> bool:
+        """Move a pending call to running; only one worker ever wins it."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE calls SET state = 'running' "
+                "WHERE turn_id = ? AND call_id = ? AND state = 'pending'",
+                (turn_id, call_id),
+            )
+            return db.changes() == 1
+
+    def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
+        """Record a call's result if it is still in state `was`."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE calls SET state = ?, result = ?, finished_at = ? "
+                "WHERE turn_id = ? AND call_id = ? AND state = ?",
+                (state, result, now(), turn_id, call_id, was),
+            )
+
+    def call_ids(self, turn_id: str) -> set[str]:
+        return {
+            c for (c,) in self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
+        }
+
+    def cancel(self, turn_id: str) -> str:
+        """Cancel a queued turn at once, or ask a running one to stop at its next step."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT status, job_id FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            if row is None:
+                raise BadInput(f"no turn {turn_id}")
+            status, job = row
+            if status in FINAL_TURN_STATES:
+                raise BadInput(f"{turn_id} is {status} already")
+            if status == "queued":
+                self.end(db, turn_id, "cancelled", error="cancelled before it started")
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ? "
+                    "WHERE id = ? AND state = 'queued'",
+                    (now(), job),
+                )
+                return "cancelled"
+            db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
+            return "cancelling"
+
+    def active_turns(self, db: apsw.Connection, thread: str, but: str) -> list[str]:
+        rows = db.execute(
+            "SELECT id FROM turns WHERE thread_id = ? AND id != ? "
+            "AND status IN ('queued', 'running') ORDER BY created_at",
+            (thread, but),
+        ).fetchall()
+        return [turn_id for (turn_id,) in rows]
+
+    def context(self, thread: str, max_messages: int, max_chars: int) -> list[dict[str, Any]]:
+        """The newest exchanges of a thread in the models' neutral format, within budget.
+
+        The window starts at a user message, so every tool call keeps its result; the
+        newest user message is always kept.
+        """
+        rows = self.store.read(
+            "SELECT id, role, content FROM messages WHERE thread_id = ? AND command = 0 "
+            "ORDER BY id DESC LIMIT ?",
+            (thread, max_messages),
+        )
+        rows.reverse()
+        ids = [row[0] for row in rows if row[1] == "assistant"]
+        calls: dict[int, list[tuple]] = {}
+        for message_id, *call in self.store.read(
+            "SELECT message_id, call_id, tool, args, state, result FROM calls "
+            "WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY message_id, position",
+            (dumps(ids),),
+        ):
+            calls.setdefault(message_id, []).append(call)
+        exchanges: list[list[dict[str, Any]]] = []
+        for message_id, role, content in rows:
+            if role == "user":
+                exchanges.append([{"role": "user", "content": content or ""}])
+            elif exchanges:
+                exchanges[-1].extend(assistant_messages(content, calls.get(message_id, [])))
+        kept: list[list[dict[str, Any]]] = []
+        size = 0
+        for exchange in reversed(exchanges):
+            size += len(dumps(exchange))
+            if kept and size > max_chars:
+                break
+            kept.append(exchange)
+        return [message for exchange in reversed(kept) for message in exchange]
+
+    def history(self, thread: str, limit: int) -> list[dict[str, Any]]:
+        """A thread's newest messages, tool calls and results included, oldest first."""
+        return self.context(thread, limit, sys.maxsize) if limit else []
+
+
+def assistant_messages(content: str | None, calls: list[tuple]) -> list[dict[str, Any]]:
+    """An assistant message with its tool calls, then one tool message per finished call."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [
+            {"id": call_id, "name": tool, "args": json.loads(args)}
+            for call_id, tool, args, _, _ in calls
+        ]
+    results = [
+        {
+            "role": "tool",
+            "call_id": call_id,
+            "name": tool,
+            "content": result,
+            "is_error": state == "error",
+        }
+        for call_id, tool, _, state, result in calls
+        if result is not None
+    ]
+    return [message, *results]
+
+
+# ─────────────────────────── models: OpenAI, Anthropic, echo, scripted ───────────────────────────
+
+INVALID_ARGS_KEY = "__invalid_json__"
+"""Key of ToolCall.args that holds tool-call arguments which were not a JSON object."""
+
+
+@dataclass
+class ToolCall:
+    """A tool call the model asks for (public: agentkit.ToolCall("add", {"a": 1}))."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: str = ""  # the provider's call id; "" when the model gave none
+
+
+@dataclass
+class ModelReply:
+    """One answer of a model: final text, tool calls, or both."""
+
+    text: str | None
+    tool_calls: list[ToolCall]
+    usage: dict[str, int]  # {"input_tokens": n, "output_tokens": n} when reported, else {}
+
+
+class ModelError(AgentKitError):
+    """The model could not be reached or answered something unusable."""
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the turn engine talks to: neutral messages and tools in, a ModelReply out."""
+
+    name: str
+
+    def complete(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelReply: ...
+
+
+_RETRY_AFTER_CAP = 60.0  # seconds; longest wait between two attempts
+_SNIPPET_CHARS = 300  # how much of an error body an error message quotes
+
+
+class _Transient(ModelError):
+    """A failure that another attempt may not have: 429, 5xx, network, a cut stream."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """value, checked to be of the type a well-formed response has in that place."""
+    if not isinstance(value, kind):
+        raise ModelError(f"malformed response: {what} is a {type(value).__name__}")
+    return value
+
+
+def _parse_args(raw: Any) -> dict[str, Any]:
+    """Tool-call arguments from their JSON text; text that is no JSON object is kept under
+    INVALID_ARGS_KEY so the engine can tell the model."""
+    text = _typed(raw, str, "tool-call arguments")
+    if not text.strip():
+        return {}
+    try:
+        args = json.loads(text)
+    except ValueError:
+        args = None
+    return args if isinstance(args, dict) else {INVALID_ARGS_KEY: text}
+
+
+def _snippet(text: str) -> str:
+    """The start of an error body, on one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds (capped), or None when absent or not a number."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_CAP)
+
+
+def _iter_sse(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event name, data) of each server-sent event; an unfinished last event is dropped."""
+    event, data = "", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "", []
+        elif not line.startswith(":"):
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "event":
+                event = value
+            elif key == "data":
+                data.append(value)
+
+
+def _event_json(data: str) -> Any:
+    """The JSON in a server-sent event's data."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ModelError(f"event data in the stream is not JSON: {_snippet(data)}") from exc
+
+
+def _describe(exc: Exception) -> str:
+    """An exception's type and message, for error messages."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _bad_role(message: dict[str, Any]) -> BadInput:
+    return BadInput(f"unknown message role {message.get('role')!r}: use user, assistant or tool")
+
+
+class _HTTPModel(ABC):
+    """What the HTTP providers share: the POST, retries with backoff, errors, redaction."""
+
+    backoff_base = 0.5  # seconds before the first retry, doubled for each further one
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        api_key: str | None,
+        stream: bool,
+        timeout: float,
+        max_retries: int,
+        client: httpx.Client | None,
+    ) -> None:
+        self.name = name
+        self.stream = stream
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._url = url
+        self._headers = headers
+        self._api_key = api_key
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client()
+
+    def close(self) -> None:
+        """Close the HTTP client, unless it was passed in."""
+        if self._owns_client:
+            self._client.close()
+
+    def complete(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelReply:
+        """Ask the model for its next reply; ModelError when it cannot be had."""
+        body = self._request_body(instructions, messages, tools)
+        try:
+            return self._post_with_retries(body)
+        except ModelError as exc:
+            message = f"{self.name}: {exc}"
+            if self._api_key:
+                message = message.replace(self._api_key, "[redacted]")
+            raise ModelError(message) from exc.__cause__
+
+    def _post_with_retries(self, body: dict[str, Any]) -> ModelReply:
+        attempt = 0
+        while True:
+            try:
+                return self._attempt(body)
+            except _Transient as exc:
+                if attempt >= self.max_retries:
+                    message = f"{exc} (gave up after {attempt + 1} attempts)"
+                    raise ModelError(message) from exc.__cause__
+                time.sleep(self._delay(attempt, exc.retry_after))
+                attempt += 1
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        backoff = self.backoff_base * 2**attempt * random.uniform(1.0, 1.25)
+        return min(backoff, _RETRY_AFTER_CAP)
+
+    def _attempt(self, body: dict[str, Any]) -> ModelReply:
+        try:
+            with self._client.stream(
+                "POST", self._url, json=body, headers=self._headers, timeout=self.timeout
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    detail = f"HTTP {response.status_code}: {_snippet(response.text)}"
+                    if response.status_code == 429 or 500 <= response.status_code <= 599:
+                        raise _Transient(detail, _retry_after(response))
+                    raise ModelError(detail)
+                if response.headers.get("content-type", "").startswith("text/event-stream"):
+                    return self._parse_events(_iter_sse(response))
+                response.read()
+                try:
+                    data = response.json()
+                except ValueError as exc:
+                    raise ModelError(f"the answer is not JSON: {_snippet(response.text)}") from exc
+                return self._parse_json(data)
+        except httpx.TimeoutException as exc:
+            raise _Transient(f"no answer from {self._url} within {self.timeout:g} s") from exc
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection to {self._url} failed ({_describe(exc)})") from exc
+        except httpx.HTTPError as exc:
+            raise ModelError(f"HTTP error ({_describe(exc)})") from exc
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise ModelError(f"answer of unexpected shape ({_describe(exc)})") from exc
+
+    @abstractmethod
+    def _request_body(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The provider's request body for a neutral conversation."""
+
+    @abstractmethod
+    def _parse_json(self, data: Any) -> ModelReply:
+        """The reply in a non-streamed response body."""
+
+    @abstractmethod
+    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+        """The reply assembled from a stream of server-sent events."""
+
+
+class OpenAIModel(_HTTPModel):
+    """OpenAI Chat Completions, and servers that speak it (Ollama, llama.cpp, vLLM, LM Studio)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        stream: bool = True,
+        timeout: float = 120.0,
+        max_retries: int = 3,
+        client: httpx.Client | None = None,
+    ) -> None:
+        key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
+        base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        super().__init__(
+            f"openai:{model}",
+            f"{base.rstrip('/')}/chat/completions",
+            {"Authorization": f"Bearer {key}"} if key else {},
+            api_key=key,
+            stream=stream,
+            timeout=timeout,
+            max_retries=max_retries,
+            client=client,
+        )
+        self.model = model
+
+    def _request_body(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": _openai_messages(instructions, messages),
+            "stream": self.stream,
+        }
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        if tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool["name"],
+                        "description": tool.get("description", ""),
+                        "parameters": tool.get("parameters", {"type": "object"}),
+                    },
+                }
+                for tool in tools
+            ]
+        return body
+
+    def _parse_json(self, data: Any) -> ModelReply:
+        message = data["choices"][0]["message"]
+        return ModelReply(
+            _typed(message.get("content"), (str, type(None)), "content") or None,
+            [_openai_tool_call(call) for call in message.get("tool_calls") or []],
+            _openai_usage(data.get("usage")),
+        )
+
+    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+        text: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # by index: {"id", "function": {"name", "arguments"}}
+        usage: dict[str, int] = {}
+        for _, data in events:
+            if data == "[DONE]":
+                return ModelReply(
+                    "".join(text) or None,
+                    [_openai_tool_call(calls[index]) for index in sorted(calls)],
+                    usage,
+                )
+            chunk = _event_json(data)
+            if "error" in chunk:
+                raise ModelError(f"error in stream: {_snippet(json.dumps(chunk['error']))}")
+            if chunk.get("usage"):
+                usage = _openai_usage(chunk["usage"])
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                text.append(_typed(delta.get("content") or "", str, "content"))
+                for position, part in enumerate(delta.get("tool_calls") or []):
+                    call = calls.setdefault(
+                        part.get("index", position),
+                        {"id": "", "function": {"name": "", "arguments": ""}},
+                    )
+                    function = part.get("function") or {}
+                    call["id"] = call["id"] or part.get("id") or ""
+                    call["function"]["name"] = (
+                        call["function"]["name"] or function.get("name") or ""
+                    )
+                    call["function"]["arguments"] += function.get("arguments") or ""
+        raise _Transient("the stream ended before data: [DONE]")
+
+
+def _openai_messages(instructions: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Neutral messages as Chat Completions messages, instructions first as system message."""
+    out: list[dict[str, Any]] = (
+        [{"role": "system", "content": instructions}] if instructions else []
+    )
+    for message in messages:
+        role = message.get("role")
+        if role == "user":
+            out.append({"role": "user", "content": message["content"]})
+        elif role == "assistant":
+            turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+            if message.get("tool_calls"):
+                turn["tool_calls"] = [
+                    {
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": json.dumps(call["args"])},
+                    }
+                    for call in message["tool_calls"]
+                ]
+            out.append(turn)
+        elif role == "tool":
+            # Chat Completions has no error flag for tool results: the content says it.
+            content = (
+                f"Error: {message['content']}" if message.get("is_error") else message["content"]
+            )
+            out.append({"role": "tool", "tool_call_id": message["call_id"], "content": content})
+        else:
+            raise _bad_role(message)
+    return out
+
+
+def _openai_tool_call(call: dict[str, Any]) -> ToolCall:
+    function = call["function"]
+    return ToolCall(
+        _typed(function["name"], str, "tool name"),
+        _parse_args(function.get("arguments") or ""),
+        _typed(call.get("id") or "", str, "tool call id"),
+    )
+
+
+def _openai_usage(usage: Any) -> dict[str, int]:
+    if not usage:
+        return {}
+    return {
+        "input_tokens": int(usage["prompt_tokens"]),
+        "output_tokens": int(usage["completion_tokens"]),
+    }
+
+
+class AnthropicModel(_HTTPModel):
+    """Anthropic's Messages API."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        stream: bool = True,
+        max_tokens: int = 4096,
+        timeout: float = 120.0,
+        max_retries: int = 3,
+        client: httpx.Client | None = None,
+    ) -> None:
+        key = os.environ.get("ANTHROPIC_API_KEY") if api_key is None else api_key
+        base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
+        headers = {"anthropic-version": "2023-06-01"}
+        if key:
+            headers["x-api-key"] = key
+        super().__init__(
+            f"anthropic:{model}",
+            f"{base.rstrip('/')}/v1/messages",
+            headers,
+            api_key=key,
+            stream=stream,
+            timeout=timeout,
+            max_retries=max_retries,
+            client=client,
+        )
+        self.model = model
+        self.max_tokens = max_tokens
+
+    def _request_body(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": _anthropic_messages(messages),
+            "stream": self.stream,
+        }
+        if instructions:
+            body["system"] = instructions
+        if tools:
+            body["tools"] = [
+                {
+                    "name": tool["name"],
+                    "description": tool.get("description", ""),
+                    "input_schema": tool.get("parameters", {"type": "object"}),
+                }
+                for tool in tools
+            ]
+        return body
+
+    def _parse_json(self, data: Any) -> ModelReply:
+        usage = data.get("usage")
+        return _anthropic_reply(data["content"], _anthropic_usage(usage) if usage else {})
+
+    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+        blocks: dict[int, dict[str, Any]] = {}  # content blocks by index, as they grow
+        partial_json: dict[int, str] = {}  # tool inputs by block index, as they grow
+        usage: dict[str, int] = {}
+        for _, data in events:
+            event = _event_json(data)
+            kind = event["type"]
+            if kind == "message_start":
+                usage = _anthropic_usage(event["message"].get("usage") or {})
+            elif kind == "content_block_start":
+                blocks[event["index"]] = dict(event["content_block"])
+            elif kind == "content_block_delta":
+                index, delta = event["index"], event["delta"]
+                if delta["type"] == "text_delta":
+                    blocks[index]["text"] += delta["text"]
+                elif delta["type"] == "input_json_delta":
+                    partial_json[index] = partial_json.get(index, "") + delta["partial_json"]
+            elif kind == "message_delta" and (event.get("usage") or {}).get("output_tokens"):
+                usage["output_tokens"] = int(event["usage"]["output_tokens"])
+            elif kind == "message_stop":
+                for index, text in partial_json.items():
+                    if text:
+                        blocks[index]["input"] = _parse_args(text)
+                return _anthropic_reply([blocks[index] for index in sorted(blocks)], usage)
+            elif kind == "error":
+                error = event.get("error") or {}
+                detail = f"error in stream: {_snippet(json.dumps(error))}"
+                if error.get("type") in ("overloaded_error", "api_error"):
+                    raise _Transient(detail)
+                raise ModelError(detail)
+        raise _Transient("the stream ended before message_stop")
+
+
+def _anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Neutral messages as Messages API turns; consecutive turns of one role are merged, so
+    the results of parallel tool calls travel together in one user turn."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        blocks: list[dict[str, Any]] = []
+        if role in ("user", "assistant") and message.get("content"):
+            blocks.append({"type": "text", "text": message["content"]})
+        if role == "assistant":
+            blocks += [
+                {"type": "tool_use", "id": call["id"], "name": call["name"], "input": call["args"]}
+                for call in message.get("tool_calls") or []
+            ]
+        elif role == "tool":
+            blocks.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": message["call_id"],
+                    "content": message["content"],
+                    "is_error": bool(message.get("is_error")),
+                }
+            )
+            role = "user"
+        elif role != "user":
+            raise _bad_role(message)
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += blocks
+        else:
+            out.append({"role": role, "content": blocks})
+    return out
+
+
+def _anthropic_reply(content: list[dict[str, Any]], usage: dict[str, int]) -> ModelReply:
+    """The reply in a Messages API content list; block types other than text and tool_use
+    (thinking, for one) are skipped."""
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in content:
+        if block["type"] == "text":
+            texts.append(_typed(block["text"], str, "text"))
+        elif block["type"] == "tool_use":
+            calls.append(
+                ToolCall(
+                    _typed(block["name"], str, "tool name"),
+                    _typed(block["input"], dict, "tool input"),
+                    _typed(block.get("id") or "", str, "tool call id"),
+                )
+            )
+    return ModelReply("".join(texts) or None, calls, usage)
+
+
+def _anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
+    kinds = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    return {
+        "input_tokens": sum(int(usage.get(kind) or 0) for kind in kinds),
+        "output_tokens": int(usage.get("output_tokens") or 0),
+    }
+
+
+class EchoModel:
+    """Offline model that repeats the last user message; for demos and smoke tests."""
+
+    name = "echo"
+
+    def complete(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelReply:
+        """'echo: <last user message>', or the content of a trailing tool result."""
+        if messages and messages[-1].get("role") == "tool":
+            return ModelReply(messages[-1]["content"], [], {})
+        said = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        return ModelReply(f"echo: {said}", [], {})
+
+
+ScriptStep = (
+    str
+    | ToolCall
+    | list[ToolCall]
+    | Callable[[list[dict[str, Any]], list[dict[str, Any]]], "str | ToolCall | list[ToolCall]"]
+)
+
+
+class ScriptedModel:
+    """A model that plays a script, for tests and offline demos.
+
+    Each complete() consumes the next step: a final text, one ToolCall, a list of ToolCalls
+    made together, or a callable (messages, tools) -> one of those.
+    """
+
+    name = "scripted"
+
+    def __init__(self, steps: list[ScriptStep]) -> None:
+        for step in steps:
+            if not callable(step):
+                _check_step(step)
+        self._steps = list(steps)
+        self._lock = threading.Lock()
+        self._call_ids = itertools.count(1)
+        self.calls: list[list[dict[str, Any]]] = []  # the messages of each complete()
+
+    def complete(
+        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelReply:
+        """The next step as a reply; ModelError when the script is used up."""
+        with self._lock:
+            self.calls.append(copy.deepcopy(messages))
+            if not self._steps:
+                raise ModelError("scripted model has no step left")
+            step = self._steps.pop(0)
+            if callable(step):
+                step = _check_step(step(messages, tools))
+            if isinstance(step, str):
+                return ModelReply(step, [], {})
+            calls = [step] if isinstance(step, ToolCall) else step
+            return ModelReply(
+                None,
+                [
+                    replace(
+                        call, args=dict(call.args), id=call.id or f"call_{next(self._call_ids)}"
+                    )
+                    for call in calls
+                ],
+                {},
+            )
+
+
+def _check_step(step: Any) -> Any:
+    """step, if it is a text, a ToolCall or a non-empty list of ToolCalls; else BadInput."""
+    if isinstance(step, (str, ToolCall)) or (
+        isinstance(step, list) and step and all(isinstance(call, ToolCall) for call in step)
+    ):
+        return step
+    raise BadInput(
+        f"a script step must be a str, a ToolCall, a non-empty list of ToolCalls or a callable "
+        f"returning one of those, not {step!r}"
+    )
+
+
+def _default_spec() -> str:
+    """The model to use when none is named: the provider whose API key is set, else echo."""
+    if os.environ.get("OPENAI_API_KEY"):
+        return "openai:gpt-4o-mini"
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return "anthropic:claude-sonnet-4-5"
+    return "echo"
+
+
+def model_from_spec(spec: str | Model | None) -> Model:
+    """The model a spec names: a Model object as is, "echo", "openai:<model>" or
+    "anthropic:<model>"; None takes AGENTKIT_MODEL, else the provider whose API key is set,
+    else echo."""
+    if spec is None:
+        spec = os.environ.get("AGENTKIT_MODEL") or _default_spec()
+    if not isinstance(spec, str):
+        if isinstance(spec, Model):
+            return spec
+        raise BadInput(f"not a model: {spec!r} has no name and complete()")
+    provider, _, model = spec.strip().partition(":")
+    if spec.strip() == "echo":
+        return EchoModel()
+    if provider == "openai" and model:
+        return OpenAIModel(model)
+    if provider == "anthropic" and model:
+        return AnthropicModel(model)
+    raise BadInput(
+        f"unknown model {spec!r}: use 'echo', 'openai:<model>', 'anthropic:<model>' "
+        f"or a Model object"
+    )
+
+
+# ─────────────────────────────────── tools and hooks ───────────────────────────────────
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EVENTS = (
+    "message_received",
+    "turn_start",
+    "model_request",
+    "tool_call",
+    "tool_result",
+    "turn_end",
+    "job_failed",
+)
+
+
+class ToolContext:
+    """What a tool (or a command) can ask about the turn it runs in.
+
+    Declare a parameter annotated `ToolContext` to receive it; the model never sees it.
+    """
+
+    def __init__(
+        self, *, thread_id: str, turn_id: str, actor: str, call_id: str | None, root: Path
+    ) -> None:
+        self.thread_id = thread_id
+        self.turn_id = turn_id
+        self.actor = actor
+        self.call_id = call_id
+        self._root = root
+
+    @property
+    def workspace(self) -> Path:
+        """This thread's own folder (created on first use, mode 0700)."""
+        path = self._root / workspace_name(self.thread_id)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+
+def workspace_name(thread: str) -> str:
+    """A folder name for a thread id: escaped, never a path of its own, hashed when long."""
+    name = urllib.parse.quote(thread, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > 100:
+        name = name[:60] + "-" + hashlib.sha256(thread.encode()).hexdigest()[:32]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Returned by a `tool_call` hook: the call does not run, and the model is told why."""
+
+    reason: str
+
+
+class Event(types.SimpleNamespace):
+    """What a hook receives: `kind` plus the event's fields (thread_id, turn_id, tool, …)."""
+
+    kind: str
+
+
+class Tool:
+    """A function the model may call, with a JSON schema built from its type hints."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        if not TOOL_NAME.fullmatch(self.name):
+            raise BadInput(f"a tool name is 1-64 letters, digits, '_' or '-', not {self.name!r}")
+        self.description = description or inspect.getdoc(fn) or self.name
+        self.idempotent = idempotent
+        self.timeout = None if timeout is None else check_seconds("timeout", timeout, positive=True)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        self.ctx_param: str | None = None
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(fn).parameters.values():
+            hint = hints.get(param.name, Any)
+            if hint is ToolContext:
+                self.ctx_param = param.name
+                continue
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise BadInput(f"tool {self.name!r}: *args and **kwargs cannot be described")
+            default = ... if param.default is param.empty else param.default
+            fields[param.name] = (hint, default)
+        self.arguments = pydantic.create_model(f"{self.name}_arguments", **fields)
+        schema = self.arguments.model_json_schema()
+        schema.pop("title", None)
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+        self.schema = schema
+
+    def spec(self) -> dict[str, Any]:
+        """The tool as models see it: name, description and parameters."""
+        return {"name": self.name, "description": self.description, "parameters": self.schema}
+
+    def bind(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        """Validated keyword arguments for the function (pydantic.ValidationError if not)."""
+        if INVALID_ARGS_KEY in args:
+            raise ValueError(f"the arguments are not a JSON object: {args[INVALID_ARGS_KEY]}")
+        values = self.arguments.model_validate(args)
+        kwargs = {name: getattr(values, name) for name in type(values).model_fields}
+        if self.ctx_param:
+            kwargs[self.ctx_param] = ctx
+        return kwargs
+
+
+def as_text(value: Any) -> str:
+    """A tool's result for the model: strings as they are, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    return pydantic_core.to_json(value, fallback=str).decode()
+
+
+def describe_error(e: BaseException) -> str:
+    """A short error text a model can act on."""
+    if isinstance(e, pydantic.ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors()
+        )
+        return f"invalid arguments: {problems}"
+    return f"{type(e).__name__}: {e}"
+
+
+class Hooks:
+    """Callbacks by event name, called in the order they were registered."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Callable[[Event], Any]]] = {kind: [] for kind in EVENTS}
+
+    def add(self, kind: str, fn: Callable[[Event], Any]) -> None:
+        self.handlers[kind].append(fn)
+
+    def emit(self, kind: str, **fields: Any) -> list[Any]:
+        """Call every handler of `kind`; their return values (HookFailed if one raises)."""
+        event = Event(kind=kind, **fields)
+        results = []
+        for fn in self.handlers[kind]:
+            try:
+                results.append(call_sync(fn, event))
+            except Exception as e:
+                log.exception("hook %s for %s raised", getattr(fn, "__name__", fn), kind)
+                raise HookFailed(f"the {kind} hook {fn.__name__} raised {describe_error(e)}") from e
+        return results
+
+
+# ──────────────────────────────────── the turn engine ────────────────────────────────────
+
+TURN_TASK = "agentkit.turn"
+PROMPT_TASK = "agentkit.prompt"
+COMMAND = re.compile(r"/([A-Za-z0-9_]{1,32})(?:@\S+)?(?:\s+(.*))?", re.S)
+INTERRUPTED = "interrupted: the process running this call stopped; its effect is unknown"
+
+
+def parse_command(text: str) -> tuple[str, str] | None:
+    """`(name, args)` of a chat command like `/ping a b`, else None."""
+    match = COMMAND.fullmatch(text.strip())
+    return (match[1].lower(), (match[2] or "").strip()) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnResult:
+    """What `run_turn` returns: the turn's status, the reply, the error and the usage."""
+
+    turn_id: str
+    thread_id: str
+    status: str
+    reply: str | None
+    error: str | None
+    usage: dict[str, int]
+    approvals: tuple[Any, ...] = ()
+
+
+class TurnEngine:
+    """Runs turns as jobs: the model loop, tool calls, hooks and commands.
+
+    Every step is stored as it happens, so a turn whose worker died continues from its
+    rows: a tool call runs only after its row moved to `running` (one worker wins that),
+    and a call found `running` after a crash is run again only if its tool is idempotent;
+    otherwise the model is told that it was interrupted.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        model: Model,
+        instructions: str,
+        workspace: Path,
+        max_steps: int,
+        context_messages: int,
+        context_chars: int,
+    ) -> None:
+        self.queue = queue
+        self.records = Records(queue.store)
+        self.model = model
+        self.instructions = instructions
+        self.workspace = workspace
+        self.max_steps = max_steps
+        self.context_messages = context_messages
+        self.context_chars = context_chars
+        self.tools: dict[str, Tool] = {}
+        self.hooks = Hooks()
+        self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
+        queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
+
+    # intake
+
+    def submit(self, thread: str, text: str, actor: str, source_id: str | None) -> str:
+        """Record an inbound message and queue its turn in one transaction; the turn id.
+
+        `/cancel` is handled here at once: it cancels the thread's queued and running turns.
+        """
+        command = parse_command(text)
+        with self.queue.store.transaction() as db:
+            turn_id, created = self.records.add_turn(db, thread, actor, text, source_id)
+            if not created:
+                return turn_id
+            if command and command[0] == "cancel":
+                active = self.records.active_turns(db, thread, turn_id)
+                for other in active:
+                    self.records.cancel(other)
+                reply = f"Cancelled {len(active)} turn(s)." if active else "Nothing to cancel."
+                self.records.add_message(db, thread, turn_id, "user", text, command=True)
+                self.records.add_message(db, thread, turn_id, "assistant", reply, command=True)
+                Records.end(db, turn_id, "done", reply=reply)
+                return turn_id
+            values = self.queue.job_values(TURN_TASK, target=None if command else thread)
+            job = Queue.insert_job(db, values, dumps({"turn": turn_id}), f"turn:{turn_id}")
+            self.records.set_job(db, turn_id, job)
+        self.queue.notify()
+        return turn_id
+
+    def prompt(self, payload: dict[str, str], ctx: JobContext) -> str:
+        """The task of scheduled prompts: start a turn in the schedule's thread."""
+        return self.submit(payload["thread"], payload["prompt"], payload["actor"], ctx.job_id)
+
+    def result(self, turn_id: str) -> TurnResult:
+        turn = self.records.turn(turn_id)
+        usage = {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens}
+        return TurnResult(turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage)
+
+    # the job
+
+    def run(self, payload: dict[str, str], ctx: JobContext) -> str:
+        """The task of turn jobs: take the turn as far as it goes."""
+        turn = self.records.turn(payload["turn"])
+        if turn.status in FINAL_TURN_STATES:
+            return turn.status
+        try:
+            command = parse_command(turn.text)
+            if turn.status == "queued":
+                self.records.start(turn, command=command is not None)
+                if command is None:
+                    self.emit(turn, "message_received", text=turn.text)
+                    self.emit(turn, "turn_start")
+            if command is not None:
+                self.records.answer(turn, self.run_command(turn, *command))
+            else:
+                self.loop(turn.id)
+        except StoreError:
+            raise  # the job is retried and the turn continues from its rows
+        except Exception as e:
+            if not isinstance(e, (ModelError, HookFailed)):
+                log.exception("%s failed", turn.id)
+            self.records.finish(turn.id, "failed", error=describe_error(e))
+        final = self.records.turn(turn.id)
+        with contextlib.suppress(HookFailed):
+            self.emit(final, "turn_end", status=final.status, reply=final.reply, error=final.error)
+        return final.status
+
+    def context_of(self, turn: TurnRow, call_id: str | None) -> ToolContext:
+        """The ToolContext of a call (or of a command, with no call id) in a turn."""
+        return ToolContext(
+            thread_id=turn.thread_id,
+            turn_id=turn.id,
+            actor=turn.actor,
+            call_id=call_id,
+            root=self.workspace,
+        )
+
+    def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
+        return self.hooks.emit(
+            kind, thread_id=turn.thread_id, turn_id=turn.id, actor=turn.actor, **fields
+        )
+
+    def loop(self, turn_id: str) -> None:
+        """Model steps and tool calls until a final answer, a cancel or max_steps."""
+        while True:
+            turn = self.records.turn(turn_id)
+            if turn.status in FINAL_TURN_STATES:
+                return
+            if turn.cancel_requested:
+                self.records.finish(turn.id, "cancelled", error="cancelled")
+                return
+            calls = self.records.open_calls(turn.id)
+            if calls:
+                self.run_calls(turn, calls)
+            elif turn.steps >= self.max_steps:
+                error = f"no final answer within max_steps={self.max_steps} model steps"
+                self.records.finish(turn.id, "failed", error=error)
+            else:
+                self.step(turn)
+
+    def step(self, turn: TurnRow) -> None:
+        """One model request; its answer and tool calls stored in one transaction."""
+        messages = self.records.context(turn.thread_id, self.context_messages, self.context_chars)
+        tools = [tool.spec() for tool in self.tools.values()]
+        for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
+            if isinstance(changed, list):
+                messages = changed
+        reply = self.model.complete(self.instructions, messages, tools)
+        used = self.records.call_ids(turn.id)
+        calls = []
+        for call in reply.tool_calls:
+            call_id = call.id if call.id and call.id not in used else new_id("call")
+            used.add(call_id)
+            state, result = "pending", None
+            if call.name not in self.tools:
+                state, result = "error", f"unknown tool {call.name!r}"
+            else:
+                hooked = self.emit(
+                    turn, "tool_call", tool=call.name, args=call.args, call_id=call_id
+                )
+                block = next((b for b in hooked if isinstance(b, Block)), None)
+                if block is not None:
+                    state, result = "error", f"blocked: {block.reason}"
+            calls.append((call_id, call.name, dumps(call.args), state, result))
+        self.records.add_step(turn, reply.text, calls, reply.usage)
+
+    def run_calls(self, turn: TurnRow, calls: list[tuple[str, str, str, str]]) -> None:
+        """Run the open calls of a turn at once, each claimed first, and store their results."""
+        started = []
+        for call_id, name, args, state in calls:
+            tool = self.tools.get(name)
+            if tool is None:
+                self.records.set_result(
+                    turn.id, call_id, "error", f"unknown tool {name!r}", was=state
+                )
+            elif state == "running" and not tool.idempotent:
+                self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
+            elif state == "running" or self.records.claim_call(turn.id, call_id):
+                values = json.loads(args)
+                future = self.start_tool(tool, values, self.context_of(turn, call_id))
+                started.append((call_id, tool, values, future))
+        for call_id, tool, args, future in started:
+            state, result = self.finish_tool(tool, future)
+            for changed in self.emit(
+                turn,
+                "tool_result",
+                tool=tool.name,
+                args=args,
+                call_id=call_id,
+                result=result,
+                is_error=state == "error",
+            ):
+                if changed is not None:
+                    result = as_text(changed)
+            self.records.set_result(turn.id, call_id, state, result, was="running")
+
+    def start_tool(
+        self, tool: Tool, args: dict[str, Any], ctx: ToolContext
+    ) -> concurrent.futures.Future:
+        """Start one tool call in the background; a future of its value."""
+        try:
+            kwargs = tool.bind(args, ctx)
+        except (pydantic.ValidationError, ValueError) as e:
+            failed: concurrent.futures.Future = concurrent.futures.Future()
+            failed.set_exception(e)
+            return failed
+        if tool.is_async:
+            return asyncio.run_coroutine_threadsafe(tool.fn(**kwargs), background_loop())
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                16, thread_name_prefix="agentkit-tool"
+            )
+        return self._pool.submit(tool.fn, **kwargs)
+
+    @staticmethod
+    def finish_tool(tool: Tool, future: concurrent.futures.Future) -> tuple[str, str]:
+        """`("done" | "error", text)` of a started call, waiting up to the tool's timeout."""
+        try:
+            return "done", as_text(future.result(timeout=tool.timeout))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return "error", f"timed out after {tool.timeout:g} s"
+        except Exception as e:
+            return "error", describe_error(e)
+
+    # commands
+
+    def run_command(self, turn: TurnRow, name: str, args: str) -> str:
+        fn = self.commands.get(name)
+        if fn is None:
+            return f"Unknown command /{name}. /help lists the commands."
+        return as_text(call_sync(fn, self.context_of(turn, None), args))
+
+    def help(self, ctx: ToolContext, args: str) -> str:
+        """List the commands."""
+        lines = [f"/{name}: {first_line(fn)}" for name, fn in sorted(self.commands.items())]
+        return "\n".join([*lines, "/cancel: Cancel this thread's running turns."])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def first_line(fn: Callable[..., Any]) -> str:
+    return (inspect.getdoc(fn) or "").partition("\n")[0]
+
+
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
 
 
@@ -1429,13 +2884,49 @@ class AgentKit:
     process). Close it with `close()` or use it as a context manager.
     """
 
-    def __init__(self, db: str | os.PathLike[str] = "agentkit.db", *, synchronous: str = "normal"):
-        self.store = Store(os.fspath(db), synchronous=synchronous)
+    def __init__(
+        self,
+        db: str | os.PathLike[str] = "agentkit.db",
+        *,
+        model: str | Model | None = None,
+        instructions: str = "You are a helpful assistant.",
+        workspace: str | os.PathLike[str] | None = None,
+        max_steps: int = 20,
+        context_messages: int = 100,
+        context_chars: int = 200_000,
+        lease: float = 30.0,
+        synchronous: str = "normal",
+    ) -> None:
+        for name, value in [
+            ("max_steps", max_steps),
+            ("context_messages", context_messages),
+            ("context_chars", context_chars),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BadInput(f"{name} must be an integer >= 1, not {value!r}")
+        db = os.fspath(db)
+        if workspace is None:
+            workspace = os.path.join(os.path.dirname(os.path.abspath(db)), "workspace")
+            if db == ":memory:":
+                workspace = os.path.abspath("workspace")
+        chosen = model_from_spec(model)
+        self.lease = check_seconds("lease", lease, positive=True)
+        self.store = Store(db, synchronous=synchronous)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
+        self.engine = TurnEngine(
+            self.queue,
+            model=chosen,
+            instructions=instructions,
+            workspace=Path(workspace),
+            max_steps=max_steps,
+            context_messages=context_messages,
+            context_chars=context_chars,
+        )
 
     def close(self) -> None:
         """Close the database connections."""
+        self.engine.close()
         self.store.close()
 
     def __enter__(self) -> AgentKit:
@@ -1492,9 +2983,13 @@ class AgentKit:
         """The newest jobs, optionally of one state."""
         return self.queue.list(state, limit)
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job."""
-        return self.queue.cancel(job_id)
+    def cancel(self, id: str) -> Job | TurnResult:
+        """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
+        running one at its next step."""
+        if isinstance(id, str) and id.startswith("turn_"):
+            self.engine.records.cancel(id)
+            return self.engine.result(id)
+        return self.queue.cancel(id)
 
     def retry(self, job_id: str) -> Job:
         """Queue a dead or failed job again."""
@@ -1506,14 +3001,116 @@ class AgentKit:
         concurrency: int = 1,
         until_idle: bool = False,
         stop: threading.Event | None = None,
-        lease: float = 30.0,
     ) -> int:
         """Run this process's tasks and the scheduler; the number of jobs run.
 
         Blocks until `stop` is set, or with `until_idle` until no job is ready.
         """
-        worker = Worker(self.queue, concurrency=concurrency, lease=lease, tick=self.tick)
+        worker = Worker(self.queue, concurrency=concurrency, lease=self.lease, tick=self.tick)
         return worker.run(until_idle=until_idle, stop=stop)
+
+    # turns
+
+    def tool(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Give the model a tool: description from the docstring, schema from type hints.
+
+        `idempotent=True` lets a call that was running when its process died run again;
+        otherwise the model is told it was interrupted. `timeout` in seconds.
+        """
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            made = Tool(
+                fn, name=name, description=description, idempotent=idempotent, timeout=timeout
+            )
+            self.engine.tools[made.name] = made
+            return fn
+
+        return register if fn is None else register(fn)
+
+    def on(self, event: str) -> Callable[[Callable[[Event], Any]], Callable[[Event], Any]]:
+        """Register a hook: `@kit.on("tool_call")`; see EVENTS for the event names."""
+        if event not in EVENTS:
+            raise BadInput(f"unknown event {event!r}; events are: {', '.join(EVENTS)}")
+
+        def register(fn: Callable[[Event], Any]) -> Callable[[Event], Any]:
+            self.engine.hooks.add(event, fn)
+            return fn
+
+        return register
+
+    def command(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Answer `/name args` in chat without the model: `fn(ctx, args) -> str`."""
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", name or "") or name == "cancel":
+            raise BadInput(
+                f"a command name is 1-32 of a-z, 0-9 and '_' (not 'cancel'), not {name!r}"
+            )
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.engine.commands[name] = fn
+            return fn
+
+        return register
+
+    def run_turn(
+        self,
+        thread: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        source_id: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> TurnResult:
+        """Send `text` to the agent in `thread` and (with `wait`) return when the turn ends.
+
+        The turn is a job: the calling process runs it when it is its turn in the thread,
+        or waits for a worker elsewhere, up to `timeout` seconds (then the result says
+        `queued` or `running`). The same `source_id` twice starts one turn.
+        """
+        thread = check_thread(thread)
+        actor = thread if actor is None else check_thread(actor)
+        if not isinstance(text, str) or len(text) > 100_000:
+            raise BadInput("text must be a string of at most 100,000 characters")
+        if source_id is not None:
+            check_name("source_id", source_id)
+        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        turn_id = self.engine.submit(thread, text, actor, source_id)
+        if not wait:
+            return self.engine.result(turn_id)
+        worker = Worker(self.queue, lease=self.lease)
+        while True:
+            turn = self.engine.records.turn(turn_id)
+            left = None if deadline is None else deadline - time.monotonic()
+            if turn.status in FINAL_TURN_STATES or (left is not None and left <= 0):
+                return self.engine.result(turn_id)
+            if turn.job_id is None or not worker.run_one(turn.job_id):
+                self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
+
+    async def arun_turn(self, thread: str, text: str, **options: Any) -> TurnResult:
+        """`run_turn` for asyncio code: the turn runs in a thread, the loop stays free."""
+        return await asyncio.to_thread(self.run_turn, thread, text, **options)
+
+    def turn(self, turn_id: str) -> TurnResult:
+        """The current state of a turn."""
+        return self.engine.result(turn_id)
+
+    def history(self, thread: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A thread's newest messages (with tool calls and results), oldest first."""
+        return self.engine.records.history(check_thread(thread), limit)
+
+    def threads(self, limit: int = 50) -> list[tuple[str, float]]:
+        """`(thread id, last activity)` of the most recently active threads."""
+        return self.store.read(
+            "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
 
     # schedules
 
@@ -1521,14 +3118,27 @@ class AgentKit:
         self,
         name: str,
         *,
-        task: str,
+        task: str | None = None,
         payload: Any = None,
+        thread: str | None = None,
+        prompt: str | None = None,
         cron: str | None = None,
         every: float | None = None,
         at: float | datetime | None = None,
         tz: str = "UTC",
     ) -> Schedule:
-        """Create or update a schedule (an upsert: safe to call at every start)."""
+        """Create or update a schedule (an upsert: safe to call at every start).
+
+        It runs a task with a payload, or (`thread=` and `prompt=`) starts a turn.
+        """
+        if (task is None) == (thread is None or prompt is None):
+            raise BadInput("give task= (with payload=), or thread= and prompt=")
+        if thread is not None:
+            actor = f"schedule:{check_name('schedule name', name)}"
+            task, payload = (
+                PROMPT_TASK,
+                {"thread": check_thread(thread), "prompt": prompt, "actor": actor},
+            )
         return self.scheduler.set(
             name, task=task, payload=payload, cron=cron, every=every, at=at, tz=tz
         )
@@ -1606,11 +3216,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def print_job(job: Job) -> None:
-    for field in dataclasses.fields(job):
-        value = getattr(job, field.name)
-        if field.name in ("run_at", "created_at", "finished_at") and value is not None:
+    for name, value in dataclasses.asdict(job).items():
+        if name in ("run_at", "created_at", "finished_at") and value is not None:
             value = iso(value)
-        print(f"{field.name:12} {value if isinstance(value, str) else json.dumps(value)}")
+        print(f"{name:12} {value if isinstance(value, str) else json.dumps(value)}")
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -1624,6 +3233,60 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise BadInput(f"jobs {args.action} needs a job id")
     action = {"show": kit.job, "retry": kit.retry, "cancel": kit.cancel}[args.action]
     print_job(action(args.id))
+    return 0
+
+
+def cli_user() -> str:
+    """The CLI's thread and actor id: `cli:<os user>`."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "user"
+    return f"cli:{name}"
+
+
+def print_result(result: TurnResult) -> int:
+    """Print a turn's reply (or its error); the exit status."""
+    if result.status == "done":
+        print(result.reply or "")
+        return 0
+    print(f"agentkit: turn {result.turn_id} {result.status}: {result.error or ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kit = open_kit(args)
+    return print_result(kit.run_turn(args.thread, args.text, actor=args.actor))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    kit = open_kit(args)
+    prompt = "you> " if sys.stdin.isatty() else ""
+    while True:
+        try:
+            text = input(prompt)
+        except EOFError:
+            return 0
+        if text.strip():
+            print_result(kit.run_turn(args.thread, text, actor=args.actor))
+
+
+def cmd_threads(args: argparse.Namespace) -> int:
+    for thread, updated in open_kit(args, must_exist=True).threads(args.limit):
+        print(f"{iso(updated)}  {thread}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    for message in open_kit(args, must_exist=True).history(args.thread, args.limit):
+        if message["role"] == "tool":
+            mark = " (error)" if message["is_error"] else ""
+            print(f"  {message['name']} ->{mark} {message['content']}")
+            continue
+        if message.get("content"):
+            print(f"{message['role']}: {message['content']}")
+        for call in message.get("tool_calls", []):
+            print(f"  {call['name']}({json.dumps(call['args'])})")
     return 0
 
 
@@ -1651,6 +3314,21 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (50)")
     jobs.set_defaults(run=cmd_jobs)
+    me = cli_user()
+    run = commands.add_parser("run", parents=[common], help="send one message, print the reply")
+    run.add_argument("text", help="the message")
+    chat = commands.add_parser("chat", parents=[common], help="talk to the agent in the terminal")
+    for command, fn in ((run, cmd_run), (chat, cmd_chat)):
+        command.add_argument("--thread", default=me, help=f"thread id ({me})")
+        command.add_argument("--as", dest="actor", default=me, help=f"actor id ({me})")
+        command.set_defaults(run=fn)
+    threads = commands.add_parser("threads", parents=[common], help="list recent threads")
+    threads.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    threads.set_defaults(run=cmd_threads)
+    show = commands.add_parser("show", parents=[common], help="print a thread's messages")
+    show.add_argument("thread", help="thread id, like cli:me")
+    show.add_argument("--limit", type=int, default=100, help="newest messages (100)")
+    show.set_defaults(run=cmd_show)
     return parser
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import enum
 import hashlib
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +17,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import apsw
+import pydantic
 import pytest
 
 import agentkit
@@ -612,12 +616,12 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Pat
     victim = python(
         """
         import sys, time, agentkit
-        kit = agentkit.AgentKit(sys.argv[1])
+        kit = agentkit.AgentKit(sys.argv[1], lease=1.0)
         @kit.task
         def slow(payload, ctx):
             print(ctx.job_id, flush=True)
             time.sleep(600)
-        kit.work(lease=1.0)
+        kit.work()
         """,
         str(db),
     )
@@ -782,3 +786,483 @@ def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
     minute = [r for k, r in runs if k.startswith("schedule:minute:")]
     assert five == [start + 300 * i for i in range(1, 12)]
     assert minute == [start + 60 * i for i in range(1, 60)]
+
+
+# ─────────────────────────────────────── turn engine ───────────────────────────────────────
+
+ToolCall = agentkit.ToolCall
+
+
+def scripted_kit(db: Path, steps: list, **options: object) -> AgentKit:
+    return AgentKit(db, model=agentkit.ScriptedModel(steps), **options)
+
+
+def test_echo_turn_records_the_exchange(kit: AgentKit) -> None:
+    result = kit.run_turn("cli:me", "hello")
+    assert (result.status, result.reply, result.error) == ("done", "echo: hello", None)
+    assert kit.history("cli:me") == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "echo: hello"},
+    ]
+
+
+def test_a_tool_call_and_a_final_answer(db: Path) -> None:
+    model = agentkit.ScriptedModel([ToolCall("add", {"a": 1, "b": 2}), "The sum is 3."])
+    with AgentKit(db, model=model) as kit:
+
+        @kit.tool
+        def add(a: int, b: int) -> int:
+            """Add two numbers."""
+            return a + b
+
+        result = kit.run_turn("cli:me", "add 1 and 2")
+        assert (result.status, result.reply) == ("done", "The sum is 3.")
+        tool_message = model.calls[1][-1]
+        assert tool_message == {
+            "role": "tool",
+            "call_id": "call_1",
+            "name": "add",
+            "content": "3",
+            "is_error": False,
+        }
+        history = kit.history("cli:me")
+        assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Point(pydantic.BaseModel):
+    x: int
+    y: int = 0
+
+
+def test_tool_schemas_come_from_type_hints(kit: AgentKit) -> None:
+    @kit.tool(name="draw", description="Draw things.", idempotent=True)
+    def draw(
+        points: list[Point],
+        color: Color,
+        mode: Literal["fast", "slow"] = "fast",
+        label: str | None = None,
+        width: Annotated[int, pydantic.Field(ge=1, description="pixels")] = 1,
+        ctx: agentkit.ToolContext = None,
+    ) -> str:
+        return "ok"
+
+    spec = kit.engine.tools["draw"].spec()
+    params = spec["parameters"]
+    assert spec["name"] == "draw" and spec["description"] == "Draw things."
+    assert params["required"] == ["points", "color"]
+    assert "ctx" not in params["properties"]
+    assert params["properties"]["mode"]["enum"] == ["fast", "slow"]
+    assert params["properties"]["width"]["minimum"] == 1
+    assert params["properties"]["width"]["description"] == "pixels"
+    assert set(params["$defs"]) == {"Color", "Point"}
+    assert params["$defs"]["Color"]["enum"] == ["red", "blue"]
+    with pytest.raises(BadInput, match="tool name"):
+        kit.tool(lambda: None, name="bad name!")
+    with pytest.raises(BadInput, match=r"\*args"):
+
+        @kit.tool
+        def spread(*args: int) -> None: ...
+
+
+def test_a_validation_error_goes_back_to_the_model_which_corrects_it(db: Path) -> None:
+    steps = [ToolCall("add", {"a": "one", "b": 2}), ToolCall("add", {"a": 1, "b": 2}), "3"]
+    model = agentkit.ScriptedModel(steps)
+    with AgentKit(db, model=model) as kit:
+        runs = []
+        kit.tool(lambda a, b: runs.append((a, b)) or a + b, name="add")
+        kit.engine.tools["add"] = agentkit.Tool(add_ints, name="add")
+        result = kit.run_turn("cli:me", "add")
+    first_result = model.calls[1][-1]
+    assert first_result["is_error"] is True
+    assert first_result["content"].startswith("invalid arguments: a: ")
+    assert model.calls[2][-1] == {
+        **first_result,
+        "call_id": "call_2",
+        "content": "3",
+        "is_error": False,
+    }
+    assert result.reply == "3"
+
+
+def add_ints(a: int, b: int) -> int:
+    return a + b
+
+
+def test_errors_async_tools_blocks_and_replaced_results(db: Path) -> None:
+    steps = [
+        [ToolCall("boom", {}), ToolCall("slow_double", {"x": 4}), ToolCall("delete", {})],
+        ToolCall("nope", {}),
+        "done",
+    ]
+    model = agentkit.ScriptedModel(steps)
+    with AgentKit(db, model=model) as kit:
+        deleted = []
+
+        @kit.tool
+        def boom() -> str:
+            raise RuntimeError("kaput")
+
+        @kit.tool
+        async def slow_double(x: int) -> dict:
+            await asyncio.sleep(0)
+            return {"value": x * 2}
+
+        @kit.tool
+        def delete() -> str:
+            deleted.append(1)
+            return "deleted"
+
+        seen_calls = []
+
+        @kit.on("tool_call")
+        def guard(event: agentkit.Event) -> agentkit.Block | None:
+            seen_calls.append((event.tool, event.thread_id, event.actor))
+            return agentkit.Block("not allowed") if event.tool == "delete" else None
+
+        @kit.on("tool_result")
+        def tag(event: agentkit.Event) -> str | None:
+            return f"{event.result} (checked)" if event.tool == "slow_double" else None
+
+        assert kit.run_turn("cli:me", "go").reply == "done"
+    results = {m["name"]: m for m in model.calls[1] if m["role"] == "tool"}
+    assert results["boom"]["content"] == "RuntimeError: kaput" and results["boom"]["is_error"]
+    assert results["slow_double"]["content"] == '{"value":8} (checked)'
+    assert results["delete"] == {
+        "role": "tool",
+        "call_id": "call_3",
+        "name": "delete",
+        "content": "blocked: not allowed",
+        "is_error": True,
+    }
+    assert deleted == []
+    assert model.calls[2][-1]["content"] == "unknown tool 'nope'"
+    assert seen_calls == [
+        ("boom", "cli:me", "cli:me"),
+        ("slow_double", "cli:me", "cli:me"),
+        ("delete", "cli:me", "cli:me"),
+    ]
+
+
+def test_model_request_hook_changes_the_messages(db: Path) -> None:
+    model = agentkit.ScriptedModel(["ok"])
+    with AgentKit(db, model=model) as kit:
+
+        @kit.on("model_request")
+        def add_note(event: agentkit.Event) -> list:
+            return [*event.messages, {"role": "user", "content": "(be brief)"}]
+
+        kit.run_turn("cli:me", "hi")
+    assert model.calls[0][-1] == {"role": "user", "content": "(be brief)"}
+
+
+def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Path, caplog) -> None:
+    with AgentKit(db) as kit:
+
+        @kit.on("turn_start")
+        def broken(event: agentkit.Event) -> None:
+            raise ValueError("no config")
+
+        result = kit.run_turn("cli:me", "hi")
+    assert result.status == "failed"
+    assert result.error == "HookFailed: the turn_start hook broken raised ValueError: no config"
+    assert "hook broken for turn_start raised" in caplog.text
+    with pytest.raises(BadInput, match="unknown event"):
+        kit.on("turn_begin")
+
+
+def test_events_arrive_in_order(kit: AgentKit) -> None:
+    seen = []
+    for kind in ("message_received", "turn_start", "model_request", "turn_end"):
+        kit.on(kind)(lambda event: seen.append((event.kind, getattr(event, "status", None))))
+    kit.run_turn("cli:me", "hi")
+    assert seen == [
+        ("message_received", None),
+        ("turn_start", None),
+        ("model_request", None),
+        ("turn_end", "done"),
+    ]
+
+
+def test_commands_answer_without_the_model(db: Path) -> None:
+    model = agentkit.ScriptedModel([])
+    with AgentKit(db, model=model) as kit:
+
+        @kit.command("ping")
+        def ping(ctx: agentkit.ToolContext, args: str) -> str:
+            """Answer pong."""
+            return f"pong {args} from {ctx.thread_id}"
+
+        assert kit.run_turn("cli:me", "/ping  a b").reply == "pong a b from cli:me"
+        assert kit.run_turn("cli:me", "/PING@mybot").reply == "pong  from cli:me"
+        help_text = kit.run_turn("cli:me", "/help").reply
+        assert "/ping: Answer pong." in help_text and "/cancel" in help_text
+        assert "Unknown command /pong" in kit.run_turn("cli:me", "/pong").reply
+        assert kit.run_turn("cli:me", "/cancel").reply == "Nothing to cancel."
+        with pytest.raises(BadInput):
+            kit.command("Bad Name")
+    assert model.calls == []
+
+
+def test_max_steps_fails_the_turn(db: Path) -> None:
+    with scripted_kit(db, [ToolCall("add", {"a": 1, "b": 1})] * 3, max_steps=2) as kit:
+        kit.tool(add_ints, name="add")
+        result = kit.run_turn("cli:me", "loop")
+    assert result.status == "failed"
+    assert result.error == "no final answer within max_steps=2 model steps"
+
+
+def test_the_same_source_id_starts_one_turn(kit: AgentKit) -> None:
+    first = kit.run_turn("telegram:1", "hi", source_id="update-7")
+    again = kit.run_turn("telegram:1", "hi", source_id="update-7")
+    assert first.turn_id == again.turn_id
+    assert count(kit, "turns") == 1 and count(kit, "messages") == 2
+    assert kit.run_turn("webhook:1", "hi", source_id="update-7").turn_id != first.turn_id
+
+
+def test_bad_turn_input_is_refused_and_writes_nothing(kit: AgentKit) -> None:
+    for call in (
+        lambda: kit.run_turn("nothread", "hi"),
+        lambda: kit.run_turn("", "hi"),
+        lambda: kit.run_turn("cli:me", 42),
+        lambda: kit.run_turn("cli:me", "x" * 100_001),
+        lambda: kit.run_turn("cli:me", "hi", actor="me"),
+        lambda: kit.run_turn("cli:me", "hi", source_id=""),
+        lambda: kit.schedule("s", thread="cli:me", cron="* * * * *"),
+        lambda: kit.schedule("s", thread="cli:me", prompt="x", task="t", every=60),
+        lambda: AgentKit(":memory:", model="gpt:4"),
+        lambda: AgentKit(":memory:", max_steps=0),
+    ):
+        with pytest.raises(BadInput):
+            call()
+    assert count(kit, "turns") == 0 and count(kit, "jobs") == 0
+
+
+def test_model_errors_fail_the_turn_and_leave_no_half_step(db: Path) -> None:
+    from fake_servers import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        model = agentkit.OpenAIModel("m", api_key="sk-test", base_url=fake.url, max_retries=0)
+        fake.push_cut()
+        with AgentKit(db, model=model) as kit:
+            result = kit.run_turn("cli:me", "hi")
+            assert result.status == "failed" and "ModelError" in result.error
+            assert kit.history("cli:me") == [{"role": "user", "content": "hi"}]
+            assert count(kit, "calls") == 0
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_turn_with_parallel_tool_calls_through_each_provider(
+    db: Path, provider: str, stream: bool
+) -> None:
+    from fake_servers import FakeAnthropic, FakeOpenAI
+
+    fake_class, model_class = {
+        "openai": (FakeOpenAI, agentkit.OpenAIModel),
+        "anthropic": (FakeAnthropic, agentkit.AnthropicModel),
+    }[provider]
+    with fake_class() as fake:
+        fake.push(tool_calls=[("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})], usage=(10, 5))
+        fake.push(text="3 and 7.", usage=(30, 4))
+        model = model_class("m", api_key="key-test", base_url=fake.url, stream=stream)
+        with AgentKit(db, model=model, instructions="Be exact.") as kit:
+            kit.tool(add_ints, name="add")
+            result = kit.run_turn("cli:me", "add twice")
+        assert (result.status, result.reply) == ("done", "3 and 7.")
+        assert result.usage == {"input_tokens": 40, "output_tokens": 9}
+        second = fake.requests[1].body
+        text = json.dumps(second)
+        assert "Be exact." in text and '"3"' in text.replace("\\", "") and "7" in text
+
+
+def test_two_processes_running_turns_on_one_thread_do_not_interleave(
+    db: Path, tmp_path: Path
+) -> None:
+    AgentKit(db).close()
+    trace = tmp_path / "trace"
+    code = """
+        import sys, agentkit
+        db, trace, name = sys.argv[1:]
+        steps = []
+        for i in range(5):
+            steps += [agentkit.ToolCall("mark", {"label": f"{name}{i}"}), f"{name}{i} done"]
+        kit = agentkit.AgentKit(db, model=agentkit.ScriptedModel(steps))
+        @kit.tool
+        def mark(label: str) -> str:
+            with open(trace, "a") as f:
+                f.write(f"start {label}\\n")
+            with open(trace, "a") as f:
+                f.write(f"end {label}\\n")
+            return label
+        for i in range(5):
+            assert kit.run_turn("cli:shared", f"{name}{i}").reply == f"{name}{i} done"
+    """
+    for proc in [python(code, str(db), str(trace), name) for name in "ab"]:
+        finish(proc)
+    lines = trace.read_text().split("\n")[:-1]
+    assert len(lines) == 20
+    for start, end in zip(lines[::2], lines[1::2], strict=True):
+        assert start.startswith("start ") and end == "end " + start[6:]
+    with AgentKit(db) as kit:
+        history = kit.history("cli:shared")
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    for i in users:  # each exchange is whole: user, call, result, answer
+        assert [m["role"] for m in history[i : i + 4]] == ["user", "assistant", "tool", "assistant"]
+        assert history[i + 3]["content"] == history[i]["content"] + " done"
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_a_turn_killed_inside_a_tool_finishes_on_restart(
+    db: Path, tmp_path: Path, idempotent: bool
+) -> None:
+    AgentKit(db).close()
+    runs = tmp_path / "runs"
+    victim = python(
+        """
+        import sys, time, agentkit
+        db, runs, idempotent = sys.argv[1], sys.argv[2], sys.argv[3] == "True"
+        model = agentkit.ScriptedModel([agentkit.ToolCall("charge", {"cents": 500})])
+        kit = agentkit.AgentKit(db, model=model, lease=1.0)
+        @kit.tool(idempotent=idempotent)
+        def charge(cents: int) -> str:
+            with open(runs, "a") as f:
+                f.write("run\\n")
+            print("inside", flush=True)
+            time.sleep(600)
+        kit.run_turn("cli:me", "pay")
+        """,
+        str(db),
+        str(runs),
+        str(idempotent),
+    )
+    assert victim.stdout.readline().strip() == "inside"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    model = agentkit.ScriptedModel(["Charged." if idempotent else "I am not sure it went through."])
+    with AgentKit(db, model=model) as kit:
+
+        @kit.tool(idempotent=idempotent)
+        def charge(cents: int) -> str:
+            with runs.open("a") as f:
+                f.write("run\n")
+            return "charged"
+
+        turn_id = kit.store.read("SELECT id FROM turns")[0][0]
+        wait_until(lambda: kit.work(until_idle=True), what="the lease to run out")
+        result = kit.turn(turn_id)
+    assert result.status == "done"
+    tool_message = model.calls[0][-1]
+    if idempotent:
+        assert runs.read_text() == "run\nrun\n"
+        assert tool_message["content"] == "charged"
+    else:
+        assert runs.read_text() == "run\n"  # never silently run twice
+        assert tool_message["content"] == agentkit.INTERRUPTED and tool_message["is_error"]
+
+
+def test_a_tool_past_its_timeout_is_reported_as_timed_out(db: Path) -> None:
+    release = threading.Event()
+    model = agentkit.ScriptedModel([ToolCall("hang", {}), "gave up"])
+    with AgentKit(db, model=model) as kit:
+        kit.tool(lambda: release.wait(30), name="hang", timeout=0.2)
+        assert kit.run_turn("cli:me", "go").reply == "gave up"
+        release.set()
+    assert model.calls[1][-1]["content"] == "timed out after 0.2 s"
+
+
+def test_cancel_stops_a_running_turn_at_its_next_step(db: Path) -> None:
+    entered, release = threading.Event(), threading.Event()
+    model = agentkit.ScriptedModel([ToolCall("wait", {}), "never sent"])
+    with AgentKit(db, model=model) as kit:
+
+        @kit.tool
+        def wait() -> str:
+            entered.set()
+            release.wait(30)
+            return "waited"
+
+        runner = threading.Thread(target=kit.run_turn, args=("cli:me", "go"))
+        runner.start()
+        assert entered.wait(30)
+        assert kit.run_turn("cli:me", "/cancel").reply == "Cancelled 1 turn(s)."
+        release.set()
+        runner.join()
+        turn_id = kit.store.read("SELECT id FROM turns ORDER BY created_at LIMIT 1")[0][0]
+        assert kit.turn(turn_id).status == "cancelled"
+        queued = kit.run_turn("cli:me", "later", wait=False)
+        assert kit.cancel(queued.turn_id).status == "cancelled"
+        with pytest.raises(BadInput, match="cancelled already"):
+            kit.cancel(queued.turn_id)
+    assert len(model.calls) == 1
+
+
+def test_context_is_bounded_and_keeps_calls_with_their_results(db: Path) -> None:
+    model = agentkit.ScriptedModel(
+        [s for i in range(6) for s in (ToolCall("add", {"a": i, "b": 0}), f"answer {i}")]
+    )
+    with AgentKit(db, model=model, context_messages=7) as kit:
+        kit.tool(add_ints, name="add")
+        for i in range(6):
+            kit.run_turn("cli:me", f"question {i}")
+    last = model.calls[-1]
+    assert last[0] == {"role": "user", "content": "question 4"}
+    calls = {c["id"] for m in last if m["role"] == "assistant" for c in m.get("tool_calls", [])}
+    results = {m["call_id"] for m in last if m["role"] == "tool"}
+    assert calls == results
+
+
+def test_a_scheduled_prompt_starts_a_turn(kit: AgentKit) -> None:
+    kit.schedule("report", thread="cli:ops", prompt="daily report", at=time.time())
+    kit.work(until_idle=True)  # the worker ticks the scheduler, then runs the prompt and the turn
+    turn = kit.store.read("SELECT actor, text, status, reply FROM turns")
+    assert turn == [("schedule:report", "daily report", "done", "echo: daily report")]
+
+
+def test_run_turn_waits_for_a_worker_elsewhere_and_works_inside_an_event_loop(db: Path) -> None:
+    with AgentKit(db) as kit:
+        queued = kit.run_turn("cli:me", "later", wait=False)
+        assert queued.status == "queued"
+        waited = kit.run_turn("cli:other", "x", wait=False)
+        assert kit.turn(waited.turn_id).status == "queued"
+
+        async def main() -> tuple:
+            inside = kit.run_turn("cli:me", "inside a loop")
+            awaited = await kit.arun_turn("cli:me", "awaited")
+            return inside, awaited
+
+        inside, awaited = asyncio.run(main())
+        assert inside.reply == "echo: inside a loop" and awaited.reply == "echo: awaited"
+        assert kit.turn(queued.turn_id).status == "queued"  # another thread's turn comes in order
+        kit.work(until_idle=True)
+        assert kit.turn(queued.turn_id).reply == "echo: later"
+
+
+def test_turn_cli_run_threads_show(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    out = cli("run", "hello there", "--db", str(db), "--thread", "cli:test")
+    assert out.returncode == 0 and out.stdout == "echo: hello there\n"
+    chat = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "agentkit.py"),
+            "chat",
+            "--db",
+            str(db),
+            "--thread",
+            "cli:test",
+        ],
+        input="one\n\ntwo\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert chat.returncode == 0 and chat.stdout == "echo: one\necho: two\n"
+    assert "cli:test" in cli("threads", "--db", str(db)).stdout
+    shown = cli("show", "cli:test", "--db", str(db)).stdout
+    assert shown.splitlines()[:2] == ["user: hello there", "assistant: echo: hello there"]
+    assert cli("show", "nothread", "--db", str(db)).returncode == 2
