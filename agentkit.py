@@ -49,12 +49,15 @@ import pydantic_core
 __all__ = [
     "AgentKit",
     "AgentKitError",
+    "AlreadyDecided",
     "AnthropicModel",
+    "Approval",
     "BadInput",
     "Block",
     "EchoModel",
     "Event",
     "Fail",
+    "Forbidden",
     "HookFailed",
     "Job",
     "JobContext",
@@ -102,6 +105,14 @@ class LeaseLost(AgentKitError):
 
 class Fail(AgentKitError):
     """Raise from a task to fail its job at once, without retries."""
+
+
+class Forbidden(AgentKitError):
+    """The actor may not do this; nothing was changed."""
+
+
+class AlreadyDecided(AgentKitError):
+    """The approval was decided otherwise (or expired) before; its message says by whom."""
 
 
 class HookFailed(AgentKitError):
@@ -241,7 +252,7 @@ MIGRATIONS: tuple[str, ...] = (
         source TEXT NOT NULL,
         source_id TEXT,
         status TEXT NOT NULL CHECK (status IN
-            ('queued', 'running', 'done', 'failed', 'cancelled')),
+            ('queued', 'running', 'waiting_approval', 'done', 'failed', 'cancelled')),
         job_id INTEGER,
         steps INTEGER NOT NULL DEFAULT 0,
         reply TEXT,
@@ -271,12 +282,44 @@ MIGRATIONS: tuple[str, ...] = (
         position INTEGER NOT NULL,
         tool TEXT NOT NULL,
         args TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'error')),
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'running', 'done', 'error')),
         result TEXT,
         finished_at REAL,
         PRIMARY KEY (turn_id, call_id)
     );
     CREATE INDEX calls_message ON calls (message_id, position);
+    """,
+    # 3: approvals of tool calls, and the events log of requests and decisions
+    """
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        call_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        reason TEXT,
+        requester TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'expired', 'cancelled')),
+        decided_by TEXT,
+        decision_reason TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        decided_at REAL
+    );
+    CREATE INDEX approvals_pending ON approvals (expires_at) WHERE state = 'pending';
+    CREATE INDEX approvals_turn ON approvals (turn_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        actor TEXT,
+        thread_id TEXT,
+        turn_id TEXT,
+        data TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX events_created ON events (created_at);
     """,
 )
 
@@ -1539,8 +1582,8 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
 
 # ──────────────────────────────── conversation records ────────────────────────────────
 
-TURN_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
+TURN_TASK = "agentkit.turn"
 
 
 def new_id(kind: str) -> str:
@@ -1580,11 +1623,64 @@ TURN_COLUMNS = (
 )
 
 
-class Records:
-    """Threads, turns, messages and tool calls: the SQL of the conversation store."""
+@dataclasses.dataclass(frozen=True)
+class Approval:
+    """A tool call waiting for (or given) a person's decision."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    id: str
+    turn_id: str
+    thread_id: str
+    call_id: str
+    tool: str
+    args: dict[str, Any]
+    reason: str | None
+    requester: str
+    state: str
+    decided_by: str | None
+    decision_reason: str | None
+    created_at: float
+    expires_at: float
+    decided_at: float | None
+
+
+APPROVAL_COLUMNS = (
+    "id, turn_id, thread_id, call_id, tool, args, reason, requester, state, decided_by, "
+    "decision_reason, created_at, expires_at, decided_at"
+)
+
+
+def approval_from_row(row: tuple) -> Approval:
+    return Approval(*row[:5], json.loads(row[5]), *row[6:])
+
+
+class Records:
+    """Threads, turns, messages, tool calls, approvals and events: the conversation's SQL.
+
+    A turn is the inbox: its row holds the inbound message until the turn starts, when
+    the message joins the thread. A message that arrives while its thread waits for an
+    approval is held (a turn with no job) and released when the waiting turn ends.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.store = queue.store
+
+    def enqueue_turn(self, db: apsw.Connection, turn_id: str, key: str, target: str | None) -> int:
+        """Queue the job that runs (or resumes) a turn, inside the caller's transaction."""
+        values = self.queue.job_values(TURN_TASK, target=target)
+        return Queue.insert_job(db, values, dumps({"turn": turn_id}), key)
+
+    @staticmethod
+    def add_event(
+        db: apsw.Connection, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict
+    ) -> None:
+        """Append to the events log (who did what, when)."""
+        turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
+        db.execute(
+            "INSERT INTO events (kind, actor, thread_id, turn_id, data, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, actor, turn.thread_id, turn_id, dumps(data), now()),
+        )
 
     def add_turn(
         self, db: apsw.Connection, thread: str, actor: str, text: str, source_id: str | None
@@ -1652,9 +1748,11 @@ class Records:
         text: str | None,
         calls: Sequence[tuple[str, str, str, str, str | None]],
         usage: dict[str, int],
-    ) -> None:
-        """Store one model step: the assistant message, its calls `(id, tool, args, state,
-        result)` and the usage; a step without calls also ends the turn `done`."""
+        approvals: Sequence[tuple[str, str, str | None, float]] = (),
+    ) -> list[Approval]:
+        """Store one model step in one transaction: the assistant message, its calls
+        `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
+        call id, reason, expires at)` and the usage. A step without calls ends the turn."""
         with self.store.transaction() as db:
             message = self.add_message(
                 db, turn.thread_id, turn.id, "assistant", text, command=False
@@ -1669,11 +1767,26 @@ class Records:
                 "output_tokens = output_tokens + ? WHERE id = ?",
                 (usage.get("input_tokens", 0), usage.get("output_tokens", 0), turn.id),
             )
+            tools = {call[0]: call for call in calls}
+            made = []
+            for approval_id, call_id, reason, expires_at in approvals:
+                _, tool, args, _, _ = tools[call_id]
+                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, reason)
+                row = db.execute(
+                    "INSERT INTO approvals (id, turn_id, thread_id, call_id, tool, args, reason, "
+                    "requester, state, created_at, expires_at) VALUES "
+                    f"(?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING {APPROVAL_COLUMNS}",
+                    (*values, turn.actor, now(), expires_at),
+                ).fetchone()
+                made.append(approval_from_row(row))
+                data = {"approval": approval_id, "tool": tool}
+                self.add_event(db, "approval_requested", turn.actor, turn, data)
             if not calls:
                 self.end(db, turn.id, "done", reply=text)
+        return made
 
-    @staticmethod
     def end(
+        self,
         db: apsw.Connection,
         turn_id: str,
         status: str,
@@ -1681,16 +1794,37 @@ class Records:
         reply: str | None = None,
         error: str | None = None,
     ) -> None:
-        db.execute(
-            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ?",
-            (status, reply, error, now(), turn_id),
-        )
+        """Set a turn's status (final, or waiting_approval); release the thread's held turns
+        once nothing in it waits for an approval."""
+        final = now() if status in FINAL_TURN_STATES else None
+        (thread,) = db.execute(
+            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
+            "RETURNING thread_id",
+            (status, reply, error, final, turn_id),
+        ).fetchone()
+        if db.execute(
+            "SELECT 1 FROM turns WHERE thread_id = ? AND status = 'waiting_approval'", (thread,)
+        ).fetchone():
+            return
+        held = db.execute(
+            "SELECT id FROM turns WHERE thread_id = ? AND status = 'queued' AND job_id IS NULL "
+            "ORDER BY created_at",
+            (thread,),
+        ).fetchall()
+        for (held_id,) in held:
+            job = self.enqueue_turn(db, held_id, f"turn:{held_id}", thread)
+            db.execute("UPDATE turns SET job_id = ? WHERE id = ?", (job, held_id))
 
     def finish(
         self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
     ) -> None:
         with self.store.transaction() as db:
             self.end(db, turn_id, status, reply=reply, error=error)
+
+    def resume(self, turn: TurnRow) -> None:
+        """Move a turn that waited for approvals back to running."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE turns SET status = 'running' WHERE id = ?", (turn.id,))
 
     def answer(self, turn: TurnRow, reply: str) -> None:
         """End a command's turn with its reply, kept out of the model's context."""
@@ -1702,7 +1836,7 @@ class Records:
         """`(call id, tool, args, state)` of the calls not finished yet, in order."""
         return self.store.read(
             "SELECT call_id, tool, args, state FROM calls WHERE turn_id = ? "
-            "AND state IN ('pending', 'running') ORDER BY message_id, position",
+            "AND state IN ('waiting', 'pending', 'running') ORDER BY message_id, position",
             (turn_id,),
         )
 
@@ -1716,22 +1850,70 @@ class Records:
             )
             return db.changes() == 1
 
+    @staticmethod
+    def set_call(
+        db: apsw.Connection, turn_id: str, call_id: str, state: str, result: str | None, was: str
+    ) -> None:
+        """Move a call from state `was` (only) to `state`, with its result."""
+        db.execute(
+            "UPDATE calls SET state = ?, result = ?, finished_at = ? "
+            "WHERE turn_id = ? AND call_id = ? AND state = ?",
+            (state, result, now(), turn_id, call_id, was),
+        )
+
     def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
         with self.store.transaction() as db:
-            db.execute(
-                "UPDATE calls SET state = ?, result = ?, finished_at = ? "
-                "WHERE turn_id = ? AND call_id = ? AND state = ?",
-                (state, result, now(), turn_id, call_id, was),
-            )
+            self.set_call(db, turn_id, call_id, state, result, was)
 
     def call_ids(self, turn_id: str) -> set[str]:
-        return {
-            c for (c,) in self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
-        }
+        rows = self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
+        return {call_id for (call_id,) in rows}
+
+    def approvals(
+        self, *, turn_id: str | None = None, state: str | None = "pending", limit: int = 100
+    ) -> list[Approval]:
+        """Approvals, newest first: of one turn, and of one state (pending by default)."""
+        rows = self.store.read(
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR turn_id = ?1) "
+            "AND (?2 IS NULL OR state = ?2) ORDER BY created_at DESC LIMIT ?3",
+            (turn_id, state, limit),
+        )
+        return [approval_from_row(row) for row in rows]
+
+    def settle(
+        self,
+        db: apsw.Connection,
+        approval: Approval,
+        state: str,
+        actor: str | None,
+        reason: str | None,
+    ) -> None:
+        """Decide a pending approval inside the caller's transaction: approved calls become
+        pending; denied, expired and cancelled ones get an error result the model reads.
+        A turn still waiting gets a resume job."""
+        at = now()
+        db.execute(
+            "UPDATE approvals SET state = ?, decided_by = ?, decision_reason = ?, decided_at = ? "
+            "WHERE id = ? AND state = 'pending'",
+            (state, actor, reason, at, approval.id),
+        )
+        result = {
+            "approved": None,
+            "denied": f"denied by {actor}" + (f": {reason}" if reason else ""),
+            "expired": "not run: nobody approved it before the request expired",
+            "cancelled": "not run: the turn was cancelled",
+        }[state]
+        new = "pending" if state == "approved" else "error"
+        self.set_call(db, approval.turn_id, approval.call_id, new, result, "waiting")
+        data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
+        self.add_event(db, "approval_decided", actor, approval, data)
+        if state != "cancelled":
+            self.enqueue_turn(db, approval.turn_id, f"resume:{approval.id}", approval.thread_id)
 
     def cancel(self, turn_id: str) -> str:
-        """Cancel a queued turn at once, or ask a running one to stop at its next step."""
+        """Cancel a queued or waiting turn at once (with its pending approvals), or ask a
+        running one to stop at its next step."""
         with self.store.transaction() as db:
             row = db.execute("SELECT status, job_id FROM turns WHERE id = ?", (turn_id,)).fetchone()
             if row is None:
@@ -1739,21 +1921,32 @@ class Records:
             status, job = row
             if status in FINAL_TURN_STATES:
                 raise BadInput(f"{turn_id} is {status} already")
-            if status == "queued":
-                self.end(db, turn_id, "cancelled", error="cancelled before it started")
-                db.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished_at = ? "
-                    "WHERE id = ? AND state = 'queued'",
-                    (now(), job),
-                )
-                return "cancelled"
-            db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
-            return "cancelling"
+            if status == "running":
+                db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
+                return "cancelling"
+            for approval in self.approvals(turn_id=turn_id):
+                self.settle(db, approval, "cancelled", None, None)
+            self.end(db, turn_id, "cancelled", error="cancelled")
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ? "
+                "WHERE id = ? AND state = 'queued'",
+                (now(), job),
+            )
+            return "cancelled"
+
+    def waiting_in(self, db: apsw.Connection, thread: str) -> list[Approval]:
+        """The pending approvals a thread waits for."""
+        rows = db.execute(
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE thread_id = ? AND state = 'pending' "
+            "ORDER BY created_at",
+            (thread,),
+        ).fetchall()
+        return [approval_from_row(row) for row in rows]
 
     def active_turns(self, db: apsw.Connection, thread: str, but: str) -> list[str]:
         rows = db.execute(
             "SELECT id FROM turns WHERE thread_id = ? AND id != ? "
-            "AND status IN ('queued', 'running') ORDER BY created_at",
+            "AND status IN ('queued', 'running', 'waiting_approval') ORDER BY created_at",
             (thread, but),
         ).fetchall()
         return [turn_id for (turn_id,) in rows]
@@ -2463,8 +2656,9 @@ EVENTS = (
     "model_request",
     "tool_call",
     "tool_result",
+    "approval_requested",
+    "approval_decided",
     "turn_end",
-    "job_failed",
 )
 
 
@@ -2525,8 +2719,10 @@ class Tool:
         description: str | None = None,
         idempotent: bool = False,
         timeout: float | None = None,
+        approval: bool | Callable[[dict[str, Any], ToolContext], bool | str] = False,
     ) -> None:
         self.fn = fn
+        self.approval = approval
         self.name = name or fn.__name__
         if not TOOL_NAME.fullmatch(self.name):
             raise BadInput(f"a tool name is 1-64 letters, digits, '_' or '-', not {self.name!r}")
@@ -2552,6 +2748,13 @@ class Tool:
         for prop in schema.get("properties", {}).values():
             prop.pop("title", None)
         self.schema = schema
+
+    def needs_approval(self, args: dict[str, Any], ctx: ToolContext) -> tuple[bool, str | None]:
+        """Whether this call must be approved first, and the reason shown to approvers."""
+        verdict = self.approval(args, ctx) if callable(self.approval) else self.approval
+        if isinstance(verdict, str):
+            return True, verdict
+        return bool(verdict), None
 
     def spec(self) -> dict[str, Any]:
         """The tool as models see it: name, description and parameters."""
@@ -2609,10 +2812,19 @@ class Hooks:
 
 # ──────────────────────────────────── the turn engine ────────────────────────────────────
 
-TURN_TASK = "agentkit.turn"
 PROMPT_TASK = "agentkit.prompt"
 COMMAND = re.compile(r"/([A-Za-z0-9_]{1,32})(?:@\S+)?(?:\s+(.*))?", re.S)
 INTERRUPTED = "interrupted: the process running this call stopped; its effect is unknown"
+
+
+def waiting_note(waiting: Sequence[Approval]) -> str:
+    """What a message to a waiting thread is told: what it waits for, and how to decide."""
+    asks = "; ".join(f"{a.tool} ({a.id}, asked by {a.requester})" for a in waiting)
+    first = waiting[0].id if waiting else "ID"
+    return (
+        f"This conversation is waiting for approval of {asks or 'a tool call'}. Decide with "
+        f"/approve {first} or /deny {first} [reason]; your message will be handled after that."
+    )
 
 
 def parse_command(text: str) -> tuple[str, str] | None:
@@ -2631,7 +2843,8 @@ class TurnResult:
     reply: str | None
     error: str | None
     usage: dict[str, int]
-    approvals: tuple[Any, ...] = ()
+    approvals: tuple[Approval, ...] = ()
+    note: str | None = None
 
 
 class TurnEngine:
@@ -2653,9 +2866,11 @@ class TurnEngine:
         max_steps: int,
         context_messages: int,
         context_chars: int,
+        approval_ttl: float,
     ) -> None:
+        self.approval_ttl = approval_ttl
         self.queue = queue
-        self.records = Records(queue.store)
+        self.records = Records(queue)
         self.model = model
         self.instructions = instructions
         self.workspace = workspace
@@ -2674,7 +2889,9 @@ class TurnEngine:
     def submit(self, thread: str, text: str, actor: str, source_id: str | None) -> str:
         """Record an inbound message and queue its turn in one transaction; the turn id.
 
-        `/cancel` is handled here at once: it cancels the thread's queued and running turns.
+        `/cancel` is handled here at once: it cancels the thread's queued, running and
+        waiting turns. A message to a thread that waits for an approval is held until
+        the decision. Commands run at once, outside the thread's order.
         """
         command = parse_command(text)
         with self.queue.store.transaction() as db:
@@ -2688,11 +2905,13 @@ class TurnEngine:
                 reply = f"Cancelled {len(active)} turn(s)." if active else "Nothing to cancel."
                 self.records.add_message(db, thread, turn_id, "user", text, command=True)
                 self.records.add_message(db, thread, turn_id, "assistant", reply, command=True)
-                Records.end(db, turn_id, "done", reply=reply)
+                self.records.end(db, turn_id, "done", reply=reply)
                 return turn_id
-            values = self.queue.job_values(TURN_TASK, target=None if command else thread)
-            job = Queue.insert_job(db, values, dumps({"turn": turn_id}), f"turn:{turn_id}")
-            self.records.set_job(db, turn_id, job)
+            if command or not self.records.waiting_in(db, thread):
+                job = self.records.enqueue_turn(
+                    db, turn_id, f"turn:{turn_id}", None if command else thread
+                )
+                self.records.set_job(db, turn_id, job)
         self.queue.notify()
         return turn_id
 
@@ -2701,9 +2920,17 @@ class TurnEngine:
         return self.submit(payload["thread"], payload["prompt"], payload["actor"], ctx.job_id)
 
     def result(self, turn_id: str) -> TurnResult:
+        """A turn as `run_turn` reports it; a held turn carries a note on what it waits for."""
         turn = self.records.turn(turn_id)
         usage = {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens}
-        return TurnResult(turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage)
+        note = None
+        if turn.status == "queued" and turn.job_id is None:
+            waiting = self.records.waiting_in(self.queue.store.connection(), turn.thread_id)
+            note = waiting_note(waiting)
+        approvals = tuple(self.records.approvals(turn_id=turn.id))
+        return TurnResult(
+            turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage, approvals, note
+        )
 
     # the job
 
@@ -2730,8 +2957,11 @@ class TurnEngine:
                 log.exception("%s failed", turn.id)
             self.records.finish(turn.id, "failed", error=describe_error(e))
         final = self.records.turn(turn.id)
-        with contextlib.suppress(HookFailed):
-            self.emit(final, "turn_end", status=final.status, reply=final.reply, error=final.error)
+        if final.status in FINAL_TURN_STATES:
+            with contextlib.suppress(HookFailed):
+                self.emit(
+                    final, "turn_end", status=final.status, reply=final.reply, error=final.error
+                )
         return final.status
 
     def context_of(self, turn: TurnRow, call_id: str | None) -> ToolContext:
@@ -2750,7 +2980,8 @@ class TurnEngine:
         )
 
     def loop(self, turn_id: str) -> None:
-        """Model steps and tool calls until a final answer, a cancel or max_steps."""
+        """Model steps and tool calls until a final answer, a cancel, max_steps, or calls
+        that wait for approvals."""
         while True:
             turn = self.records.turn(turn_id)
             if turn.status in FINAL_TURN_STATES:
@@ -2759,9 +2990,17 @@ class TurnEngine:
                 self.records.finish(turn.id, "cancelled", error="cancelled")
                 return
             calls = self.records.open_calls(turn.id)
-            if calls:
-                self.run_calls(turn, calls)
-            elif turn.steps >= self.max_steps:
+            runnable = [call for call in calls if call[3] != "waiting"]
+            if runnable:
+                self.run_calls(turn, runnable)
+                continue
+            if calls:  # the rest wait for approvals: the job ends, a decision resumes it
+                if turn.status != "waiting_approval":
+                    self.records.finish(turn.id, "waiting_approval")
+                return
+            if turn.status == "waiting_approval":
+                self.records.resume(turn)
+            if turn.steps >= self.max_steps:
                 error = f"no final answer within max_steps={self.max_steps} model steps"
                 self.records.finish(turn.id, "failed", error=error)
             else:
@@ -2776,7 +3015,7 @@ class TurnEngine:
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
         used = self.records.call_ids(turn.id)
-        calls = []
+        calls, approvals = [], []
         for call in reply.tool_calls:
             call_id = call.id if call.id and call.id not in used else new_id("call")
             used.add(call_id)
@@ -2790,8 +3029,16 @@ class TurnEngine:
                 block = next((b for b in hooked if isinstance(b, Block)), None)
                 if block is not None:
                     state, result = "error", f"blocked: {block.reason}"
+                else:
+                    tool = self.tools[call.name]
+                    needed, reason = tool.needs_approval(call.args, self.context_of(turn, call_id))
+                    if needed:
+                        state = "waiting"
+                        expires = now() + self.approval_ttl
+                        approvals.append((new_id("apr"), call_id, reason, expires))
             calls.append((call_id, call.name, dumps(call.args), state, result))
-        self.records.add_step(turn, reply.text, calls, reply.usage)
+        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
+            self.emit(turn, "approval_requested", approval=approval)
 
     def run_calls(self, turn: TurnRow, calls: list[tuple[str, str, str, str]]) -> None:
         """Run the open calls of a turn at once, each claimed first, and store their results."""
@@ -2858,7 +3105,10 @@ class TurnEngine:
         fn = self.commands.get(name)
         if fn is None:
             return f"Unknown command /{name}. /help lists the commands."
-        return as_text(call_sync(fn, self.context_of(turn, None), args))
+        try:
+            return as_text(call_sync(fn, self.context_of(turn, None), args))
+        except (BadInput, Forbidden, AlreadyDecided) as e:
+            return str(e)
 
     def help(self, ctx: ToolContext, args: str) -> str:
         """List the commands."""
@@ -2872,6 +3122,112 @@ class TurnEngine:
 
 def first_line(fn: Callable[..., Any]) -> str:
     return (inspect.getdoc(fn) or "").partition("\n")[0]
+
+
+# ────────────────────────────────────── approvals ──────────────────────────────────────
+
+DEFAULT_APPROVERS = ("web:owner", "cli:*")
+
+
+class Approvals:
+    """Who may decide approvals, and the decisions themselves.
+
+    A decision is one conditional update of the approval row, so two people (or two
+    processes) deciding at once make one decision, and an approved call runs once.
+    """
+
+    def __init__(
+        self, engine: TurnEngine, approvers: Sequence[str], *, allow_self_approval: bool
+    ) -> None:
+        for pattern in approvers:
+            check_thread(pattern)
+        self.engine = engine
+        self.records = engine.records
+        self.store = engine.queue.store
+        self.approvers = tuple(approvers)
+        self.allow_self_approval = allow_self_approval
+
+    def may_decide(self, actor: str) -> bool:
+        """Whether `actor` is one of the approvers (`cli:*` matches every `cli:` actor)."""
+        return any(
+            actor.startswith(p[:-1]) if p.endswith("*") else actor == p for p in self.approvers
+        )
+
+    def get(self, approval_id: str) -> Approval:
+        if not isinstance(approval_id, str) or not approval_id.startswith("apr_"):
+            raise BadInput(f"not an approval id: {approval_id!r}")
+        rows = self.store.read(
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+        )
+        if not rows:
+            raise BadInput(f"no approval {approval_id}")
+        return approval_from_row(rows[0])
+
+    def decide(self, approval_id: str, actor: str, decision: str, reason: str | None) -> Approval:
+        """Approve or deny; the approval as decided. Forbidden for someone who may not
+        decide it; AlreadyDecided when it was decided otherwise or expired. Repeating the
+        same decision changes nothing."""
+        actor = check_thread(actor)
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
+            raise BadInput("reason must be a string of at most 2000 characters")
+        approval = self.get(approval_id)
+        denying_own = decision == "denied" and actor == approval.requester
+        if not (denying_own or self.may_decide(actor)):
+            raise Forbidden(f"{actor} may not decide approvals")
+        if decision == "approved" and actor == approval.requester and not self.allow_self_approval:
+            raise Forbidden(f"{actor} asked for this call and may not approve it (deny is allowed)")
+        with self.store.transaction() as db:
+            row = db.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+            pending = approval_from_row(row).state == "pending"
+            if pending:
+                late = approval.expires_at <= now()
+                state, by = ("expired", None) if late else (decision, actor)
+                self.records.settle(db, approval, state, by, None if late else reason)
+        decided = self.get(approval_id)
+        if pending:
+            self.announce(decided)
+        if decided.state == decision:
+            return decided
+        if decided.state == "expired":
+            raise AlreadyDecided(f"{approval_id} expired at {iso(decided.expires_at)}")
+        if decided.state == "cancelled":
+            raise AlreadyDecided(f"{approval_id} was cancelled with its turn")
+        raise AlreadyDecided(f"{approval_id} was already {decided.state} by {decided.decided_by}")
+
+    def expire(self, at: float | None = None) -> list[Approval]:
+        """Expire every pending approval past its time: the model is told, the turn goes on."""
+        at = now() if at is None else at
+        if not self.store.read(
+            "SELECT 1 FROM approvals WHERE state = 'pending' AND expires_at <= ? LIMIT 1", (at,)
+        ):
+            return []
+        with self.store.transaction() as db:
+            rows = db.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals "
+                "WHERE state = 'pending' AND expires_at <= ?",
+                (at,),
+            ).fetchall()
+            for approval in map(approval_from_row, rows):
+                self.records.settle(db, approval, "expired", None, None)
+        self.engine.queue.notify()
+        expired = [self.get(row[0]) for row in rows]
+        for approval in expired:
+            self.announce(approval)
+        return expired
+
+    def announce(self, approval: Approval) -> None:
+        """Tell the hooks about a decision (errors are logged: the decision stands)."""
+        self.engine.queue.notify()
+        with contextlib.suppress(HookFailed):
+            self.engine.hooks.emit(
+                "approval_decided",
+                thread_id=approval.thread_id,
+                turn_id=approval.turn_id,
+                actor=approval.decided_by,
+                approval=approval,
+            )
 
 
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
@@ -2894,6 +3250,9 @@ class AgentKit:
         max_steps: int = 20,
         context_messages: int = 100,
         context_chars: int = 200_000,
+        approvers: Sequence[str] = DEFAULT_APPROVERS,
+        allow_self_approval: bool = True,
+        approval_ttl: float = 3600.0,
         lease: float = 30.0,
         synchronous: str = "normal",
     ) -> None:
@@ -2922,7 +3281,11 @@ class AgentKit:
             max_steps=max_steps,
             context_messages=context_messages,
             context_chars=context_chars,
+            approval_ttl=check_seconds("approval_ttl", approval_ttl, positive=True),
         )
+        self.gatekeeper = Approvals(self.engine, approvers, allow_self_approval=allow_self_approval)
+        self.engine.commands["approve"] = self._approve_command
+        self.engine.commands["deny"] = self._deny_command
 
     def close(self) -> None:
         """Close the database connections."""
@@ -3019,16 +3382,24 @@ class AgentKit:
         description: str | None = None,
         idempotent: bool = False,
         timeout: float | None = None,
+        approval: bool | Callable[[dict[str, Any], ToolContext], bool | str] = False,
     ) -> Any:
         """Give the model a tool: description from the docstring, schema from type hints.
 
         `idempotent=True` lets a call that was running when its process died run again;
-        otherwise the model is told it was interrupted. `timeout` in seconds.
+        otherwise the model is told it was interrupted. `timeout` in seconds. `approval`:
+        True, or `fn(args, ctx) -> bool | str` (a string is the reason shown to approvers),
+        makes a call wait for an approver's decision.
         """
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             made = Tool(
-                fn, name=name, description=description, idempotent=idempotent, timeout=timeout
+                fn,
+                name=name,
+                description=description,
+                idempotent=idempotent,
+                timeout=timeout,
+                approval=approval,
             )
             self.engine.tools[made.name] = made
             return fn
@@ -3081,18 +3452,81 @@ class AgentKit:
             raise BadInput("text must be a string of at most 100,000 characters")
         if source_id is not None:
             check_name("source_id", source_id)
-        deadline = None if timeout is None else time.monotonic() + check_seconds("timeout", timeout)
+        limit = None if timeout is None else check_seconds("timeout", timeout)
         turn_id = self.engine.submit(thread, text, actor, source_id)
-        if not wait:
-            return self.engine.result(turn_id)
+        return self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+
+    def _follow(
+        self, turn_id: str, job: int | None, wait: bool, timeout: float | None
+    ) -> TurnResult:
+        """Run (or wait for) the job that takes a turn on; the turn's result when it ends,
+        waits for an approval, or `timeout` passes. A held turn returns at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         worker = Worker(self.queue, lease=self.lease)
-        while True:
-            turn = self.engine.records.turn(turn_id)
+        while wait and job is not None:
             left = None if deadline is None else deadline - time.monotonic()
-            if turn.status in FINAL_TURN_STATES or (left is not None and left <= 0):
-                return self.engine.result(turn_id)
-            if turn.job_id is None or not worker.run_one(turn.job_id):
+            if self.queue.get(f"job_{job}").state not in ("queued", "running"):
+                break
+            if left is not None and left <= 0:
+                break
+            if not worker.run_one(job):
                 self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
+        return self.engine.result(turn_id)
+
+    # approvals
+
+    def approve(
+        self, approval_id: str, *, actor: str, wait: bool = True, timeout: float | None = None
+    ) -> TurnResult:
+        """Approve a waiting tool call: it runs once and its turn goes on; the turn's result.
+
+        Forbidden when `actor` may not approve it, AlreadyDecided when it was denied or
+        expired; approving twice changes nothing.
+        """
+        return self._decide(approval_id, actor, "approved", None, wait, timeout)
+
+    def deny(
+        self,
+        approval_id: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> TurnResult:
+        """Deny a waiting tool call: the model is told (with `reason`) and the turn goes on."""
+        return self._decide(approval_id, actor, "denied", reason, wait, timeout)
+
+    def _decide(
+        self,
+        approval_id: str,
+        actor: str,
+        decision: str,
+        reason: str | None,
+        wait: bool,
+        timeout: float | None,
+    ) -> TurnResult:
+        limit = None if timeout is None else check_seconds("timeout", timeout)
+        decided = self.gatekeeper.decide(approval_id, actor, decision, reason)
+        job = self.store.read("SELECT id FROM jobs WHERE key = ?", (f"resume:{decided.id}",))
+        return self._follow(decided.turn_id, job[0][0] if job else None, wait, limit)
+
+    def approvals(self, state: str | None = "pending", limit: int = 100) -> list[Approval]:
+        """Approvals, newest first: pending ones by default, `state=None` for all."""
+        return self.engine.records.approvals(state=state, limit=limit)
+
+    def _approve_command(self, ctx: ToolContext, args: str) -> str:
+        """Approve a waiting tool call: /approve ID."""
+        decided = self.gatekeeper.decide(
+            args.split()[0] if args else "", ctx.actor, "approved", None
+        )
+        return f"Approved {decided.tool} ({decided.id})."
+
+    def _deny_command(self, ctx: ToolContext, args: str) -> str:
+        """Deny a waiting tool call: /deny ID [reason]."""
+        approval_id, _, reason = args.partition(" ")
+        decided = self.gatekeeper.decide(approval_id, ctx.actor, "denied", reason.strip() or None)
+        return f"Denied {decided.tool} ({decided.id})."
 
     async def arun_turn(self, thread: str, text: str, **options: Any) -> TurnResult:
         """`run_turn` for asyncio code: the turn runs in a thread, the loop stays free."""
@@ -3156,7 +3590,9 @@ class AgentKit:
         self.scheduler.remove(name)
 
     def tick(self, at: float | None = None) -> list[str]:
-        """Enqueue the scheduled runs due at `at` (default now); workers call it each second."""
+        """Enqueue the scheduled runs due at `at` (default now) and expire the approvals
+        past their time; workers call it every second. The ids of the jobs it added."""
+        self.gatekeeper.expire(at)
         return self.scheduler.tick(at)
 
     # health
@@ -3290,6 +3726,27 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approvals(args: argparse.Namespace) -> int:
+    for a in open_kit(args, must_exist=True).approvals(None if args.all else "pending"):
+        why = f"  ({a.reason})" if a.reason else ""
+        who = f" by {a.decided_by}" if a.decided_by else ""
+        print(
+            f"{a.id}  {a.state}{who}  {a.tool}({json.dumps(a.args)}){why}  asked by {a.requester}"
+        )
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    kit = open_kit(args, must_exist=True)
+    if args.command == "approve":
+        result = kit.approve(args.id, actor=args.actor, wait=False)
+    else:
+        result = kit.deny(args.id, actor=args.actor, reason=args.reason, wait=False)
+    done = {"approve": "approved", "deny": "denied"}[args.command]
+    print(f"{done} {args.id}; turn {result.turn_id} goes on")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database file (agentkit.db)")
@@ -3329,6 +3786,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("thread", help="thread id, like cli:me")
     show.add_argument("--limit", type=int, default=100, help="newest messages (100)")
     show.set_defaults(run=cmd_show)
+    approvals = commands.add_parser(
+        "approvals", parents=[common], help="list pending approvals (--all: every one)"
+    )
+    approvals.add_argument("--all", action="store_true", help="decided ones too")
+    approvals.set_defaults(run=cmd_approvals)
+    for name in ("approve", "deny"):
+        decide = commands.add_parser(name, parents=[common], help=f"{name} a waiting tool call")
+        decide.add_argument("id", help="the approval id (apr_…)")
+        decide.add_argument("--as", dest="actor", default=me, help=f"who decides ({me})")
+        if name == "deny":
+            decide.add_argument("--reason", help="told to the model")
+        decide.set_defaults(run=cmd_decide)
     return parser
 
 

@@ -1266,3 +1266,235 @@ def test_turn_cli_run_threads_show(tmp_path: Path) -> None:
     shown = cli("show", "cli:test", "--db", str(db)).stdout
     assert shown.splitlines()[:2] == ["user: hello there", "assistant: echo: hello there"]
     assert cli("show", "nothread", "--db", str(db)).returncode == 2
+
+
+# ─────────────────────────────────────── approvals ───────────────────────────────────────
+
+
+def approval_kit(db: Path, steps: list, runs: list, **options: object) -> AgentKit:
+    """A kit whose `restart` tool needs approval and records its runs."""
+    kit = AgentKit(db, model=agentkit.ScriptedModel(steps), **options)
+
+    @kit.tool(approval=lambda args, ctx: f"restarts {args['service']}")
+    def restart(service: str) -> str:
+        runs.append(service)
+        return f"{service} restarted"
+
+    return kit
+
+
+RESTART = ToolCall("restart", {"service": "nginx"})
+
+
+def test_an_approved_call_runs_once_and_the_turn_goes_on(db: Path) -> None:
+    runs: list[str] = []
+    requested, decided = [], []
+    with approval_kit(db, [RESTART, "Restarted nginx."], runs) as kit:
+        kit.on("approval_requested")(lambda e: requested.append(e.approval.id))
+        kit.on("approval_decided")(lambda e: decided.append((e.approval.state, e.actor)))
+        waiting = kit.run_turn("cli:me", "restart nginx")
+        assert waiting.status == "waiting_approval" and runs == []
+        (approval,) = waiting.approvals
+        assert (approval.tool, approval.args, approval.reason) == (
+            "restart",
+            {"service": "nginx"},
+            "restarts nginx",
+        )
+        assert approval.requester == "cli:me" and approval.expires_at > time.time() + 3500
+        done = kit.approve(approval.id, actor="cli:me")
+        assert (done.status, done.reply) == ("done", "Restarted nginx.")
+        assert runs == ["nginx"]
+        again = kit.approve(approval.id, actor="cli:me")  # the same decision again: a no-op
+        assert again.status == "done" and runs == ["nginx"]
+        with pytest.raises(agentkit.AlreadyDecided, match="already approved by cli:me"):
+            kit.deny(approval.id, actor="cli:me")
+        events = kit.store.read("SELECT kind, actor FROM events ORDER BY id")
+    assert events == [("approval_requested", "cli:me"), ("approval_decided", "cli:me")]
+    assert requested == [approval.id] and decided == [("approved", "cli:me")]
+
+
+def test_the_authorisation_matrix(db: Path, monkeypatch) -> None:
+    runs: list[str] = []
+    steps = [RESTART, "ok"] * 6
+    with approval_kit(db, steps, runs, approvers=["telegram:42"], allow_self_approval=False) as kit:
+
+        def waiting(actor: str = "telegram:7") -> agentkit.Approval:
+            result = kit.run_turn(f"telegram:{len(runs)}{time.monotonic_ns()}", "go", actor=actor)
+            return result.approvals[0]
+
+        a = waiting()
+        for stranger in ("telegram:8", "web:owner", "cli:me"):  # not approvers here
+            with pytest.raises(agentkit.Forbidden, match=f"{stranger} may not decide"):
+                kit.approve(a.id, actor=stranger)
+            with pytest.raises(agentkit.Forbidden):
+                kit.deny(a.id, actor=stranger)
+        assert kit.approvals()[0].state == "pending" and runs == []
+        assert kit.approve(a.id, actor="telegram:42").status == "done"  # an approver
+        assert runs == ["nginx"]
+
+        own = waiting(actor="telegram:42")  # an approver asking: no self-approval here
+        with pytest.raises(agentkit.Forbidden, match="may not approve it"):
+            kit.approve(own.id, actor="telegram:42")
+        assert kit.deny(own.id, actor="telegram:42").status == "done"  # denying is allowed
+
+        requester = waiting(actor="telegram:9")  # a requester may always deny
+        assert kit.deny(requester.id, actor="telegram:9", reason="oops").status == "done"
+
+        for bad in ("apr_nope", "turn_1", "", None):
+            with pytest.raises(BadInput):
+                kit.approve(bad, actor="telegram:42")
+
+        late = waiting()
+        later = late.expires_at + 1
+        monkeypatch.setattr(agentkit, "now", lambda: later)
+        with pytest.raises(agentkit.AlreadyDecided, match="expired"):
+            kit.approve(late.id, actor="telegram:42")
+    assert runs == ["nginx"]
+
+    with approval_kit(db, [RESTART, "ok"], runs) as kit:  # defaults: self-approval allowed
+        own = kit.run_turn("cli:me", "go").approvals[0]
+        assert kit.approve(own.id, actor="cli:me").status == "done"
+        assert agentkit.DEFAULT_APPROVERS == ("web:owner", "cli:*")
+
+
+def test_deny_and_expiry_tell_the_model_and_never_run_the_tool(db: Path, monkeypatch) -> None:
+    runs: list[str] = []
+    model_steps = [RESTART, "Not restarted.", RESTART, "It expired."]
+    with approval_kit(db, model_steps, runs, approval_ttl=60) as kit:
+        model = kit.engine.model
+        denied = kit.run_turn("cli:me", "restart").approvals[0]
+        result = kit.deny(denied.id, actor="cli:me", reason="not during the sale")
+        assert result.reply == "Not restarted."
+        assert model.calls[1][-1]["content"] == "denied by cli:me: not during the sale"
+        assert model.calls[1][-1]["is_error"]
+
+        expiring = kit.run_turn("cli:me", "restart").approvals[0]
+        later = expiring.expires_at + 1
+        monkeypatch.setattr(agentkit, "now", lambda: later)
+        kit.work(until_idle=True)  # the worker's tick sweeps expired approvals
+        assert kit.approvals(state=None)[0].state == "expired"
+        assert model.calls[3][-1]["content"].startswith("not run: nobody approved it")
+        assert kit.turn(expiring.turn_id).reply == "It expired."
+    assert runs == []
+
+
+def test_calls_without_approval_run_at_once_and_hooks_run_once(db: Path) -> None:
+    runs: list[str] = []
+    calls: list[str] = []
+    steps = [[RESTART, ToolCall("status", {})], "both done"]
+    with approval_kit(db, steps, runs) as kit:
+        kit.tool(lambda: runs.append("status") or "all green", name="status")
+        kit.on("tool_call")(lambda e: calls.append(e.tool))
+        waiting = kit.run_turn("cli:me", "check and restart")
+        assert waiting.status == "waiting_approval" and runs == ["status"]
+        kit.approve(waiting.approvals[0].id, actor="web:owner")
+    assert runs == ["status", "nginx"] and calls == ["restart", "status"]
+
+
+def test_a_message_to_a_waiting_thread_gets_a_note_and_waits_for_the_decision(db: Path) -> None:
+    runs: list[str] = []
+    model = agentkit.ScriptedModel([RESTART, "restarted", "echoing: hello again"])
+    with AgentKit(db, model=model) as kit:
+        kit.tool(lambda service: runs.append(service) or "ok", name="restart", approval=True)
+        approval = kit.run_turn("cli:me", "restart nginx").approvals[0]
+        held = kit.run_turn("cli:me", "hello again")
+        assert held.status == "queued" and approval.id in held.note and "/approve" in held.note
+        assert len(model.calls) == 1  # the model was not called for it
+        help_reply = kit.run_turn("cli:me", "/help").reply  # commands still answer at once
+        assert "/approve: Approve a waiting tool call" in help_reply
+        assert kit.run_turn("cli:me", f"/approve {approval.id}").reply == (
+            f"Approved restart ({approval.id})."
+        )
+        kit.work(until_idle=True)
+        assert kit.turn(approval.turn_id).reply == "restarted"
+        assert kit.turn(held.turn_id).reply == "echoing: hello again"
+    assert runs == ["nginx"]
+
+
+def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Path) -> None:
+    runs: list[str] = []
+    with approval_kit(db, [RESTART], runs) as kit:
+        approval = kit.run_turn("cli:me", "restart").approvals[0]
+        assert kit.run_turn("cli:me", "/cancel").reply == "Cancelled 1 turn(s)."
+        assert kit.turn(approval.turn_id).status == "cancelled"
+        assert kit.approvals(state=None)[0].state == "cancelled"
+        with pytest.raises(agentkit.AlreadyDecided, match="cancelled"):
+            kit.approve(approval.id, actor="cli:me")
+        assert (
+            "may not decide"
+            in kit.run_turn("webhook:x", f"/deny {approval.id}", actor="webhook:x").reply
+        )
+        kit.work(until_idle=True)
+    assert runs == []
+
+
+def test_a_new_process_approves_what_an_exited_one_requested(db: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    code = """
+        import sys, agentkit
+        db, runs, step = sys.argv[1:]
+        model = agentkit.ScriptedModel([agentkit.ToolCall("restart", {"service": "db"})]
+                                       if step == "ask" else ["Restarted."])
+        kit = agentkit.AgentKit(db, model=model)
+        @kit.tool(approval=True)
+        def restart(service: str) -> str:
+            with open(runs, "a") as f:
+                f.write(service + "\\n")
+            return "ok"
+        if step == "ask":
+            print(kit.run_turn("cli:me", "restart db").approvals[0].id)
+        else:
+            print(kit.approve(sys.argv[4] if len(sys.argv) > 4 else step, actor="cli:me").reply)
+    """
+    approval_id = finish(python(code, str(db), str(runs), "ask")).strip()
+    assert approval_id.startswith("apr_") and not runs.exists()
+    assert finish(python(code, str(db), str(runs), approval_id)).strip() == "Restarted."
+    assert runs.read_text() == "db\n"
+
+
+def test_two_processes_approving_at_once_run_the_tool_once(db: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    go = tmp_path / "go"
+    with AgentKit(db, model=agentkit.ScriptedModel([RESTART])) as kit:
+        kit.tool(lambda service: "ok", name="restart", approval=True)
+        approval_id = kit.run_turn("cli:me", "restart").approvals[0].id
+    code = """
+        import os, sys, time, agentkit
+        db, runs, go, approval_id = sys.argv[1:]
+        kit = agentkit.AgentKit(db, model=agentkit.ScriptedModel(["Restarted."]))
+        @kit.tool(approval=True)
+        def restart(service: str) -> str:
+            with open(runs, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            return "ok"
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.001)
+        print(kit.approve(approval_id, actor="cli:me", timeout=60).status)
+    """
+    procs = [python(code, str(db), str(runs), str(go), approval_id) for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    go.touch()
+    outs = [finish(proc).strip() for proc in procs]
+    assert len(runs.read_text().split()) == 1
+    assert set(outs) <= {"done", "running", "waiting_approval"} and "done" in outs
+
+
+def test_approvals_cli(db: Path) -> None:
+    runs: list[str] = []
+    with approval_kit(db, [RESTART, RESTART], runs) as kit:
+        first = kit.run_turn("cli:me", "restart").approvals[0]
+        second = kit.run_turn("cli:you", "restart").approvals[0]
+    listing = cli("approvals", "--db", str(db))
+    assert listing.returncode == 0
+    assert first.id in listing.stdout and 'restart({"service": "nginx"})' in listing.stdout
+    forbidden = cli("approve", first.id, "--as", "telegram:1", "--db", str(db))
+    assert forbidden.returncode == 1 and "may not decide" in forbidden.stderr
+    ok = cli("approve", first.id, "--as", "cli:ops", "--db", str(db))
+    assert ok.returncode == 0 and ok.stdout.startswith(f"approved {first.id}")
+    denied = cli("deny", second.id, "--reason", "no", "--db", str(db))
+    assert denied.returncode == 0 and denied.stdout.startswith(f"denied {second.id}")
+    assert cli("approvals", "--db", str(db)).stdout == ""
+    assert "denied by cli:" in cli("approvals", "--all", "--db", str(db)).stdout
+    assert cli("approve", "apr_missing", "--db", str(db)).returncode == 2
