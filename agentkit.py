@@ -988,12 +988,12 @@ class Queue:
             (at,),
         )
 
-    def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> list[int]:
+    def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
         """Record outcomes `(job, "ok" | "error" | "fail", JSON result or error)` at once.
 
         Errors are retried with backoff up to the job's retries, then the job is dead;
-        "fail" ends it `failed` at once. Returns the row ids that were refused because
-        the lease had moved on (a late or duplicate worker): those rows are unchanged.
+        "fail" ends it `failed` at once. Returns the new state of each row changed; a row
+        whose lease had moved on (a late or duplicate worker) is refused and unchanged.
         """
         at = now()
         updates = []
@@ -1020,10 +1020,11 @@ class Queue:
             ).fetchall()
         if any(u[0] == "queued" for u in updates):
             self.notify()
-        refused = {u[5] for u in updates} - {rowid for (rowid,) in kept}
-        for rowid in refused:
+        kept_ids = {rowid for (rowid,) in kept}
+        states = {rowid: state for state, *_, rowid, _, _ in updates if rowid in kept_ids}
+        for rowid in {u[5] for u in updates} - set(states):
             log.warning("job_%d: result refused, its lease belongs to another worker", rowid)
-        return sorted(refused)
+        return states
 
     def extend(self, job: Claimed, owner: str, lease: float) -> bool:
         """Extend one job's lease; False when this worker no longer holds it."""
@@ -1115,6 +1116,7 @@ class Worker:
         concurrency: int = 1,
         lease: float = 30.0,
         tick: Callable[[], object] | None = None,
+        on_failed: Callable[[Claimed, str, str], object] | None = None,
     ) -> None:
         if not isinstance(concurrency, int) or concurrency < 1:
             raise BadInput(f"concurrency must be an integer >= 1, not {concurrency!r}")
@@ -1122,6 +1124,7 @@ class Worker:
         self.concurrency = concurrency
         self.lease = check_seconds("lease", lease, positive=True)
         self.tick = tick
+        self.on_failed = on_failed
         self.owner = worker_name()
         self.names = sorted(queue.tasks)
         self.done = 0
@@ -1197,10 +1200,17 @@ class Worker:
         with self._guard:
             for job in jobs:
                 self._running.pop(job.rowid, None)
-        self.queue.finish(self.owner, outcomes)
+        self._finish(outcomes)
         self.done += len(jobs)
         per_job = (time.monotonic() - started) / len(jobs)
         return max(1, min(64, int(0.005 / max(per_job, 1e-6))))
+
+    def _finish(self, outcomes: list[tuple[Claimed, str, Any]]) -> None:
+        """Record outcomes; report the jobs that ended dead or failed."""
+        states = self.queue.finish(self.owner, outcomes)
+        for job, _, error in outcomes:
+            if self.on_failed and states.get(job.rowid) in ("dead", "failed"):
+                self.on_failed(job, states[job.rowid], error)
 
     def _run(self, job: Claimed) -> tuple[Claimed, str, Any]:
         task = self.queue.tasks[job.name]
@@ -1230,9 +1240,7 @@ class Worker:
                     del self._running[job.rowid]
             try:
                 if late:
-                    self.queue.finish(
-                        self.owner, [(j, "error", f"timed out after {j.timeout:g} s") for j in late]
-                    )
+                    self._finish([(j, "error", f"timed out after {j.timeout:g} s") for j in late])
                 self.queue.extend_all(self.owner, self.lease)
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
@@ -2709,6 +2717,7 @@ EVENTS = (
     "approval_requested",
     "approval_decided",
     "turn_end",
+    "job_failed",
 )
 
 
@@ -3419,8 +3428,21 @@ class AgentKit:
 
         Blocks until `stop` is set, or with `until_idle` until no job is ready.
         """
-        worker = Worker(self.queue, concurrency=concurrency, lease=self.lease, tick=self.tick)
+        worker = Worker(
+            self.queue,
+            concurrency=concurrency,
+            lease=self.lease,
+            tick=self.tick,
+            on_failed=self._job_failed,
+        )
         return worker.run(until_idle=until_idle, stop=stop)
+
+    def _job_failed(self, job: Claimed, state: str, error: str) -> None:
+        """The `job_failed` event (a hook that raises is logged; the job stays as it is)."""
+        with contextlib.suppress(HookFailed):
+            self.engine.hooks.emit(
+                "job_failed", job_id=f"job_{job.rowid}", name=job.name, state=state, error=error
+            )
 
     # turns
 
@@ -3512,7 +3534,7 @@ class AgentKit:
         """Run (or wait for) the job that takes a turn on; the turn's result when it ends,
         waits for an approval, or `timeout` passes. A held turn returns at once."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        worker = Worker(self.queue, lease=self.lease)
+        worker = Worker(self.queue, lease=self.lease, on_failed=self._job_failed)
         while wait and job is not None:
             left = None if deadline is None else deadline - time.monotonic()
             if self.queue.get(f"job_{job}").state not in ("queued", "running"):

@@ -460,6 +460,9 @@ def test_a_failing_task_is_dead_after_retries_plus_one_attempts(kit: AgentKit, m
     def flaky(payload: dict) -> None:
         raise RuntimeError("service down")
 
+    failed = []
+    kit.on("job_failed")(lambda e: failed.append((e.job_id, e.name, e.state, e.error)))
+
     job_id = kit.enqueue("flaky")
     delays = []
     for attempt in range(1, 5):
@@ -473,6 +476,7 @@ def test_a_failing_task_is_dead_after_retries_plus_one_attempts(kit: AgentKit, m
             assert drained(kit) == 0  # not before its backoff
             clock[0] = job.run_at
     assert kit.job(job_id).state == "dead"
+    assert failed == [(job_id, "flaky", "dead", "RuntimeError: service down")]
     for attempt, delay in enumerate(delays, start=1):
         base = 10 * 2 ** (attempt - 1)
         assert base <= delay <= base * 1.25
@@ -635,7 +639,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Pat
         job = kit.job(job_id)
         assert (job.state, job.attempts, job.result) == ("done", 2, "finished by the survivor")
         late = agentkit.Claimed(agentkit.job_rowid(job_id), "slow", {"n": 1}, attempt, 3, 1.0, None)
-        assert kit.queue.finish(owner, [(late, "ok", '"late"')]) == [late.rowid]
+        assert kit.queue.finish(owner, [(late, "ok", '"late"')]) == {}  # refused
         assert kit.job(job_id).result == "finished by the survivor"
 
 
