@@ -807,8 +807,9 @@ class Queue:
                 f"no task named {name!r} is registered in this process "
                 "(register it with @kit.task, or pass strict=False)"
             )
+        created = now()
         if run_at is None:
-            run_at = now() + check_seconds("delay", delay)
+            run_at = created + check_seconds("delay", delay) if delay else created
         else:
             run_at = check_seconds("run_at", run_at)
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -824,7 +825,7 @@ class Queue:
         timeout = task.timeout if timeout is None and task else timeout
         if timeout is not None:
             timeout = check_seconds("timeout", timeout, positive=True)
-        return (name, priority, run_at, now(), retries, backoff, timeout, target)
+        return (name, priority, run_at, created, retries, backoff, timeout, target)
 
     def enqueue(
         self,

@@ -1502,3 +1502,20 @@ def test_approvals_cli(db: Path) -> None:
     assert cli("approvals", "--db", str(db)).stdout == ""
     assert "denied by cli:" in cli("approvals", "--all", "--db", str(db)).stdout
     assert cli("approve", "apr_missing", "--db", str(db)).returncode == 2
+
+
+# ─────────────────────────────────────── benchmarks ───────────────────────────────────────
+
+
+@pytest.mark.parametrize("script", ["queue.py", "turns.py"])
+def test_benchmarks_run_and_find_no_duplicate_or_loss(script: str, tmp_path: Path) -> None:
+    """Each benchmark's quick run checks every job and turn ran exactly once (its exit status)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "agentkit" in out.stdout and ("ratio" in out.stdout or "÷" in out.stdout)

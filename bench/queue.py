@@ -1,0 +1,910 @@
+"""Benchmark agentkit's durable SQLite job queue against bare SQLite and peer queues.
+
+Setup (this script installs nothing):  pip install -e '.[bench]'
+Run from the repository root:          python bench/queue.py [--quick] [--dir DIR]
+
+One run, one table. Every measurement uses a fresh database file in a temporary folder
+(on disk by default, so fsync costs are real) and every job carries an integer id: each
+handler records it, and the run checks that every id ran exactly once and that nothing
+stays queued. A duplicate, a loss or a crash makes the exit status non-zero; a missed
+target is only reported.
+
+Rows: enqueue (one job per call, and batches) against bare apsw inserts; drain with 1 and
+2 worker processes against a bare apsw claim/complete loop, huey's SQLite storage,
+litequeue and persist-queue; claim cost and empty-poll cost with up to 1M jobs queued;
+peak memory while draining; idle wake-up latency and idle CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is called queue.py: take its folder off sys.path so that `import queue` (used by
+# multiprocessing) finds the standard library, and benchmark the agentkit of this checkout.
+if os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import platform
+import random
+import sqlite3
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import astuple, dataclass
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, ClassVar
+
+try:
+    import apsw
+    import huey
+    import litequeue
+    import persistqueue
+    from huey.storage import SqliteStorage
+except ImportError as missing:  # pragma: no cover - depends on the environment
+    sys.exit(f"missing benchmark dependency ({missing}); run: pip install -e '.[bench]'")
+
+try:
+    import agentkit
+except Exception:  # reported in the table; the peers still run
+    agentkit = None
+    AGENTKIT_ERROR = traceback.format_exc().strip().splitlines()[-1]
+else:
+    AGENTKIT_ERROR = ""
+
+Payload = dict[str, Any]
+Handler = Callable[[Payload], None]
+SPAWN = multiprocessing.get_context("spawn")
+CHILD_TIMEOUT = 900.0  # seconds; a child slower than this counts as a crash
+LATER = 86_400.0  # delay of the jobs that wait behind the ready ones in the latency rows
+
+
+@dataclass(frozen=True)
+class Config:
+    """Job counts for one run."""
+
+    enqueue_jobs: int  # row 1: one enqueue call per job
+    batch_jobs: int  # row 2: total jobs, enqueued batch_size at a time
+    batch_size: int
+    drain_jobs: int  # row 3, per queue
+    slow_drain_jobs: int  # row 3, peers that fsync every commit or scan done rows per claim
+    latency_sizes: tuple[int, ...]  # row 4: jobs queued for later while claiming
+    latency_jobs: int  # ready jobs timed per size, in latency_rounds rounds
+    latency_rounds: int
+    memory_jobs: int  # row 5
+    wake_samples: int  # row 6
+    idle_seconds: float
+    repeats: int  # rows 1-3 keep the best of this many runs (background load only slows)
+
+
+FULL_RUN = Config(
+    enqueue_jobs=20_000,
+    batch_jobs=50_000,
+    batch_size=1_000,
+    drain_jobs=20_000,
+    slow_drain_jobs=4_000,
+    latency_sizes=(1_000, 100_000, 1_000_000),
+    latency_jobs=1_000,
+    latency_rounds=10,
+    memory_jobs=100_000,
+    wake_samples=20,
+    idle_seconds=3.0,
+    repeats=2,
+)
+QUICK_RUN = Config(
+    enqueue_jobs=1_000,
+    batch_jobs=5_000,
+    batch_size=500,
+    drain_jobs=1_000,
+    slow_drain_jobs=300,
+    latency_sizes=(1_000, 10_000),
+    latency_jobs=200,
+    latency_rounds=5,
+    memory_jobs=3_000,
+    wake_samples=5,
+    idle_seconds=1.0,
+    repeats=1,
+)
+
+
+class CheckFailed(Exception):
+    """A job ran twice, got lost, or stayed queued."""
+
+
+class Tally:
+    """How many times each job id 0..n-1 ran; the extra last slot counts unknown ids."""
+
+    def __init__(self, n: int) -> None:
+        self.counts = bytearray(n + 1)
+
+    def record(self, payload: Payload) -> None:
+        """Count one run of the job carrying `payload`."""
+        i = payload["i"]
+        i = i if 0 <= i < len(self.counts) - 1 else -1
+        self.counts[i] = min(self.counts[i] + 1, 255)
+
+    def merge(self, counts: bytes) -> None:
+        """Add the counts recorded by another process."""
+        pairs = zip(self.counts, counts, strict=True)
+        self.counts = bytearray(min(a + b, 255) for a, b in pairs)
+
+    def verify(self, pending: int, drained: bool = True) -> None:
+        """Raise CheckFailed unless each job ran once or, when not drained, is still pending."""
+        ids = self.counts[:-1]
+        problems = []
+        if dup := len(ids) - ids.count(0) - ids.count(1):
+            problems.append(f"{dup} jobs ran more than once")
+        if self.counts[-1]:
+            problems.append(f"{self.counts[-1]} runs of unknown job ids")
+        if (missing := ids.count(0)) != pending:
+            problems.append(f"{missing} jobs never ran but {pending} are not done")
+        if drained and pending:
+            problems.append(f"{pending} jobs not done after draining")
+        if problems:
+            raise CheckFailed("; ".join(problems))
+
+
+def payloads(stop: int, start: int = 0) -> list[Payload]:
+    """The payloads of jobs start..stop-1."""
+    return [{"i": i} for i in range(start, stop)]
+
+
+def chunks(items: list[Payload], size: int) -> Iterator[list[Payload]]:
+    """Consecutive slices of at most `size` items."""
+    for at in range(0, len(items), size):
+        yield items[at : at + size]
+
+
+@contextlib.contextmanager
+def sync_off(conn: sqlite3.Connection) -> Iterator[None]:
+    """Turn fsync off on a peer's connection while filling it (untimed setup only)."""
+    before = conn.execute("PRAGMA synchronous").fetchone()[0]
+    conn.execute("PRAGMA synchronous=OFF")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA synchronous={before}")
+
+
+# ──────────────────────────────────────── queues ────────────────────────────────────────
+
+
+class Backend(ABC):
+    """One queue implementation opened on one database file."""
+
+    label: ClassVar[str]
+    two_process_problem: ClassVar[str] = ""  # why it cannot drain from 2 processes
+
+    @abstractmethod
+    def __init__(self, path: Path) -> None: ...
+
+    def put(self, payload: Payload) -> None:
+        """Enqueue one job in its own transaction."""
+        raise NotImplementedError
+
+    def put_many(self, batch: list[Payload]) -> None:
+        """Enqueue a batch in one transaction."""
+        raise NotImplementedError
+
+    def fill(self, jobs: list[Payload]) -> None:
+        """Untimed setup: enqueue all jobs, as fast as the queue allows."""
+        for batch in chunks(jobs, 50_000):
+            self.put_many(batch)
+
+    @abstractmethod
+    def drain(self, handle: Handler) -> None:
+        """Run jobs in this process until none is ready."""
+
+    @abstractmethod
+    def pending(self) -> int:
+        """Jobs not done (queued, claimed, or failed)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class AgentKitBackend(Backend):
+    """agentkit, the queue under test, at synchronous=NORMAL."""
+
+    label = "agentkit, sync NORMAL"
+
+    def __init__(self, path: Path) -> None:
+        if agentkit is None:
+            raise RuntimeError(f"agentkit is not importable: {AGENTKIT_ERROR}")
+        self.kit = agentkit.AgentKit(str(path), synchronous="normal")
+        self.handle: Handler = lambda payload: None
+
+        @self.kit.task
+        def record(payload: Payload, ctx: Any) -> None:
+            self.handle(payload)
+
+    def put(self, payload: Payload) -> None:
+        self.kit.enqueue("record", payload)
+
+    def put_many(self, batch: list[Payload], delay: float = 0.0) -> None:
+        self.kit.enqueue_many("record", batch, delay=delay)
+
+    def drain(self, handle: Handler) -> None:
+        self.handle = handle
+        self.kit.work(until_idle=True)
+
+    def serve(self, handle: Handler, stop: threading.Event) -> None:
+        """Run jobs, waiting for new ones when idle, until `stop` is set."""
+        self.handle = handle
+        self.kit.work(stop=stop)
+
+    def pending(self) -> int:
+        counts = self.kit.queue.counts()  # what `kit.doctor()` reports, without its checks
+        return sum(n for state, n in counts.items() if state != "done")
+
+    def close(self) -> None:
+        self.kit.close()
+
+
+class BareBackend(Backend):
+    """Plain apsw on a small job table: the floor that any queue library adds cost to.
+
+    WAL, synchronous=NORMAL, a busy timeout; claim and complete are one transaction each.
+    """
+
+    label = "bare apsw claim/complete loop"
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS jobs(
+            id INTEGER PRIMARY KEY, name TEXT NOT NULL, payload TEXT NOT NULL,
+            state TEXT NOT NULL, run_at REAL NOT NULL, owner TEXT);
+        CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(id) WHERE state = 'queued';
+    """
+    INSERT = "INSERT INTO jobs(name, payload, state, run_at) VALUES(?, ?, 'queued', ?)"
+    CLAIM = (
+        "UPDATE jobs SET state='running', owner=? WHERE id = (SELECT id FROM jobs"
+        " WHERE state='queued' ORDER BY id LIMIT 1) RETURNING id, payload"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.db = apsw.Connection(str(path))
+        self.db.set_busy_timeout(10_000)
+        self.db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self.db.execute("PRAGMA synchronous=NORMAL").fetchall()
+        self.db.execute(self.SCHEMA).fetchall()
+
+    def put(self, payload: Payload) -> None:
+        self.db.execute(self.INSERT, ("record", json.dumps(payload), time.time()))
+
+    def put_many(self, batch: list[Payload]) -> None:
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany(self.INSERT, [("record", json.dumps(p), now) for p in batch])
+        self.db.execute("COMMIT")
+
+    def drain(self, handle: Handler) -> None:
+        db, owner = self.db, str(os.getpid())
+        while True:
+            db.execute("BEGIN IMMEDIATE")
+            claimed = db.execute(self.CLAIM, (owner,)).fetchall()
+            db.execute("COMMIT")
+            if not claimed:
+                return
+            job_id, payload = claimed[0]
+            handle(json.loads(payload))
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE jobs SET state='done' WHERE id=?", (job_id,))
+            db.execute("COMMIT")
+
+    def pending(self) -> int:
+        return self.db.execute("SELECT count(*) FROM jobs WHERE state != 'done'").fetchall()[0][0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class NormalSyncSqliteStorage(SqliteStorage):
+    """huey's SqliteStorage at synchronous=NORMAL: its `fsync` flag only sets OFF or FULL."""
+
+    def _create_connection(self) -> sqlite3.Connection:
+        conn = super()._create_connection()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+
+class HueyBackend(Backend):
+    """huey's SQLite storage at its defaults; tasks dequeued and executed as a worker does."""
+
+    label = "huey SqliteHuey, defaults: sync FULL"
+    storage_class: ClassVar[type[SqliteStorage]] = SqliteStorage
+
+    def __init__(self, path: Path) -> None:
+        self.huey = huey.SqliteHuey(
+            "bench", filename=str(path), results=False, storage_class=self.storage_class
+        )
+        self.handle: Handler = lambda payload: None
+
+        def record(payload: Payload) -> None:
+            self.handle(payload)
+
+        record.__module__ = "bench_queue"  # one task name in the parent and spawned workers
+        self.task = self.huey.task(name="record")(record)
+
+    def fill(self, jobs: list[Payload]) -> None:
+        with sync_off(self.huey.storage.conn):
+            for payload in jobs:
+                self.huey.enqueue(self.task.s(payload))
+
+    def drain(self, handle: Handler) -> None:
+        self.handle = handle
+        while (task := self.huey.dequeue()) is not None:
+            task.execute()
+
+    def pending(self) -> int:
+        return self.huey.pending_count()
+
+    def close(self) -> None:
+        self.huey.storage.close()
+
+
+class HueyNormalBackend(HueyBackend):
+    """huey's SQLite storage at synchronous=NORMAL, like agentkit here."""
+
+    label = "huey SqliteHuey, sync NORMAL"
+    storage_class = NormalSyncSqliteStorage
+
+
+class LiteQueueBackend(Backend):
+    """litequeue's LiteQueue: put / pop / done (it sets synchronous=NORMAL itself).
+
+    Its busy timeout is raised from the stdlib's 5 s to agentkit's 10 s: two processes
+    draining it otherwise hit "database is locked" (each pop scans the done rows).
+    """
+
+    label = "litequeue LiteQueue, sync NORMAL"
+
+    def __init__(self, path: Path) -> None:
+        self.queue = litequeue.LiteQueue(str(path), queue_name="jobs", timeout=10.0)
+
+    def fill(self, jobs: list[Payload]) -> None:
+        with sync_off(self.queue.conn):
+            for payload in jobs:
+                self.queue.put(json.dumps(payload))
+
+    def drain(self, handle: Handler) -> None:
+        while (message := self.queue.pop()) is not None:
+            handle(json.loads(message.data))
+            self.queue.done(message.message_id)
+
+    def pending(self) -> int:
+        return self.queue.qsize()
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+class PersistQueueBackend(Backend):
+    """persist-queue's SQLiteAckQueue: put / get / ack, at its defaults (synchronous=FULL)."""
+
+    label = "persist-queue SQLiteAckQueue, defaults: sync FULL"
+    two_process_problem = "get() reads a row, then marks it in a 2nd transaction: runs twice"
+
+    def __init__(self, path: Path) -> None:
+        self.queue = persistqueue.SQLiteAckQueue(str(path.parent), db_file_name=path.name)
+
+    def fill(self, jobs: list[Payload]) -> None:
+        with sync_off(self.queue._putter):  # its write connection; untimed setup only
+            for payload in jobs:
+                self.queue.put(payload)
+
+    def drain(self, handle: Handler) -> None:
+        while True:
+            try:
+                item = self.queue.get(block=False, raw=True)
+            except persistqueue.Empty:
+                return
+            handle(item["data"])
+            self.queue.ack(id=item["pqid"])
+
+    def pending(self) -> int:
+        return self.queue.qsize() + self.queue.unack_count()
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "agentkit": AgentKitBackend,
+    "bare": BareBackend,
+    "huey": HueyBackend,
+    "huey-normal": HueyNormalBackend,
+    "litequeue": LiteQueueBackend,
+    "persist-queue": PersistQueueBackend,
+}
+# Peers drained with fewer jobs to fit the time budget: huey and persist-queue at their
+# defaults fsync every commit; litequeue and persist-queue scan past done rows on each claim.
+SLOW = {"huey", "litequeue", "persist-queue"}
+
+
+def open_backend(name: str, path: Path) -> Backend:
+    """Open the named queue on `path`."""
+    return BACKENDS[name](path)
+
+
+def pending_after(name: str, path: Path) -> int:
+    """Reopen a queue and count the jobs left in it."""
+    backend = open_backend(name, path)
+    try:
+        return backend.pending()
+    finally:
+        backend.close()
+
+
+# ─────────────────────────────────────── processes ───────────────────────────────────────
+
+
+def _drain_worker(name: str, path: str, n: int, ready: Any, start: Any, out: Any) -> None:
+    """Child process: open the queue, wait for the start signal, drain, report."""
+    try:
+        backend = open_backend(name, Path(path))
+        tally = Tally(n)
+        ready.wait()
+        start.wait()
+        backend.drain(tally.record)
+        finished = time.perf_counter()
+        backend.close()
+        out.put((finished, bytes(tally.counts), ""))
+    except BaseException:
+        out.put((0.0, b"", traceback.format_exc()))
+
+
+def timed_drain(name: str, path: Path, n: int, procs: int) -> tuple[float, Tally]:
+    """Drain `path` with `procs` processes: seconds from the start signal to all done."""
+    ready, start, out = SPAWN.Barrier(procs + 1), SPAWN.Event(), SPAWN.Queue()
+    workers = [
+        SPAWN.Process(target=_drain_worker, args=(name, str(path), n, ready, start, out))
+        for _ in range(procs)
+    ]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=CHILD_TIMEOUT)
+    began = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+    start.set()
+    tally, finished, errors = Tally(n), [], []
+    for _ in workers:
+        end, counts, error = out.get(timeout=CHILD_TIMEOUT)
+        if error:
+            errors.append(error)
+        else:
+            finished.append(end)
+            tally.merge(counts)
+    for worker in workers:
+        worker.join(timeout=CHILD_TIMEOUT)
+    if errors:
+        raise RuntimeError(f"{name} worker crashed:\n{errors[0]}")
+    return max(finished) - began, tally
+
+
+def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a module-level function in a fresh spawned process; its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=SPAWN) as pool:
+        return pool.submit(function, *args).result(timeout=CHILD_TIMEOUT)
+
+
+def status_kb(field: str) -> int:
+    """A kB field of /proc/self/status, e.g. VmRSS or VmHWM."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _memory_probe(path: str, n: int) -> tuple[float, bytes]:
+    """Child process: MB of RSS high-water while draining, above the RSS after opening."""
+    backend = AgentKitBackend(Path(path))
+    tally = Tally(n)
+    baseline = status_kb("VmRSS")
+    with contextlib.suppress(OSError):  # reset the high-water mark to now (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    backend.drain(tally.record)
+    peak = status_kb("VmHWM")
+    backend.close()
+    return max(peak - baseline, 0) / 1024, bytes(tally.counts)
+
+
+def _idle_worker(path: str, n: int, ready: Any, stop: Any, out: Any) -> None:
+    """Child process: an idle agentkit worker reporting each job's enqueue-to-start delay."""
+    backend = AgentKitBackend(Path(path))
+    tally = Tally(n)
+
+    def handle(payload: Payload) -> None:
+        out.put(time.time() - payload["t"])
+        tally.record(payload)
+
+    ready.set()
+    backend.serve(handle, stop)
+    backend.close()
+    out.put(bytes(tally.counts))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ───────────────────────────────────────── table ─────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound that a value should meet, e.g. >= 0.7."""
+
+    op: str  # ">=", "<=" or "<"
+    bound: float
+    unit: str = ""
+
+    def met(self, value: float) -> bool:
+        if self.op == ">=":
+            return value >= self.bound
+        return value <= self.bound if self.op == "<=" else value < self.bound
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound:g}{self.unit}"
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    measure: str
+    agentkit: str
+    baseline: str = ""
+    ratio: str = ""
+    target: str = ""
+    ok: str = ""
+
+
+def rate(value: float) -> str:
+    return f"{value:,.0f}/s"
+
+
+def judge(value: float, target: Target | None) -> tuple[str, str]:
+    """The target and ok cells for a value."""
+    if target is None:
+        return "", ""
+    return str(target), "yes" if target.met(value) else "NO"
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("measure", "agentkit", "baseline (name)", "ratio", "target", "ok")
+    lines = [header, *map(astuple, rows)]
+    widths = [max(len(line[col]) for line in lines) for col in range(len(lines[0]))]
+    for index, line in enumerate(lines):
+        print(" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        if index == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+# ─────────────────────────────────────── benchmark ───────────────────────────────────────
+
+
+class Bench:
+    """Runs every measurement and collects the table rows."""
+
+    def __init__(self, config: Config, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.rows: list[Row] = []
+        self.failed = False
+        self._databases = 0
+        self.began = time.perf_counter()
+
+    def fresh(self, name: str) -> Path:
+        """A path for a new database file in a folder of its own."""
+        self._databases += 1
+        folder = self.workdir / f"{self._databases:02d}-{name}"
+        folder.mkdir()
+        return folder / "queue.db"
+
+    @contextlib.contextmanager
+    def section(self, measure: str) -> Iterator[None]:
+        """Turn a crash or a failed check into a FAIL row instead of ending the run."""
+        print(f"[{time.perf_counter() - self.began:5.0f} s] {measure}", file=sys.stderr)
+        try:
+            yield
+        except Exception as exc:  # reported in the table and the exit status
+            self.failed = True
+            kind = "check failed" if isinstance(exc, CheckFailed) else type(exc).__name__
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            self.rows.append(Row(measure, f"FAIL {kind}: {last}"[:110], ok="FAIL"))
+            if not isinstance(exc, CheckFailed):
+                traceback.print_exc()
+
+    def attempt(self, measure: str, measurement: Callable[[], float]) -> float | None:
+        """The measurement's value, or None after adding a FAIL row."""
+        with self.section(measure):
+            return measurement()
+        return None
+
+    def compare(
+        self, measure: str, ours: float, theirs: float, name: str, target: Target | None
+    ) -> None:
+        """Add a row comparing two rates (ratio = ours / theirs)."""
+        ratio = ours / theirs
+        baseline = f"{rate(theirs)} ({name})"
+        self.rows.append(Row(measure, rate(ours), baseline, f"{ratio:.2f}", *judge(ratio, target)))
+
+    # rows 1 and 2: enqueue
+
+    def best(self, measurement: Callable[[], float], repeats: int | None = None) -> float:
+        """The highest of `repeats` runs of a rate measurement (default: the config's)."""
+        return max(measurement() for _ in range(repeats or self.config.repeats))
+
+    def enqueue_rate(self, name: str, batch_size: int, total: int) -> float:
+        """Jobs/s enqueued with `batch_size` jobs per transaction (1: one `put` per job)."""
+        backend = open_backend(name, self.fresh(f"enqueue-{name}"))
+        jobs = payloads(total)
+        began = time.perf_counter()
+        if batch_size == 1:
+            for payload in jobs:
+                backend.put(payload)
+        else:
+            for batch in chunks(jobs, batch_size):
+                backend.put_many(batch)
+        elapsed = time.perf_counter() - began
+        tally = Tally(total)
+        backend.drain(tally.record)
+        tally.verify(backend.pending())
+        backend.close()
+        return total / elapsed
+
+    def enqueue_rows(self) -> None:
+        cfg = self.config
+        cases = [
+            ("enqueue, 1 job per call", 1, cfg.enqueue_jobs, "bare single-row insert"),
+            (
+                f"enqueue_many, {cfg.batch_size:,} jobs per call",
+                cfg.batch_size,
+                cfg.batch_jobs,
+                "bare executemany",
+            ),
+        ]
+        for measure, size, total, baseline in cases:
+            with self.section(measure):
+                theirs = self.best(partial(self.enqueue_rate, "bare", size, total))
+                ours = self.best(partial(self.enqueue_rate, "agentkit", size, total))
+                self.compare(f"{measure} ({total:,})", ours, theirs, baseline, Target(">=", 0.7))
+
+    # row 3: drain
+
+    def jobs_for(self, name: str) -> int:
+        """Jobs per drain: fewer for the slow peers."""
+        return self.config.slow_drain_jobs if name in SLOW else self.config.drain_jobs
+
+    def drain_rate(self, name: str, procs: int) -> float:
+        """Jobs/s for `procs` processes draining a pre-filled queue (best of repeats)."""
+        return self.best(partial(self.drain_once, name, procs), 1 if name in SLOW else None)
+
+    def drain_once(self, name: str, procs: int) -> float:
+        """Jobs/s for one drain of a fresh queue."""
+        n = self.jobs_for(name)
+        path = self.fresh(f"drain{procs}-{name}")
+        backend = open_backend(name, path)
+        backend.fill(payloads(n))
+        backend.close()
+        elapsed, tally = timed_drain(name, path, n, procs)
+        tally.verify(pending_after(name, path))
+        return n / elapsed
+
+    def drain_rows(self) -> None:
+        cfg = self.config
+        targets = {"bare": Target(">=", 0.8), "huey-normal": Target(">=", 1.0)}
+        for procs in (1, 2):
+            measure = f"drain, {procs} process{'es' if procs > 1 else ''}, {cfg.drain_jobs:,} jobs"
+            ours = self.attempt(f"{measure}, agentkit", partial(self.drain_rate, "agentkit", procs))
+            ours_cell = "FAIL (see above)" if ours is None else rate(ours)
+            for name, backend in BACKENDS.items():
+                if name == "agentkit":
+                    continue
+                label = backend.label
+                if (jobs := self.jobs_for(name)) != self.config.drain_jobs:
+                    label += f", {jobs:,} jobs"
+                if procs > 1 and backend.two_process_problem:
+                    problem = f"n/a: {name}: {backend.two_process_problem}"
+                    self.rows.append(Row(measure, ours_cell, problem, "-"))
+                    continue
+                theirs = self.attempt(f"{measure}, {name}", partial(self.drain_rate, name, procs))
+                if theirs is None:
+                    continue
+                if ours is None:
+                    self.rows.append(Row(measure, ours_cell, f"{rate(theirs)} ({label})"))
+                else:
+                    self.compare(measure, ours, theirs, label, targets.get(name))
+
+    # row 4: claim latency
+
+    def claim_costs(self, later: int) -> tuple[float, float]:
+        """Median seconds per job claimed+completed, and per empty poll, with `later`
+        jobs queued for tomorrow: ready jobs are timed in rounds of kit.work(stop=...),
+        the empty poll as kit.work(until_idle=True) once nothing is ready."""
+        cfg = self.config
+        per_round = cfg.latency_jobs // cfg.latency_rounds
+        ready = cfg.latency_jobs + 64 * cfg.latency_rounds  # a round may overshoot by a batch
+        total = later + ready
+        backend = AgentKitBackend(self.fresh(f"latency-{later}"))
+        for batch in chunks(payloads(later), 50_000):
+            backend.put_many(batch, delay=LATER)
+        backend.put_many(payloads(total, start=later))
+        tally, stop = Tally(total), threading.Event()
+        done_in_round = 0
+
+        def handle(payload: Payload) -> None:
+            nonlocal done_in_round
+            tally.record(payload)
+            done_in_round += 1
+            if done_in_round >= per_round:
+                stop.set()
+
+        per_job = []
+        for _ in range(cfg.latency_rounds):
+            stop.clear()
+            done_in_round = 0
+            began = time.perf_counter()
+            backend.serve(handle, stop)
+            per_job.append((time.perf_counter() - began) / done_in_round)
+        backend.drain(tally.record)  # the rest of the ready jobs
+        polls = []
+        for _ in range(5):
+            began = time.perf_counter()
+            backend.drain(tally.record)
+            polls.append(time.perf_counter() - began)
+        tally.verify(backend.pending(), drained=False)
+        if backend.pending() != later:
+            raise CheckFailed(f"{backend.pending()} jobs not done, expected {later}")
+        backend.close()
+        return statistics.median(per_job), statistics.median(polls)
+
+    def latency_rows(self) -> None:
+        sizes = self.config.latency_sizes
+        with self.section("claim latency"):
+            costs = {size: self.claim_costs(size) for size in sizes}
+            for column, what, target in [
+                (0, "claim+complete per job", Target("<=", 2.0)),
+                (1, "empty poll, work(until_idle)", None),
+            ]:
+                first = costs[sizes[0]][column]
+                for size, cost in costs.items():
+                    ratio = cost[column] / first
+                    self.rows.append(
+                        Row(
+                            f"{what}, {size:,} queued for later",
+                            f"{cost[column] * 1e3:.3f} ms",
+                            f"{first * 1e3:.3f} ms (agentkit, {sizes[0]:,} queued)",
+                            f"{ratio:.2f}",
+                            *judge(ratio, target if size == sizes[-1] else None),
+                        )
+                    )
+
+    # row 5: memory
+
+    def memory_row(self) -> None:
+        n = self.config.memory_jobs
+        measure = f"peak RSS while draining {n:,} jobs"
+        with self.section(measure):
+            path = self.fresh("memory")
+            backend = AgentKitBackend(path)
+            backend.fill(payloads(n))
+            backend.close()
+            megabytes, counts = run_in_child(_memory_probe, str(path), n)
+            tally = Tally(n)
+            tally.merge(counts)
+            tally.verify(pending_after("agentkit", path))
+            target = Target("<", 15, " MB")
+            self.rows.append(
+                Row(
+                    measure,
+                    f"{megabytes:.1f} MB",
+                    "above RSS after open",
+                    "",
+                    *judge(megabytes, target),
+                )
+            )
+
+    # row 6: idle wake-up
+
+    def idle_rows(self) -> None:
+        cfg = self.config
+        with self.section("idle worker"):
+            path = self.fresh("idle")
+            producer = AgentKitBackend(path)
+            ready, stop, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+            worker = SPAWN.Process(
+                target=_idle_worker, args=(str(path), cfg.wake_samples, ready, stop, out)
+            )
+            worker.start()
+            try:
+                if not ready.wait(timeout=60):
+                    raise RuntimeError("the idle worker did not start")
+                time.sleep(0.5)  # let it settle into waiting
+                cpu_before, wall_before = cpu_seconds(worker.pid), time.perf_counter()
+                time.sleep(cfg.idle_seconds)
+                cpu_used = cpu_seconds(worker.pid) - cpu_before
+                cpu = cpu_used / (time.perf_counter() - wall_before)
+                spacing, latencies = random.Random(7), []
+                for i in range(cfg.wake_samples):
+                    producer.put({"i": i, "t": time.time()})
+                    latencies.append(out.get(timeout=30))
+                    time.sleep(spacing.uniform(0.1, 0.2))
+            finally:
+                stop.set()
+            counts = out.get(timeout=30)
+            worker.join(timeout=30)
+            tally = Tally(cfg.wake_samples)
+            tally.merge(counts)
+            tally.verify(producer.pending())
+            producer.close()
+            median = statistics.median(latencies) * 1e3
+            self.rows.append(
+                Row(
+                    f"idle wake-up: enqueue to handler start ({cfg.wake_samples} jobs)",
+                    f"{median:.1f} ms",
+                    f"median; max {max(latencies) * 1e3:.1f} ms",
+                    "",
+                    *judge(median, Target("<", 50, " ms")),
+                )
+            )
+            self.rows.append(
+                Row(
+                    f"idle worker CPU, {cfg.idle_seconds:g} s on an empty queue",
+                    f"{cpu * 100:.2f}%",
+                    "of one core",
+                    "",
+                    *judge(cpu * 100, Target("<", 2, "%")),
+                )
+            )
+
+
+def machine() -> str:
+    """Where the numbers come from."""
+    peers = ", ".join(f"{p} {version(p)}" for p in ("huey", "litequeue", "persist-queue"))
+    return (
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} "
+        f"{platform.machine()}; Python {platform.python_version()}; SQLite "
+        f"{apsw.sqlite_lib_version()} (apsw {apsw.apsw_version()}; the peers use the stdlib "
+        f"sqlite3 with SQLite {sqlite3.sqlite_version}); {peers}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a ~30 s smoke run")
+    parser.add_argument("--dir", help="where to create the databases (default: system temp)")
+    args = parser.parse_args(argv)
+    config = QUICK_RUN if args.quick else FULL_RUN
+    print(machine())
+    if agentkit is None:
+        print(f"agentkit is not importable: {AGENTKIT_ERROR}")
+    with tempfile.TemporaryDirectory(prefix="agentkit-bench-", dir=args.dir) as workdir:
+        bench = Bench(config, Path(workdir))
+        bench.enqueue_rows()
+        bench.drain_rows()
+        bench.latency_rows()
+        bench.memory_row()
+        bench.idle_rows()
+    print(
+        f"run took {time.perf_counter() - bench.began:.0f} s; rates are wall-clock jobs/s, "
+        f"best of {config.repeats} except for the slow peers (fewer jobs, one run); "
+        "ratio = agentkit / baseline (latency rows: this size / the smallest)\n"
+    )
+    print_table(bench.rows)
+    return 1 if bench.failed or agentkit is None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
