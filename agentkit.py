@@ -74,6 +74,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolContext",
+    "ToolUnavailable",
     "TurnResult",
     "main",
 ]
@@ -113,6 +114,10 @@ class Forbidden(AgentKitError):
 
 class AlreadyDecided(AgentKitError):
     """The approval was decided otherwise (or expired) before; its message says by whom."""
+
+
+class ToolUnavailable(AgentKitError):
+    """A turn needs a tool this process does not have; its job is retried (elsewhere)."""
 
 
 class HookFailed(AgentKitError):
@@ -371,10 +376,13 @@ class Store:
 
     def _open(self) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-        if self.memory:
-            conn = apsw.Connection(self._uri, flags=flags | apsw.SQLITE_OPEN_URI)
-        else:
-            conn = apsw.Connection(self.path, flags=flags)
+        try:
+            if self.memory:
+                conn = apsw.Connection(self._uri, flags=flags | apsw.SQLITE_OPEN_URI)
+            else:
+                conn = apsw.Connection(self.path, flags=flags)
+        except apsw.CantOpenError as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from None
         conn.setbusytimeout(int(self.busy_timeout * 1000))
         try:
             version = self._pragma(conn, "user_version")
@@ -416,6 +424,17 @@ class Store:
                     conn.execute(f"PRAGMA user_version={target}")
         return self._pragma(conn, "user_version")
 
+    def release_thread(self) -> None:
+        """Close this thread's connection (threads that end call it, so none leaks)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._guard:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
     def close(self) -> None:
         """Close every connection of this store; later use raises StoreError."""
         with self._guard:
@@ -438,6 +457,8 @@ class Store:
         """
         conn = self.connection()
         depth = self._local.depth
+        if depth and durable:
+            raise BadInput("durable=True applies to an outermost transaction only")
         if depth:
             name = f"sp{depth}"
             conn.execute(f"SAVEPOINT {name}")
@@ -461,7 +482,12 @@ class Store:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(apsw.Error):
+                    conn.execute("ROLLBACK")  # a failed COMMIT may leave it open
+                raise
         finally:
             self._local.depth = 0
             if durable:
@@ -606,14 +632,17 @@ class Lock:
             raise LeaseLost(f"lock {self.name!r} is not held by this Lock")
 
     def _renew_until_stopped(self) -> None:
-        while not self._stop_renewing.wait(self.ttl / 3):
-            try:
-                self.renew()
-            except LeaseLost:
-                log.warning("lock %r was lost before its holder finished", self.name)
-                return
-            except StoreError as e:
-                log.warning("could not renew lock %r: %s", self.name, e)
+        try:
+            while not self._stop_renewing.wait(self.ttl / 3):
+                try:
+                    self.renew()
+                except LeaseLost:
+                    log.warning("lock %r was lost before its holder finished", self.name)
+                    return
+                except StoreError as e:
+                    log.warning("could not renew lock %r: %s", self.name, e)
+        finally:
+            self.store.release_thread()
 
     def __enter__(self) -> Lock:
         self.acquire()
@@ -741,6 +770,17 @@ class JobContext:
         self._owner = owner
         self._lease = lease
 
+    def holds(self, db: apsw.Connection) -> bool:
+        """Whether this worker still holds the job's lease (read in the caller's transaction)."""
+        return (
+            db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND attempts = ? "
+                "AND state = 'running'",
+                (self._job.rowid, self._owner, self._job.attempt),
+            ).fetchone()
+            is not None
+        )
+
     def heartbeat(self) -> None:
         """Extend this job's lease now (workers also do it on their own); LeaseLost if gone."""
         if not self.queue.extend(self._job, self._owner, self._lease):
@@ -812,8 +852,8 @@ class Queue:
             run_at = created + check_seconds("delay", delay) if delay else created
         else:
             run_at = check_seconds("run_at", run_at)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise BadInput(f"priority must be an integer, not {priority!r}")
+        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**62:
+            raise BadInput(f"priority must be an integer within ±2**62, not {priority!r}")
         if target is not None:
             check_name("target", target)
         retries = task.retries if retries is None and task else retries
@@ -1057,6 +1097,8 @@ class Queue:
         """The newest jobs, optionally of one state."""
         if state is not None and state not in JOB_STATES:
             raise BadInput(f"state must be one of {', '.join(JOB_STATES)}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise BadInput(f"limit must be an integer >= 0, not {limit!r}")
         rows = self.store.read(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR state = ?1 "
             "ORDER BY id DESC LIMIT ?2",
@@ -1079,6 +1121,9 @@ class Queue:
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job (a running one finishes; ask its task to stop instead)."""
+        job = self.get(job_id)
+        if job.name.startswith("agentkit."):
+            raise BadInput(f"{job_id} is agentkit's own {job.name}; cancel its turn instead")
         return self._move(
             job_id,
             ("queued",),
@@ -1131,13 +1176,13 @@ class Worker:
         self.done = 0
         self._guard = threading.Lock()
         self._busy = 0
-        self._running: dict[int, tuple[Claimed, float]] = {}
+        self._running: dict[tuple[int, int], tuple[Claimed, float]] = {}
 
     def run(self, *, until_idle: bool = False, stop: threading.Event | None = None) -> int:
         """Work until `stop` is set (or, with `until_idle`, until nothing is ready)."""
         stop = stop or threading.Event()
         threads = [
-            threading.Thread(target=self._loop, args=(i, until_idle, stop), daemon=True)
+            threading.Thread(target=self._side_loop, args=(i, until_idle, stop), daemon=True)
             for i in range(1, self.concurrency)
         ]
         with self._heartbeating():
@@ -1167,6 +1212,12 @@ class Worker:
             finished.set()
             beat.join()
 
+    def _side_loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
+        try:
+            self._loop(index, until_idle, stop)
+        finally:
+            self.queue.store.release_thread()
+
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
         batch, next_tick = 1, 0.0
         while not stop.is_set():
@@ -1192,15 +1243,15 @@ class Worker:
         """Run claimed jobs, record their outcomes at once; the next batch size."""
         started = time.monotonic()
         with self._guard:
-            self._running.update((job.rowid, (job, started)) for job in jobs)
+            self._running.update(((job.rowid, job.attempt), (job, started)) for job in jobs)
         outcomes = []
         for job in jobs:
             with self._guard:
-                self._running[job.rowid] = (job, time.monotonic())
+                self._running[job.rowid, job.attempt] = (job, time.monotonic())
             outcomes.append(self._run(job))
         with self._guard:
             for job in jobs:
-                self._running.pop(job.rowid, None)
+                self._running.pop((job.rowid, job.attempt), None)
         self._finish(outcomes)
         self.done += len(jobs)
         per_job = (time.monotonic() - started) / len(jobs)
@@ -1229,6 +1280,12 @@ class Worker:
 
     def _heartbeat(self, finished: threading.Event) -> None:
         """Renew this worker's leases; fail the jobs that ran past their timeout."""
+        try:
+            self._beat_until(finished)
+        finally:
+            self.queue.store.release_thread()
+
+    def _beat_until(self, finished: threading.Event) -> None:
         while not finished.wait(min(self.lease / 3, 1.0)):
             at = time.monotonic()
             with self._guard:
@@ -1238,7 +1295,7 @@ class Worker:
                     if job.timeout is not None and at - started > job.timeout
                 ]
                 for job in late:
-                    del self._running[job.rowid]
+                    del self._running[job.rowid, job.attempt]
             try:
                 if late:
                     self._finish([(j, "error", f"timed out after {j.timeout:g} s") for j in late])
@@ -1723,6 +1780,17 @@ class Records:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.store = queue.store
+        self.lease = threading.local()  # .job: the JobContext of the turn job this thread runs
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[apsw.Connection]:
+        """A write transaction that, in a turn job, commits only while the job's lease holds:
+        a worker that lost its lease (and so its turn) to another writes nothing."""
+        with self.store.transaction() as db:
+            job = getattr(self.lease, "job", None)
+            if job is not None and not job.holds(db):
+                raise LeaseLost(f"{job.job_id} is no longer leased to this worker")
+            yield db
 
     def enqueue_turn(self, db: apsw.Connection, turn_id: str, key: str, target: str | None) -> int:
         """Queue the job that runs (or resumes) a turn, inside the caller's transaction."""
@@ -1778,11 +1846,18 @@ class Records:
             raise BadInput(f"no turn {turn_id}")
         return TurnRow(*rows[0][:10], bool(rows[0][10]), rows[0][11])
 
-    def start(self, turn: TurnRow, *, command: bool) -> None:
-        """Move a queued turn to running and add its user message to the thread."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE turns SET status = 'running' WHERE id = ?", (turn.id,))
+    def start(self, turn: TurnRow, *, command: bool) -> bool:
+        """Move a queued turn to running and add its user message to the thread; False if
+        it is not queued any more (cancelled meanwhile)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE turns SET status = 'running' WHERE id = ? AND status = 'queued'",
+                (turn.id,),
+            )
+            if not db.changes():
+                return False
             self.add_message(db, turn.thread_id, turn.id, "user", turn.text, command=command)
+            return True
 
     @staticmethod
     def add_message(
@@ -1812,7 +1887,7 @@ class Records:
         """Store one model step in one transaction: the assistant message, its calls
         `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
         call id, reason, expires at)` and the usage. A step without calls ends the turn."""
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             message = self.add_message(
                 db, turn.thread_id, turn.id, "assistant", text, command=False
             )
@@ -1861,6 +1936,9 @@ class Records:
             "RETURNING thread_id",
             (status, reply, error, final, turn_id),
         ).fetchone()
+        if final:
+            for approval in self.approvals(turn_id=turn_id):
+                self.settle(db, approval, "cancelled", None, None)
         if db.execute(
             "SELECT 1 FROM turns WHERE thread_id = ? AND status = 'waiting_approval'", (thread,)
         ).fetchone():
@@ -1877,17 +1955,20 @@ class Records:
     def finish(
         self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
     ) -> None:
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             self.end(db, turn_id, status, reply=reply, error=error)
 
     def resume(self, turn: TurnRow) -> None:
-        """Move a turn that waited for approvals back to running."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE turns SET status = 'running' WHERE id = ?", (turn.id,))
+        """Move a turn that waited for approvals back to running (unless cancelled meanwhile)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE turns SET status = 'running' WHERE id = ? AND status = 'waiting_approval'",
+                (turn.id,),
+            )
 
     def answer(self, turn: TurnRow, reply: str) -> None:
         """End a command's turn with its reply, kept out of the model's context."""
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             self.add_message(db, turn.thread_id, turn.id, "assistant", reply, command=True)
             self.end(db, turn.id, "done", reply=reply)
 
@@ -1901,7 +1982,7 @@ class Records:
 
     def claim_call(self, turn_id: str, call_id: str) -> bool:
         """Move a pending call to running; only one worker ever wins it."""
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE calls SET state = 'running' "
                 "WHERE turn_id = ? AND call_id = ? AND state = 'pending'",
@@ -1922,7 +2003,7 @@ class Records:
 
     def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             self.set_call(db, turn_id, call_id, state, result, was)
 
     def call_ids(self, turn_id: str) -> set[str]:
@@ -1992,6 +2073,18 @@ class Records:
                 (now(), job),
             )
             return "cancelled"
+
+    def holds_messages(self, db: apsw.Connection, thread: str, but: str) -> bool:
+        """Whether a new message to the thread must wait: an approval is pending there, or
+        earlier messages are held (so they keep their order)."""
+        return bool(
+            self.waiting_in(db, thread)
+            or db.execute(
+                "SELECT 1 FROM turns WHERE thread_id = ? AND id != ? AND status = 'queued' "
+                "AND job_id IS NULL",
+                (thread, but),
+            ).fetchone()
+        )
 
     def waiting_in(self, db: apsw.Connection, thread: str) -> list[Approval]:
         """The pending approvals a thread waits for."""
@@ -2967,7 +3060,7 @@ class TurnEngine:
                 self.records.add_message(db, thread, turn_id, "assistant", reply, command=True)
                 self.records.end(db, turn_id, "done", reply=reply)
                 return turn_id
-            if command or not self.records.waiting_in(db, thread):
+            if command or not self.records.holds_messages(db, thread, turn_id):
                 job = self.records.enqueue_turn(
                     db, turn_id, f"turn:{turn_id}", None if command else thread
                 )
@@ -2999,10 +3092,12 @@ class TurnEngine:
         turn = self.records.turn(payload["turn"])
         if turn.status in FINAL_TURN_STATES:
             return turn.status
+        self.records.lease.job = ctx
         try:
             command = parse_command(turn.text)
             if turn.status == "queued":
-                self.records.start(turn, command=command is not None)
+                if not self.records.start(turn, command=command is not None):
+                    return self.records.turn(turn.id).status
                 if command is None:
                     self.emit(turn, "message_received", text=turn.text)
                     self.emit(turn, "turn_start")
@@ -3010,12 +3105,16 @@ class TurnEngine:
                 self.records.answer(turn, self.run_command(turn, *command))
             else:
                 self.loop(turn.id)
-        except StoreError:
+        except (StoreError, ToolUnavailable):
             raise  # the job is retried and the turn continues from its rows
+        except LeaseLost:
+            raise  # another worker has the turn now: this one writes nothing more
         except Exception as e:
             if not isinstance(e, (ModelError, HookFailed)):
                 log.exception("%s failed", turn.id)
             self.records.finish(turn.id, "failed", error=describe_error(e))
+        finally:
+            self.records.lease.job = None
         final = self.records.turn(turn.id)
         if final.status in FINAL_TURN_STATES:
             with contextlib.suppress(HookFailed):
@@ -3060,6 +3159,7 @@ class TurnEngine:
                 return
             if turn.status == "waiting_approval":
                 self.records.resume(turn)
+                continue
             if turn.steps >= self.max_steps:
                 error = f"no final answer within max_steps={self.max_steps} model steps"
                 self.records.finish(turn.id, "failed", error=error)
@@ -3098,18 +3198,18 @@ class TurnEngine:
                         approvals.append((new_id("apr"), call_id, reason, expires))
             calls.append((call_id, call.name, dumps(call.args), state, result))
         for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
-            self.emit(turn, "approval_requested", approval=approval)
+            with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
+                self.emit(turn, "approval_requested", approval=approval)
 
     def run_calls(self, turn: TurnRow, calls: list[tuple[str, str, str, str]]) -> None:
         """Run the open calls of a turn at once, each claimed first, and store their results."""
+        missing = sorted({name for _, name, _, _ in calls} - set(self.tools))
+        if missing:  # the model saw them in another process: the turn runs on there
+            raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
         started = []
         for call_id, name, args, state in calls:
-            tool = self.tools.get(name)
-            if tool is None:
-                self.records.set_result(
-                    turn.id, call_id, "error", f"unknown tool {name!r}", was=state
-                )
-            elif state == "running" and not tool.idempotent:
+            tool = self.tools[name]
+            if state == "running" and not tool.idempotent:
                 self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
@@ -3323,13 +3423,16 @@ class AgentKit:
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BadInput(f"{name} must be an integer >= 1, not {value!r}")
+        for pattern in approvers:
+            check_thread(pattern)
+        approval_ttl = check_seconds("approval_ttl", approval_ttl, positive=True)
+        self.lease = check_seconds("lease", lease, positive=True)
         db = os.fspath(db)
         if workspace is None:
             workspace = os.path.join(os.path.dirname(os.path.abspath(db)), "workspace")
             if db == ":memory:":
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
-        self.lease = check_seconds("lease", lease, positive=True)
         self.store = Store(db, synchronous=synchronous)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
@@ -3341,7 +3444,7 @@ class AgentKit:
             max_steps=max_steps,
             context_messages=context_messages,
             context_chars=context_chars,
-            approval_ttl=check_seconds("approval_ttl", approval_ttl, positive=True),
+            approval_ttl=approval_ttl,
         )
         self.gatekeeper = Approvals(self.engine, approvers, allow_self_approval=allow_self_approval)
         self.engine.commands["approve"] = self._approve_command
@@ -3439,7 +3542,11 @@ class AgentKit:
         return worker.run(until_idle=until_idle, stop=stop)
 
     def _job_failed(self, job: Claimed, state: str, error: str) -> None:
-        """The `job_failed` event (a hook that raises is logged; the job stays as it is)."""
+        """A job ended dead or failed: its turn (if it ran one) fails too, and the
+        `job_failed` event is emitted (a hook that raises is logged)."""
+        turn_id = job.payload.get("turn") if job.name == TURN_TASK else None
+        if turn_id and self.engine.records.turn(turn_id).status not in FINAL_TURN_STATES:
+            self.engine.records.finish(turn_id, "failed", error=f"its job is {state}: {error}")
         with contextlib.suppress(HookFailed):
             self.engine.hooks.emit(
                 "job_failed", job_id=f"job_{job.rowid}", name=job.name, state=state, error=error
@@ -3537,12 +3644,13 @@ class AgentKit:
         deadline = None if timeout is None else time.monotonic() + timeout
         worker = Worker(self.queue, lease=self.lease, on_failed=self._job_failed)
         while wait and job is not None:
-            left = None if deadline is None else deadline - time.monotonic()
             if self.queue.get(f"job_{job}").state not in ("queued", "running"):
                 break
+            ran = worker.run_one(job)
+            left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            if not worker.run_one(job):
+            if not ran:
                 self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
         return self.engine.result(turn_id)
 

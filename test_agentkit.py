@@ -1519,3 +1519,117 @@ def test_benchmarks_run_and_find_no_duplicate_or_loss(script: str, tmp_path: Pat
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "agentkit" in out.stdout and ("ratio" in out.stdout or "÷" in out.stdout)
+
+
+# ─────────────────────────── regressions found in review ───────────────────────────
+
+
+def test_a_worker_that_lost_its_turn_job_writes_nothing(db: Path) -> None:
+    with AgentKit(db) as kit:
+
+        def stolen(messages: list, tools: list) -> str:
+            # another worker takes the job while this one waits for the model
+            kit.store.connection().execute("UPDATE jobs SET owner = 'someone else'")
+            return "a late reply"
+
+        kit.engine.model = agentkit.ScriptedModel([stolen])
+        result = kit.run_turn("cli:me", "hi", timeout=0)
+        assert result.status == "running"  # the new owner has it; this worker stopped
+        assert kit.history("cli:me") == [{"role": "user", "content": "hi"}]
+        assert count(kit, "calls") == 0
+
+
+def test_a_raising_approval_hook_leaves_the_request_standing(db: Path) -> None:
+    runs: list[str] = []
+    with approval_kit(db, [RESTART, "done"], runs) as kit:
+        kit.on("approval_requested")(lambda e: 1 / 0)
+        waiting = kit.run_turn("cli:me", "restart")
+        assert waiting.status == "waiting_approval"
+        assert kit.approve(waiting.approvals[0].id, actor="cli:me").reply == "done"
+    assert runs == ["nginx"]
+
+
+def test_held_messages_keep_their_order_and_are_released_when_the_turn_ends(db: Path) -> None:
+    runs: list[str] = []
+    model = agentkit.ScriptedModel([RESTART, "restarted", "reply 2", "reply 3", RESTART])
+    with AgentKit(db, model=model) as kit:
+        kit.tool(lambda service: runs.append(service) or "ok", name="restart", approval=True)
+        approval = kit.run_turn("cli:me", "restart").approvals[0]
+        second = kit.run_turn("cli:me", "message 2")
+        kit.approve(approval.id, actor="cli:me", wait=False)
+        third = kit.run_turn("cli:me", "message 3")  # held behind message 2
+        assert second.note and third.note is not None
+        kit.work(until_idle=True)
+        users = [m["content"] for m in kit.history("cli:me") if m["role"] == "user"]
+        assert users == ["restart", "message 2", "message 3"]
+        assert kit.turn(third.turn_id).reply == "reply 3"
+
+        waiting = kit.run_turn("cli:me", "restart again")  # a turn that ends while waiting
+        held = kit.run_turn("cli:me", "message 4", wait=False)
+        assert kit.turn(held.turn_id).note
+        kit.engine.records.finish(waiting.turn_id, "failed", error="gave up")
+        assert kit.approvals(state=None)[0].state == "cancelled"
+        assert kit.turn(held.turn_id).note is None  # released: it has a job now
+    assert runs == ["nginx"]
+
+
+def test_a_turn_whose_job_dies_fails_and_its_approved_call_is_kept(db: Path) -> None:
+    runs: list[str] = []
+    with approval_kit(db, [RESTART], runs) as bot:
+        approval = bot.run_turn("cli:me", "restart").approvals[0]
+    with AgentKit(db) as admin:  # no tools here: the approved call cannot run in this process
+        admin.queue.tasks[agentkit.TURN_TASK].retries = 0
+        admin.approve(approval.id, actor="cli:me", wait=False)
+        admin.work(until_idle=True)
+        turn = admin.turn(approval.turn_id)
+        assert turn.status == "failed"
+        assert "tools not registered in this process: restart" in turn.error
+        assert admin.store.read("SELECT state FROM calls") == [("pending",)]  # never marked
+        with pytest.raises(BadInput, match="cancel its turn instead"):
+            admin.cancel(admin.jobs()[0].id)
+    assert runs == []
+
+
+def test_short_lived_threads_leave_no_connection_open(db: Path) -> None:
+    model = agentkit.ScriptedModel([s for _ in range(5) for s in (ToolCall("nap", {}), "ok")])
+    with AgentKit(db, model=model, lease=0.3) as kit:
+        kit.tool(lambda: time.sleep(0.15) or "rested", name="nap")
+        for _ in range(5):
+            assert kit.run_turn("cli:me", "rest").reply == "ok"
+            with kit.lock("l", ttl=0.3):
+                time.sleep(0.15)
+        assert len(kit.store._all) == 1  # only this thread's
+
+
+def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    for kwargs in ({"approvers": ["owner"]}, {"approval_ttl": 0}, {"lease": -1}):
+        with pytest.raises(BadInput):
+            AgentKit(db, **kwargs)
+        assert not db.exists()
+    with pytest.raises(StoreError, match="cannot open"):
+        AgentKit(tmp_path)
+    with AgentKit(db) as kit:
+        kit.task(lambda p: None, name="t")
+        for call in (lambda: kit.enqueue("t", priority=2**70), lambda: kit.jobs(limit="x")):
+            with pytest.raises(BadInput):
+                call()
+        assert count(kit, "jobs") == 0
+
+
+def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
+    with pytest.raises(apsw.ConstraintError), kit.store.transaction() as tx:
+        tx.execute("PRAGMA defer_foreign_keys = ON")
+        tx.execute(
+            "INSERT INTO turns (id, thread_id, actor, text, source, status, created_at) "
+            "VALUES ('turn_x', 'no:thread', 'a:b', 'hi', 'no', 'queued', 0)"
+        )
+    with kit.store.transaction() as tx:  # the failed COMMIT was rolled back
+        tx.execute("INSERT INTO locks VALUES ('a', 'me', 1, 0)")
+    assert count(kit, "turns") == 0 and count(kit, "locks") == 1
+    with (
+        pytest.raises(BadInput, match="outermost"),
+        kit.store.transaction(),
+        kit.store.transaction(durable=True),
+    ):
+        pass
