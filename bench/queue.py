@@ -90,7 +90,7 @@ class Config:
 
 FULL_RUN = Config(
     enqueue_jobs=20_000,
-    batch_jobs=50_000,
+    batch_jobs=100_000,
     batch_size=1_000,
     drain_jobs=20_000,
     slow_drain_jobs=4_000,
@@ -460,6 +460,7 @@ def _drain_worker(name: str, path: str, n: int, ready: Any, start: Any, out: Any
         backend.close()
         out.put((finished, bytes(tally.counts), ""))
     except BaseException:
+        ready.abort()  # do not keep the parent waiting for a worker that is gone
         out.put((0.0, b"", traceback.format_exc()))
 
 
@@ -472,7 +473,8 @@ def timed_drain(name: str, path: Path, n: int, procs: int) -> tuple[float, Tally
     ]
     for worker in workers:
         worker.start()
-    ready.wait(timeout=CHILD_TIMEOUT)
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: collect why
+        ready.wait(timeout=CHILD_TIMEOUT)
     began = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
     start.set()
     tally, finished, errors = Tally(n), [], []
@@ -760,7 +762,7 @@ class Bench:
             per_job.append((time.perf_counter() - began) / done_in_round)
         backend.drain(tally.record)  # the rest of the ready jobs
         polls = []
-        for _ in range(5):
+        for _ in range(21):
             began = time.perf_counter()
             backend.drain(tally.record)
             polls.append(time.perf_counter() - began)
@@ -818,37 +820,46 @@ class Bench:
 
     # row 6: idle wake-up
 
+    def idle_costs(self) -> tuple[list[float], float]:
+        """Enqueue-to-start seconds of jobs sent to an idle worker process, and that
+        worker's CPU use (fraction of one core) while it waited on an empty queue."""
+        cfg = self.config
+        path = self.fresh("idle")
+        producer = AgentKitBackend(path)
+        ready, stop, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+        worker = SPAWN.Process(
+            target=_idle_worker, args=(str(path), cfg.wake_samples, ready, stop, out)
+        )
+        worker.start()
+        try:
+            if not ready.wait(timeout=60):
+                raise RuntimeError("the idle worker did not start")
+            time.sleep(0.5)  # let it settle into waiting
+            cpu_before, wall_before = cpu_seconds(worker.pid), time.perf_counter()
+            time.sleep(cfg.idle_seconds)
+            cpu_used = cpu_seconds(worker.pid) - cpu_before
+            cpu = cpu_used / (time.perf_counter() - wall_before)
+            spacing, latencies = random.Random(7), []
+            for i in range(cfg.wake_samples):
+                producer.put({"i": i, "t": time.time()})
+                latencies.append(out.get(timeout=30))
+                time.sleep(spacing.uniform(0.1, 0.2))
+            stop.set()
+            tally = Tally(cfg.wake_samples)
+            tally.merge(out.get(timeout=30))
+            tally.verify(producer.pending())
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+            producer.close()
+        return latencies, cpu
+
     def idle_rows(self) -> None:
         cfg = self.config
         with self.section("idle worker"):
-            path = self.fresh("idle")
-            producer = AgentKitBackend(path)
-            ready, stop, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
-            worker = SPAWN.Process(
-                target=_idle_worker, args=(str(path), cfg.wake_samples, ready, stop, out)
-            )
-            worker.start()
-            try:
-                if not ready.wait(timeout=60):
-                    raise RuntimeError("the idle worker did not start")
-                time.sleep(0.5)  # let it settle into waiting
-                cpu_before, wall_before = cpu_seconds(worker.pid), time.perf_counter()
-                time.sleep(cfg.idle_seconds)
-                cpu_used = cpu_seconds(worker.pid) - cpu_before
-                cpu = cpu_used / (time.perf_counter() - wall_before)
-                spacing, latencies = random.Random(7), []
-                for i in range(cfg.wake_samples):
-                    producer.put({"i": i, "t": time.time()})
-                    latencies.append(out.get(timeout=30))
-                    time.sleep(spacing.uniform(0.1, 0.2))
-            finally:
-                stop.set()
-            counts = out.get(timeout=30)
-            worker.join(timeout=30)
-            tally = Tally(cfg.wake_samples)
-            tally.merge(counts)
-            tally.verify(producer.pending())
-            producer.close()
+            latencies, cpu = self.idle_costs()
             median = statistics.median(latencies) * 1e3
             self.rows.append(
                 Row(
