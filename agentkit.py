@@ -6,8 +6,6 @@ are rows; every piece of work is claimed in a transaction, so several processes 
 one database and nothing is done twice or lost. See README.md for the guide.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import calendar
@@ -494,12 +492,16 @@ class Store:
                 conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.synchronous]}")
 
     def _begin(self, conn: apsw.Connection) -> None:
+        self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+
+    def _retry_busy(self, attempt: Callable[[], Any]) -> Any:
+        """Call `attempt` until the database is not busy (it did nothing when busy), with
+        backoff, for up to `busy_timeout` seconds; then StoreError."""
         deadline = time.monotonic() + self.busy_timeout
         pause = 0.001
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
+                return attempt()
             except apsw.BusyError:
                 if time.monotonic() >= deadline:
                     raise StoreError(
@@ -517,18 +519,7 @@ class Store:
         conn = self.connection()
         if self._local.depth:
             return conn.execute(sql, params).fetchall()
-        deadline = time.monotonic() + self.busy_timeout
-        pause = 0.001
-        while True:
-            try:
-                return conn.execute(sql, params).fetchall()
-            except apsw.BusyError:
-                if time.monotonic() >= deadline:
-                    raise StoreError(
-                        f"{self.path} stayed busy for {self.busy_timeout:g} s"
-                    ) from None
-                time.sleep(pause * random.uniform(0.5, 1.5))
-                pause = min(pause * 2, 0.1)
+        return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
 
     def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
         """Rows of one read statement, outside any explicit transaction."""
@@ -603,7 +594,7 @@ class Lock:
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
 
-    def acquire(self) -> Lock:
+    def acquire(self) -> "Lock":
         """Take the lock, waiting up to `wait` seconds; LockBusy when it cannot be had."""
         deadline = time.monotonic() + self.wait
         pause = 0.002
@@ -644,7 +635,7 @@ class Lock:
         finally:
             self.store.release_thread()
 
-    def __enter__(self) -> Lock:
+    def __enter__(self) -> "Lock":
         self.acquire()
         self._stop_renewing.clear()
         self._renewer = threading.Thread(
@@ -761,7 +752,7 @@ class Claimed:
 class JobContext:
     """What a task receives as `ctx`: the job's id, its attempt, and `heartbeat()`."""
 
-    def __init__(self, queue: Queue, job: Claimed, owner: str, lease: float) -> None:
+    def __init__(self, queue: "Queue", job: Claimed, owner: str, lease: float) -> None:
         self.queue = queue
         self.job_id = f"job_{job.rowid}"
         self.attempt = job.attempt
@@ -1093,7 +1084,7 @@ class Queue:
             raise BadInput(f"no job {job_id}")
         return job_from_row(rows[0])
 
-    def list(self, state: str | None = None, limit: int = 50) -> list[Job]:
+    def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs, optionally of one state."""
         if state is not None and state not in JOB_STATES:
             raise BadInput(f"state must be one of {', '.join(JOB_STATES)}")
@@ -1388,7 +1379,7 @@ class Cron:
     either_day: bool
 
     @classmethod
-    def parse(cls, expr: str) -> Cron:
+    def parse(cls, expr: str) -> "Cron":
         """Parse five fields or an @nickname; BadInput naming the bad field if malformed."""
         if not isinstance(expr, str):
             raise BadInput(f"bad cron expression {expr!r}: expected a string")
@@ -1643,7 +1634,7 @@ class Scheduler:
             raise BadInput(f"no schedule named {name!r}")
         return schedule_from_row(rows[0])
 
-    def list(self) -> list[Schedule]:
+    def all(self) -> list[Schedule]:
         rows = self.store.read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
         return [schedule_from_row(row) for row in rows]
 
@@ -3455,7 +3446,7 @@ class AgentKit:
         self.engine.close()
         self.store.close()
 
-    def __enter__(self) -> AgentKit:
+    def __enter__(self) -> "AgentKit":
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -3507,7 +3498,7 @@ class AgentKit:
 
     def jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs, optionally of one state."""
-        return self.queue.list(state, limit)
+        return self.queue.recent(state, limit)
 
     def cancel(self, id: str) -> Job | TurnResult:
         """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
@@ -3759,7 +3750,7 @@ class AgentKit:
         )
 
     def schedules(self) -> list[Schedule]:
-        return self.scheduler.list()
+        return self.scheduler.all()
 
     def pause_schedule(self, name: str) -> Schedule:
         return self.scheduler.pause(name)
