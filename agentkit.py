@@ -8,6 +8,7 @@ one database and nothing is done twice or lost. See README.md for the guide.
 
 import argparse
 import asyncio
+import base64
 import calendar
 import concurrent.futures
 import contextlib
@@ -15,6 +16,7 @@ import copy
 import dataclasses
 import getpass
 import hashlib
+import hmac
 import importlib
 import inspect
 import itertools
@@ -24,6 +26,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import threading
@@ -35,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,6 +47,11 @@ import apsw
 import httpx
 import pydantic
 import pydantic_core
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "AgentKit",
@@ -141,6 +150,43 @@ def dumps(value: Any) -> str:
 def iso(ts: float) -> str:
     """A Unix time as an ISO 8601 UTC string to the second."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Redactions(logging.Filter):
+    """Values that must never be logged or stored (tokens, saved secrets), each replaced by
+    `[redacted:LABEL]`. As a logging filter it rewrites records, tracebacks included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, str] = {}
+
+    def add(self, value: str, label: str) -> None:
+        """Redact `value` from now on (values shorter than 4 characters are ignored)."""
+        if len(value) >= 4:
+            self.values[value] = label
+
+    def redact(self, text: str, extra: dict[str, str] | None = None) -> str:
+        """`text` with every known value (and those of `extra`, value -> label) replaced."""
+        values = {**self.values, **(extra or {})}
+        for value in sorted(values, key=len, reverse=True):
+            if value in text:
+                text = text.replace(value, f"[redacted:{values[value]}]")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.values:
+            message = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.msg, record.args = self.redact(message), None
+            if record.exc_text:
+                record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+redactions = Redactions()
+for _name in ("agentkit", "httpx", "httpcore"):
+    logging.getLogger(_name).addFilter(redactions)
 
 
 def worker_name() -> str:
@@ -325,6 +371,45 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     CREATE INDEX events_created ON events (created_at);
+    """,
+    # 4: adapters' details of turns, the outbox, polling cursors and secret requests
+    """
+    ALTER TABLE turns ADD COLUMN meta TEXT;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        error TEXT
+    );
+    CREATE INDEX deliveries_thread ON deliveries (thread_id, id);
+    CREATE TABLE cursors (
+        adapter TEXT PRIMARY KEY,
+        cursor TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE secret_requests (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        turn_id TEXT,
+        reason TEXT NOT NULL,
+        fields TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        private_key BLOB,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'used', 'expired')),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL
+    );
+    CREATE INDEX secret_requests_pending ON secret_requests (expires_at) WHERE state = 'pending';
+    CREATE INDEX secret_requests_turn ON secret_requests (turn_id);
     """,
 )
 
@@ -621,6 +706,16 @@ class Lock:
         token, self.token = self.token, None
         if token is None or not release_lock(self.store, self.name, self.owner, token):
             raise LeaseLost(f"lock {self.name!r} is not held by this Lock")
+
+    def holds(self, db: apsw.Connection) -> bool:
+        """Whether this Lock still holds its lease, read inside the caller's transaction (so
+        a write made there is fenced: it commits only while the lock is held)."""
+        return self.token is not None and bool(
+            db.execute(
+                "SELECT 1 FROM locks WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
+                (self.name, self.owner, self.token, now()),
+            ).fetchone()
+        )
 
     def _renew_until_stopped(self) -> None:
         try:
@@ -1691,6 +1786,7 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
 TURN_TASK = "agentkit.turn"
+DELIVER_TASK = "agentkit.deliver"
 
 
 def new_id(kind: str) -> str:
@@ -1760,6 +1856,60 @@ def approval_from_row(row: tuple) -> Approval:
     return Approval(*row[:5], json.loads(row[5]), *row[6:])
 
 
+def approval_text(a: Approval) -> str:
+    """An approval request as approvers read it in chat."""
+    why = f"\nReason: {a.reason}" if a.reason else ""
+    return (
+        f"Approval needed: {a.requester} asks to run {a.tool} {dumps(a.args)}{why}\n"
+        f"Approve with /approve {a.id} or deny with /deny {a.id} [reason] "
+        f"(expires {iso(a.expires_at)})."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message in the outbox: what goes to which thread through which adapter."""
+
+    id: int
+    adapter: str
+    thread_id: str
+    turn_id: str | None
+    kind: str  # reply | error | notice | approval | secret | user
+    body: dict[str, Any]  # "text", and "meta", "approval", "url" where they apply
+    state: str  # pending | sent | failed
+
+
+DELIVERY_COLUMNS = "id, adapter, thread_id, turn_id, kind, body, state"
+
+
+def delivery_from_row(row: tuple) -> Delivery:
+    return Delivery(*row[:5], json.loads(row[5]), row[6])
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretRequest:
+    """A request for credentials: the link sent to the user, and how far it got."""
+
+    id: str
+    thread_id: str
+    actor: str
+    turn_id: str | None
+    reason: str
+    fields: tuple[tuple[str, str | None], ...]  # (name, label)
+    url: str
+    state: str  # pending | used | expired
+    created_at: float
+    expires_at: float
+
+
+SECRET_COLUMNS = "id, thread_id, actor, turn_id, reason, fields, url, state, created_at, expires_at"
+
+
+def secret_request_from_row(row: tuple) -> SecretRequest:
+    fields = tuple((name, label) for name, label in json.loads(row[5]))
+    return SecretRequest(*row[:5], fields, *row[6:])
+
+
 class Records:
     """Threads, turns, messages, tool calls, approvals and events: the conversation's SQL.
 
@@ -1772,6 +1922,10 @@ class Records:
         self.queue = queue
         self.store = queue.store
         self.lease = threading.local()  # .job: the JobContext of the turn job this thread runs
+        # adapters by name, with .name, .pull and .accepts(kind, meta): who gets deliveries
+        self.outlets: dict[str, Any] = {}
+        self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
+        self.may_decide: Callable[[str], bool] = lambda actor: False
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -1800,20 +1954,36 @@ class Records:
             (kind, actor, turn.thread_id, turn_id, dumps(data), now()),
         )
 
+    @staticmethod
+    def seen(
+        db: apsw.Connection, source: str, source_id: str | None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """`(turn id, meta)` of the turn an inbound `(adapter, source id)` started, if any."""
+        if source_id is None:
+            return None
+        row = db.execute(
+            "SELECT id, meta FROM turns WHERE source = ? AND source_id = ?", (source, source_id)
+        ).fetchone()
+        return (row[0], json.loads(row[1] or "{}")) if row else None
+
     def add_turn(
-        self, db: apsw.Connection, thread: str, actor: str, text: str, source_id: str | None
+        self,
+        db: apsw.Connection,
+        thread: str,
+        actor: str,
+        text: str,
+        source_id: str | None,
+        meta: dict[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """Record an inbound message as a queued turn; `(turn id, created)`.
 
         A message whose `(adapter, source id)` was seen before returns the first turn.
+        `meta` is what the adapter needs to answer it (a button press, a callback URL).
         """
         source = thread.partition(":")[0]
-        if source_id is not None:
-            row = db.execute(
-                "SELECT id FROM turns WHERE source = ? AND source_id = ?", (source, source_id)
-            ).fetchone()
-            if row:
-                return row[0], False
+        seen = self.seen(db, source, source_id)
+        if seen:
+            return seen[0], False
         at = now()
         db.execute(
             "INSERT INTO threads (id, created_at, updated_at) VALUES (?1, ?2, ?2) "
@@ -1823,8 +1993,8 @@ class Records:
         turn_id = new_id("turn")
         db.execute(
             "INSERT INTO turns (id, thread_id, actor, text, source, source_id, status, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
-            (turn_id, thread, actor, text, source, source_id, at),
+            "created_at, meta) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (turn_id, thread, actor, text, source, source_id, at, dumps(meta) if meta else None),
         )
         return turn_id, True
 
@@ -1906,6 +2076,7 @@ class Records:
                 made.append(approval_from_row(row))
                 data = {"approval": approval_id, "tool": tool}
                 self.add_event(db, "approval_requested", turn.actor, turn, data)
+                self.ask_approvers(db, made[-1])
             if not calls:
                 self.end(db, turn.id, "done", reply=text)
         return made
@@ -1922,11 +2093,16 @@ class Records:
         """Set a turn's status (final, or waiting_approval); release the thread's held turns
         once nothing in it waits for an approval."""
         final = now() if status in FINAL_TURN_STATES else None
-        (thread,) = db.execute(
+        thread, meta = db.execute(
             "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
-            "RETURNING thread_id",
+            "RETURNING thread_id, meta",
             (status, reply, error, final, turn_id),
         ).fetchone()
+        extra = {"meta": json.loads(meta)} if meta else {}
+        if status == "done" and reply:
+            self.deliver(db, thread, turn_id, "reply", reply, **extra)
+        elif status == "failed":
+            self.deliver(db, thread, turn_id, "error", f"Sorry, that failed: {error}", **extra)
         if final:
             for approval in self.approvals(turn_id=turn_id):
                 self.settle(db, approval, "cancelled", None, None)
@@ -2093,6 +2269,176 @@ class Records:
             (thread, but),
         ).fetchall()
         return [turn_id for (turn_id,) in rows]
+
+    # the outbox
+
+    def deliver(
+        self,
+        db: apsw.Connection,
+        thread: str,
+        turn_id: str | None,
+        kind: str,
+        text: str,
+        **extra: Any,
+    ) -> None:
+        """Put a message for the thread's adapter in the outbox, inside the caller's
+        transaction (a job sends it); nothing when no adapter here serves the thread."""
+        outlet = self.outlets.get(thread.partition(":")[0])
+        if outlet is None or not outlet.accepts(kind, extra.get("meta") or {}):
+            return
+        at = now()
+        state, sent = ("sent", at) if outlet.pull else ("pending", None)
+        (rowid,) = db.execute(
+            "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
+            "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (outlet.name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
+        ).fetchone()
+        if not outlet.pull:
+            values = self.queue.job_values(
+                DELIVER_TASK, target=f"deliver:{thread}", retries=8, backoff=2.0, strict=False
+            )
+            Queue.insert_job(db, values, dumps({"delivery": rowid}), None)
+
+    def ask_approvers(self, db: apsw.Connection, approval: Approval) -> None:
+        """Send an approval request to its thread and, unless the requester may decide it,
+        to every approver an adapter here can reach."""
+        targets = [approval.thread_id]
+        if not self.may_decide(approval.requester):
+            targets += [t for t in self.approver_inboxes if t != approval.thread_id]
+        body = {
+            "id": approval.id,
+            "tool": approval.tool,
+            "args": approval.args,
+            "reason": approval.reason,
+            "requester": approval.requester,
+            "thread_id": approval.thread_id,
+            "expires_at": approval.expires_at,
+        }
+        for thread in targets:
+            self.deliver(
+                db, thread, approval.turn_id, "approval", approval_text(approval), approval=body
+            )
+
+    def delivery(self, rowid: int) -> Delivery:
+        rows = self.store.read(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (rowid,))
+        if not rows:
+            raise BadInput(f"no delivery {rowid}")
+        return delivery_from_row(rows[0])
+
+    def feed(self, thread: str, after: int, limit: int = 200) -> list[Delivery]:
+        """The deliveries of a thread after the id `after`, oldest first."""
+        rows = self.store.read(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE thread_id = ? AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (thread, after, limit),
+        )
+        return [delivery_from_row(row) for row in rows]
+
+    @staticmethod
+    def set_delivery(db: apsw.Connection, rowid: int, state: str, error: str | None) -> None:
+        """Mark a pending delivery sent (or failed, with the error)."""
+        db.execute(
+            "UPDATE deliveries SET state = ?, sent_at = ?, error = ? "
+            "WHERE id = ? AND state = 'pending'",
+            (state, now(), error, rowid),
+        )
+
+    def cursor(self, adapter: str) -> str | None:
+        rows = self.store.read("SELECT cursor FROM cursors WHERE adapter = ?", (adapter,))
+        return rows[0][0] if rows else None
+
+    @staticmethod
+    def set_cursor(db: apsw.Connection, adapter: str, cursor: str | None) -> None:
+        db.execute(
+            "INSERT INTO cursors (adapter, cursor, updated_at) VALUES (?1, ?2, ?3) "
+            "ON CONFLICT (adapter) DO UPDATE SET cursor = ?2, updated_at = ?3",
+            (adapter, cursor, now()),
+        )
+
+    def running_threads(self, prefix: str) -> list[str]:
+        """The threads under an adapter's name where a turn is running now."""
+        rows = self.store.read(
+            "SELECT DISTINCT thread_id FROM turns WHERE status = 'running' "
+            "AND thread_id >= ? AND thread_id < ?",
+            (f"{prefix}:", f"{prefix};"),
+        )
+        return [thread for (thread,) in rows]
+
+    # secret requests
+
+    @staticmethod
+    def add_secret_request(db: apsw.Connection, request: SecretRequest, keys: tuple) -> None:
+        """Store a request with its `(public key, sealed private key)`."""
+        names = [[name, label] for name, label in request.fields]
+        db.execute(
+            "INSERT INTO secret_requests (id, thread_id, actor, turn_id, reason, fields, url, "
+            "state, created_at, expires_at, public_key, private_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (
+                *(request.id, request.thread_id, request.actor, request.turn_id, request.reason),
+                *(dumps(names), request.url, request.created_at, request.expires_at, *keys),
+            ),
+        )
+
+    @staticmethod
+    def secret_request(
+        db: apsw.Connection, request_id: str
+    ) -> tuple[SecretRequest, bytes | None] | None:
+        """A request and its sealed private key (None once used or expired)."""
+        row = db.execute(
+            f"SELECT {SECRET_COLUMNS}, private_key FROM secret_requests WHERE id = ?",
+            (request_id,),
+        ).fetchone()
+        return (secret_request_from_row(row[:-1]), row[-1]) if row else None
+
+    @staticmethod
+    def use_secret_request(db: apsw.Connection, request_id: str) -> None:
+        """A request was answered: it is used, and its private key is gone."""
+        db.execute(
+            "UPDATE secret_requests SET state = 'used', private_key = NULL, used_at = ? "
+            "WHERE id = ? AND state = 'pending'",
+            (now(), request_id),
+        )
+
+    def expire_secret_requests(self, at: float) -> None:
+        """Expire pending requests past their time, deleting their private keys."""
+        if self.store.read(
+            "SELECT 1 FROM secret_requests WHERE state = 'pending' AND expires_at <= ? LIMIT 1",
+            (at,),
+        ):
+            self.store.write(
+                "UPDATE secret_requests SET state = 'expired', private_key = NULL "
+                "WHERE state = 'pending' AND expires_at <= ?",
+                (at,),
+            )
+
+    def secret_links(self, turn_id: str) -> list[SecretRequest]:
+        """The pending requests a turn made (their links go in the turn's note)."""
+        rows = self.store.read(
+            f"SELECT {SECRET_COLUMNS} FROM secret_requests WHERE turn_id = ? AND state = 'pending' "
+            "ORDER BY created_at",
+            (turn_id,),
+        )
+        return [secret_request_from_row(row) for row in rows]
+
+    # retention
+
+    def prune(self, before: float) -> dict[str, int]:
+        """Delete finished jobs, events, sent deliveries and used or expired secret requests
+        older than `before`; pending approvals, unfinished turns and live requests stay."""
+        deleted = {}
+        with self.store.transaction() as db:
+            for table, sql in (
+                ("jobs", "state IN ('done', 'failed', 'dead', 'cancelled') AND finished_at < ?"),
+                ("events", "created_at < ?"),
+                ("deliveries", "state = 'sent' AND sent_at < ?"),
+                ("secret_requests", "state != 'pending' AND created_at < ?"),
+            ):
+                db.execute(f"DELETE FROM {table} WHERE {sql}", (before,))
+                deleted[table] = db.changes()
+        return deleted
+
+    # reading threads
 
     def context(self, thread: str, max_messages: int, max_chars: int) -> list[dict[str, Any]]:
         """The newest exchanges of a thread in the models' neutral format, within budget.
@@ -2828,6 +3174,19 @@ class ToolContext:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
+    def secret(self, name: str) -> str:
+        """A secret the user gave this thread through a secret request (KeyError if none)."""
+        if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
+            raise BadInput(f"a secret name is a plain identifier, not {name!r}")
+        value = read_secret(secrets_folder(self._root, self.thread_id), name)
+        if value is None:
+            raise KeyError(f"no secret {name!r} in this conversation; ask with secret_request")
+        redactions.add(value, name)
+        return value
+
+
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
 
 def workspace_name(thread: str) -> str:
     """A folder name for a thread id: escaped, never a path of its own, hashed when long."""
@@ -2837,6 +3196,68 @@ def workspace_name(thread: str) -> str:
     if len(name) > 100:
         name = name[:60] + "-" + hashlib.sha256(thread.encode()).hexdigest()[:32]
     return name
+
+
+def secrets_folder(root: Path, thread: str) -> Path:
+    """Where a thread's secrets live: `.secrets` in its workspace."""
+    return root / workspace_name(thread) / ".secrets"
+
+
+def _open_folder(folder: Path, *, create: bool) -> int | None:
+    """A descriptor of `folder` that refuses symlinks (None when it is missing)."""
+    if create:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    if create:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def read_secret(folder: Path, name: str) -> str | None:
+    """A saved secret's value, or None; symlinks are refused."""
+    folder_fd = _open_folder(folder, create=False)
+    if folder_fd is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(folder_fd)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_secret(folder: Path, name: str, value: str) -> None:
+    """Save a secret as `folder/name` (mode 0600, folder 0700): written to a temporary file
+    opened with O_EXCL and O_NOFOLLOW, then renamed over the old one."""
+    folder_fd = _open_folder(folder, create=True)
+    assert folder_fd is not None
+    temporary = f".{name}.{os.urandom(6).hex()}.tmp"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        with os.fdopen(os.open(temporary, flags, 0o600, dir_fd=folder_fd), "w") as f:
+            f.write(value)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=folder_fd)
+        os.close(folder_fd)
+
+
+def saved_secrets(folder: Path) -> dict[str, str]:
+    """Every secret saved in `folder`, by name."""
+    try:
+        names = [n for n in os.listdir(folder) if FIELD_NAME.fullmatch(n)]
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    values = {name: read_secret(folder, name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2981,9 +3402,9 @@ def parse_command(text: str) -> tuple[str, str] | None:
 class TurnResult:
     """What `run_turn` returns: the turn's status, the reply, the error and the usage."""
 
-    turn_id: str
+    turn_id: str | None  # None when nothing was started (a rejected secret blob)
     thread_id: str
-    status: str
+    status: str  # done | waiting_approval | failed | cancelled | queued | running | rejected
     reply: str | None
     error: str | None
     usage: dict[str, int]
@@ -3024,24 +3445,34 @@ class TurnEngine:
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
+        # (thread, text) -> text with the thread's saved secret values redacted
+        self.redact: Callable[[str, str], str] = lambda thread, text: text
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
 
     # intake
 
-    def submit(self, thread: str, text: str, actor: str, source_id: str | None) -> str:
+    def submit(
+        self,
+        thread: str,
+        text: str,
+        actor: str,
+        source_id: str | None,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
         """Record an inbound message and queue its turn in one transaction; the turn id.
 
         `/cancel` is handled here at once: it cancels the thread's queued, running and
         waiting turns. A message to a thread that waits for an approval is held until
-        the decision. Commands run at once, outside the thread's order.
+        the decision (and told so). Commands run at once, outside the thread's order.
         """
         command = parse_command(text)
         with self.queue.store.transaction() as db:
-            turn_id, created = self.records.add_turn(db, thread, actor, text, source_id)
+            turn_id, created = self.records.add_turn(db, thread, actor, text, source_id, meta)
             if not created:
                 return turn_id
+            self.records.deliver(db, thread, turn_id, "user", text)
             if command and command[0] == "cancel":
                 active = self.records.active_turns(db, thread, turn_id)
                 for other in active:
@@ -3056,6 +3487,9 @@ class TurnEngine:
                     db, turn_id, f"turn:{turn_id}", None if command else thread
                 )
                 self.records.set_job(db, turn_id, job)
+            else:
+                note = waiting_note(self.records.waiting_in(db, thread))
+                self.records.deliver(db, thread, turn_id, "notice", note)
         self.queue.notify()
         return turn_id
 
@@ -3067,10 +3501,15 @@ class TurnEngine:
         """A turn as `run_turn` reports it; a held turn carries a note on what it waits for."""
         turn = self.records.turn(turn_id)
         usage = {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens}
-        note = None
+        notes = [
+            f"Open this link to give {', '.join(name for name, _ in r.fields)} securely "
+            f"(expires {iso(r.expires_at)}): {r.url}"
+            for r in self.records.secret_links(turn.id)
+        ]
         if turn.status == "queued" and turn.job_id is None:
             waiting = self.records.waiting_in(self.queue.store.connection(), turn.thread_id)
-            note = waiting_note(waiting)
+            notes.append(waiting_note(waiting))
+        note = "\n".join(notes) or None
         approvals = tuple(self.records.approvals(turn_id=turn.id))
         return TurnResult(
             turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage, approvals, note
@@ -3165,6 +3604,7 @@ class TurnEngine:
             if isinstance(changed, list):
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
+        text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         used = self.records.call_ids(turn.id)
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -3187,8 +3627,9 @@ class TurnEngine:
                         state = "waiting"
                         expires = now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
-            calls.append((call_id, call.name, dumps(call.args), state, result))
-        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
+            args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
+            calls.append((call_id, call.name, dumps(args), state, result))
+        for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
@@ -3219,6 +3660,7 @@ class TurnEngine:
             ):
                 if changed is not None:
                     result = as_text(changed)
+            result = self.redact(turn.thread_id, result)
             self.records.set_result(turn.id, call_id, state, result, was="running")
 
     def start_tool(
@@ -3253,7 +3695,7 @@ class TurnEngine:
     # commands
 
     def run_command(self, turn: TurnRow, name: str, args: str) -> str:
-        fn = self.commands.get(name)
+        fn = self.commands.get("help" if name == "start" else name)  # Telegram's first message
         if fn is None:
             return f"Unknown command /{name}. /help lists the commands."
         try:
@@ -3381,6 +3823,1584 @@ class Approvals:
             )
 
 
+# ──────────────────────────────────── secret requests ────────────────────────────────────
+#
+# Scheme (v1): each request has its own ECDH P-256 key pair. The secret page makes an
+# ephemeral P-256 key pair, derives the ECDH shared secret, runs HKDF-SHA256 over it
+# (salt: the request id, info: "agentkit-secret v1") to get an AES-256-GCM key, and
+# encrypts the JSON object {name: value} with a random 12-byte IV and the associated data
+# "agentkit-secret:v1:<request id>:<field names joined by ','>". The blob is one line:
+#   agentkit-secret:v1.<request id>.<ephemeral public key>.<iv>.<ciphertext and tag>
+# (base64url without padding; the public key as its 65-byte uncompressed point).
+
+SECRET_PREFIX = "agentkit-secret:"
+SECRET_INFO = b"agentkit-secret v1"
+SECRET_ID = re.compile(r"sec_[0-9a-f]{16}")
+MAX_SECRET_FIELDS = 8
+MAX_BLOB = 120_000
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text: str) -> bytes:
+    """Strict base64url without padding; ValueError for anything else."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def secret_aad(request_id: str, names: Sequence[str]) -> bytes:
+    """The associated data that binds a blob to its request and field names."""
+    return f"{SECRET_PREFIX}v1:{request_id}:{','.join(names)}".encode()
+
+
+def parse_blob(text: str) -> tuple[str, bytes, bytes, bytes]:
+    """`(request id, ephemeral public key, iv, ciphertext)` of a blob; ValueError if malformed."""
+    text = text.strip()
+    if len(text) > MAX_BLOB or not text.startswith(f"{SECRET_PREFIX}v1."):
+        raise ValueError("it does not start with agentkit-secret:v1.")
+    parts = text[len(SECRET_PREFIX) + 3 :].split(".")
+    if len(parts) != 4 or not SECRET_ID.fullmatch(parts[0]):
+        raise ValueError("it does not have the five parts of a blob")
+    key, iv, sealed = (unb64url(part) for part in parts[1:])
+    if len(key) != 65 or len(iv) != 12 or len(sealed) < 16:
+        raise ValueError("a part has the wrong length")
+    return parts[0], key, iv, sealed
+
+
+def kit_key(db_path: str) -> bytes:
+    """The key that seals the private keys of pending requests: from AGENTKIT_SECRET_KEY, or
+    the file `<database>.key` beside the database (created with O_EXCL, mode 0600)."""
+    configured = os.environ.get("AGENTKIT_SECRET_KEY")
+    if configured is not None:
+        if len(configured) < 32:
+            raise BadInput("AGENTKIT_SECRET_KEY must be a random string of 32 characters or more")
+        return hashlib.sha256(configured.encode()).digest()
+    if db_path == ":memory:":
+        return os.urandom(32)
+    path = db_path + ".key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return _read_key_file(path)
+    key = os.urandom(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+def _read_key_file(path: str) -> bytes:
+    deadline = time.monotonic() + 2.0
+    while True:  # another process may have created it a moment ago and be writing it
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read().strip()
+        if mode & 0o077:
+            raise StoreError(f"{path} must be readable by its owner only (chmod 600 {path})")
+        if re.fullmatch(r"[0-9a-f]{64}", text):
+            return bytes.fromhex(text)
+        if time.monotonic() > deadline:
+            raise StoreError(f"{path} is not a key file (64 hex digits)")
+        time.sleep(0.01)
+
+
+def check_fields(fields: object) -> tuple[tuple[str, str | None], ...]:
+    """Secret fields: names, or {"name": ..., "label": ...}; 1 to 8, names unique."""
+    if isinstance(fields, (str, dict)) or not isinstance(fields, Sequence):
+        fields = [fields]
+    checked: list[tuple[str, str | None]] = []
+    for item in fields:
+        name, label = (
+            (item.get("name"), item.get("label")) if isinstance(item, dict) else (item, None)
+        )
+        if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
+            raise BadInput(f"a secret field name is [A-Za-z_][A-Za-z0-9_]{{0,63}}, not {name!r}")
+        if label is not None and (not isinstance(label, str) or len(label) > 200):
+            raise BadInput("a field label is a string of at most 200 characters")
+        checked.append((name, label))
+    names = [name for name, _ in checked]
+    if not 1 <= len(names) <= MAX_SECRET_FIELDS or len(set(names)) != len(names):
+        raise BadInput(f"ask for 1 to {MAX_SECRET_FIELDS} fields with different names")
+    return tuple(checked)
+
+
+def check_public_url(url: str) -> str:
+    """The secret page's base URL: https, or http on a loopback address (WebCrypto needs a
+    secure context)."""
+    parts = urllib.parse.urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)) or not parts.netloc:
+        raise BadInput(f"public_url must be https://… or http on a loopback address, not {url!r}")
+    return url.rstrip("/")
+
+
+def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
+    """A page and its Content-Security-Policy: its one inline script and style allowed by
+    hash, nothing else (and no requests but to `connect`). The page carries the policy
+    in a meta tag too, so it holds when the file is opened from disk."""
+
+    def digest(tag: str) -> str:
+        body = html.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    policy = (
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+        f"connect-src {connect}; img-src data:; base-uri 'none'; form-action 'none'"
+    )
+    return html.replace("__CSP__", policy), policy + "; frame-ancestors 'none'"
+
+
+SECRET_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
+<title>agentkit: share a secret</title>
+<link rel="icon" href="data:,">
+<style>
+:root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --muted: #666; --card: #fff;
+  --line: #d0d0d5; --accent: #2457c5; --err: #b3261e; --ok: #1e7b34; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #151517; --fg: #e8e8ea; --muted: #a0a0a8; --card: #1f1f23;
+    --line: #3a3a42; --accent: #7ea6ff; --err: #ff8a80; --ok: #7bd88f; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { max-width: 34rem; margin: 2rem auto; padding: 1.5rem; background: var(--card);
+  border: 1px solid var(--line); border-radius: 12px; }
+h1 { font-size: 1.3rem; margin: 0 0 1rem; }
+#message:empty { display: none; }
+#message { padding: .6rem .8rem; border-radius: 8px; border: 1px solid var(--line); }
+#message.err { color: var(--err); border-color: var(--err); }
+#message.ok { color: var(--ok); border-color: var(--ok); }
+#reason { white-space: pre-wrap; overflow-wrap: anywhere; }
+.muted { color: var(--muted); font-size: .9rem; }
+#fields label { display: block; margin: .8rem 0; font-weight: 600; overflow-wrap: anywhere; }
+input[name], textarea { display: block; width: 100%; margin-top: .3rem; padding: .55rem .6rem;
+  font: inherit; font-weight: 400; color: inherit; background: var(--bg);
+  border: 1px solid var(--line); border-radius: 8px; }
+textarea { font: .85rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  resize: vertical; word-break: break-all; }
+.row { display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; margin: 1rem 0; }
+button { font: inherit; padding: .5rem 1.2rem; border: 0; border-radius: 8px; cursor: pointer;
+  background: var(--accent); color: var(--card); font-weight: 600; }
+@media (max-width: 36rem) { main { margin: 0; border: 0; border-radius: 0; } }
+</style>
+</head>
+<body>
+<main>
+<h1>Share a secret with your agent</h1>
+<p id="message" role="status"
+   aria-live="polite">This page needs JavaScript to encrypt your secret.</p>
+<section id="request" hidden>
+  <p id="reason"></p>
+  <p id="expires" class="muted"></p>
+  <div id="fields"></div>
+  <div class="row">
+    <button id="encrypt" type="button">Encrypt</button>
+    <label class="muted"><input id="show" type="checkbox"> Show values</label>
+  </div>
+  <p class="muted">Values are encrypted in this browser; nothing is sent anywhere by this
+    page.</p>
+  <div id="result" hidden>
+    <p>Paste this line into the chat. Only the agentkit that asked for it can read it;
+      it works once.</p>
+    <textarea id="blob" readonly rows="5" spellcheck="false"></textarea>
+    <div class="row">
+      <button id="copy" type="button">Copy</button>
+      <span id="copied" class="muted"></span>
+    </div>
+  </div>
+</section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const utf8 = (s) => new TextEncoder().encode(s);
+const DAMAGED = "This link is incomplete or damaged. Ask the agent for a new one.";
+const INSECURE = "This page needs a secure context: open it over https, " +
+  "on localhost / 127.0.0.1, or as a file on disk.";
+const ECDH_P256 = { name: "ECDH", namedCurve: "P-256" };
+const NAME_RE = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
+
+function say(text, kind) {
+  const m = $("message");
+  m.textContent = text;
+  m.className = kind || "";
+}
+function stop(text) { $("request").remove(); say(text, "err"); }  // no form at all
+function localTime(exp) { return new Date(exp * 1000).toLocaleString(); }
+function expiredText(exp) {
+  return "This request expired at " + localTime(exp) + ". Ask the agent for a new link.";
+}
+
+// base64url without padding <-> bytes (strict alphabet)
+function unb64(s) {
+  if (!/^[A-Za-z0-9_-]*$/.test(s) || s.length % 4 === 1) throw new Error("bad base64url");
+  const bin = atob(s.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((s.length + 3) % 4));
+  return Uint8Array.from(bin, (c) => c.charCodeAt(0));
+}
+function b64(buf) {
+  let bin = "";
+  for (const b of new Uint8Array(buf)) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+// Parse and validate the fragment; throws on anything wrong.
+async function parseRequest() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  const one = (k) => {
+    const v = p.getAll(k);
+    if (v.length !== 1) throw new Error("missing " + k);
+    return v[0];
+  };
+  if (one("v") !== "1") throw new Error("version");
+  const id = one("id");
+  if (!/^sec_[0-9a-f]{16}$/.test(id)) throw new Error("id");
+  const raw = unb64(one("key"));
+  if (raw.length !== 65 || raw[0] !== 4) throw new Error("key length");
+  const key = await crypto.subtle.importKey("raw", raw, ECDH_P256, false, []);
+  const fields = JSON.parse(one("fields"));
+  if (!Array.isArray(fields) || fields.length < 1 || fields.length > 8) {
+    throw new Error("fields");
+  }
+  const seen = new Set();
+  for (const f of fields) {
+    if (!f || typeof f !== "object" || Array.isArray(f)) throw new Error("field");
+    if (typeof f.name !== "string" || !NAME_RE.test(f.name) || seen.has(f.name)) {
+      throw new Error("name");
+    }
+    if (f.label !== undefined && (typeof f.label !== "string" || f.label.length > 200)) {
+      throw new Error("label");
+    }
+    seen.add(f.name);
+  }
+  const reason = p.getAll("reason").length ? one("reason") : "";
+  if (reason.length > 2000) throw new Error("reason");
+  const expText = one("exp");
+  if (!/^-?[0-9]{1,15}$/.test(expText)) throw new Error("exp");
+  return { id, key, fields, reason, exp: Number(expText) };
+}
+
+// ECDH(ephemeral, request key) -> HKDF-SHA256 -> AES-256-GCM; returns the one-line blob.
+async function encrypt(req, values) {
+  const eph = await crypto.subtle.generateKey(ECDH_P256, true, ["deriveBits"]);
+  const shared = await crypto.subtle.deriveBits(
+    { name: "ECDH", public: req.key }, eph.privateKey, 256);
+  const hkdf = await crypto.subtle.importKey("raw", shared, "HKDF", false, ["deriveKey"]);
+  const aes = await crypto.subtle.deriveKey(
+    { name: "HKDF", hash: "SHA-256", salt: utf8(req.id), info: utf8("agentkit-secret v1") },
+    hkdf, { name: "AES-GCM", length: 256 }, false, ["encrypt"]);
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const names = req.fields.map((f) => f.name);
+  const aad = utf8("agentkit-secret:v1:" + req.id + ":" + names.join(","));
+  const plain = utf8(JSON.stringify(Object.fromEntries(names.map((n, i) => [n, values[i]]))));
+  const ct = await crypto.subtle.encrypt(
+    { name: "AES-GCM", iv, additionalData: aad }, aes, plain);
+  const pub = await crypto.subtle.exportKey("raw", eph.publicKey);
+  return ["agentkit-secret:v1", req.id, b64(pub), b64(iv), b64(ct)].join(".");
+}
+
+function showForm(req) {
+  $("reason").textContent = req.reason;
+  $("reason").hidden = !req.reason;
+  $("expires").textContent = "This link expires at " + localTime(req.exp) + ".";
+  const inputs = req.fields.map((f) => {
+    const label = document.createElement("label");
+    label.textContent = f.label || f.name;
+    const input = document.createElement("input");
+    Object.assign(input, {
+      type: "password", name: f.name, autocomplete: "off", spellcheck: false,
+    });
+    input.setAttribute("autocapitalize", "off");
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") $("encrypt").click(); });
+    label.appendChild(input);
+    $("fields").appendChild(label);
+    return input;
+  });
+  $("show").addEventListener("change", () => {
+    for (const i of inputs) i.type = $("show").checked ? "text" : "password";
+  });
+  $("encrypt").addEventListener("click", async () => {
+    if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
+    const empty = inputs.filter((i) => i.value === "");
+    if (empty.length) {
+      say("Please fill in every field before encrypting.", "err");
+      empty[0].focus();
+      return;
+    }
+    $("encrypt").disabled = true;
+    try {
+      $("blob").value = await encrypt(req, inputs.map((i) => i.value));
+      for (const i of inputs) i.value = "";
+      $("result").hidden = false;
+      $("copied").textContent = "";
+      say("Encrypted. Copy the line below into the chat.", "ok");
+    } catch (e) {
+      say("Encryption failed in this browser: " + e, "err");
+    } finally { $("encrypt").disabled = false; }
+  });
+  $("copy").addEventListener("click", async () => {
+    const blob = $("blob");
+    let ok = false;
+    try { await navigator.clipboard.writeText(blob.value); ok = true; } catch (e) {
+      blob.focus(); blob.select();
+      try { ok = document.execCommand("copy"); } catch (e2) { ok = false; }
+    }
+    $("copied").textContent = ok
+      ? "Copied"
+      : "Copy failed: select the text and copy it by hand.";
+  });
+  inputs[0].focus();
+  $("request").hidden = false;
+  say("");
+}
+
+async function main() {
+  if (!window.isSecureContext || !(window.crypto && crypto.subtle)) return stop(INSECURE);
+  let req;
+  try { req = await parseRequest(); } catch (e) { return stop(DAMAGED); }
+  if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
+  showForm(req);
+}
+main();
+</script>
+</body>
+</html>
+"""
+
+
+def secret_page() -> tuple[str, str]:
+    """The secret page and its policy: `agentkit secret-page > secret.html` works too."""
+    return with_csp(SECRET_PAGE)
+
+
+class Secrets:
+    """Secret requests: the links, the interception of blobs, saving and redaction.
+
+    Values never enter the database: a blob is decrypted when it arrives and the values
+    go to the thread's workspace; only the request row (with its private key sealed under
+    the kit key, deleted once used or expired) is stored.
+    """
+
+    def __init__(self, records: Records, *, workspace: Path, public_url: str, ttl: float) -> None:
+        self.records = records
+        self.store = records.store
+        self.workspace = workspace
+        self.public_url = check_public_url(public_url)
+        self.ttl = check_seconds("secret_ttl", ttl, positive=True)
+        self._key: bytes | None = None
+
+    @property
+    def key(self) -> bytes:
+        """The kit key, read or created on first use."""
+        if self._key is None:
+            self._key = kit_key(self.store.path)
+        return self._key
+
+    def request(
+        self,
+        thread: str,
+        *,
+        fields: object,
+        reason: str,
+        actor: str,
+        turn_id: str | None = None,
+    ) -> SecretRequest:
+        """Create a request and send its link to the thread (through the outbox)."""
+        thread, actor, checked = check_thread(thread), check_thread(actor), check_fields(fields)
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+            raise BadInput("reason must be a non-empty string of at most 2000 characters")
+        private = ec.generate_private_key(ec.SECP256R1())
+        public = private.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        request_id = new_id("sec")
+        nonce = os.urandom(12)
+        scalar = private.private_numbers().private_value.to_bytes(32, "big")
+        sealed = nonce + AESGCM(self.key).encrypt(nonce, scalar, request_id.encode())
+        at = now()
+        fragment = urllib.parse.urlencode(
+            {
+                "v": "1",
+                "id": request_id,
+                "key": b64url(public),
+                "fields": dumps([{"name": n, "label": label} for n, label in checked]),
+                "reason": reason,
+                "exp": int(at + self.ttl),
+            },
+            quote_via=urllib.parse.quote,
+        )
+        request = SecretRequest(
+            request_id,
+            thread,
+            actor,
+            turn_id,
+            reason,
+            checked,
+            f"{self.public_url}/secret#{fragment}",
+            "pending",
+            at,
+            at + self.ttl,
+        )
+        names = ", ".join(name for name, _ in checked)
+        text = (
+            f"{reason}\nOpen this link to give {names} securely; paste back the line it makes "
+            f"(expires {iso(request.expires_at)}): {request.url}"
+        )
+        with self.store.transaction() as db:
+            self.records.add_secret_request(db, request, (b64url(public), sealed))
+            self.records.deliver(db, thread, turn_id, "secret", text, url=request.url)
+        self.records.queue.notify()
+        return request
+
+    def intercept(
+        self, db: apsw.Connection, thread: str, actor: str, text: str
+    ) -> tuple[str, list[str]]:
+        """Take a pasted blob inside the caller's transaction: decrypt it and save its
+        values; the request id and the saved names. BadInput with a reply that says why
+        when it is refused (nothing saved, and a valid request stays usable)."""
+        try:
+            request_id, key, iv, sealed = parse_blob(text)
+        except ValueError as e:
+            raise BadInput(f"That is not a valid secret blob ({e}); nothing was saved.") from None
+        found = self.records.secret_request(db, request_id)
+        if found is None:
+            raise BadInput("That secret blob answers no request of this agent; nothing was saved.")
+        request, sealed_key = found
+        if request.thread_id != thread:
+            raise BadInput(
+                "That secret blob belongs to another conversation; nothing was saved. "
+                "Paste it where the link was sent."
+            )
+        if request.actor != actor:
+            raise BadInput("That secret blob was asked of someone else; nothing was saved.")
+        if request.state == "used":
+            raise BadInput("That secret blob was used already (a link works once).")
+        if sealed_key is None or request.expires_at <= now():
+            raise BadInput("That secret request expired; ask for a new link. Nothing was saved.")
+        names = [name for name, _ in request.fields]
+        try:
+            values = self.decrypt(request_id, sealed_key, names, key, iv, sealed)
+        except (InvalidTag, ValueError):
+            raise BadInput(
+                "That secret blob is damaged or was changed; nothing was saved. "
+                "Copy the whole line from the page again."
+            ) from None
+        folder = secrets_folder(self.workspace, thread)
+        for name in names:
+            write_secret(folder, name, values[name])
+            redactions.add(values[name], name)
+        self.records.use_secret_request(db, request_id)
+        return request_id, names
+
+    def decrypt(
+        self,
+        request_id: str,
+        sealed_key: bytes,
+        names: list[str],
+        key: bytes,
+        iv: bytes,
+        sealed: bytes,
+    ) -> dict[str, str]:
+        """The values in a blob: InvalidTag or ValueError when it does not open."""
+        scalar = AESGCM(self.key).decrypt(sealed_key[:12], sealed_key[12:], request_id.encode())
+        private = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
+        shared = private.exchange(ec.ECDH(), peer)
+        aes = HKDF(hashes.SHA256(), 32, salt=request_id.encode(), info=SECRET_INFO).derive(shared)
+        values = json.loads(AESGCM(aes).decrypt(iv, sealed, secret_aad(request_id, names)))
+        if not isinstance(values, dict) or sorted(values) != sorted(names):
+            raise ValueError("the blob does not hold the requested fields")
+        if not all(isinstance(v, str) and v for v in values.values()):
+            raise ValueError("a value is empty")
+        return values
+
+    def redact(self, thread: str, text: str) -> str:
+        """`text` with the thread's saved secret values replaced by `[redacted:NAME]`."""
+        saved = saved_secrets(secrets_folder(self.workspace, thread))
+        return redactions.redact(text, {v: name for name, v in saved.items() if len(v) >= 4})
+
+
+def saved_note(names: Sequence[str], request_id: str) -> str:
+    """What the model reads once secrets are saved: their names, never their values."""
+    listed = ", ".join(names)
+    return (
+        f"[agentkit: the user gave {listed} through the secure page (request {request_id}). "
+        f"They are saved for this conversation; tools read them with ctx.secret(NAME). "
+        "Their values are not shown here.]"
+    )
+
+
+# ─────────────────────────────────────── adapters ───────────────────────────────────────
+
+
+@dataclasses.dataclass(frozen=True)
+class Inbound:
+    """A message an adapter received. `thread` and `actor` are keys under the adapter's
+    name (`42` becomes `telegram:42`), `id` deduplicates it, `meta` travels with its turn
+    to the reply; with `refusal` set, the sender is told that and nothing is stored."""
+
+    thread: str
+    actor: str
+    text: str
+    id: str | None = None
+    meta: dict[str, Any] | None = None
+    refusal: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outbound:
+    """A message for an adapter to send (`kind` as in Delivery)."""
+
+    kind: str
+    text: str
+    thread_id: str
+    turn_id: str | None
+    meta: dict[str, Any]
+    approval: dict[str, Any] | None = None
+    url: str | None = None
+
+
+class AdapterError(AgentKitError):
+    """A chat service refused or failed a request (its HTTP status, and `retry_after`)."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(redactions.redact(message))
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPResponse:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(status: int, value: Any, **headers: str) -> HTTPResponse:
+    return HTTPResponse(
+        status, dumps(value).encode(), {"Content-Type": "application/json"} | headers
+    )
+
+
+def json_body(request: HTTPRequest) -> dict[str, Any]:
+    """The request's JSON object; BadInput when it is not one."""
+    try:
+        value = json.loads(request.body)
+    except ValueError:
+        raise BadInput("the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise BadInput("the body is not a JSON object")
+    return value
+
+
+ADAPTER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def check_adapter_name(name: object) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in ("cli", "schedule"):
+        raise BadInput(f"an adapter name is 1-32 of a-z, 0-9, '_' and '-' (not cli), not {name!r}")
+    return name
+
+
+class Adapter:
+    """Connects a chat service to a kit: `name`, `start(kit)`, `send(target, outbound)`,
+    `stop()`. The threads and actors it creates are `<name>:<key>`.
+
+    The rest has defaults: `accepts(kind, meta)` picks the deliveries it wants (all but
+    echoes of the user's own messages), `reach(actor)` names the thread where an approver
+    can be told of approvals, `http(request)` answers requests under its routes, and a
+    `pull` adapter's deliveries are read (by the web chat page), not sent.
+    """
+
+    name = "adapter"
+    pull = False
+    kit: "AgentKit"
+
+    def start(self, kit: "AgentKit") -> None:
+        self.kit = kit
+
+    def send(self, target: str, outbound: Outbound) -> None:
+        raise NotImplementedError(f"adapter {self.name} cannot send")
+
+    def stop(self) -> None:
+        return None
+
+    def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
+        return kind != "user"
+
+    def reach(self, actor: str) -> str | None:
+        return None
+
+    def http(self, request: HTTPRequest) -> HTTPResponse | None:
+        return None
+
+
+class PollingAdapter(Adapter):
+    """An adapter that fetches: a subclass writes `poll(cursor, timeout) -> (items, new
+    cursor)` and `send(target, outbound)`.
+
+    While started, a thread polls, but only in the process that holds the lease
+    `adapter:<name>` (another takes over when that process dies). What a poll fetched is
+    stored with the new cursor in one durable transaction, fenced by the lease: nothing
+    fetched is lost or stored twice. Errors back off (1 s doubling to 60 s, or the
+    service's retry_after). Turns run in workers, so a long turn never delays polling.
+    """
+
+    poll_timeout = 25.0
+    lease = 60.0
+
+    def poll(self, cursor: str | None, timeout: float) -> tuple[list[Inbound], str | None]:
+        raise NotImplementedError
+
+    def start(self, kit: "AgentKit") -> None:
+        super().start(kit)
+        self._stopping = threading.Event()
+        self._poller = threading.Thread(
+            target=self._run, name=f"agentkit-poll-{self.name}", daemon=True
+        )
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.interrupt()
+        self._poller.join(timeout=10)
+
+    def interrupt(self) -> None:
+        """Cut a poll in progress short (stop calls it); by default the poll runs out."""
+
+    def poll_once(self, lease: Lock | None = None) -> int:
+        """Fetch once and store what came with the new cursor; the number of items."""
+        items, cursor = self.poll(self.kit.records.cursor(self.name), self.poll_timeout)
+        self.kit.receive_all(self, items, cursor, lease)
+        return len(items)
+
+    def _run(self) -> None:
+        pause = 1.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    with Lock(self.kit.store, f"adapter:{self.name}", ttl=self.lease) as lease:
+                        while not self._stopping.is_set():
+                            self.poll_once(lease)
+                            pause = 1.0
+                except LockBusy:
+                    self._stopping.wait(min(self.lease / 4, 5.0))  # another process polls
+                except Exception as e:
+                    if self._stopping.is_set():
+                        break
+                    wait = getattr(e, "retry_after", None) or pause
+                    log.warning("%s: %s; polling again in %g s", self.name, describe_error(e), wait)
+                    self._stopping.wait(wait)
+                    pause = min(pause * 2, 60.0)
+        finally:
+            self.kit.store.release_thread()
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters, cut at a line break where there is one."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit)
+        cut = cut + 1 if cut > 0 else limit
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return [*pieces, text] if text or not pieces else pieces
+
+
+class Telegram(PollingAdapter):
+    """A Telegram bot over the Bot API, with long polling (`getUpdates`).
+
+    Threads are chats, `telegram:<chat id>` (`telegram:<chat id>:<topic id>` in forum
+    topics); actors are users, `telegram:<user id>`. Only allowed users and chats are
+    served (`allow=`, else AGENTKIT_TELEGRAM_ALLOW: ids, comma-separated, or `*`); others
+    are told their id. Approvals come with Approve and Deny buttons; "typing…" shows
+    while a turn runs; long replies are split at Telegram's 4096 characters.
+    """
+
+    LIMIT = 4096
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        allow: str | Sequence[str | int] | None = None,
+        api_url: str = "https://api.telegram.org",
+        name: str = "telegram",
+        poll_timeout: float = 25.0,
+        lease: float = 60.0,
+    ) -> None:
+        if not isinstance(token, str) or not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", token):
+            raise BadInput("a Telegram bot token looks like 123456:ABC-def (from @BotFather)")
+        self.token = token
+        redactions.add(token, "telegram-token")
+        self.name = check_adapter_name(name)
+        self.api_url = api_url.rstrip("/")
+        allow = os.environ.get("AGENTKIT_TELEGRAM_ALLOW", "") if allow is None else allow
+        if isinstance(allow, str):
+            allow = allow.split(",")
+        self.allow = {str(a).strip() for a in allow} - {""}
+        self.poll_timeout = check_seconds("poll_timeout", poll_timeout, positive=True)
+        self.lease = check_seconds("lease", lease, positive=True)
+        self.client = httpx.Client(timeout=20.0)
+        self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
+
+    def call(self, method: str, *, client: httpx.Client | None = None, **params: Any) -> Any:
+        """One Bot API call; its result. AdapterError (with no token in it) when it fails;
+        a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s)."""
+        url = f"{self.api_url}/bot{self.token}/{method}"
+        params = {key: value for key, value in params.items() if value is not None}
+        for attempt in range(4):
+            try:
+                response = (client or self.client).post(url, json=params)
+                data = response.json()
+            except (httpx.HTTPError, ValueError, RuntimeError) as e:
+                raise AdapterError(f"telegram {method}: {describe_error(e)}") from None
+            if not isinstance(data, dict):
+                raise AdapterError(f"telegram {method}: not a Bot API answer", response.status_code)
+            if data.get("ok"):
+                return data.get("result")
+            retry_after = (data.get("parameters") or {}).get("retry_after")
+            waits = isinstance(retry_after, int) and retry_after <= 30 and attempt < 3
+            if response.status_code == 429 and waits:
+                time.sleep(retry_after)
+                continue
+            raise AdapterError(
+                f"telegram {method}: {response.status_code} {data.get('description')}",
+                response.status_code,
+                retry_after,
+            )
+        raise AssertionError("unreachable")
+
+    # receiving
+
+    def start(self, kit: "AgentKit") -> None:
+        if self._polling.is_closed:
+            self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
+        super().start(kit)
+        self._typing = threading.Thread(
+            target=self._type_while_running, name=f"agentkit-typing-{self.name}", daemon=True
+        )
+        self._typing.start()
+
+    def stop(self) -> None:
+        super().stop()
+        self._typing.join(timeout=10)
+
+    def interrupt(self) -> None:
+        self._polling.close()
+
+    def poll(self, cursor: str | None, timeout: float) -> tuple[list[Inbound], str | None]:
+        updates = self.call(
+            "getUpdates",
+            client=self._polling,
+            offset=int(cursor) if cursor else None,
+            timeout=int(timeout),
+            allowed_updates=["message", "callback_query"],
+        )
+        if not isinstance(updates, list):
+            raise AdapterError("telegram getUpdates: the result is not a list")
+        items, last = [], int(cursor) - 1 if cursor else None
+        for update in updates:
+            if isinstance(update, dict) and isinstance(update.get("update_id"), int):
+                last = max(last or 0, update["update_id"])
+                item = self.inbound(update)
+                if item is not None:
+                    items.append(item)
+        return items, cursor if last is None else str(last + 1)
+
+    def inbound(self, update: dict[str, Any]) -> Inbound | None:
+        """The item of one update: a text message, or a press of an approval button."""
+        try:
+            if isinstance(update.get("message"), dict):
+                message, meta = update["message"], {}
+                chat = message["chat"]["id"]
+                user = (message.get("from") or message["chat"])["id"]
+                text = message.get("text")
+                if not isinstance(text, str):
+                    return None  # photos, stickers, members joining: nothing to answer
+            elif isinstance(update.get("callback_query"), dict):
+                query = update["callback_query"]
+                message = query.get("message") or {}
+                user = query["from"]["id"]
+                chat = (message.get("chat") or {}).get("id", user)
+                action, _, approval = str(query.get("data", "")).partition(":")
+                text = f"/{action} {approval}"
+                meta = {"callback": query["id"], "message_id": message.get("message_id")}
+                meta["approval"] = approval
+            else:
+                return None
+        except (KeyError, TypeError):
+            log.warning("%s: skipped a malformed update %s", self.name, update.get("update_id"))
+            return None
+        topic = message.get("message_thread_id") if message.get("is_topic_message") else None
+        thread = f"{chat}" if topic is None else f"{chat}:{topic}"
+        refusal = None
+        if not ({"*", str(user), str(chat)} & self.allow):
+            refusal = (
+                f"Sorry, I only answer people I know. Your Telegram user id is {user}: "
+                "ask my owner to add it to AGENTKIT_TELEGRAM_ALLOW."
+            )
+        elif meta and not re.fullmatch(r"/(approve|deny) apr_[0-9a-f]{16}", text):
+            refusal = "That button is not one of mine."
+        return Inbound(thread, str(user), text, str(update["update_id"]), meta or None, refusal)
+
+    def reach(self, actor: str) -> str | None:
+        """A Telegram user is reached in their private chat with the bot (same id)."""
+        key = actor.partition(":")[2]
+        return actor if actor.startswith(f"{self.name}:") and key.isdigit() else None
+
+    def _type_while_running(self) -> None:
+        """Show "typing…" in chats where a turn runs (Telegram shows it for 5 s)."""
+        shown: dict[str, float] = {}
+        try:
+            while not self._stopping.wait(1.0):
+                at = time.monotonic()
+                for thread in self.kit.records.running_threads(self.name):
+                    if at - shown.get(thread, 0.0) >= 4.0:
+                        shown[thread] = at
+                        with contextlib.suppress(AdapterError):
+                            self.call("sendChatAction", **self.chat(thread), action="typing")
+        except Exception:
+            log.exception("%s: the typing indicator stopped", self.name)
+        finally:
+            self.kit.store.release_thread()
+
+    # sending
+
+    @staticmethod
+    def chat(thread: str) -> dict[str, int | None]:
+        """`chat_id` and `message_thread_id` of a thread id."""
+        chat, _, topic = thread.partition(":")[2].partition(":")
+        return {"chat_id": int(chat), "message_thread_id": int(topic) if topic else None}
+
+    def send(self, target: str, outbound: Outbound) -> None:
+        where = self.chat(target)
+        if outbound.meta.get("callback"):
+            self.answer_button(outbound, where)
+            return
+        markup = None
+        if outbound.kind == "approval" and outbound.approval:
+            key = outbound.approval["id"]
+            buttons = [("Approve", f"approve:{key}"), ("Deny", f"deny:{key}")]
+            row = [{"text": label, "callback_data": data} for label, data in buttons]
+            markup = {"inline_keyboard": [row]}
+        pieces = split_text(outbound.text, self.LIMIT)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            self.call("sendMessage", **where, text=piece, reply_markup=markup if last else None)
+
+    def answer_button(self, outbound: Outbound, where: dict[str, int | None]) -> None:
+        """Answer a button press: a toast (an alert when nothing was decided) and, once
+        the approval is decided, its message edited to say so (the buttons go)."""
+        approval = None
+        with contextlib.suppress(BadInput):
+            approval = self.kit.gatekeeper.get(outbound.meta.get("approval") or "")
+        decided = approval is not None and approval.state != "pending"
+        try:
+            self.call(
+                "answerCallbackQuery",
+                callback_query_id=outbound.meta["callback"],
+                text=outbound.text[:200],
+                show_alert=not decided,
+            )
+            if decided and approval is not None and outbound.meta.get("message_id"):
+                by = approval.decided_by or "expiry"
+                self.call(
+                    "editMessageText",
+                    chat_id=where["chat_id"],
+                    message_id=outbound.meta["message_id"],
+                    text=f"{approval_text(approval)}\n\n{approval.state.capitalize()} by {by}.",
+                )
+        except AdapterError as e:
+            if e.status != 400:  # 400: answered or edited already (a retried delivery)
+                raise
+
+    def close(self) -> None:
+        self.client.close()
+        self._polling.close()
+
+
+class Webhook(Adapter):
+    """Signed HTTP events in, signed callbacks of the replies out (DESIGN's wire contract).
+
+    `POST /webhook/<name>` with `{"id", "thread", "actor", "text"}` (and optionally
+    `"callback"`, a URL that starts with one of `callbacks`) and the header
+    `X-Agentkit-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+    `GET /webhook/<name>/turns/<turn id>` is signed the same way over `"<t>.<path>"`.
+    """
+
+    WINDOW = 300
+
+    def __init__(self, secret: str, *, name: str = "webhook", callbacks: Sequence[str] = ()):
+        if not isinstance(secret, str) or len(secret) < 16:
+            raise BadInput("a webhook secret is a string of 16 characters or more")
+        self.name = check_adapter_name(name)
+        self.secret = secret.encode()
+        redactions.add(secret, f"{self.name}-secret")
+        for url in callbacks:
+            if not re.match(r"https?://[^/]+/", url if isinstance(url, str) else ""):
+                raise BadInput(f"a callback prefix is an http(s) URL with a path, not {url!r}")
+        self.callbacks = tuple(callbacks)
+        self.client = httpx.Client(timeout=10.0)
+
+    def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
+        return kind in ("reply", "error") and "callback" in meta
+
+    def signature(self, t: int, payload: bytes) -> str:
+        return hmac.new(self.secret, f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+
+    def verify(self, header: str | None, payload: bytes) -> bool:
+        """Whether `header` signs `payload` within the last five minutes."""
+        fields = dict(p.split("=", 1) for p in (header or "").split(",") if "=" in p)
+        t = fields.get("t", "")
+        if not (t.isdigit() and len(t) < 12 and abs(now() - int(t)) <= self.WINDOW):
+            return False
+        return hmac.compare_digest(fields.get("v1", ""), self.signature(int(t), payload))
+
+    def http(self, request: HTTPRequest) -> HTTPResponse | None:
+        base = f"/webhook/{self.name}"
+        if request.path == base and request.method == "POST":
+            return self.receive(request)
+        if request.path.startswith(f"{base}/turns/") and request.method == "GET":
+            return self.report(request)
+        return None
+
+    def receive(self, request: HTTPRequest) -> HTTPResponse:
+        if not self.verify(request.headers.get("x-agentkit-signature"), request.body):
+            return json_response(401, {"error": "bad or stale signature"})
+        try:
+            event = json_body(request)
+            for key in ("id", "thread", "actor", "text"):
+                if not isinstance(event.get(key), str) or not event[key]:
+                    raise BadInput(f"{key!r} must be a non-empty string")
+            callback = event.get("callback")
+            if callback is not None and not (
+                isinstance(callback, str) and callback.startswith(self.callbacks or ("\0",))
+            ):
+                raise BadInput("the callback URL is not allowed")
+            digest = hashlib.sha256(request.body).hexdigest()
+            meta = {"digest": digest, "event": event["id"]}
+            if callback:
+                meta["callback"] = callback
+            with self.kit.store.transaction() as db:
+                seen = self.kit.records.seen(db, self.name, event["id"])
+                if seen and seen[1].get("digest") != digest:
+                    return json_response(409, {"error": "this event id came with another body"})
+                item = Inbound(event["thread"], event["actor"], event["text"], event["id"], meta)
+                turn_id = seen[0] if seen else self.kit.receive(self, item)[0]
+        except BadInput as e:
+            return json_response(400, {"error": str(e)})
+        thread = f"{self.name}:{event['thread']}"
+        return json_response(202, {"turn_id": turn_id, "thread_id": thread})
+
+    def report(self, request: HTTPRequest) -> HTTPResponse:
+        if not self.verify(request.headers.get("x-agentkit-signature"), request.path.encode()):
+            return json_response(401, {"error": "bad or stale signature"})
+        try:
+            result = self.kit.turn(request.path.rpartition("/")[2])
+        except BadInput:
+            result = None
+        if result is None or not result.thread_id.startswith(f"{self.name}:"):
+            return json_response(404, {"error": "no such turn"})
+        keys = ("turn_id", "thread_id", "status", "reply", "error")
+        return json_response(200, {key: getattr(result, key) for key in keys})
+
+    def send(self, target: str, outbound: Outbound) -> None:
+        """POST the reply to the event's callback URL, signed like the events."""
+        body = dumps(
+            {
+                "event": outbound.meta.get("event"),
+                "turn_id": outbound.turn_id,
+                "thread_id": target,
+                "status": "done" if outbound.kind == "reply" else "failed",
+                "reply": outbound.text,
+            }
+        ).encode()
+        t = int(now())
+        headers = {
+            "Content-Type": "application/json",
+            "X-Agentkit-Signature": f"t={t},v1={self.signature(t, body)}",
+        }
+        try:
+            response = self.client.post(outbound.meta["callback"], content=body, headers=headers)
+        except httpx.HTTPError as e:
+            raise AdapterError(f"webhook callback: {describe_error(e)}") from None
+        if response.status_code >= 300:
+            raise AdapterError(f"webhook callback answered {response.status_code}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+WEBCHAT_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>agentkit</title>
+<style>
+:root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1d2127; --muted: #6b7280;
+  --card: #fff; --line: #dde1e6; --me: #2563eb; --me-fg: #fff; --err: #b91c1c;
+  --ok: #15803d; --code: #eef0f3; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #111418; --fg: #e6e8eb; --muted: #9aa3ad; --card: #1c2127;
+    --line: #2c333b; --me: #2f5fd0; --err: #f87171; --ok: #4ade80; --code: #15191e; }
+}
+* { box-sizing: border-box; }
+html, body { height: 100%; margin: 0; }
+body { display: flex; flex-direction: column; height: 100vh; height: 100dvh;
+  background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1rem;
+  padding: .5rem max(1rem, calc((100% - 52rem) / 2));
+  border-bottom: 1px solid var(--line); }
+h1 { font-size: 1rem; margin: 0; }
+#status { flex: 1; text-align: right; font-size: .8rem; color: var(--muted); }
+#status::before { content: ""; display: inline-block; width: .5rem; height: .5rem;
+  margin-right: .35rem; border-radius: 50%; background: var(--muted); }
+#status.on::before { background: var(--ok); }
+#status.err { color: var(--err); }
+#status.err::before { background: var(--err); }
+#log { flex: 1; overflow-y: auto; padding: 1rem max(1rem, calc((100% - 52rem) / 2));
+  display: flex; flex-direction: column; gap: .5rem; }
+.item { display: flex; }
+.bubble { max-width: min(44rem, 88%); padding: .5rem .75rem; border-radius: .9rem;
+  background: var(--card); border: 1px solid var(--line); white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+.kind-user { justify-content: flex-end; }
+.kind-user .bubble { background: var(--me); color: var(--me-fg); border-color: transparent;
+  border-bottom-right-radius: .25rem; }
+.kind-user a { color: inherit; }
+.kind-reply .bubble, .kind-approval .bubble, .kind-error .bubble {
+  border-bottom-left-radius: .25rem; }
+.kind-notice { justify-content: center; }
+.kind-notice .bubble { background: none; border: 0; padding: .1rem .5rem; color: var(--muted);
+  font-size: .85rem; text-align: center; }
+.kind-error .bubble { border-color: var(--err); color: var(--err); }
+.meta { margin-top: .35rem; font-size: .85rem; color: var(--muted); }
+code, pre { font: .8rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+pre { margin: .35rem 0 0; padding: .4rem .55rem; background: var(--code); border-radius: .4rem;
+  max-height: 16rem; overflow: auto; white-space: pre-wrap; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .5rem; }
+.note, .state { font-size: .85rem; color: var(--muted); }
+.note.err { color: var(--err); }
+footer { display: flex; gap: .5rem; border-top: 1px solid var(--line);
+  padding: .5rem max(.5rem, calc((100% - 52rem) / 2)) max(.5rem, env(safe-area-inset-bottom)); }
+#text { flex: 1; resize: none; min-height: 2.5rem; max-height: 10rem; padding: .5rem .65rem;
+  font: inherit; font-size: 16px; color: var(--fg); background: var(--card);
+  border: 1px solid var(--line); border-radius: .6rem; }
+button { font: inherit; padding: .4rem .9rem; border-radius: .6rem;
+  border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
+button:disabled { opacity: .5; cursor: default; }
+#send, button.approve { background: var(--me); color: #fff; border-color: transparent; }
+button.deny { color: var(--err); border-color: var(--err); }
+</style>
+</head>
+<body>
+<header><h1>agentkit</h1><span id="status" role="status"></span></header>
+<main id="log" role="log"></main>
+<footer>
+<textarea id="text" rows="1" placeholder="Message"
+  aria-label="Message (Enter sends, Shift+Enter new line)"
+  title="Enter sends, Shift+Enter new line"></textarea>
+<button id="send" type="button">Send</button>
+</footer>
+<script>
+"use strict";
+// agentkit web chat: log in with the #token=... fragment, long-poll /api/feed,
+// post messages and decisions.
+const $ = (id) => document.getElementById(id);
+const log = $("log"), statusEl = $("status"), box = $("text"), sendBtn = $("send");
+const LOGIN_MSG = "The token is wrong or old. Open the link that `agentkit serve` printed " +
+  "(or use the token in the file <database>.token).";
+const shown = new Map();  // feed item id -> element
+let last = 0, conn = "", scrollNext = true;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function h(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
+// Connection indicator: only rewrite #status when the state changes,
+// so an error stays readable.
+function setConn(state) {
+  if (state === conn || conn === "login") return;
+  conn = state;
+  if (state === "on") setStatus("connected", "on");
+  else setStatus("reconnecting…", "");
+}
+function showError(text) { setStatus(text, "err"); if (conn !== "login") conn = ""; }
+function loginNeeded() { setStatus(LOGIN_MSG, "err"); conn = "login"; }
+
+// fetch wrapper: same-origin credentials, JSON in and out; throws only on network errors.
+async function api(method, path, body) {
+  const opt = { method, credentials: "same-origin", cache: "no-store", headers: {} };
+  if (body !== undefined) {
+    opt.headers["Content-Type"] = "application/json";
+    opt.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opt);
+  let data = null;
+  try { data = await r.json(); } catch (e) { /* 204 or not JSON */ }
+  return { status: r.status, ok: r.ok, data: data && typeof data === "object" ? data : {} };
+}
+const errText = (res) =>
+  (typeof res.data.error === "string" && res.data.error) || "HTTP error " + res.status;
+
+// Append text to el, turning http(s) URLs into safe links (text nodes + <a>, never HTML).
+const URL_RE = /https?:\/\/[^\s<>"'`]+/g;
+function addText(el, text) {
+  let i = 0;
+  for (const m of text.matchAll(URL_RE)) {
+    let url = m[0];
+    // Drop trailing punctuation, but keep a ")" that closes a "(" inside the URL.
+    while (/[.,;:!?)\]}]$/.test(url) && !(url.endsWith(")") && url.includes("("))) {
+      url = url.slice(0, -1);
+    }
+    el.append(text.slice(i, m.index));
+    const a = h("a", "", url);
+    a.href = url;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    el.append(a);
+    i = m.index + url.length;
+  }
+  el.append(text.slice(i));
+}
+
+function renderApproval(b, ap) {
+  const tool = h("div", "meta", "Tool: ");
+  tool.append(h("code", "", String(ap.tool)));
+  b.append(tool, h("pre", "args", JSON.stringify(ap.args ?? {}, null, 2)));
+  if (ap.reason) b.append(h("div", "meta", "Reason: " + ap.reason));
+  const act = h("div", "actions");
+  if (ap.state === "pending") {
+    for (const [cls, label] of [["approve", "Approve"], ["deny", "Deny"]]) {
+      const btn = h("button", cls, label);
+      btn.type = "button";
+      btn.dataset.approval = ap.id;
+      act.append(btn);
+    }
+  } else {
+    act.append(h("span", "state", "Status: " + ap.state));
+    // Already decided: disable any buttons still shown for it.
+    for (const btn of log.querySelectorAll("button[data-approval]")) {
+      if (btn.dataset.approval === ap.id) btn.disabled = true;
+    }
+  }
+  act.append(h("span", "note"));
+  b.append(act);
+}
+
+function render(it) {
+  const kind = String(it.kind || "notice").replace(/[^a-z]/g, "");
+  const el = h("div", "item kind-" + kind);
+  el.dataset.id = it.id;
+  if (it.turn_id) el.dataset.turn = it.turn_id;
+  const b = h("div", "bubble");
+  addText(b, String(it.text ?? ""));
+  if (kind === "approval" && it.approval) renderApproval(b, it.approval);
+  el.append(b);
+  const old = shown.get(it.id);
+  if (old) old.replaceWith(el); else log.append(el);
+  shown.set(it.id, el);
+}
+
+const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+
+// Long-poll loop: runs forever, stops only on 401.
+async function poll() {
+  for (;;) {
+    const t0 = Date.now();
+    let res;
+    try { res = await api("GET", "/api/feed?after=" + last); }
+    catch (e) { setConn("off"); await sleep(2000); continue; }
+    if (res.status === 401) { loginNeeded(); return; }
+    const items = res.data.items;
+    if (!res.ok || !Array.isArray(items)) {
+      if (res.status >= 400 && res.status < 500) {
+        showError(errText(res));
+        await sleep(10000);
+      } else {
+        setConn("off");
+        await sleep(2000);
+      }
+      continue;
+    }
+    setConn("on");
+    if (items.length) {
+      const stick = scrollNext || nearBottom();
+      items.forEach(render);
+      if (stick) log.scrollTop = log.scrollHeight;
+      scrollNext = false;
+    }
+    if (Number.isInteger(res.data.last)) last = res.data.last;
+    else for (const it of items) last = Math.max(last, Number(it.id) || 0);
+    // Guard against a server that answers at once without holding the request.
+    if (!items.length && Date.now() - t0 < 1000) await sleep(1000);
+  }
+}
+
+async function sendMessage() {
+  const text = box.value;
+  if (!text.trim() || sendBtn.disabled) return;
+  sendBtn.disabled = true;
+  try {
+    const res = await api("POST", "/api/messages", { text });
+    if (res.status === 202) { box.value = ""; grow(); scrollNext = true; }
+    else if (res.status === 401) loginNeeded();
+    else showError(errText(res));
+  } catch (e) {
+    showError("Could not send: the server is not reachable.");
+  } finally {
+    sendBtn.disabled = false;
+  }
+}
+
+async function decide(btn) {
+  const id = btn.dataset.approval;
+  const decision = btn.classList.contains("approve") ? "approve" : "deny";
+  const body = { decision };
+  if (decision === "deny") {
+    const reason = window.prompt("Deny: reason (optional)", "");
+    if (reason === null) return;  // cancelled
+    if (reason.trim()) body.reason = reason.trim();
+  }
+  const act = btn.parentElement, note = act.querySelector(".note");
+  const btns = act.querySelectorAll("button");
+  btns.forEach((b) => { b.disabled = true; });
+  note.className = "note";
+  note.textContent = "…";
+  let res;
+  try { res = await api("POST", "/api/approvals/" + encodeURIComponent(id), body); }
+  catch (e) { res = { status: 0, ok: false, data: { error: "The server is not reachable." } }; }
+  if (res.ok) { note.textContent = res.data.message || String(res.data.state); return; }
+  if (res.status === 401) loginNeeded();
+  note.textContent = errText(res);
+  note.classList.add("err");
+  // 409: already decided or expired, keep the buttons off;
+  // otherwise (403, 400, ...) allow another try.
+  if (res.status !== 409) btns.forEach((b) => { b.disabled = false; });
+}
+
+// Textarea grows with its content (CSSOM, allowed by the CSP).
+function grow() {
+  box.style.height = "auto";
+  box.style.height = Math.min(box.scrollHeight + 2, 160) + "px";
+}
+
+box.addEventListener("input", grow);
+box.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    sendMessage();
+  }
+});
+sendBtn.addEventListener("click", sendMessage);
+log.addEventListener("click", (ev) => {
+  const btn = ev.target.closest("button[data-approval]");
+  if (btn && !btn.disabled) decide(btn);
+});
+
+// Log in with the token from the URL fragment (if any), then start polling.
+async function login() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token === null) return true;
+  history.replaceState(null, "", location.pathname);  // the token leaves the URL at once
+  for (;;) {
+    try {
+      const res = await api("POST", "/api/login", { token });
+      if (res.ok) { setConn("on"); return true; }
+      if (res.status === 401) { loginNeeded(); return false; }
+      if (res.status < 500) { showError("Login failed: " + errText(res)); return false; }
+    } catch (e) { /* network error: retry */ }
+    setConn("off");
+    await sleep(2000);
+  }
+}
+
+setStatus("connecting…", "");
+login().then((ok) => { if (ok) poll(); });
+</script>
+</body>
+</html>
+"""
+
+
+class WebChat(Adapter):
+    """The web chat at `/`: one page where the owner (`web:owner`) talks to the bot, with
+    approval buttons and secret links. It needs the token (traded once for a cookie);
+    the server checks Host and Origin on every request."""
+
+    name = "web"
+    pull = True
+    owner = "web:owner"
+    cookie = "agentkit_web"
+    long_poll = 25.0
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+
+    def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
+        return True
+
+    def reach(self, actor: str) -> str | None:
+        return actor if actor == self.owner else None
+
+    def choose_token(self, db_path: str, url: str) -> None:
+        """The token: given, AGENTKIT_WEB_TOKEN, or random: printed if stdout is a
+        terminal, else kept in `<database>.token` (mode 0600). Never logged."""
+        self.token = self.token or os.environ.get("AGENTKIT_WEB_TOKEN")
+        if self.token:
+            return
+        self.token = b64url(os.urandom(24))
+        if sys.stdout.isatty() or db_path == ":memory:":
+            print(f"agentkit web chat: {url}/#token={self.token}", flush=True)
+            return
+        path = db_path + ".token"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            with open(path, encoding="utf-8") as f:
+                self.token = f.read().strip()
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token + "\n")
+
+    def session(self) -> str:
+        return hmac.new((self.token or "").encode(), b"agentkit web session", "sha256").hexdigest()
+
+    def signed_in(self, request: HTTPRequest) -> bool:
+        cookies = dict(
+            part.strip().split("=", 1)
+            for part in request.headers.get("cookie", "").split(";")
+            if "=" in part
+        )
+        return bool(self.token) and hmac.compare_digest(
+            cookies.get(self.cookie, ""), self.session()
+        )
+
+    def http(self, request: HTTPRequest) -> HTTPResponse | None:
+        route = (request.method, request.path)
+        if route == ("GET", "/"):
+            page, policy = with_csp(WEBCHAT_PAGE, "'self'")
+            return HTTPResponse(
+                200,
+                page.encode(),
+                {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": policy},
+            )
+        if route == ("POST", "/api/login"):
+            token = json_body(request).get("token")
+            if not (
+                isinstance(token, str) and self.token and hmac.compare_digest(token, self.token)
+            ):
+                return json_response(401, {"error": "wrong token"})
+            cookie = f"{self.cookie}={self.session()}; Path=/; HttpOnly; SameSite=Strict"
+            return HTTPResponse(204, b"", {"Set-Cookie": cookie})
+        if not request.path.startswith("/api/"):
+            return None
+        if not self.signed_in(request):
+            return json_response(401, {"error": "sign in with the link that serve printed"})
+        if route == ("GET", "/api/feed"):
+            return self.feed(request)
+        if route == ("POST", "/api/messages"):
+            text = json_body(request).get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise BadInput("text must be a non-empty string")
+            turn_id, _ = self.kit.receive(self, Inbound("owner", "owner", text))
+            return json_response(202, {"turn_id": turn_id})
+        if request.method == "POST" and request.path.startswith("/api/approvals/"):
+            return self.decide(request.path.rpartition("/")[2], json_body(request))
+        return None
+
+    def feed(self, request: HTTPRequest) -> HTTPResponse:
+        """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one."""
+        after = request.query.get("after", "0")
+        if not after.isdigit():
+            raise BadInput("after must be a delivery id")
+        deadline = time.monotonic() + self.long_poll
+        while True:
+            items = self.kit.records.feed(self.owner, int(after))
+            left = deadline - time.monotonic()
+            if items or left <= 0 or self.kit.stopping.is_set():
+                break
+            self.kit.queue.wait_for_change(min(left, 1.0))
+        shown = []
+        for item in items:
+            entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
+            entry["turn_id"] = item.turn_id
+            if item.kind == "approval":
+                approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
+                entry["approval"] = {**item.body["approval"], "state": approval.state}
+            shown.append(entry)
+        return json_response(200, {"items": shown, "last": items[-1].id if items else int(after)})
+
+    def decide(self, approval_id: str, body: dict[str, Any]) -> HTTPResponse:
+        decision, reason = body.get("decision"), body.get("reason")
+        if decision not in ("approve", "deny"):
+            raise BadInput("decision must be approve or deny")
+        try:
+            if decision == "approve":
+                self.kit.approve(approval_id, actor=self.owner, wait=False)
+            else:
+                self.kit.deny(approval_id, actor=self.owner, reason=reason or None, wait=False)
+        except Forbidden as e:
+            return json_response(403, {"error": str(e)})
+        except AlreadyDecided as e:
+            return json_response(409, {"error": str(e)})
+        state = self.kit.gatekeeper.get(approval_id).state
+        return json_response(200, {"state": state, "message": f"{state.capitalize()}."})
+
+
+# ───────────────────────────────────── HTTP server ─────────────────────────────────────
+
+MAX_BODY = 1 << 20
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` (or `:port`, or a port) as `(host, port)`; BadInput otherwise."""
+    host, _, port = str(address).rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise BadInput(f"--http takes host:port, like 127.0.0.1:8765, not {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "WebServer"
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # a client that stops sending is dropped
+
+    def do_GET(self) -> None:
+        self.handle_request()
+
+    def do_POST(self) -> None:
+        self.handle_request()
+
+    def handle_request(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if "Transfer-Encoding" in self.headers or not length.isdigit():
+            self.close_connection = True
+            return self.reply(json_response(411, {"error": "send a Content-Length"}))
+        if int(length) > MAX_BODY:
+            self.close_connection = True
+            return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
+        body = self.rfile.read(int(length))
+        parts = urllib.parse.urlsplit(self.path)
+        request = HTTPRequest(
+            self.command,
+            parts.path,
+            dict(urllib.parse.parse_qsl(parts.query)),
+            {name.lower(): value for name, value in self.headers.items()},
+            body,
+        )
+        try:
+            response = self.server.route(request)
+        except BadInput as e:
+            response = json_response(400, {"error": str(e)})
+        except Exception:
+            log.exception("%s %s failed", self.command, parts.path)
+            response = json_response(500, {"error": "internal error"})
+        self.reply(response)
+
+    def reply(self, response: HTTPResponse) -> None:
+        self.send_response(response.status)
+        headers = {
+            "Content-Type": "application/json",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            **response.headers,
+            "Content-Length": str(len(response.body)),
+        }
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(response.body)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.kit.store.release_thread()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+
+class WebServer(ThreadingHTTPServer):
+    """agentkit's HTTP server: `/healthz`, the webhooks, the secret page and the web chat.
+
+    Browser routes answer only to the Host names this server is reached at (against DNS
+    rebinding) and take POSTs only from its own Origin (against cross-site requests).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, kit: "AgentKit", host: str, port: int) -> None:
+        self.kit = kit
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address_family = family
+        super().__init__((host, port), _Handler)
+        port = self.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
+        self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+
+    def route(self, request: HTTPRequest) -> HTTPResponse:
+        if request.path == "/healthz":
+            return json_response(200, self.kit.health())
+        if request.path.startswith("/webhook/"):
+            adapter = self.kit.adapters.get(request.path.split("/")[2])
+            response = adapter.http(request) if isinstance(adapter, Webhook) else None
+            return response or json_response(404, {"error": "no such webhook"})
+        host = request.headers.get("host", "")
+        if host not in self.hosts:
+            return json_response(421, {"error": f"this server does not answer to Host {host!r}"})
+        if request.method != "GET" and request.headers.get("origin") not in (
+            f"http://{host}",
+            f"https://{host}",
+        ):
+            return json_response(403, {"error": "cross-origin request refused"})
+        if (request.method, request.path) == ("GET", "/secret"):
+            page, policy = secret_page()
+            headers = {
+                "Content-Type": "text/html; charset=utf-8",
+                "Content-Security-Policy": policy,
+            }
+            return HTTPResponse(200, page.encode(), headers)
+        response = self.kit.adapters["web"].http(request)
+        return response or json_response(404, {"error": "not found"})
+
+
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
 
 
@@ -3404,6 +5424,10 @@ class AgentKit:
         approvers: Sequence[str] = DEFAULT_APPROVERS,
         allow_self_approval: bool = True,
         approval_ttl: float = 3600.0,
+        adapters: Sequence[Adapter] = (),
+        public_url: str | None = None,
+        secret_ttl: float = 600.0,
+        secret_tool: bool = True,
         lease: float = 30.0,
         synchronous: str = "normal",
     ) -> None:
@@ -3440,9 +5464,52 @@ class AgentKit:
         self.gatekeeper = Approvals(self.engine, approvers, allow_self_approval=allow_self_approval)
         self.engine.commands["approve"] = self._approve_command
         self.engine.commands["deny"] = self._deny_command
+        self.records = self.engine.records
+        self.secrets = Secrets(
+            self.records,
+            workspace=Path(workspace),
+            public_url=public_url or os.environ.get("AGENTKIT_PUBLIC_URL", "http://127.0.0.1:8765"),
+            ttl=secret_ttl,
+        )
+        self.engine.redact = self.secrets.redact
+        if secret_tool:
+            self.tool(self._secret_request_tool, name="secret_request")
+        self.adapters = self._adapters(adapters)
+        self.records.outlets = dict(self.adapters)
+        self.records.may_decide = self.gatekeeper.may_decide
+        self.records.approver_inboxes = tuple(
+            inbox
+            for pattern in approvers
+            if (adapter := self.adapters.get(pattern.partition(":")[0]))
+            and (inbox := adapter.reach(pattern))
+        )
+        if any(not adapter.pull for adapter in self.adapters.values()):
+            self.queue.tasks[DELIVER_TASK] = Task(DELIVER_TASK, self._deliver, 8, 2.0)
+        self.stopping = threading.Event()  # set while serve() shuts down
+
+    def _adapters(self, given: Sequence[Adapter]) -> dict[str, Adapter]:
+        """The adapters by name: the web chat always; Telegram from TELEGRAM_BOT_TOKEN when
+        none is given."""
+        adapters: dict[str, Adapter] = {"web": WebChat()}
+        token = os.environ.get("TELEGRAM_BOT_TOKEN")
+        if token and not any(isinstance(a, Telegram) for a in given):
+            given = [*given, Telegram(token)]
+        for adapter in given:
+            if not isinstance(adapter, Adapter):
+                raise BadInput(f"adapters are Adapter objects, not {type(adapter).__name__}")
+            name = check_adapter_name(adapter.name)
+            if (name in adapters and name != "web") or adapter in adapters.values():
+                raise BadInput(f"two adapters are named {name!r}")
+            adapters[name] = adapter
+            adapter.kit = self
+        adapters["web"].kit = self
+        return adapters
 
     def close(self) -> None:
-        """Close the database connections."""
+        """Close the database connections (and the adapters' HTTP clients)."""
+        for adapter in self.adapters.values():
+            with contextlib.suppress(Exception):
+                getattr(adapter, "close", lambda: None)()
         self.engine.close()
         self.store.close()
 
@@ -3533,15 +5600,138 @@ class AgentKit:
         return worker.run(until_idle=until_idle, stop=stop)
 
     def _job_failed(self, job: Claimed, state: str, error: str) -> None:
-        """A job ended dead or failed: its turn (if it ran one) fails too, and the
-        `job_failed` event is emitted (a hook that raises is logged)."""
+        """A job ended dead or failed: its turn (if it ran one) fails too, a delivery is
+        marked failed, and the `job_failed` event is emitted (a hook that raises is logged)."""
         turn_id = job.payload.get("turn") if job.name == TURN_TASK else None
         if turn_id and self.engine.records.turn(turn_id).status not in FINAL_TURN_STATES:
             self.engine.records.finish(turn_id, "failed", error=f"its job is {state}: {error}")
+        if job.name == DELIVER_TASK:
+            with self.store.transaction() as db:
+                self.records.set_delivery(db, job.payload["delivery"], "failed", error)
         with contextlib.suppress(HookFailed):
             self.engine.hooks.emit(
                 "job_failed", job_id=f"job_{job.rowid}", name=job.name, state=state, error=error
             )
+
+    # the outbox
+
+    def _deliver(self, payload: dict[str, int], ctx: JobContext) -> str:
+        """The task of deliveries: send one through its adapter, then mark it sent (a
+        delivery marked sent is never sent again)."""
+        delivery = self.records.delivery(payload["delivery"])
+        if delivery.state != "pending":
+            return delivery.state
+        adapter = self.adapters.get(delivery.adapter)
+        if adapter is None:
+            raise Fail(f"no adapter {delivery.adapter!r} in this process")
+        body = delivery.body
+        outbound = Outbound(
+            delivery.kind,
+            body["text"],
+            delivery.thread_id,
+            delivery.turn_id,
+            body.get("meta") or {},
+            body.get("approval"),
+            body.get("url"),
+        )
+        adapter.send(delivery.thread_id, outbound)
+        with self.store.transaction() as db:
+            if not ctx.holds(db):
+                raise LeaseLost(f"{ctx.job_id} is no longer leased to this worker")
+            self.records.set_delivery(db, delivery.id, "sent", None)
+        return "sent"
+
+    # inbound messages
+
+    def receive(self, adapter: Adapter, item: Inbound) -> tuple[str | None, str | None]:
+        """Take a message an adapter received: `(turn id, note)`. Its thread and actor are
+        made under the adapter's name. A refusal is answered and nothing else stored; a
+        secret blob is taken before anything is stored (a rejected one starts no turn)."""
+        thread = check_thread(f"{adapter.name}:{item.thread}")
+        actor = check_thread(f"{adapter.name}:{item.actor}")
+        if not isinstance(item.text, str) or len(item.text) > 100_000:
+            raise BadInput("text must be a string of at most 100,000 characters")
+        if item.id is not None:
+            check_name("source id", item.id)
+        with self.store.transaction() as db:
+            if item.refusal:
+                self.records.deliver(db, thread, None, "notice", item.refusal, meta=item.meta or {})
+                return None, item.refusal
+            return self._accept(db, thread, actor, item.text, item.id, item.meta)
+
+    def receive_all(
+        self,
+        adapter: Adapter,
+        items: Sequence[Inbound],
+        cursor: str | None,
+        lease: Lock | None = None,
+    ) -> None:
+        """Store what a poll fetched and the adapter's new cursor in one durable
+        transaction (fenced by the poller's lease). An item that is bad input is logged
+        and skipped, so it cannot block the ones after it."""
+        with self.store.transaction(durable=True) as db:
+            if lease is not None and not lease.holds(db):
+                raise LeaseLost(f"{adapter.name}: the polling lease was lost")
+            for item in items:
+                try:
+                    self.receive(adapter, item)
+                except BadInput as e:
+                    log.warning("%s: skipped message %s: %s", adapter.name, item.id, e)
+            self.records.set_cursor(db, adapter.name, cursor)
+        self.queue.notify()
+
+    def _accept(
+        self,
+        db: apsw.Connection,
+        thread: str,
+        actor: str,
+        text: str,
+        source_id: str | None,
+        meta: dict[str, Any] | None,
+    ) -> tuple[str | None, str | None]:
+        """Intake inside the caller's transaction: deduplicate, intercept secret blobs,
+        submit the turn; `(turn id, note for the sender)`."""
+        seen = self.records.seen(db, thread.partition(":")[0], source_id)
+        if seen:
+            return seen[0], None
+        note = None
+        if text.lstrip().startswith(SECRET_PREFIX):
+            try:
+                request_id, names = self.secrets.intercept(db, thread, actor, text)
+            except BadInput as e:
+                self.records.deliver(db, thread, None, "notice", str(e), meta=meta or {})
+                return None, str(e)
+            note = f"Saved {', '.join(names)} for this conversation."
+            self.records.deliver(db, thread, None, "notice", note, meta=meta or {})
+            text = saved_note(names, request_id)
+        return self.engine.submit(thread, text, actor, source_id, meta), note
+
+    # secrets
+
+    def request_secret(
+        self, thread: str, *, fields: object, reason: str, actor: str | None = None
+    ) -> SecretRequest:
+        """Ask for credentials: a link to the secret page goes to the thread (through its
+        adapter), expiring after `secret_ttl`. Fields are names or {"name", "label"}."""
+        thread = check_thread(thread)
+        return self.secrets.request(thread, fields=fields, reason=reason, actor=actor or thread)
+
+    def _secret_request_tool(
+        self, reason: str, fields: list[str | dict[str, str]], ctx: ToolContext
+    ) -> str:
+        """Ask the user for credentials (API keys, tokens, passwords) through a secure page.
+        Never ask for a secret in chat. The values are saved for this conversation and you
+        never see them; tools read them by name. fields: names like GITHUB_TOKEN (letters,
+        digits and _), or {"name": ..., "label": ...}; at most 8."""
+        request = self.secrets.request(
+            ctx.thread_id, fields=fields, reason=reason, actor=ctx.actor, turn_id=ctx.turn_id
+        )
+        names = ", ".join(name for name, _ in request.fields)
+        return (
+            f"A secure link asking for {names} was sent to the user (request {request.id}, "
+            f"expires {iso(request.expires_at)}). When they paste the encrypted reply you will "
+            "be told which secrets were saved."
+        )
 
     # turns
 
@@ -3624,8 +5814,15 @@ class AgentKit:
         if source_id is not None:
             check_name("source_id", source_id)
         limit = None if timeout is None else check_seconds("timeout", timeout)
-        turn_id = self.engine.submit(thread, text, actor, source_id)
-        return self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        with self.store.transaction() as db:
+            turn_id, note = self._accept(db, thread, actor, text, source_id, None)
+        self.queue.notify()
+        if turn_id is None:
+            return TurnResult(None, thread, "rejected", None, note, {}, (), note)
+        result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        return (
+            replace(result, note="\n".join(filter(None, [note, result.note]))) if note else result
+        )
 
     def _follow(
         self, turn_id: str, job: int | None, wait: bool, timeout: float | None
@@ -3765,7 +5962,77 @@ class AgentKit:
         """Enqueue the scheduled runs due at `at` (default now) and expire the approvals
         past their time; workers call it every second. The ids of the jobs it added."""
         self.gatekeeper.expire(at)
+        self.records.expire_secret_requests(now() if at is None else at)
         return self.scheduler.tick(at)
+
+    def prune(self, older_than: float) -> dict[str, int]:
+        """Delete finished jobs, events, sent deliveries and used or expired secret requests
+        older than `older_than` seconds; the number of rows per table. Pending approvals,
+        unfinished turns, messages and live requests are kept."""
+        return self.records.prune(now() - check_seconds("older_than", older_than))
+
+    # serving
+
+    def serve(
+        self,
+        http: str | None = "127.0.0.1:8765",
+        *,
+        workers: int = 2,
+        stop: threading.Event | None = None,
+        ready: Callable[[str], object] | None = None,
+    ) -> None:
+        """Run the bot: the HTTP server (web chat, webhooks, secret page, /healthz), the
+        adapters, `workers` worker threads and the scheduler, until `stop` is set or
+        SIGINT/SIGTERM arrive. Running jobs finish first (or their leases lapse).
+        `ready(url)` is called once everything runs. Several processes may serve one
+        database."""
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise BadInput(f"workers must be an integer >= 1, not {workers!r}")
+        stop = stop or threading.Event()
+        server = None
+        if http:
+            host, port = parse_address(http)
+            server = WebServer(self, host, port)
+            threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
+            self.adapters["web"].choose_token(self.store.path, server.url)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handlers[signum] = signal.signal(signum, lambda *_: stop.set())
+        started = []
+        try:
+            for adapter in self.adapters.values():
+                adapter.start(self)
+                started.append(adapter)
+            url = server.url if server else "no HTTP"
+            names = ", ".join(self.adapters)
+            log.info(
+                "serving %s on %s: adapters %s, %d workers", self.store.path, url, names, workers
+            )
+            if ready:
+                ready(url)
+            self.work(concurrency=workers, stop=stop)
+        finally:
+            self.stopping.set()
+            for adapter in started:
+                adapter.stop()
+            if server:
+                server.shutdown()
+                server.server_close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self.stopping.clear()
+            log.info("stopped")
+
+    def health(self) -> dict[str, Any]:
+        """What `/healthz` answers: the database, the schema and the jobs by state."""
+        return {
+            "ok": True,
+            "database": self.store.path,
+            "schema": self.store.version,
+            "adapters": sorted(self.adapters),
+            "jobs": self.queue.counts(),
+        }
 
     # health
 

@@ -1,4 +1,4 @@
-"""Fake OpenAI and Anthropic HTTP servers for agentkit's tests.
+"""Fake OpenAI, Anthropic and Telegram Bot API HTTP servers for agentkit's tests.
 
 Each fake is a real HTTP server on 127.0.0.1 (a port the OS picks) that answers the
 provider's endpoint with a queue of scripted answers, one per request, in the wire format the
@@ -14,11 +14,27 @@ request asks for: server-sent events when its body says "stream": true, else one
 Failure modes: push_error (any status, optional Retry-After), push_garbage (a 200 that is
 not the format asked for), push_cut (the connection closes midway), push_hang (no answer
 for a while, to make the client time out). Every request is recorded in .requests.
+
+FakeTelegram plays the Bot API (https://core.telegram.org/bots/api) for a bot with one token:
+the test pushes updates, the bot long-polls getUpdates and calls sendMessage and the rest,
+and the test waits for what it expects and reads what the bot did.
+
+    with FakeTelegram() as tg:
+        tg.push_message(chat_id=42, user_id=42, text="hello")
+        bot = ...  # polls f"{tg.url}/bot{tg.token}/getUpdates", answers with sendMessage
+        tg.wait_for(lambda tg: tg.texts(42) != [])
+        tg.sent[0]["text"], tg.sent[0]["reply_markup"]
+        tg.push_callback(42, 42, "approve:7", message_id=tg.sent[0]["message_id"])
+        tg.fail_next("sendMessage", 429, retry_after=0)  # flood control, once
+
+getUpdates has Telegram's semantics: an offset confirms every update below it for good, and
+a long poll (timeout=N) returns as soon as an update is pushed; close() ends waiting polls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import threading
@@ -28,8 +44,10 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Self
 
 Event = tuple[str | None, str]  # (SSE event name or None, data line)
@@ -418,3 +436,716 @@ class FakeAnthropic(_FakeServer):
             event("message_stop"),
         ]
         return events
+
+
+# ---------------------------------------------------------------------------------------------
+# Telegram Bot API
+
+
+class _TelegramError(Exception):
+    """A Bot API failure: the HTTP status, its description and optional ResponseParameters."""
+
+    def __init__(
+        self, status: int, description: str, parameters: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+        self.parameters = parameters
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ok": False,
+            "error_code": self.status,
+            "description": self.description,
+        }
+        if self.parameters:
+            body["parameters"] = self.parameters
+        return body
+
+
+_STATUS_TEXTS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden: bot was blocked by the user",
+    404: "Not Found",
+    409: "Conflict: terminated by other getUpdates request; "
+    "make sure that only one bot instance is running",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+}
+
+_CHAT_ACTIONS = frozenset(
+    {
+        "typing",
+        "upload_photo",
+        "record_video",
+        "upload_video",
+        "record_voice",
+        "upload_voice",
+        "upload_document",
+        "choose_sticker",
+        "find_location",
+        "record_video_note",
+        "upload_video_note",
+    }
+)
+
+_MAX_TEXT = 4096  # characters in one message's text
+_BAD_QUERY = "Bad Request: query is too old and response timeout expired or query ID is invalid"
+_NOT_MODIFIED = (
+    "Bad Request: message is not modified: specified new message content and reply markup are "
+    "exactly the same as a content and reply markup of the current message"
+)
+
+
+def _param(params: dict[str, Any], name: str) -> Any:
+    """A parameter's value; missing and empty are both None."""
+    value = params.get(name)
+    return None if value is None or value == "" else value
+
+
+def _int_param(params: dict[str, Any], name: str) -> int | None:
+    value = _param(params, name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _TelegramError(400, f"Bad Request: invalid {name} specified")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _TelegramError(400, f"Bad Request: invalid {name} specified") from None
+
+
+def _float_param(params: dict[str, Any], name: str) -> float | None:
+    value = _param(params, name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _TelegramError(400, f"Bad Request: invalid {name} specified") from None
+
+
+def _bool_param(params: dict[str, Any], name: str) -> bool:
+    value = _param(params, name)
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return bool(value)
+
+
+def _json_param(params: dict[str, Any], name: str) -> Any:
+    """A parameter that is a JSON object or array; form and query values carry it as text."""
+    value = _param(params, name)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise _TelegramError(400, f"Bad Request: can't parse {name} JSON object") from None
+    return value
+
+
+def _chat_param(params: dict[str, Any]) -> int | str:
+    """chat_id as the Bot API takes it: an integer, or "@username" for a channel."""
+    value = _param(params, "chat_id")
+    if value is None:
+        raise _TelegramError(400, "Bad Request: chat_id is empty")
+    if isinstance(value, str) and value.strip().startswith("@"):
+        return value.strip()
+    try:
+        return _int_param(params, "chat_id")  # type: ignore[return-value]
+    except _TelegramError:
+        raise _TelegramError(400, "Bad Request: chat not found") from None
+
+
+def _checked_text(params: dict[str, Any]) -> str:
+    text = params.get("text")
+    text = "" if text is None else str(text)
+    if not text.strip():
+        raise _TelegramError(400, "Bad Request: message text is empty")
+    if len(text) > _MAX_TEXT:
+        raise _TelegramError(400, "Bad Request: message is too long")
+    return text
+
+
+def _kind(update: dict[str, Any]) -> str | None:
+    """An update's type: its one field besides update_id ("message", "callback_query", ...)."""
+    return next((key for key in update if key != "update_id"), None)
+
+
+@dataclass
+class _Failure:
+    status: int
+    description: str
+    parameters: dict[str, Any] | None
+
+
+class _TelegramServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, fake: FakeTelegram) -> None:
+        super().__init__(("127.0.0.1", 0), _TelegramHandler)
+        self.fake = fake
+
+
+class _TelegramHandler(BaseHTTPRequestHandler):
+    server: _TelegramServer
+
+    def do_GET(self) -> None:
+        self._answer(b"")
+
+    def do_POST(self) -> None:
+        self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def _answer(self, raw: bytes) -> None:
+        url = urlsplit(self.path)
+        params: dict[str, Any] = dict(parse_qsl(url.query, keep_blank_values=True))
+        unparsable = False
+        if raw.strip():
+            content_type = self.headers.get_content_type()
+            if content_type == "application/x-www-form-urlencoded":
+                params.update(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
+            else:  # JSON, whatever the header says
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                if isinstance(body, dict):
+                    params.update(body)
+                else:
+                    unparsable = True
+        status, payload = self.server.fake._dispatch(url.path, params, unparsable)
+        data = json.dumps(payload).encode()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client gave up
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+
+class FakeTelegram:
+    """A fake Telegram Bot API server: updates pushed by the test, the bot's calls recorded.
+
+    Clients call {url}/bot{token}/{method} with a JSON body, a form or a query string. Known
+    methods: getMe, getUpdates, sendMessage, editMessageText, editMessageReplyMarkup,
+    deleteMessage, answerCallbackQuery, sendChatAction (names are case-insensitive, as
+    Telegram's are). Every answer is {"ok": true, "result": ...} or {"ok": false,
+    "error_code": N, "description": ..., "parameters"?: {...}} with N as the HTTP status.
+
+    What the bot did: .calls (every request, as (method, params)), .sent (sendMessage),
+    .edits (editMessageText and editMessageReplyMarkup), .answers (answerCallbackQuery),
+    .actions (sendChatAction), .deleted (deleteMessage), .polls (getUpdates); only calls that
+    succeeded land in the lists other than .calls. Read them from the test's thread once
+    wait_for has seen what it waits for.
+    """
+
+    METHODS = (
+        "getMe",
+        "getUpdates",
+        "sendMessage",
+        "editMessageText",
+        "editMessageReplyMarkup",
+        "deleteMessage",
+        "answerCallbackQuery",
+        "sendChatAction",
+    )
+
+    def __init__(self, token: str = "123456:TEST-token") -> None:
+        self.token = token
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.edits: list[dict[str, Any]] = []
+        self.answers: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.deleted: list[dict[str, Any]] = []
+        self.polls: list[dict[str, Any]] = []
+        # One condition guards all state; it is notified on every request and every change.
+        self._cond = threading.Condition(threading.RLock())
+        self._closed = False
+        self._active = 0  # requests being answered
+        self._updates: list[dict[str, Any]] = []  # unconfirmed, oldest first
+        self._next_update_id = 1000
+        self._allowed_updates: list[str] | None = None
+        self._poll_generation = 0  # a newer getUpdates ends an older one, as Telegram does
+        self._chats: dict[int | str, dict[str, Any]] = {}
+        self._last_message_id: dict[int | str, int] = {}
+        self._messages: dict[tuple[int | str, int], dict[str, Any]] = {}
+        self._by_bot: set[tuple[int | str, int]] = set()  # messages the bot may edit
+        self._queries: dict[str, bool] = {}  # callback query id -> answered
+        self._query_ids = itertools.count(4_811_029_387_201_000_001)
+        self._failures: dict[str, deque[_Failure]] = {}
+        self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "getMe": self._get_me,
+            "getUpdates": self._get_updates,
+            "sendMessage": self._send_message,
+            "editMessageText": self._edit_message_text,
+            "editMessageReplyMarkup": self._edit_message_reply_markup,
+            "deleteMessage": self._delete_message,
+            "answerCallbackQuery": self._answer_callback_query,
+            "sendChatAction": self._send_chat_action,
+        }
+        self._canonical = {name.lower(): name for name in self._handlers}
+        bot_id = token.split(":", 1)[0]
+        self.bot: dict[str, Any] = {
+            "id": int(bot_id) if bot_id.isdigit() else 123456,
+            "is_bot": True,
+            "first_name": "Fake Bot",
+            "username": "fake_test_bot",
+        }
+        self._server = _TelegramServer(self)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        # a short poll interval lets close() return at once
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.01,), daemon=True
+        )
+        self._thread.start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving; long polls still waiting are answered at once with no updates."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._active == 0, timeout=5.0)
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    # -- what the test does -------------------------------------------------------------------
+
+    def push_message(
+        self,
+        chat_id: int,
+        user_id: int,
+        text: str,
+        *,
+        topic: int | None = None,
+        chat_type: str | None = None,
+        first_name: str = "User",
+    ) -> int:
+        """Queue a Message update from user_id in chat_id (in forum topic topic); its update_id.
+
+        The chat is private when chat_id == user_id, else a supergroup, unless chat_type says.
+        """
+        with self._cond:
+            kind = chat_type or ("private" if chat_id == user_id else "supergroup")
+            chat = self._chat(chat_id, kind, first_name=first_name, forum=topic is not None)
+            message_id = self._new_message_id(chat_id)
+            message: dict[str, Any] = {"message_id": message_id}
+            if topic is not None:
+                message["message_thread_id"] = topic
+            message |= {
+                "from": self._user(user_id, first_name),
+                "chat": dict(chat),
+                "date": int(time.time()),
+                "text": text,
+            }
+            if text.startswith("/"):
+                command = text.split(maxsplit=1)[0]
+                message["entities"] = [{"offset": 0, "length": len(command), "type": "bot_command"}]
+            if topic is not None:
+                message["is_topic_message"] = True
+            self._messages[(chat_id, message_id)] = message
+            return self._add_update({"message": copy.deepcopy(message)})
+
+    def push_callback(
+        self,
+        chat_id: int,
+        user_id: int,
+        data: str,
+        *,
+        message_id: int,
+        topic: int | None = None,
+        first_name: str = "User",
+    ) -> int:
+        """Queue a CallbackQuery update: user_id pressed a button of message_id; its update_id.
+
+        The query's message is the message as it now is when the bot sent it, else a stub.
+        """
+        with self._cond:
+            stored = self._messages.get((chat_id, message_id))
+            if stored is not None:
+                message = copy.deepcopy(stored)
+            else:
+                kind = "private" if chat_id == user_id else "supergroup"
+                chat = self._chat(chat_id, kind, first_name=first_name, forum=topic is not None)
+                message = {
+                    "message_id": message_id,
+                    "from": dict(self.bot),
+                    "chat": dict(chat),
+                    "date": int(time.time()),
+                }
+            if topic is not None:
+                message["message_thread_id"] = topic
+                message["is_topic_message"] = True
+            query_id = str(next(self._query_ids))
+            self._queries[query_id] = False
+            query = {
+                "id": query_id,
+                "from": self._user(user_id, first_name),
+                "message": message,
+                "chat_instance": str(abs(hash(("chat_instance", chat_id))) % 10**19),
+                "data": data,
+            }
+            return self._add_update({"callback_query": query})
+
+    def push_update(self, raw: dict[str, Any]) -> int:
+        """Queue any update as given; its update_id is assigned (and returned)."""
+        with self._cond:
+            update = copy.deepcopy(raw)
+            update.pop("update_id", None)
+            return self._add_update(update)
+
+    def fail_next(
+        self,
+        method: str,
+        status: int = 429,
+        retry_after: int | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Make the next call of method fail with status; calls queue up, one per failure.
+
+        429 carries parameters.retry_after (1 unless retry_after says) and Telegram's
+        "Too Many Requests: retry after N"; other statuses a generic description.
+        """
+        name = self._canonical.get(method.lower())
+        if name is None:
+            raise ValueError(f"FakeTelegram does not serve {method!r}; it serves {self.METHODS}")
+        if status == 429 and retry_after is None:
+            retry_after = 1
+        if description is None:
+            description = _STATUS_TEXTS.get(status, f"Error {status}")
+            if status == 429:
+                description += f": retry after {retry_after}"
+        parameters = None if retry_after is None else {"retry_after": retry_after}
+        with self._cond:
+            self._failures.setdefault(name, deque()).append(
+                _Failure(status, description, parameters)
+            )
+
+    def wait_for(self, predicate: Callable[[FakeTelegram], bool], timeout: float = 10.0) -> bool:
+        """Wait until predicate(self) is true (checked on every request and change); True.
+
+        Raises AssertionError when timeout seconds pass first.
+        """
+        with self._cond:
+            if self._cond.wait_for(lambda: predicate(self), timeout):
+                return True
+            name = getattr(predicate, "__name__", repr(predicate))
+            methods = [method for method, _ in self.calls]
+            raise AssertionError(
+                f"FakeTelegram.wait_for({name}) still false after {timeout:g}s; "
+                f"{len(methods)} calls: {methods[-20:]}; sent texts: {self.texts()!r}; "
+                f"{len(self._updates)} updates unconfirmed"
+            )
+
+    def texts(self, chat_id: int | str | None = None) -> list[str]:
+        """The texts of the messages sent (by sendMessage), oldest first, maybe to one chat."""
+        with self._cond:
+            return [s["text"] for s in self.sent if chat_id is None or s["chat_id"] == chat_id]
+
+    def message(self, chat_id: int | str, message_id: int) -> dict[str, Any] | None:
+        """A message as it now is (after edits), or None when unknown or deleted."""
+        with self._cond:
+            found = self._messages.get((chat_id, message_id))
+            return copy.deepcopy(found)
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        """The updates not confirmed yet, oldest first."""
+        with self._cond:
+            return copy.deepcopy(self._updates)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _add_update(self, update: dict[str, Any]) -> int:
+        update_id = self._next_update_id
+        self._next_update_id += 1
+        self._updates.append({"update_id": update_id, **update})
+        self._cond.notify_all()
+        return update_id
+
+    def _new_message_id(self, chat_id: int | str) -> int:
+        message_id = self._last_message_id.get(chat_id, 0) + 1
+        self._last_message_id[chat_id] = message_id
+        return message_id
+
+    @staticmethod
+    def _user(user_id: int, first_name: str) -> dict[str, Any]:
+        return {"id": user_id, "is_bot": False, "first_name": first_name}
+
+    def _chat(
+        self,
+        chat_id: int | str,
+        kind: str | None = None,
+        *,
+        first_name: str = "User",
+        forum: bool = False,
+    ) -> dict[str, Any]:
+        """The chat chat_id, made up the first time it is seen."""
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            if kind is None:
+                if isinstance(chat_id, str):
+                    kind = "channel"
+                else:
+                    kind = "private" if chat_id > 0 else "supergroup"
+            chat = {"id": chat_id}
+            if kind == "private":
+                chat["first_name"] = first_name
+            elif isinstance(chat_id, str):
+                chat |= {"title": chat_id.lstrip("@"), "username": chat_id.lstrip("@")}
+            else:
+                chat["title"] = f"Group {chat_id}"
+            chat["type"] = kind
+            self._chats[chat_id] = chat
+        if forum and chat["type"] == "supergroup":
+            chat["is_forum"] = True
+        return chat
+
+    def _dispatch(
+        self, path: str, params: dict[str, Any], unparsable: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one request: (HTTP status, JSON body)."""
+        prefix, _, rest = path.partition("/bot")
+        token, _, name = rest.rpartition("/")
+        method = self._canonical.get(name.lower(), name) if not prefix and token else path
+        with self._cond:
+            self.calls.append((method, params))
+            self._active += 1
+            self._cond.notify_all()
+        try:
+            if method == path:
+                raise _TelegramError(404, "Not Found")
+            if token != self.token:
+                raise _TelegramError(401, "Unauthorized")
+            handler = self._handlers.get(method)
+            if handler is None:
+                raise _TelegramError(404, "Not Found")
+            if unparsable:
+                raise _TelegramError(400, "Bad Request: can't parse JSON object")
+            with self._cond:
+                failures = self._failures.get(method)
+                failure = failures.popleft() if failures else None
+            if failure is not None:
+                raise _TelegramError(failure.status, failure.description, failure.parameters)
+            return 200, {"ok": True, "result": handler(params)}
+        except _TelegramError as error:
+            return error.status, error.body()
+        except Exception as error:  # a bug in the fake: say so rather than drop the connection
+            return 500, _TelegramError(500, f"Internal Server Error: {error!r}").body()
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    # -- the methods --------------------------------------------------------------------------
+
+    def _get_me(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self.bot,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+            "can_connect_to_business": False,
+            "has_main_web_app": False,
+        }
+
+    def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        offset = _int_param(params, "offset")
+        limit = min(max(_int_param(params, "limit") or 100, 1), 100)
+        timeout = max(_float_param(params, "timeout") or 0.0, 0.0)
+        allowed = _json_param(params, "allowed_updates")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._poll_generation += 1
+            generation = self._poll_generation
+            self.polls.append(
+                {"offset": offset, "limit": limit, "timeout": timeout, "allowed_updates": allowed}
+            )
+            if isinstance(allowed, list):  # an empty list asks for every kind again
+                self._allowed_updates = [str(kind) for kind in allowed] or None
+            if offset is not None and offset >= 0:  # confirm everything before offset
+                self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            elif offset is not None:  # the last -offset updates; the others are forgotten
+                self._updates = self._updates[offset:]
+            self._cond.notify_all()  # an older long poll sees it is superseded
+            while True:
+                if self._closed:
+                    return []
+                if self._poll_generation != generation:
+                    raise _TelegramError(409, _STATUS_TEXTS[409])
+                ready = [
+                    update
+                    for update in self._updates
+                    if self._allowed_updates is None or _kind(update) in self._allowed_updates
+                ][:limit]
+                if ready:
+                    return copy.deepcopy(ready)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+
+    def _send_message(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = _chat_param(params)
+        text = _checked_text(params)
+        thread = _int_param(params, "message_thread_id")
+        markup = _json_param(params, "reply_markup")
+        with self._cond:
+            message_id = self._new_message_id(chat_id)
+            message: dict[str, Any] = {"message_id": message_id}
+            if thread is not None:
+                message["message_thread_id"] = thread
+            message |= {
+                "from": dict(self.bot),
+                "chat": dict(self._chat(chat_id, forum=thread is not None)),
+                "date": int(time.time()),
+                "text": text,
+            }
+            if thread is not None:
+                message["is_topic_message"] = True
+            if markup:
+                message["reply_markup"] = markup
+            self._messages[(chat_id, message_id)] = message
+            self._by_bot.add((chat_id, message_id))
+            self.sent.append(
+                {
+                    "method": "sendMessage",
+                    **params,
+                    "chat_id": chat_id,
+                    "text": text,
+                    "message_id": message_id,
+                    "message_thread_id": thread,
+                    "reply_markup": markup,
+                    "parse_mode": _param(params, "parse_mode"),
+                }
+            )
+            self._cond.notify_all()
+            return copy.deepcopy(message)
+
+    def _editable(self, params: dict[str, Any]) -> tuple[int | str, int, dict[str, Any]]:
+        """(chat_id, message_id, the stored message) of a message the bot may edit."""
+        if _param(params, "inline_message_id") is not None:
+            raise _TelegramError(400, "Bad Request: message to edit not found")
+        chat_id = _chat_param(params)
+        message_id = _int_param(params, "message_id")
+        if message_id is None:
+            raise _TelegramError(400, "Bad Request: message identifier is not specified")
+        message = self._messages.get((chat_id, message_id))
+        if message is None:
+            raise _TelegramError(400, "Bad Request: message to edit not found")
+        if (chat_id, message_id) not in self._by_bot:
+            raise _TelegramError(400, "Bad Request: message can't be edited")
+        return chat_id, message_id, message
+
+    def _edit_message_text(self, params: dict[str, Any]) -> dict[str, Any]:
+        text = _checked_text(params)
+        markup = _json_param(params, "reply_markup")
+        with self._cond:
+            chat_id, message_id, message = self._editable(params)
+            return self._edit(params, "editMessageText", chat_id, message_id, message, text, markup)
+
+    def _edit_message_reply_markup(self, params: dict[str, Any]) -> dict[str, Any]:
+        markup = _json_param(params, "reply_markup")
+        with self._cond:
+            chat_id, message_id, message = self._editable(params)
+            text = message.get("text")
+            return self._edit(
+                params, "editMessageReplyMarkup", chat_id, message_id, message, text, markup
+            )
+
+    def _edit(
+        self,
+        params: dict[str, Any],
+        method: str,
+        chat_id: int | str,
+        message_id: int,
+        message: dict[str, Any],
+        text: str | None,
+        markup: Any,
+    ) -> dict[str, Any]:
+        """Apply an edit (an edit without reply_markup drops the keyboard, as Telegram's does)."""
+        if message.get("text") == text and message.get("reply_markup") == (markup or None):
+            raise _TelegramError(400, _NOT_MODIFIED)
+        if text is not None:
+            message["text"] = text
+        message["edit_date"] = int(time.time())
+        if markup:
+            message["reply_markup"] = markup
+        else:
+            message.pop("reply_markup", None)
+        self.edits.append(
+            {
+                "method": method,
+                **params,
+                "chat_id": chat_id,
+                "message_id": message_id,
+                "text": text,
+                "reply_markup": markup,
+                "parse_mode": _param(params, "parse_mode"),
+            }
+        )
+        self._cond.notify_all()
+        return copy.deepcopy(message)
+
+    def _delete_message(self, params: dict[str, Any]) -> bool:
+        chat_id = _chat_param(params)
+        message_id = _int_param(params, "message_id")
+        with self._cond:
+            if self._messages.pop((chat_id, message_id or 0), None) is None:
+                raise _TelegramError(400, "Bad Request: message to delete not found")
+            self._by_bot.discard((chat_id, message_id or 0))
+            self.deleted.append(
+                {"method": "deleteMessage", "chat_id": chat_id, "message_id": message_id}
+            )
+            self._cond.notify_all()
+            return True
+
+    def _answer_callback_query(self, params: dict[str, Any]) -> bool:
+        query_id = _param(params, "callback_query_id")
+        with self._cond:
+            if query_id is None or self._queries.get(str(query_id)) is not False:
+                raise _TelegramError(400, _BAD_QUERY)
+            self._queries[str(query_id)] = True
+            self.answers.append(
+                {
+                    "method": "answerCallbackQuery",
+                    **params,
+                    "callback_query_id": str(query_id),
+                    "text": _param(params, "text"),
+                    "show_alert": _bool_param(params, "show_alert"),
+                }
+            )
+            self._cond.notify_all()
+            return True
+
+    def _send_chat_action(self, params: dict[str, Any]) -> bool:
+        chat_id = _chat_param(params)
+        action = _param(params, "action")
+        if action not in _CHAT_ACTIONS:
+            raise _TelegramError(400, "Bad Request: wrong parameter action in request")
+        thread = _int_param(params, "message_thread_id")
+        with self._cond:
+            self.actions.append(
+                {
+                    "method": "sendChatAction",
+                    "chat_id": chat_id,
+                    "action": action,
+                    "message_thread_id": thread,
+                }
+            )
+            self._cond.notify_all()
+            return True
