@@ -3837,7 +3837,7 @@ SECRET_PREFIX = "agentkit-secret:"
 SECRET_INFO = b"agentkit-secret v1"
 SECRET_ID = re.compile(r"sec_[0-9a-f]{16}")
 MAX_SECRET_FIELDS = 8
-MAX_BLOB = 120_000
+MAX_BLOB = 60_000  # characters: ~44 KB of secrets
 
 
 def b64url(data: bytes) -> str:
@@ -4233,7 +4233,7 @@ class Secrets:
                 "v": "1",
                 "id": request_id,
                 "key": b64url(public),
-                "fields": dumps([{"name": n, "label": label} for n, label in checked]),
+                "fields": dumps([{"name": n} | ({"label": t} if t else {}) for n, t in checked]),
                 "reason": reason,
                 "exp": int(at + self.ttl),
             },
@@ -4284,7 +4284,9 @@ class Secrets:
         if request.actor != actor:
             raise BadInput("That secret blob was asked of someone else; nothing was saved.")
         if request.state == "used":
-            raise BadInput("That secret blob was used already (a link works once).")
+            raise BadInput(
+                "That secret blob was used already (a link works once); nothing was saved."
+            )
         if sealed_key is None or request.expires_at <= now():
             raise BadInput("That secret request expired; ask for a new link. Nothing was saved.")
         names = [name for name, _ in request.fields]
@@ -6175,6 +6177,27 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    parse_address(args.http)  # a bad address is refused before anything is created
+    open_kit(args).serve(args.http, workers=args.workers)
+    return 0
+
+
+def parse_age(text: str) -> float:
+    """An age like `30d`, `12h`, `15m`, `90s` or `2w` in seconds; BadInput otherwise."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if not match:
+        raise BadInput(f"an age is a number and a unit (s, m, h, d or w), like 30d, not {text!r}")
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    return float(match[1]) * units[match[2]]
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    deleted = open_kit(args, must_exist=True).prune(parse_age(args.older_than))
+    print(", ".join(f"{table} {count}" for table, count in deleted.items()) + " rows deleted")
+    return 0
+
+
 def cmd_decide(args: argparse.Namespace) -> int:
     kit = open_kit(args, must_exist=True)
     if args.command == "approve":
@@ -6237,6 +6260,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "deny":
             decide.add_argument("--reason", help="told to the model")
         decide.set_defaults(run=cmd_decide)
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the bot: web chat, adapters, workers, scheduler"
+    )
+    serve.add_argument("--http", default="127.0.0.1:8765", help="address (127.0.0.1:8765)")
+    serve.add_argument("--workers", type=int, default=2, help="worker threads (2)")
+    serve.set_defaults(run=cmd_serve)
+    prune = commands.add_parser(
+        "prune", parents=[common], help="delete old finished jobs, events and deliveries"
+    )
+    prune.add_argument("--older-than", required=True, help="an age like 30d, 12h or 90m")
+    prune.set_defaults(run=cmd_prune)
     return parser
 
 
@@ -6251,6 +6285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redactions)  # tokens and secrets, whoever logs them
     try:
         return args.run(args)
     except BadInput as e:

@@ -1,0 +1,484 @@
+"""Secret requests: the page in a real browser, interception, saving, redaction, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+import agentkit
+from agentkit import AgentKit, BadInput, ScriptedModel, ToolCall, ToolContext
+
+ROOT = Path(__file__).resolve().parent
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TOKEN = "ghp_" + "S3cr3tV4lue" * 3
+ACTOR = "cli:me"
+
+
+# ───────────────────────────────────────── helpers ─────────────────────────────────────────
+
+
+def link_params(url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).fragment))
+
+
+def seal(url: str, values: dict[str, str], names: list[str] | None = None) -> str:
+    """Encrypt `values` for the request behind a secret link, as the page does."""
+    params = link_params(url)
+    request_id = params["id"]
+    names = names or [f["name"] for f in json.loads(params["fields"])]
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(
+        ec.SECP256R1(), agentkit.unb64url(params["key"])
+    )
+    mine = ec.generate_private_key(ec.SECP256R1())
+    shared = mine.exchange(ec.ECDH(), peer)
+    key = HKDF(hashes.SHA256(), 32, salt=request_id.encode(), info=agentkit.SECRET_INFO).derive(
+        shared
+    )
+    iv = os.urandom(12)
+    sealed = AESGCM(key).encrypt(
+        iv, json.dumps(values).encode(), agentkit.secret_aad(request_id, names)
+    )
+    public = mine.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    parts = [request_id, *(agentkit.b64url(p) for p in (public, iv, sealed))]
+    return "agentkit-secret:v1." + ".".join(parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def secrets_dir(kit: AgentKit, thread: str = ACTOR) -> Path:
+    return agentkit.secrets_folder(kit.secrets.workspace, thread)
+
+
+def rows(kit: AgentKit, table: str) -> int:
+    return kit.store.read(f"SELECT count(*) FROM {table}")[0][0]
+
+
+def snapshot(kit: AgentKit) -> tuple:
+    """What a rejected blob must not change: rows and the secrets folder."""
+    tables = ("turns", "messages", "jobs", "threads", "deliveries", "calls")
+    saved = sorted(os.listdir(secrets_dir(kit))) if secrets_dir(kit).exists() else []
+    states = kit.store.read("SELECT id, state, private_key IS NULL FROM secret_requests")
+    return tuple(rows(kit, t) for t in tables), saved, states
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Iterator[AgentKit]:
+    with AgentKit(tmp_path / "agent.db", workspace=tmp_path / "ws") as kit:
+        yield kit
+
+
+def ask(kit: AgentKit, *fields: object, thread: str = ACTOR, actor: str = ACTOR) -> str:
+    """Make a request; its link."""
+    return kit.request_secret(thread, fields=list(fields), reason="for the demo", actor=actor).url
+
+
+# ───────────────────────────── the page in a real browser ─────────────────────────────
+
+
+def run_page(url: str, values: dict[str, str]) -> str:
+    """Open the secret page in headless Chromium, fill it, encrypt; the blob it shows."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(url)
+            for name, value in values.items():
+                page.fill(f"input[name={name}]", value)
+            page.click("#encrypt")
+            deadline = time.monotonic() + 10
+            while not page.input_value("#blob") and time.monotonic() < deadline:
+                page.wait_for_timeout(20)  # the page's CSP forbids wait_for_function's eval
+            blob = page.input_value("#blob")
+        finally:
+            browser.close()
+    assert not problems, problems
+    assert {r.split("#")[0] for r in requested} == {url.split("#")[0]}, requested
+    return blob
+
+
+def test_chromium_encrypts_on_the_served_page_and_agentkit_saves_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole flow: the model asks, the page served by `serve` encrypts in Chromium, the
+    pasted blob is saved, the model goes on; no trace of the value in the database, its
+    WAL or the logs (a tool that returns the value and a model that repeats it included)."""
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    seen: list[list[dict]] = []
+
+    def model(messages: list[dict], tools: list[dict]) -> object:
+        seen.append(messages)
+        last = messages[-1]
+        if last["role"] == "user" and last["content"].startswith("[agentkit:"):
+            return "Thanks, I have them."
+        if last["role"] == "user":
+            if last["content"] == "deploy":
+                fields = ["GITHUB_TOKEN", {"name": "REGION", "label": "Region to deploy to"}]
+                return ToolCall("secret_request", {"reason": "to push", "fields": fields})
+            return ToolCall("use_token", {})
+        if last["role"] == "tool" and last["name"] == "use_token":
+            return f"done, the token was {TOKEN}"
+        return "I sent you a link."
+
+    kit = AgentKit(
+        tmp_path / "agent.db",
+        model=ScriptedModel([model] * 10),
+        workspace=tmp_path / "ws",
+        public_url=f"http://127.0.0.1:{port}",
+    )
+
+    @kit.tool
+    def use_token(ctx: ToolContext) -> str:
+        token = ctx.secret("GITHUB_TOKEN")
+        logging.getLogger("agentkit").info("using %s in %s", token, ctx.secret("REGION"))
+        return f"pushed with {token}"
+
+    stop = threading.Event()
+    ready = threading.Event()
+    server = threading.Thread(
+        target=kit.serve,
+        kwargs={"http": f"127.0.0.1:{port}", "stop": stop, "ready": lambda url: ready.set()},
+    )
+    server.start()
+    try:
+        assert ready.wait(30)
+        asked = kit.run_turn(ACTOR, "deploy")
+        assert asked.status == "done" and asked.reply == "I sent you a link."
+        url = re.search(r"http://\S+/secret#\S+", asked.note or "")[0]
+        blob = run_page(url, {"GITHUB_TOKEN": TOKEN, "REGION": "eu-west-3"})
+        assert blob.startswith("agentkit-secret:v1.")
+        saved = kit.run_turn(ACTOR, blob)
+        assert saved.note == "Saved GITHUB_TOKEN, REGION for this conversation."
+        assert saved.reply == "Thanks, I have them."
+        used = kit.run_turn(ACTOR, "now push")
+    finally:
+        stop.set()
+        server.join()
+    folder = secrets_dir(kit)
+    assert (folder / "GITHUB_TOKEN").read_text() == TOKEN
+    assert (folder / "REGION").read_text() == "eu-west-3"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "GITHUB_TOKEN").stat().st_mode) == 0o600
+    told = [m["content"] for m in seen[2] if m["role"] == "user"][-1]
+    assert "GITHUB_TOKEN, REGION" in told and "ctx.secret" in told
+    assert all(TOKEN not in json.dumps(messages) for messages in seen[:4])
+    assert used.reply == "done, the token was [redacted:GITHUB_TOKEN]"
+    results = [m["content"] for m in kit.history(ACTOR) if m["role"] == "tool"]
+    assert "pushed with [redacted:GITHUB_TOKEN]" in results
+    assert "[redacted:GITHUB_TOKEN] in [redacted:REGION]" in caplog.text
+    assert kit.store.read("SELECT state, private_key FROM secret_requests") == [("used", None)]
+    assert (tmp_path / "agent.db-wal").stat().st_size > 0
+    for _ in range(2):  # the live database and its WAL, then the file after a checkpoint
+        for path in tmp_path.glob("agent.db*"):
+            if path.suffix != ".key":
+                assert TOKEN.encode() not in path.read_bytes(), path
+        kit.close()
+    assert TOKEN not in caplog.text
+
+
+def test_the_page_works_opened_from_disk(kit: AgentKit, tmp_path: Path) -> None:
+    url = ask(kit, "API_KEY")
+    page = tmp_path / "secret.html"
+    page.write_text(agentkit.secret_page()[0])
+    blob = run_page(
+        f"file://{page}#{urllib.parse.urlsplit(url).fragment}", {"API_KEY": "k3y-v4lue"}
+    )
+    assert kit.run_turn(ACTOR, blob).note == "Saved API_KEY for this conversation."
+    assert (secrets_dir(kit) / "API_KEY").read_text() == "k3y-v4lue"
+
+
+# ─────────────────────────────── interception and refusals ───────────────────────────────
+
+
+def test_a_blob_is_intercepted_before_anything_is_stored(kit: AgentKit) -> None:
+    heard: list[str] = []
+    kit.on("message_received")(lambda e: heard.append(e.text))
+    blob = seal(ask(kit, "TOKEN"), {"TOKEN": TOKEN})
+    result = kit.run_turn(ACTOR, blob)
+    assert result.status == "done"
+    stored = " ".join(str(row) for row in kit.store.read("SELECT text FROM turns"))
+    stored += " ".join(str(row) for row in kit.store.read("SELECT content FROM messages"))
+    assert "agentkit-secret:" not in stored and TOKEN not in stored
+    assert heard and "TOKEN" in heard[0] and "agentkit-secret" not in heard[0]
+
+
+@pytest.mark.parametrize("case", ["thread", "actor", "expired", "replayed", "tampered", "fields"])
+def test_refused_blobs_get_a_clear_reply_and_change_nothing(kit: AgentKit, case: str) -> None:
+    url = ask(kit, "TOKEN")
+    blob = seal(url, {"TOKEN": TOKEN})
+    thread, actor, when = ACTOR, ACTOR, None
+    if case == "thread":
+        thread = "cli:other"
+    elif case == "actor":
+        actor = "cli:someone"
+    elif case == "expired":
+        when = time.time() + 601
+    elif case == "replayed":
+        assert kit.run_turn(ACTOR, blob).note.startswith("Saved")
+    elif case == "tampered":
+        blob = blob[:-6] + ("A" if blob[-6] != "A" else "B") + blob[-5:]
+    elif case == "fields":
+        blob = seal(url, {"TOKEN": TOKEN}, names=["OTHER"])
+    before = snapshot(kit)
+    expected = {
+        "thread": "another conversation",
+        "actor": "asked of someone else",
+        "expired": "expired",
+        "replayed": "used already",
+        "tampered": "damaged or was changed",
+        "fields": "damaged or was changed",
+    }[case]
+    if when:
+        real = agentkit.now
+        agentkit.now = lambda: when
+    try:
+        result = kit.run_turn(thread, blob, actor=actor)
+    finally:
+        if when:
+            agentkit.now = real
+    assert result.status == "rejected" and result.turn_id is None
+    assert expected in result.error and "nothing was saved" in result.error.lower()
+    assert snapshot(kit) == before
+    if case != "replayed":  # the request stays usable
+        fresh = seal(url, {"TOKEN": "x" * 8})
+        assert kit.run_turn(ACTOR, fresh).note == "Saved TOKEN for this conversation."
+
+
+def mutations(blob: str, rng: random.Random) -> Iterator[str]:
+    """Random and mutated blobs: flipped, cut, spliced, re-encoded, garbage."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:=+/ é\n\0"
+    while True:
+        kind = rng.randrange(9)
+        chars = list(blob)
+        if kind == 0:  # flip one character
+            i = rng.randrange(len(chars))
+            chars[i] = rng.choice(alphabet.replace(chars[i], ""))
+            yield "".join(chars)
+        elif kind == 1:  # cut
+            yield blob[: rng.randrange(len(blob))]
+        elif kind == 2:  # drop or repeat a part
+            parts = blob.split(".")
+            i = rng.randrange(len(parts))
+            parts.insert(i, parts[i]) if rng.random() < 0.5 else parts.pop(i)
+            yield ".".join(parts)
+        elif kind == 3:  # random garbage after the prefix
+            n = rng.randrange(0, 400)
+            yield "agentkit-secret:v1." + "".join(rng.choice(alphabet) for _ in range(n))
+        elif kind == 4:  # another version or prefix
+            yield blob.replace("v1.", rng.choice(["v2.", "v0.", "V1.", "v1..", ""]), 1)
+        elif kind == 5:  # a valid-looking id that does not exist
+            yield re.sub(r"sec_[0-9a-f]{16}", f"sec_{rng.getrandbits(64):016x}", blob)
+        elif kind == 6:  # a random ephemeral key (often not on the curve)
+            parts = blob.split(".")
+            parts[2] = agentkit.b64url(b"\x04" + rng.randbytes(64))
+            yield ".".join(parts)
+        elif kind == 7:  # padding, whitespace, or a huge blob
+            yield rng.choice([blob + "==", " " + blob + "\n", blob + "A" * 70_000])
+        else:  # swap two characters
+            i, j = rng.randrange(len(chars)), rng.randrange(len(chars))
+            chars[i], chars[j] = chars[j], chars[i]
+            candidate = "".join(chars)
+            if candidate.strip() != blob:
+                yield candidate
+
+
+def test_a_thousand_random_and_mutated_blobs_are_refused_and_write_nothing(
+    kit: AgentKit,
+) -> None:
+    url = ask(kit, "TOKEN", "USER")
+    blob = seal(url, {"TOKEN": TOKEN, "USER": "ops"})
+    before = snapshot(kit)
+    rng = random.Random(20261121)
+    tried = 0
+    for candidate in mutations(blob, rng):
+        if candidate.strip() == blob or not candidate.lstrip().startswith("agentkit-secret:"):
+            continue  # the blob itself, or a cut that is no blob any more (a plain message)
+        result = kit.run_turn(ACTOR, candidate)
+        assert result.status == "rejected", candidate
+        assert result.error and "nothing was saved" in result.error.lower(), result.error
+        tried += 1
+        if tried == 1000:
+            break
+    assert snapshot(kit) == before
+    assert kit.run_turn(ACTOR, blob).note == "Saved TOKEN, USER for this conversation."
+
+
+def test_a_request_made_by_one_process_is_completed_by_a_later_one(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("AGENTKIT_SECRET_KEY", None)
+    common = f"import agentkit; kit = agentkit.AgentKit({str(tmp_path / 'agent.db')!r})\n"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            common + "print(kit.request_secret('cli:me', fields=['TOKEN'], reason='ci').url)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    key_file = tmp_path / "agent.db.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert key.encode() not in (tmp_path / "agent.db").read_bytes()
+    blob = seal(made.stdout.strip(), {"TOKEN": TOKEN})
+    used = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            common + "import sys; print(kit.run_turn('cli:me', sys.argv[1]).note)",
+            blob,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert used.stdout.strip() == "Saved TOKEN for this conversation."
+    assert (tmp_path / "workspace" / "cli%3Ame" / ".secrets" / "TOKEN").read_text() == TOKEN
+
+
+def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> None:
+    class Feed(agentkit.PollingAdapter):
+        name = "feed"
+
+        def send(self, target: str, outbound: agentkit.Outbound) -> None:
+            raise AssertionError("not sent in this test")
+
+    feed = Feed()
+    with AgentKit(kit.store.path, workspace=kit.secrets.workspace, adapters=[feed]) as bot:
+        url = bot.request_secret("feed:room", fields=["TOKEN"], reason="x", actor="feed:ann")
+        blob = seal(url.url, {"TOKEN": TOKEN})
+        items = [
+            agentkit.Inbound("room", "bob", blob, id="1"),
+            agentkit.Inbound("room", "ann", blob, id="2"),
+        ]
+        bot.receive_all(feed, items, "2")
+        replies = [
+            json.loads(b)["text"]
+            for (b,) in bot.store.read("SELECT body FROM deliveries ORDER BY id")
+        ]
+        assert replies[0].startswith("x\nOpen this link to give TOKEN securely")
+        assert "asked of someone else" in replies[1] and replies[2].startswith("Saved TOKEN")
+        assert bot.records.cursor("feed") == "2"
+        texts = [t for (t,) in bot.store.read("SELECT text FROM turns")]
+        assert len(texts) == 1 and "TOKEN" in texts[0] and "agentkit-secret" not in texts[0]
+        assert (
+            agentkit.secrets_folder(bot.secrets.workspace, "feed:room") / "TOKEN"
+        ).read_text() == TOKEN
+
+
+# ─────────────────────────────── keys, expiry and bad input ───────────────────────────────
+
+
+def test_expiry_deletes_the_private_key(kit: AgentKit) -> None:
+    ask(kit, "TOKEN")
+    kit.tick(at=time.time() + 601)
+    assert kit.store.read("SELECT state, private_key FROM secret_requests") == [("expired", None)]
+
+
+def test_the_kit_key_comes_from_the_environment_or_a_private_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_SECRET_KEY", "short")
+    with pytest.raises(BadInput, match="32 characters"):
+        agentkit.kit_key(str(tmp_path / "a.db"))
+    monkeypatch.setenv("AGENTKIT_SECRET_KEY", "k" * 40)
+    assert agentkit.kit_key(str(tmp_path / "a.db")) == agentkit.kit_key(str(tmp_path / "b.db"))
+    assert not list(tmp_path.iterdir())
+    monkeypatch.delenv("AGENTKIT_SECRET_KEY")
+    first = agentkit.kit_key(str(tmp_path / "a.db"))
+    assert agentkit.kit_key(str(tmp_path / "a.db")) == first
+    (tmp_path / "a.db.key").chmod(0o644)
+    with pytest.raises(agentkit.StoreError, match="chmod 600"):
+        agentkit.kit_key(str(tmp_path / "a.db"))
+
+
+def test_bad_requests_are_refused_and_write_nothing(kit: AgentKit) -> None:
+    for fields in (
+        [],
+        ["A"] * 2,
+        [f"F{i}" for i in range(9)],
+        ["1BAD"],
+        ["a-b"],
+        [{"name": "X", "label": 5}],
+    ):
+        with pytest.raises(BadInput):
+            kit.request_secret(ACTOR, fields=fields, reason="why")
+    with pytest.raises(BadInput):
+        kit.request_secret(ACTOR, fields=["OK"], reason="")
+    with pytest.raises(BadInput):
+        kit.request_secret("nothread", fields=["OK"], reason="why")
+    assert rows(kit, "secret_requests") == 0
+    for url in ("http://example.com", "ftp://127.0.0.1", "https://"):
+        with pytest.raises(BadInput, match="public_url"):
+            AgentKit(":memory:", public_url=url)
+    assert AgentKit(":memory:", public_url="https://bot.example.com/").secrets.public_url == (
+        "https://bot.example.com"
+    )
+
+
+def test_the_tool_can_be_turned_off(tmp_path: Path) -> None:
+    with AgentKit(tmp_path / "a.db", secret_tool=False) as kit:
+        assert "secret_request" not in kit.engine.tools
+    with AgentKit(tmp_path / "b.db") as kit:
+        spec = kit.engine.tools["secret_request"].spec()
+        assert set(spec["parameters"]["required"]) == {"reason", "fields"}
+
+
+def test_ctx_secret_refuses_bad_names_and_symlinks(kit: AgentKit, tmp_path: Path) -> None:
+    ctx = ToolContext(
+        thread_id=ACTOR, turn_id="t", actor=ACTOR, call_id=None, root=kit.secrets.workspace
+    )
+    with pytest.raises(BadInput):
+        ctx.secret("../etc/passwd")
+    with pytest.raises(KeyError):
+        ctx.secret("MISSING")
+    folder = secrets_dir(kit)
+    folder.mkdir(parents=True)
+    (tmp_path / "elsewhere").write_text("not yours")
+    (folder / "LINKED").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        ctx.secret("LINKED")

@@ -1,0 +1,649 @@
+"""agentkit over HTTP: the signed webhook, the web chat's API and page in a real browser,
+and `agentkit serve` as a process. Real SQLite files, real loopback HTTP, no internet."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import agentkit
+from agentkit import AgentKit
+
+ROOT = Path(__file__).resolve().parent
+SECRET = "s3cret-webhook-key-0123456789"
+TOKEN = "web-token-for-tests-0123456789"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CONFIG_VARS = (
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "AGENTKIT_MODEL",
+    "TELEGRAM_BOT_TOKEN",
+    "AGENTKIT_WEB_TOKEN",
+    "AGENTKIT_PUBLIC_URL",
+    "AGENTKIT_TELEGRAM_ALLOW",
+    "AGENTKIT_SECRET_KEY",
+)
+
+
+# ───────────────────────────────────────── helpers ─────────────────────────────────────────
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+@pytest.fixture(autouse=True)
+def no_configuration(monkeypatch) -> None:
+    """No test here picks up a model, a bot token or a web token from the environment."""
+    for name in CONFIG_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.contextmanager
+def served(kit: AgentKit, workers: int = 2) -> Iterator[str]:
+    """Run `kit.serve` on a free loopback port in a thread; yield its URL; stop and close."""
+    stop = threading.Event()
+    urls: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            kit.serve(http="127.0.0.1:0", workers=workers, stop=stop, ready=urls.append)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="test-serve", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: urls or errors or not thread.is_alive(), what="serve to be ready")
+        assert not errors, errors
+        assert urls, "serve returned before it was ready"
+        yield urls[0]
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "serve did not stop within 15 s of stop being set"
+        kit.close()
+    assert not errors, errors
+
+
+def row_counts(kit: AgentKit) -> dict[str, int]:
+    """The number of rows in every table of the kit's database."""
+    return {
+        table: kit.store.read(f'SELECT count(*) FROM "{table}"')[0][0]
+        for table in kit.store.tables()
+    }
+
+
+def sign(secret: str, payload: bytes, t: int | None = None) -> str:
+    """An `X-Agentkit-Signature` value over `payload` at time `t` (now by default)."""
+    t = int(time.time()) if t is None else t
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def check_signature(secret: str, header: str, payload: bytes) -> None:
+    """Assert `header` is a valid, fresh agentkit signature of `payload` by `secret`."""
+    fields = dict(part.split("=", 1) for part in header.split(","))
+    assert set(fields) == {"t", "v1"}, header
+    assert abs(time.time() - int(fields["t"])) < 60
+    expected = hmac.new(
+        secret.encode(), f"{fields['t']}.".encode() + payload, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(fields["v1"], expected)
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """A tiny local HTTP server that records every POST (headers, raw body) and answers 200."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                recorder.received.append((self.path, headers, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def post_event(client: httpx.Client, body: bytes, *, name: str = "github", **sig) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if sig.get("header", True) is not None:
+        headers["X-Agentkit-Signature"] = sig.get("header") or sign(
+            sig.get("secret", SECRET), body, sig.get("t")
+        )
+    return client.post(f"/webhook/{name}", content=body, headers=headers)
+
+
+def event(**fields: object) -> bytes:
+    base = {"id": "evt-1", "thread": "repo-1", "actor": "octocat", "text": "hello"}
+    return json.dumps({**base, **fields}).encode()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def login(client: httpx.Client, url: str, token: str) -> str:
+    """Trade the token for the session cookie; the `Cookie` header value to send."""
+    response = client.post("/api/login", json={"token": token}, headers={"Origin": url})
+    assert response.status_code == 204, response.text
+    return response.headers["set-cookie"].split(";", 1)[0]
+
+
+def feed_until(
+    client: httpx.Client, cookie: str, done: Callable[[list[dict]], bool], timeout: float = 20.0
+) -> list[dict]:
+    """Read /api/feed (long polls) until the items so far satisfy `done`; all items."""
+    items: list[dict] = []
+    last = 0
+    deadline = time.monotonic() + timeout
+    while not done(items):
+        assert time.monotonic() < deadline, f"feed never got there: {items}"
+        response = client.get(f"/api/feed?after={last}", headers={"Cookie": cookie})
+        assert response.status_code == 200, response.text
+        data = response.json()
+        items += data["items"]
+        last = data["last"]
+    return items
+
+
+def has_reply(text: str) -> Callable[[list[dict]], bool]:
+    return lambda items: any(i["kind"] == "reply" and i["text"] == text for i in items)
+
+
+# ───────────────────────────────────────── webhook ─────────────────────────────────────────
+
+
+@pytest.fixture
+def hook_kit(tmp_path: Path, recorder: Recorder) -> AgentKit:
+    hook = agentkit.Webhook(SECRET, name="github", callbacks=[f"{recorder.url}/"])
+    return AgentKit(tmp_path / "hook.db", model="echo", adapters=[hook])
+
+
+def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKit) -> None:
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = row_counts(hook_kit)
+        now = int(time.time())
+        body = event()
+        wrong_mac = sign(SECRET, body).rsplit("=", 1)[0] + "=" + "0" * 64
+        refusals = [
+            (post_event(client, body, header=None), 401),
+            (post_event(client, body, header=wrong_mac), 401),
+            (post_event(client, body, header="garbage"), 401),
+            (post_event(client, body, secret="another-secret-0123456789"), 401),
+            (post_event(client, body, t=now - 301), 401),
+            (post_event(client, body, t=now + 301), 401),
+            # signed over another body: the signature covers the raw bytes
+            (post_event(client, body, header=sign(SECRET, event(text="other"))), 401),
+            (post_event(client, b"x" * ((1 << 20) + 1)), 413),
+            (post_event(client, body + b" " * (1 << 20)), 413),
+            (post_event(client, b'{"id": "evt-1", "thread":'), 400),
+            (post_event(client, b"[1, 2, 3]"), 400),
+            (post_event(client, b"\xff\xfe not utf-8"), 400),
+            (post_event(client, json.dumps({"id": "e", "thread": "t", "text": "x"}).encode()), 400),
+            (post_event(client, event(text="")), 400),
+            (post_event(client, event(thread=42)), 400),
+            (post_event(client, event(callback="http://evil.example/steal")), 400),
+            (post_event(client, event(callback=f"{url}/x")), 400),
+            (post_event(client, event(), name="nosuch"), 404),
+        ]
+        for i, (response, status) in enumerate(refusals):
+            assert response.status_code == status, (i, response.status_code, response.text)
+            assert "error" in response.json(), (i, response.text)
+        assert row_counts(hook_kit) == before
+        assert hook_kit.threads() == []
+
+
+def test_webhook_event_is_deduplicated_answered_and_called_back(
+    hook_kit: AgentKit, recorder: Recorder
+) -> None:
+    callback = f"{recorder.url}/hooks/reply"
+    body = event(callback=callback)
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = post_event(client, body)
+        assert first.status_code == 202, first.text
+        turn_id = first.json()["turn_id"]
+        assert first.json() == {"turn_id": turn_id, "thread_id": "github:repo-1"}
+        assert turn_id.startswith("turn_")
+
+        again = post_event(client, body)  # a redelivery, freshly signed
+        assert (again.status_code, again.json()) == (202, first.json())
+        rows = hook_kit.store.read("SELECT id, thread_id, actor, text FROM turns")
+        assert rows == [(turn_id, "github:repo-1", "github:octocat", "hello")]
+
+        before = row_counts(hook_kit)
+        other = post_event(client, event(callback=callback, text="not the same"))
+        assert other.status_code == 409, other.text
+        assert row_counts(hook_kit) == before
+
+        path = f"/webhook/github/turns/{turn_id}"
+
+        def report() -> dict:
+            response = client.get(path, headers={"X-Agentkit-Signature": sign(SECRET, path.encode())})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        done = wait_until(lambda: (r := report())["status"] == "done" and r, what="the turn")
+        assert done["reply"] == "echo: hello"
+        assert (done["turn_id"], done["thread_id"], done["error"]) == (
+            turn_id,
+            "github:repo-1",
+            None,
+        )
+
+        assert client.get(path).status_code == 401
+        other_path = f"/webhook/github/turns/{turn_id}x"
+        replayed = {"X-Agentkit-Signature": sign(SECRET, other_path.encode())}
+        assert client.get(path, headers=replayed).status_code == 401
+        stale = {"X-Agentkit-Signature": sign(SECRET, path.encode(), int(time.time()) - 400)}
+        assert client.get(path, headers=stale).status_code == 401
+
+        # a turn of another adapter is not this webhook's to report
+        web_turn = hook_kit.run_turn("cli:me", "hi").turn_id
+        web_path = f"/webhook/github/turns/{web_turn}"
+        signed = {"X-Agentkit-Signature": sign(SECRET, web_path.encode())}
+        assert client.get(web_path, headers=signed).status_code == 404
+
+        def sent() -> bool:
+            states = hook_kit.store.read("SELECT state FROM deliveries WHERE adapter = 'github'")
+            return states == [("sent",)]
+
+        wait_until(sent, what="the callback delivery to be sent")
+        assert len(recorder.received) == 1, recorder.received
+        where, headers, payload = recorder.received[0]
+        assert where == "/hooks/reply"
+        check_signature(SECRET, headers["x-agentkit-signature"], payload)
+        assert json.loads(payload) == {
+            "event": "evt-1",
+            "turn_id": turn_id,
+            "thread_id": "github:repo-1",
+            "status": "done",
+            "reply": "echo: hello",
+        }
+
+
+def test_webhook_turns_route_answers_only_signed_requests_for_known_turns(
+    hook_kit: AgentKit,
+) -> None:
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        path = "/webhook/github/turns/turn_nosuch"
+        signed = {"X-Agentkit-Signature": sign(SECRET, path.encode())}
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers=signed).status_code == 404
+        assert client.post("/webhook/nosuch", content=b"{}").status_code == 404
+        assert client.get("/webhook/web").status_code == 404
+
+
+def test_an_adapter_named_web_must_be_a_web_chat(tmp_path: Path) -> None:
+    # "web" is the web chat's name: the server hands it `/`, `/api/…` and the token
+    with pytest.raises(agentkit.BadInput):
+        AgentKit(tmp_path / "a.db", adapters=[agentkit.Webhook(SECRET, name="web")])
+
+
+# ─────────────────────────────────────── web chat API ───────────────────────────────────────
+
+
+@pytest.fixture
+def web_kit(tmp_path: Path, monkeypatch) -> AgentKit:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    return AgentKit(tmp_path / "web.db", model="echo")
+
+
+def test_web_chat_checks_host_origin_token_and_cookie(web_kit: AgentKit) -> None:
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=30) as client:
+        port = port_of(url)
+        assert web_kit.adapters["web"].token == TOKEN
+        before = row_counts(web_kit)
+
+        for host in (f"evil.example:{port}", "127.0.0.1:1", "evil.example", ""):
+            response = client.get("/", headers={"Host": host})
+            assert response.status_code == 421, (host, response.status_code)
+            assert "<script>" not in response.text
+        rebound = client.post(
+            "/api/login",
+            json={"token": TOKEN},
+            headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+        )
+        assert rebound.status_code == 421 and "set-cookie" not in rebound.headers
+
+        for origin in (None, "http://evil.example", f"http://localhost:{port}", "null"):
+            headers = {"Origin": origin} if origin else {}
+            for path, body in (("/api/login", {"token": TOKEN}), ("/api/messages", {"text": "x"})):
+                response = client.post(path, json=body, headers=headers)
+                assert response.status_code == 403, (origin, path, response.status_code)
+                assert "set-cookie" not in response.headers
+
+        assert client.get("/api/feed").status_code == 401
+        forged = {"Cookie": "agentkit_web=" + "0" * 64}
+        assert client.get("/api/feed", headers=forged).status_code == 401
+        unsigned = client.post("/api/messages", json={"text": "hi"}, headers={"Origin": url})
+        assert unsigned.status_code == 401
+
+        for wrong in ("nope", TOKEN + "x", "", None, 42):
+            response = client.post("/api/login", json={"token": wrong}, headers={"Origin": url})
+            assert response.status_code == 401, (wrong, response.status_code)
+            assert "set-cookie" not in response.headers
+        assert row_counts(web_kit) == before
+
+        response = client.post("/api/login", json={"token": TOKEN}, headers={"Origin": url})
+        assert response.status_code == 204
+        attributes = [a.strip().lower() for a in response.headers["set-cookie"].split(";")]
+        assert "httponly" in attributes and "samesite=strict" in attributes
+        cookie = response.headers["set-cookie"].split(";", 1)[0]
+        assert TOKEN not in cookie
+        # the page is reachable under localhost too, with its own Origin
+        via_localhost = client.post(
+            "/api/login",
+            json={"token": TOKEN},
+            headers={"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"},
+        )
+        assert via_localhost.status_code == 204
+
+        sent = client.post(
+            "/api/messages", json={"text": "hi there"}, headers={"Origin": url, "Cookie": cookie}
+        )
+        assert sent.status_code == 202, sent.text
+        assert sent.json()["turn_id"].startswith("turn_")
+        items = feed_until(client, cookie, has_reply("echo: hi there"))
+        kinds = [(i["kind"], i["text"]) for i in items]
+        assert kinds == [("user", "hi there"), ("reply", "echo: hi there")]
+        assert all(i["turn_id"] == sent.json()["turn_id"] for i in items)
+        assert web_kit.history("web:owner") == [
+            {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "echo: hi there"},
+        ]
+        empty = client.post(
+            "/api/messages", json={"text": "  "}, headers={"Origin": url, "Cookie": cookie}
+        )
+        assert empty.status_code == 400
+
+
+def test_web_chat_page_has_a_csp_that_allows_exactly_its_inline_script(
+    web_kit: AgentKit,
+) -> None:
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        response = client.get("/")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        page = response.text
+        scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+        assert len(scripts) == 1 and "<script " not in page
+        policy = response.headers["content-security-policy"]
+        directives = {
+            d.split()[0]: d.split()[1:] for d in (p.strip() for p in policy.split(";")) if d
+        }
+        expected = hashlib.sha256(scripts[0].encode()).digest()
+        assert directives["script-src"] == [f"'sha256-{base64.b64encode(expected).decode()}'"]
+        assert directives["default-src"] == ["'none'"]
+        assert directives["frame-ancestors"] == ["'none'"]
+        assert TOKEN not in page
+
+
+# ───────────────────────────────────────── browser ─────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    assert os.path.exists(CHROMIUM), "Debian's chromium is needed for the browser tests"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def chat_page(browser, url: str, token: str):
+    """A page of a fresh browser context logged in through `#token=`; yields (page, errors)."""
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    page.set_default_timeout(20_000)
+    try:
+        page.goto(f"{url}/#token={token}")
+        from playwright.sync_api import expect
+
+        expect(page.locator("#status")).to_have_text("connected")
+        assert "token" not in page.url and token not in page.url
+        assert page.url == f"{url}/"
+        yield page, errors
+    finally:
+        context.close()
+
+
+def test_browser_chat_gets_the_echo_reply(browser, web_kit: AgentKit) -> None:
+    from playwright.sync_api import expect
+
+    with served(web_kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.locator("#text").fill("hello browser")
+        page.locator("#send").click()
+        expect(page.locator("#log .item.kind-user")).to_have_text("hello browser")
+        reply = page.locator("#log .item.kind-reply")
+        expect(reply).to_have_text("echo: hello browser")
+        expect(page.locator("#text")).to_have_value("")
+        # Enter sends too
+        page.locator("#text").fill("second")
+        page.locator("#text").press("Enter")
+        expect(reply).to_have_count(2)
+        expect(reply.nth(1)).to_have_text("echo: second")
+        cookies = page.context.cookies()
+        assert [c["httpOnly"] for c in cookies] == [True]
+        assert all(c["sameSite"] == "Strict" for c in cookies)
+        assert not [e for e in errors if "Content Security Policy" in e], errors
+        assert errors == []
+
+
+def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatch) -> None:
+    from playwright.sync_api import expect
+
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    model = agentkit.ScriptedModel(
+        [agentkit.ToolCall("restart", {"service": "nginx"}), "Restarted nginx."]
+    )
+    kit = AgentKit(tmp_path / "approve.db", model=model)
+    runs: list[str] = []
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        runs.append(service)
+        return f"{service} restarted"
+
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.locator("#text").fill("restart nginx")
+        page.locator("#send").click()
+        item = page.locator("#log .item.kind-approval")
+        approve = item.locator("button.approve")
+        expect(approve).to_be_visible()
+        expect(item.locator("code")).to_have_text("restart")
+        assert runs == []
+        assert [a.state for a in kit.approvals()] == ["pending"]
+        approve.click()
+        expect(page.locator("#log .item.kind-reply")).to_have_text("Restarted nginx.")
+        expect(item.locator(".note")).to_have_text("Approved.")
+        expect(approve).to_be_disabled()
+        assert runs == ["nginx"]
+        assert [(a.state, a.decided_by) for a in kit.approvals(None)] == [
+            ("approved", "web:owner")
+        ]
+        assert errors == []
+
+
+# ───────────────────────────────────── serve, the process ─────────────────────────────────────
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Lines:
+    """Collects a pipe's lines in a thread, so a test can wait for one."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_serve_with_no_configuration_is_a_working_bot(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "agentkit.py"), "serve", "--http", "127.0.0.1:0"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    try:
+        pattern = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
+
+        def started() -> str | None:
+            assert proc.poll() is None, f"serve exited {proc.returncode}: {err.text()}"
+            match = pattern.search(err.text())
+            return match and match[1]
+
+        url = wait_until(started, what="the serving log line")
+        token_file = tmp_path / "agentkit.db.token"
+        assert (token_file.stat().st_mode & 0o777) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 20
+
+        with httpx.Client(base_url=url, timeout=30) as client:
+            health = client.get("/healthz")
+            assert health.status_code == 200 and health.json()["ok"] is True
+            assert "web" in health.json()["adapters"]
+            cookie = login(client, url, token)
+            sent = client.post(
+                "/api/messages", json={"text": "ping"}, headers={"Origin": url, "Cookie": cookie}
+            )
+            assert sent.status_code == 202, sent.text
+            feed_until(client, cookie, has_reply("echo: ping"))
+
+        started_stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, err.text()
+        assert time.monotonic() - started_stopping < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.thread.join(5)
+    err.thread.join(5)
+    assert token not in out.text() and token not in err.text()
+    assert "stopped" in err.text()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("agentkit.db")) in (
+        [],
+        ["workspace"],
+    )
+
+
+def test_a_memory_database_does_not_print_its_token_where_it_is_not_a_terminal(
+    capfd,
+) -> None:
+    # "printed only to a terminal ... never to logs": stdout here is a pipe, like a log
+    kit = AgentKit(":memory:", model="echo")
+    with served(kit):
+        token = kit.adapters["web"].token
+        assert token
+    captured = capfd.readouterr()
+    assert token not in captured.out and token not in captured.err
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "agentkit.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=clean_env(),
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:99999", "127.0.0.1:", "host:port"])
+def test_serve_with_a_bad_address_exits_2_and_creates_nothing(
+    tmp_path: Path, address: str
+) -> None:
+    result = cli("serve", "--http", address, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "host:port" in result.stderr and repr(address) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_exits_0(tmp_path: Path) -> None:
+    top = cli("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "serve" in top.stdout
+    serve = cli("serve", "--help", cwd=tmp_path)
+    assert serve.returncode == 0 and "--http" in serve.stdout
+    assert list(tmp_path.iterdir()) == []
