@@ -5242,7 +5242,8 @@ class WebChat(Adapter):
         return None
 
     def feed(self, request: HTTPRequest) -> HTTPResponse:
-        """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one."""
+        """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one
+        (the first request, `after=0`, is answered at once)."""
         after = request.query.get("after", "0")
         if not after.isdigit():
             raise BadInput("after must be a delivery id")
@@ -5250,7 +5251,7 @@ class WebChat(Adapter):
         while True:
             items = self.kit.records.feed(self.owner, int(after))
             left = deadline - time.monotonic()
-            if items or left <= 0 or self.kit.stopping.is_set():
+            if items or left <= 0 or after == "0" or self.kit.stopping.is_set():
                 break
             self.kit.queue.wait_for_change(min(left, 1.0))
         shown = []

@@ -1633,3 +1633,45 @@ def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
         kit.store.transaction(durable=True),
     ):
         pass
+
+
+# ─────────────────────────────────────── retention ───────────────────────────────────────
+
+
+def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) -> None:
+    """Old finished jobs, events, sent deliveries and used requests go; pending approvals,
+    unfinished turns, messages and live requests stay."""
+    kit.task(lambda payload: "ok", name="old")
+    kit.enqueue("old")
+    kit.work(until_idle=True)
+    kit.enqueue("old", delay=3600)
+    kit.tool(lambda: "boom", name="risky", approval=True)
+    with kit.store.transaction() as db:
+        kit.records.deliver(db, "web:owner", None, "notice", "hello")
+    waiting = scripted_kit(tmp_path / "b.db", [agentkit.ToolCall("risky", {})])
+    waiting.tool(lambda: "boom", name="risky", approval=True)
+    assert waiting.run_turn("cli:me", "go").status == "waiting_approval"
+    waiting.request_secret("cli:me", fields=["T"], reason="r")
+    for k in (kit, waiting):
+        monkeypatch.setattr(agentkit, "now", lambda: time.time() + 40 * 86400)
+        with pytest.raises(BadInput):
+            k.prune(-1)
+        deleted = k.prune(30 * 86400)
+        monkeypatch.undo()
+    assert deleted == {"jobs": 1, "events": 1, "deliveries": 0, "secret_requests": 0}
+    assert waiting.approvals()[0].state == "pending"
+    assert waiting.store.read("SELECT status FROM turns") == [("waiting_approval",)]
+    assert count(waiting, "messages") == 2 and count(waiting, "secret_requests") == 1
+    assert [job.state for job in kit.jobs()] == ["queued"]
+    assert count(kit, "deliveries") == 0
+    out = cli("prune", "--older-than", "30d", "--db", str(tmp_path / "b.db"))
+    assert out.returncode == 0 and "jobs 0" in out.stdout
+    bad = cli("prune", "--older-than", "soon", "--db", str(tmp_path / "b.db"))
+    assert bad.returncode == 2 and "30d" in bad.stderr
+
+
+def test_vacuum_into_backs_up_a_live_database(kit: AgentKit, tmp_path: Path) -> None:
+    kit.run_turn("cli:me", "keep me")
+    kit.store.write("VACUUM INTO ?", (str(tmp_path / "backup.db"),))
+    with AgentKit(tmp_path / "backup.db") as copy:
+        assert copy.history("cli:me")[0]["content"] == "keep me"
