@@ -1755,7 +1755,8 @@ class Scheduler:
                 raise BadInput(f"no schedule named {name!r}")
 
     def tick(self, at: float | None = None) -> list[str]:
-        """Enqueue every run due at `at` (default: now); the ids of the jobs it added."""
+        """Enqueue every run due at `at` (default: now); the ids of the jobs it added.
+        A tick at a later instant (tests, demos) makes the runs due by then ready at once."""
         at = now() if at is None else at
         due_sql = "FROM schedules WHERE paused = 0 AND next_due <= ?"
         if not self.store.read(f"SELECT 1 {due_sql} LIMIT 1", (at,)):
@@ -1764,7 +1765,8 @@ class Scheduler:
         with self.store.transaction() as db:
             due = db.execute(f"SELECT {SCHEDULE_COLUMNS} {due_sql}", (at,)).fetchall()
             for s in map(schedule_from_row, due):
-                values = self.queue.job_values(s.task, run_at=s.next_due, strict=False)
+                ready = min(s.next_due, now())
+                values = self.queue.job_values(s.task, run_at=ready, strict=False)
                 key = f"schedule:{s.name}:{iso(s.next_due)}"
                 added.append(f"job_{Queue.insert_job(db, values, dumps(s.payload), key)}")
                 db.execute(
@@ -4469,6 +4471,7 @@ class PollingAdapter(Adapter):
 
     poll_timeout = 25.0
     lease = 60.0
+    _lease: Lock | None = None
 
     def poll(self, cursor: str | None, timeout: float) -> tuple[list[Inbound], str | None]:
         raise NotImplementedError
@@ -4482,17 +4485,31 @@ class PollingAdapter(Adapter):
         self._poller.start()
 
     def stop(self) -> None:
+        """Stop polling. A poll still in flight after a second is abandoned: its lease is
+        given back at once (so another process polls without waiting for it to lapse),
+        and what it brings back is refused by the fence and fetched again later."""
         self._stopping.set()
         self.interrupt()
-        self._poller.join(timeout=10)
+        self._poller.join(timeout=1.0)
+        lease = self._lease
+        if self._poller.is_alive() and lease is not None:
+            with contextlib.suppress(LeaseLost, StoreError):
+                lease.release()
 
     def interrupt(self) -> None:
         """Cut a poll in progress short (stop calls it); by default the poll runs out."""
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds` unless the adapter stops; whether it is stopping. A `poll`
+        with nothing new should wait like this (up to its timeout) before it returns."""
+        return self._stopping.wait(seconds)
+
     def poll_once(self, lease: Lock | None = None) -> int:
         """Fetch once and store what came with the new cursor; the number of items."""
-        items, cursor = self.poll(self.kit.records.cursor(self.name), self.poll_timeout)
-        self.kit.receive_all(self, items, cursor, lease)
+        old = self.kit.records.cursor(self.name)
+        items, cursor = self.poll(old, self.poll_timeout)
+        if items or cursor != old:
+            self.kit.receive_all(self, items, cursor, lease)
         return len(items)
 
     def _run(self) -> None:
@@ -4501,6 +4518,7 @@ class PollingAdapter(Adapter):
             while not self._stopping.is_set():
                 try:
                     with Lock(self.kit.store, f"adapter:{self.name}", ttl=self.lease) as lease:
+                        self._lease = lease
                         while not self._stopping.is_set():
                             self.poll_once(lease)
                             pause = 1.0
@@ -6065,8 +6083,8 @@ def load_app(spec: str) -> AgentKit:
     sys.path.insert(0, os.getcwd())
     try:
         app = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise BadInput(f"cannot load --app {spec}: {e}") from None
+    except Exception as e:  # the app's module may fail in any way: say so in one line
+        raise BadInput(f"cannot load --app {spec}: {describe_error(e)}") from None
     if not isinstance(app, AgentKit):
         raise BadInput(f"--app {spec} is a {type(app).__name__}, not an AgentKit")
     return app

@@ -1,0 +1,427 @@
+"""Every example in examples/ runs as documented: scripts as real processes, bots through
+`agentkit serve --app module:kit` against the web chat, a fake Telegram, a JSON feed and a
+fake API on loopback. No internet, no model keys: echo and scripted models."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+import agentkit
+from fake_servers import FakeOpenAI, FakeTelegram
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
+TOKEN = "web-token-for-the-examples-0123"
+CONFIG_VARS = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "AGENTKIT_MODEL",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_API_URL",
+    "AGENTKIT_WEB_TOKEN",
+    "AGENTKIT_PUBLIC_URL",
+    "AGENTKIT_TELEGRAM_ALLOW",
+    "AGENTKIT_DB",
+    "FEED_PATH",
+    "REPLIES_PATH",
+    "API_URL",
+)
+
+
+# ───────────────────────────────────────── helpers ─────────────────────────────────────────
+
+
+def env_for(db: Path, **extra: str) -> dict[str, str]:
+    """The environment of an example's process: no model keys or tokens from outside."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env |= {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "AGENTKIT_DB": str(db)}
+    return env | extra
+
+
+def run_script(name: str, env: dict[str, str]) -> str:
+    """`python <name>` in examples/; its stdout (it must exit 0)."""
+    done = subprocess.run(
+        [sys.executable, name], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stdout
+
+
+def agentkit_command() -> list[str]:
+    """The `agentkit` console script beside this Python, else `python agentkit.py`."""
+    script = Path(sys.executable).with_name("agentkit")
+    return [str(script)] if script.exists() else [sys.executable, str(ROOT / "agentkit.py")]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+    """Poll `condition` (for what cannot be awaited, like a file growing) until truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+class Served:
+    """`<command> serve --app <app> --http 127.0.0.1:0` in examples/, as a process."""
+
+    PATTERN = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
+
+    def __init__(self, command: list[str], app: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [*command, "serve", "--app", app, "--http", "127.0.0.1:0"],
+            cwd=EXAMPLES,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = self.PATTERN.search(line)
+            if match and not self.ready.is_set():
+                self.url = match[1]
+                self.ready.set()
+        self.ready.set()  # the process ended: stop waiting
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 20.0) -> str:
+        assert self.ready.wait(timeout), f"serve never said it was serving:\n{self.log()}"
+        assert self.url, f"serve exited {self.proc.poll()}:\n{self.log()}"
+        return self.url
+
+    def stop(self, within: float = 5.0) -> None:
+        """SIGTERM; it must exit 0 within `within` seconds."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=15) == 0, self.log()
+        self.reader.join(5)
+        took = time.monotonic() - started
+        assert took < within, f"serve took {took:.1f} s to stop"
+        assert "stopped" in self.log() and "Traceback" not in self.log(), self.log()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def served(command: list[str], app: str, env: dict[str, str]) -> Iterator[Served]:
+    server = Served(command, app, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.kill()
+
+
+def import_example(name: str) -> object:
+    """Import examples/<name>.py as a fresh module (it reads its settings from os.environ)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def seal(url: str, values: dict[str, str]) -> str:
+    """Encrypt `values` for the request behind a secret link, as the secret page does:
+    ECDH P-256 with the link's key, HKDF-SHA256 (salt: the request id), AES-GCM with the
+    request id and field names as associated data."""
+    params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).fragment))
+    request_id, names = params["id"], [f["name"] for f in json.loads(params["fields"])]
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(
+        ec.SECP256R1(), agentkit.unb64url(params["key"])
+    )
+    mine = ec.generate_private_key(ec.SECP256R1())
+    key = HKDF(hashes.SHA256(), 32, salt=request_id.encode(), info=b"agentkit-secret v1").derive(
+        mine.exchange(ec.ECDH(), peer)
+    )
+    iv = os.urandom(12)
+    sealed = AESGCM(key).encrypt(
+        iv, json.dumps(values).encode(), agentkit.secret_aad(request_id, names)
+    )
+    public = mine.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    parts = [request_id, *(agentkit.b64url(p) for p in (public, iv, sealed))]
+    return "agentkit-secret:v1." + ".".join(parts)
+
+
+# ───────────────────────────────────────── scripts ─────────────────────────────────────────
+
+
+def test_script_runs_a_turn_with_a_tool_call_and_prints_the_history(tmp_path: Path) -> None:
+    out = run_script("script.py", env_for(tmp_path / "script.db")).splitlines()
+    assert out[0] == "done: 1234 + 5678 = 6912."
+    history = [json.loads(line) for line in out[1:]]
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"][0]["name"] == "add"
+    assert history[2]["content"] == "6912" and history[2]["is_error"] is False
+    assert history[3]["content"] == "1234 + 5678 = 6912."
+
+
+def test_ops_bot_waits_for_approval_runs_the_tool_once_and_reports_a_denial(
+    tmp_path: Path,
+) -> None:
+    out = run_script("ops_bot.py", env_for(tmp_path / "ops.db"))
+    lines = out.splitlines()
+    assert re.fullmatch(
+        r"waiting_approval \[\('apr_[0-9a-f]{16}', 'restart', \{'service': 'nginx'\}\)\]",
+        lines[0],
+    )
+    assert lines[1] == "refused: cli:dev may not decide approvals"
+    assert out.count("[tool] restarting nginx") == 1  # approved twice, run once
+    assert "done -> Outcome: nginx restarted" in lines
+    assert "approving twice: done" in lines
+    assert "waiting_approval [('restart', {'service': 'postgres'})]" in lines
+    assert "done -> Outcome: denied by cli:oncall: not during business hours" in lines
+    assert "restarting postgres" not in out
+    # the decisions are rows: the CLI lists them from the same database
+    db = ["--db", str(tmp_path / "ops.db")]
+    listed = subprocess.run(
+        [sys.executable, str(ROOT / "agentkit.py"), "approvals", "--all", *db],
+        cwd=tmp_path,
+        env=env_for(tmp_path / "ops.db"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "approved by cli:oncall" in listed.stdout
+    assert "denied by cli:oncall" in listed.stdout
+
+
+def test_daily_report_ticks_once_per_due_time_and_builds_the_report(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "report.db")
+    first = run_script("daily_report.py", env).splitlines()
+    due = re.fullmatch(r"next daily report: (\d{4}-\d\d-\d\dT08:00:00\+0[12]:00)", first[0])
+    assert due, first
+    assert re.fullmatch(
+        r"the tick queued job_\d+ \(daily_report\) with key schedule:daily-report:\S+Z", first[1]
+    )
+    assert first[2] == "ticking again at the same instant queues []"
+    assert first[3].startswith("Ops daily report, ")
+    assert first[4:] == [
+        "- conversations active in the last 24 h: 0",
+        "- approvals waiting: 0",
+        "- failed jobs: none",
+    ]
+    # schedule() at every start is an upsert: the tick advanced it to the next morning
+    second = run_script("daily_report.py", env).splitlines()
+    after = re.fullmatch(r"next daily report: (\S+)", second[0])
+    assert after
+    gap = datetime.fromisoformat(after[1]) - datetime.fromisoformat(due[1])
+    assert gap.total_seconds() / 3600 in (23, 24, 25)  # 23 or 25 across a DST change
+
+
+def test_secret_tool_script_prints_the_link(tmp_path: Path) -> None:
+    out = run_script("secret_tool.py", env_for(tmp_path / "secret.db"))
+    assert "I sent you a secure link for your API token." in out
+    link = r"Open this link to give API_TOKEN securely .*: http://127\.0\.0\.1:\d+/secret#"
+    assert re.search(link, out), out
+
+
+class FakeAPI(http.server.ThreadingHTTPServer):
+    """GET /user answers {"login": "octocat"}; the Authorization headers it saw are kept."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.seen.append(self.headers.get("Authorization"))
+                body = json.dumps({"login": "octocat"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_secret_tool_asks_for_the_token_then_uses_it_without_storing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeAPI()
+    for name in CONFIG_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AGENTKIT_DB", str(tmp_path / "secret.db"))
+    monkeypatch.setenv("API_URL", api.url)
+    example = import_example("secret_tool")
+    kit: agentkit.AgentKit = example.kit
+    value = "tok_" + os.urandom(12).hex()
+    try:
+        asked = kit.run_turn("cli:me", "Who am I on the API?")
+        assert asked.status == "done" and asked.reply.startswith("I sent you a secure link")
+        url = re.search(r"(http://\S+/secret#\S+)", asked.note or "")
+        assert url, asked.note
+
+        saved = kit.run_turn("cli:me", seal(url[1], {"API_TOKEN": value}))
+        assert saved.status == "done", saved
+        assert "Saved API_TOKEN" in (saved.note or "")
+
+        used = kit.run_turn("cli:me", "Who am I on the API?")
+        fingerprint = hashlib.sha256(value.encode()).hexdigest()[:8]
+        assert used.reply == f"You are octocat (token sha256 {fingerprint}…)."
+        assert api.seen == [f"Bearer {value}"]  # the tool read the secret and sent it
+
+        for table in kit.store.tables():
+            for row in kit.store.read(f'SELECT * FROM "{table}"'):
+                assert value not in repr(row), table
+        assert all(value not in json.dumps(m) for m in kit.history("cli:me"))
+    finally:
+        kit.close()
+        api.shutdown()
+        api.server_close()
+    for path in tmp_path.glob("secret.db*"):
+        assert value.encode() not in path.read_bytes(), path.name
+
+
+# ───────────────────────────────────────── served bots ─────────────────────────────────────────
+
+
+def test_quickbot_serves_the_web_chat(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "quick.db", AGENTKIT_WEB_TOKEN=TOKEN)
+    with (
+        served(agentkit_command(), "quickbot:kit", env) as bot,
+        httpx.Client(base_url=bot.url, timeout=30) as client,
+    ):
+        login = client.post("/api/login", json={"token": TOKEN}, headers={"Origin": bot.url})
+        assert login.status_code == 204, login.text
+        sent = client.post("/api/messages", json={"text": "hi"}, headers={"Origin": bot.url})
+        assert sent.status_code == 202, sent.text
+        items, last = [], 0
+        deadline = time.monotonic() + 20
+        while not any(i["kind"] == "reply" for i in items):  # a long poll after the first
+            assert time.monotonic() < deadline, items
+            feed = client.get("/api/feed", params={"after": last}).json()
+            items, last = items + feed["items"], feed["last"]
+        assert [i["text"] for i in items if i["kind"] == "reply"] == ["echo: hi"]
+        bot.stop()
+    assert TOKEN not in bot.log()
+
+
+def test_telegram_bot_answers_and_asks_for_approval_with_buttons(tmp_path: Path) -> None:
+    with FakeTelegram() as telegram, FakeOpenAI() as openai:
+        env = env_for(
+            tmp_path / "telegram.db",
+            TELEGRAM_BOT_TOKEN=telegram.token,
+            TELEGRAM_API_URL=telegram.url,
+            AGENTKIT_TELEGRAM_ALLOW="42",
+            AGENTKIT_MODEL="openai:gpt-4o-mini",  # the model from the environment
+            OPENAI_BASE_URL=openai.url,
+        )
+        openai.push(text="Hello from the model.")
+        openai.push(tool_calls=[("deploy", {"version": "1.2"})])
+        openai.push(text="Version 1.2 is live.")
+        command = [sys.executable, str(ROOT / "agentkit.py")]  # `python ../agentkit.py`
+        with served(command, "telegram_bot:kit", env) as bot:
+            telegram.push_message(chat_id=42, user_id=42, text="hello")
+            telegram.push_message(chat_id=42, user_id=42, text="/ping")
+            telegram.push_message(chat_id=7, user_id=7, text="let me in")
+            telegram.wait_for(lambda tg: len(tg.texts(42)) == 2 and tg.texts(7), timeout=20)
+            assert sorted(telegram.texts(42)) == ["Hello from the model.", "pong, telegram:42"]
+            assert "Your Telegram user id is 7" in telegram.texts(7)[0]
+
+            telegram.push_message(chat_id=42, user_id=42, text="deploy 1.2 please")
+            telegram.wait_for(lambda tg: any(s.get("reply_markup") for s in tg.sent))
+            asked = next(s for s in telegram.sent if s.get("reply_markup"))
+            assert "deploy" in asked["text"]
+            approve, deny = asked["reply_markup"]["inline_keyboard"][0]
+            assert (approve["text"], deny["text"]) == ("Approve", "Deny")
+            telegram.push_callback(42, 42, approve["callback_data"], message_id=asked["message_id"])
+            telegram.wait_for(lambda tg: "Version 1.2 is live." in tg.texts(42), timeout=20)
+            telegram.wait_for(lambda tg: tg.answers and tg.edits)
+            assert "Approved by telegram:42" in telegram.edits[-1]["text"]
+            tool_result = openai.requests[-1].body["messages"][-1]
+            assert tool_result["role"] == "tool" and tool_result["content"] == "version 1.2 is live"
+            # A long poll in flight is not cut short by SIGTERM (see the report), so the
+            # service goes away first; the bot then stops at once.
+            telegram.close()
+            bot.stop()
+        assert telegram.token not in bot.log()
+
+
+def test_json_feed_answers_each_item_once(tmp_path: Path) -> None:
+    feed, replies = tmp_path / "feed.json", tmp_path / "replies.jsonl"
+    items = [
+        {"id": 1, "room": "general", "user": "ann", "text": "hello"},
+        {"id": 2, "room": "ops", "user": "bob", "text": "status?"},
+    ]
+
+    def write_feed() -> None:  # atomically, so a poll never reads half a file
+        (tmp_path / "feed.tmp").write_text(json.dumps(items))
+        os.replace(tmp_path / "feed.tmp", feed)
+
+    def answered(count: int) -> list[dict] | None:
+        lines = replies.read_text().splitlines() if replies.exists() else []
+        return [json.loads(line) for line in lines] if len(lines) >= count else None
+
+    write_feed()
+    env = env_for(tmp_path / "feed.db", FEED_PATH=str(feed), REPLIES_PATH=str(replies))
+    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env) as bot:
+        first = wait_until(lambda: answered(2), what="two replies")
+        assert sorted((r["re"], r["room"], r["text"]) for r in first) == [
+            (1, "general", "echo: hello"),
+            (2, "ops", "echo: status?"),
+        ]
+        items.append({"id": 3, "room": "general", "user": "ann", "text": "one more"})
+        write_feed()
+        wait_until(lambda: answered(3), what="the third reply")
+        bot.stop()
+    # a second process carries on from the stored cursor: nothing is answered again
+    items.append({"id": 4, "room": "ops", "user": "bob", "text": "bye"})
+    write_feed()
+    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env) as bot:
+        final = wait_until(lambda: answered(4), what="the fourth reply")
+        bot.stop()
+    assert final[:2] == first and [r["re"] for r in final[2:]] == [3, 4]
+    assert all(r["kind"] == "reply" for r in final)
+    assert final[2]["text"] == "echo: one more" and final[3]["text"] == "echo: bye"
