@@ -1755,8 +1755,7 @@ class Scheduler:
                 raise BadInput(f"no schedule named {name!r}")
 
     def tick(self, at: float | None = None) -> list[str]:
-        """Enqueue every run due at `at` (default: now); the ids of the jobs it added.
-        A tick at a later instant (tests, demos) makes the runs due by then ready at once."""
+        """Enqueue every run due at `at` (default: now); the ids of the jobs it added."""
         at = now() if at is None else at
         due_sql = "FROM schedules WHERE paused = 0 AND next_due <= ?"
         if not self.store.read(f"SELECT 1 {due_sql} LIMIT 1", (at,)):
@@ -1765,8 +1764,7 @@ class Scheduler:
         with self.store.transaction() as db:
             due = db.execute(f"SELECT {SCHEDULE_COLUMNS} {due_sql}", (at,)).fetchall()
             for s in map(schedule_from_row, due):
-                ready = min(s.next_due, now())
-                values = self.queue.job_values(s.task, run_at=ready, strict=False)
+                values = self.queue.job_values(s.task, run_at=s.next_due, strict=False)
                 key = f"schedule:{s.name}:{iso(s.next_due)}"
                 added.append(f"job_{Queue.insert_job(db, values, dumps(s.payload), key)}")
                 db.execute(
@@ -2335,6 +2333,14 @@ class Records:
             (thread, after, limit),
         )
         return [delivery_from_row(row) for row in rows]
+
+    def set_progress(self, rowid: int, parts: int) -> None:
+        """Note that the first `parts` pieces of a pending delivery were sent."""
+        self.store.write(
+            "UPDATE deliveries SET body = json_set(body, '$.sent_parts', ?) "
+            "WHERE id = ? AND state = 'pending'",
+            (parts, rowid),
+        )
 
     @staticmethod
     def set_delivery(db: apsw.Connection, rowid: int, state: str, error: str | None) -> None:
@@ -4372,6 +4378,8 @@ class Outbound:
     meta: dict[str, Any]
     approval: dict[str, Any] | None = None
     url: str | None = None
+    delivery: int | None = None  # its row, for `Records.set_progress`
+    sent_parts: int = 0  # pieces an earlier attempt sent already (a long text split up)
 
 
 class AdapterError(AgentKitError):
@@ -4633,7 +4641,7 @@ class Telegram(PollingAdapter):
             "getUpdates",
             client=self._polling,
             offset=int(cursor) if cursor else None,
-            timeout=int(timeout),
+            timeout=max(1, math.ceil(timeout)),
             allowed_updates=["message", "callback_query"],
         )
         if not isinstance(updates, list):
@@ -4724,9 +4732,11 @@ class Telegram(PollingAdapter):
             row = [{"text": label, "callback_data": data} for label, data in buttons]
             markup = {"inline_keyboard": [row]}
         pieces = split_text(outbound.text, self.LIMIT)
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
             last = i == len(pieces) - 1
             self.call("sendMessage", **where, text=piece, reply_markup=markup if last else None)
+            if not last and outbound.delivery is not None:  # a retry goes on from here
+                self.kit.records.set_progress(outbound.delivery, i + 1)
 
     def answer_button(self, outbound: Outbound, where: dict[str, int | None]) -> None:
         """Answer a button press: a toast (an alert when nothing was decided) and, once
@@ -5654,6 +5664,8 @@ class AgentKit:
             body.get("meta") or {},
             body.get("approval"),
             body.get("url"),
+            delivery.id,
+            body.get("sent_parts", 0),
         )
         adapter.send(delivery.thread_id, outbound)
         with self.store.transaction() as db:

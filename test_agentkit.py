@@ -762,8 +762,8 @@ def test_scheduled_runs_across_daylight_saving_changes(
     kit.schedule("nightly", task="t", cron=f"30 {hour} * * *", tz=tz)
     for minute in range(0, 3 * 24 * 60, 10):  # tick every 10 minutes for three days
         kit.tick(start + minute * 60)
-    runs = sorted(r for (r,) in kit.store.read("SELECT run_at FROM jobs"))
-    assert calendar_utc(*expected, 0) in runs
+    runs = sorted(key for (key,) in kit.store.read("SELECT key FROM jobs"))
+    assert f"schedule:nightly:{agentkit.iso(calendar_utc(*expected, 0))}" in runs
     assert len(runs) == 3  # the day before, the change day, the day after: once each
 
 

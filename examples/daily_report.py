@@ -5,7 +5,7 @@ Serve it and the workers run both on time (the model comes from the environment)
     agentkit serve --app daily_report:kit
 
 Or run it as a script to see what happens at 08:00: it ticks the scheduler at that instant
-(as a worker's tick would), runs the queued report here and prints it:
+(as a worker's tick would), then builds one report here and prints it:
 
     python daily_report.py
 """
@@ -55,11 +55,13 @@ kit.schedule(
 if __name__ == "__main__":
     due = next(s.next_due for s in kit.schedules() if s.name == "daily-report")
     print("next daily report:", datetime.fromtimestamp(due, PARIS).isoformat())
-    queued = kit.tick(at=due)  # what a worker's tick does at 08:00 (ready at once here)
-    for job_id in queued:
+    for job_id in kit.tick(at=due):  # what a worker's tick does at 08:00
         job = kit.job(job_id)
         print(f"the tick queued {job_id} ({job.name}) with key {job.key}")
     print("ticking again at the same instant queues", kit.tick(at=due))
+
+    # The queued run waits for 08:00 itself; build one report right now to see it:
+    job_id = kit.enqueue("daily_report", {"title": "Ops daily report"})
     kit.work(until_idle=True)
-    print(kit.job(queued[0]).result)
+    print(kit.job(job_id).result)
     kit.close()
