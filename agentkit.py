@@ -3554,6 +3554,7 @@ class TurnEngine:
         finally:
             self.records.lease.job = None
         final = self.records.turn(turn.id)
+        log.info("%s in %s: %s after %d steps", turn.id, turn.thread_id, final.status, final.steps)
         if final.status in FINAL_TURN_STATES:
             with contextlib.suppress(HookFailed):
                 self.emit(
@@ -3820,6 +3821,8 @@ class Approvals:
 
     def announce(self, approval: Approval) -> None:
         """Tell the hooks about a decision (errors are logged: the decision stands)."""
+        who = approval.decided_by or "expiry"
+        log.info("%s (%s) %s by %s", approval.id, approval.tool, approval.state, who)
         self.engine.queue.notify()
         with contextlib.suppress(HookFailed):
             self.engine.hooks.emit(
@@ -4802,7 +4805,7 @@ class Webhook(Adapter):
         """Whether `header` signs `payload` within the last five minutes."""
         fields = dict(p.split("=", 1) for p in (header or "").split(",") if "=" in p)
         t = fields.get("t", "")
-        if not (t.isdigit() and len(t) < 12 and abs(now() - int(t)) <= self.WINDOW):
+        if not (re.fullmatch(r"[0-9]{1,11}", t) and abs(now() - int(t)) <= self.WINDOW):
             return False
         return hmac.compare_digest(fields.get("v1", ""), self.signature(int(t), payload))
 
@@ -5206,12 +5209,16 @@ class WebChat(Adapter):
     def choose_token(self, db_path: str, url: str) -> None:
         """The token: given, AGENTKIT_WEB_TOKEN, or random: printed if stdout is a
         terminal, else kept in `<database>.token` (mode 0600). Never logged."""
+        self.cookie = f"agentkit_web_{urllib.parse.urlsplit(url).port}"  # a bot per port
         self.token = self.token or os.environ.get("AGENTKIT_WEB_TOKEN")
         if self.token:
             return
         self.token = b64url(os.urandom(24))
-        if sys.stdout.isatty() or db_path == ":memory:":
+        if sys.stdout.isatty():
             print(f"agentkit web chat: {url}/#token={self.token}", flush=True)
+            return
+        if db_path == ":memory:":
+            log.warning("the web chat needs AGENTKIT_WEB_TOKEN with a :memory: database")
             return
         path = db_path + ".token"
         try:
@@ -5273,7 +5280,7 @@ class WebChat(Adapter):
         """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one
         (the first request, `after=0`, is answered at once)."""
         after = request.query.get("after", "0")
-        if not after.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", after):
             raise BadInput("after must be a delivery id")
         deadline = time.monotonic() + self.long_poll
         while True:
@@ -5362,6 +5369,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def reply(self, response: HTTPResponse) -> None:
         self.send_response(response.status)
+        if self.close_connection:  # after a refused body: say so, or clients reuse it
+            response.headers["Connection"] = "close"
         headers = {
             "Content-Type": "application/json",
             "Cache-Control": "no-store",
@@ -5529,8 +5538,9 @@ class AgentKit:
             if not isinstance(adapter, Adapter):
                 raise BadInput(f"adapters are Adapter objects, not {type(adapter).__name__}")
             name = check_adapter_name(adapter.name)
-            if (name in adapters and name != "web") or adapter in adapters.values():
-                raise BadInput(f"two adapters are named {name!r}")
+            replaces_web = name == "web" and isinstance(adapter, WebChat)
+            if (name in adapters and not replaces_web) or adapter in adapters.values():
+                raise BadInput(f"two adapters are named {name!r} (web is the web chat's)")
             adapters[name] = adapter
             adapter.kit = self
         adapters["web"].kit = self
@@ -6025,7 +6035,10 @@ class AgentKit:
         server = None
         if http:
             host, port = parse_address(http)
-            server = WebServer(self, host, port)
+            try:
+                server = WebServer(self, host, port)
+            except OSError as e:
+                raise BadInput(f"cannot listen on {http}: {e.strerror or e}") from None
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
             self.adapters["web"].choose_token(self.store.path, server.url)
         handlers = {}

@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,22 +24,12 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, LeaseLost, LockBusy, StoreError
+from testkit import wait_until
 
 ROOT = Path(__file__).resolve().parent
 
 
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def python(code: str, *args: str, **popen: object) -> subprocess.Popen[str]:

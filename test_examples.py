@@ -16,20 +16,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import agentkit
 from fake_servers import FakeOpenAI, FakeTelegram
+from testkit import seal, wait_until
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
@@ -76,17 +72,6 @@ def agentkit_command() -> list[str]:
     """The `agentkit` console script beside this Python, else `python agentkit.py`."""
     script = Path(sys.executable).with_name("agentkit")
     return [str(script)] if script.exists() else [sys.executable, str(ROOT / "agentkit.py")]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
-    """Poll `condition` (for what cannot be awaited, like a file growing) until truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 class Served:
@@ -161,30 +146,6 @@ def import_example(name: str) -> object:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def seal(url: str, values: dict[str, str]) -> str:
-    """Encrypt `values` for the request behind a secret link, as the secret page does:
-    ECDH P-256 with the link's key, HKDF-SHA256 (salt: the request id), AES-GCM with the
-    request id and field names as associated data."""
-    params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).fragment))
-    request_id, names = params["id"], [f["name"] for f in json.loads(params["fields"])]
-    peer = ec.EllipticCurvePublicKey.from_encoded_point(
-        ec.SECP256R1(), agentkit.unb64url(params["key"])
-    )
-    mine = ec.generate_private_key(ec.SECP256R1())
-    key = HKDF(hashes.SHA256(), 32, salt=request_id.encode(), info=b"agentkit-secret v1").derive(
-        mine.exchange(ec.ECDH(), peer)
-    )
-    iv = os.urandom(12)
-    sealed = AESGCM(key).encrypt(
-        iv, json.dumps(values).encode(), agentkit.secret_aad(request_id, names)
-    )
-    public = mine.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    parts = [request_id, *(agentkit.b64url(p) for p in (public, iv, sealed))]
-    return "agentkit-secret:v1." + ".".join(parts)
 
 
 # ───────────────────────────────────────── scripts ─────────────────────────────────────────

@@ -18,25 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import agentkit
 from agentkit import AgentKit, BadInput, ScriptedModel, ToolCall, ToolContext
+from testkit import CHROMIUM, CHROMIUM_ARGS, seal
 
 ROOT = Path(__file__).resolve().parent
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TOKEN = "ghp_" + "S3cr3tV4lue" * 3
 ACTOR = "cli:me"
 
@@ -46,30 +33,6 @@ ACTOR = "cli:me"
 
 def link_params(url: str) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).fragment))
-
-
-def seal(url: str, values: dict[str, str], names: list[str] | None = None) -> str:
-    """Encrypt `values` for the request behind a secret link, as the page does."""
-    params = link_params(url)
-    request_id = params["id"]
-    names = names or [f["name"] for f in json.loads(params["fields"])]
-    peer = ec.EllipticCurvePublicKey.from_encoded_point(
-        ec.SECP256R1(), agentkit.unb64url(params["key"])
-    )
-    mine = ec.generate_private_key(ec.SECP256R1())
-    shared = mine.exchange(ec.ECDH(), peer)
-    key = HKDF(hashes.SHA256(), 32, salt=request_id.encode(), info=agentkit.SECRET_INFO).derive(
-        shared
-    )
-    iv = os.urandom(12)
-    sealed = AESGCM(key).encrypt(
-        iv, json.dumps(values).encode(), agentkit.secret_aad(request_id, names)
-    )
-    public = mine.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    parts = [request_id, *(agentkit.b64url(p) for p in (public, iv, sealed))]
-    return "agentkit-secret:v1." + ".".join(parts)
 
 
 def free_port() -> int:
@@ -113,7 +76,7 @@ def run_page(url: str, values: dict[str, str]) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             problems: list[str] = []
@@ -279,7 +242,7 @@ def test_refused_blobs_get_a_clear_reply_and_change_nothing(kit: AgentKit, case:
     assert expected in result.error and "nothing was saved" in result.error.lower()
     assert snapshot(kit) == before
     if case != "replayed":  # the request stays usable
-        fresh = seal(url, {"TOKEN": "x" * 8})
+        fresh = seal(url, {"TOKEN": f"fresh-{case}-value"})
         assert kit.run_turn(ACTOR, fresh).note == "Saved TOKEN for this conversation."
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
+from testkit import wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -39,18 +40,6 @@ TOKEN_SECRET = TOKEN.partition(":")[2]
 
 
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll `condition` until it is truthy (its value); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,24 +22,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 import agentkit
 from agentkit import AgentKit
+from testkit import CHROMIUM, CHROMIUM_ARGS, wait_until
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "s3cret-webhook-key-0123456789"
 TOKEN = "web-token-for-tests-0123456789"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CONFIG_VARS = (
     "OPENAI_API_KEY",
     "ANTHROPIC_API_KEY",
@@ -52,17 +44,6 @@ CONFIG_VARS = (
 
 
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
-    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 @pytest.fixture(autouse=True)
@@ -161,12 +142,26 @@ def recorder() -> Iterator[Recorder]:
     server.server_close()
 
 
-def post_event(client: httpx.Client, body: bytes, *, name: str = "github", **sig) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
-    if sig.get("header", True) is not None:
-        headers["X-Agentkit-Signature"] = sig.get("header") or sign(
-            sig.get("secret", SECRET), body, sig.get("t")
-        )
+SIGNED = object()  # post_event's default: sign the body with `secret` at `t`
+
+
+def post_event(
+    client: httpx.Client,
+    body: bytes,
+    *,
+    name: str = "github",
+    secret: str = SECRET,
+    t: int | None = None,
+    header: object = SIGNED,
+) -> httpx.Response:
+    """POST `body` to the webhook `name`, signed with `secret` at `t`; or with `header` as
+    given (str or bytes), or without the signature header when `header` is None."""
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
+    if header is SIGNED:
+        headers["X-Agentkit-Signature"] = sign(secret, body, t)
+    elif header is not None:
+        assert isinstance(header, (str, bytes))
+        headers["X-Agentkit-Signature"] = header
     return client.post(f"/webhook/{name}", content=body, headers=headers)
 
 
@@ -217,9 +212,11 @@ def hook_kit(tmp_path: Path, recorder: Recorder) -> AgentKit:
 
 
 def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKit) -> None:
-    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+    # a new connection for each request: the server drops one after a 413 without saying
+    # so (see the next test)
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10, limits=fresh) as client:
         before = row_counts(hook_kit)
-        now = int(time.time())
         body = event()
         wrong_mac = sign(SECRET, body).rsplit("=", 1)[0] + "=" + "0" * 64
         refusals = [
@@ -227,8 +224,9 @@ def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKi
             (post_event(client, body, header=wrong_mac), 401),
             (post_event(client, body, header="garbage"), 401),
             (post_event(client, body, secret="another-secret-0123456789"), 401),
-            (post_event(client, body, t=now - 301), 401),
-            (post_event(client, body, t=now + 301), 401),
+            (post_event(client, body, t=int(time.time()) - 301), 401),  # stale
+            (post_event(client, body, t=int(time.time()) + 360), 401),  # from the future
+            (post_event(client, body, header="t=,v1="), 401),
             # signed over another body: the signature covers the raw bytes
             (post_event(client, body, header=sign(SECRET, event(text="other"))), 401),
             (post_event(client, b"x" * ((1 << 20) + 1)), 413),
@@ -250,6 +248,36 @@ def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKi
         assert hook_kit.threads() == []
 
 
+def test_a_connection_the_server_drops_after_a_refusal_is_announced(hook_kit: AgentKit) -> None:
+    # After a 413 (or 411) the server closes the connection without reading the body; unless
+    # the answer says "Connection: close", a client's pool reuses the dead connection and
+    # its next request fails with "Server disconnected without sending a response".
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        too_big = post_event(client, b"x" * ((1 << 20) + 1))
+        assert too_big.status_code == 413
+        assert too_big.headers.get("connection", "").lower() == "close", too_big.headers
+        chunked = client.post("/webhook/github", content=iter([b"{}"]))
+        assert chunked.status_code == 411
+        assert chunked.headers.get("connection", "").lower() == "close", chunked.headers
+        assert client.get("/healthz").status_code == 200
+
+
+def test_a_timestamp_of_non_ascii_digits_is_a_bad_signature_not_a_crash(
+    hook_kit: AgentKit,
+) -> None:
+    # str.isdigit() is true for "²" (and "١٢"), which int() then refuses or reads
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = row_counts(hook_kit)
+        for t in ("\u00b2".encode("latin-1"), "\u0661\u0662".encode()):
+            header = b"t=" + t + b",v1=" + b"0" * 64
+            response = post_event(client, event(), header=header)
+            assert response.status_code == 401, (t, response.status_code, response.text)
+            path = "/webhook/github/turns/turn_x"
+            response = client.get(path, headers={"X-Agentkit-Signature": header})
+            assert response.status_code == 401, (t, response.status_code, response.text)
+        assert row_counts(hook_kit) == before
+
+
 def test_webhook_event_is_deduplicated_answered_and_called_back(
     hook_kit: AgentKit, recorder: Recorder
 ) -> None:
@@ -267,15 +295,12 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
         rows = hook_kit.store.read("SELECT id, thread_id, actor, text FROM turns")
         assert rows == [(turn_id, "github:repo-1", "github:octocat", "hello")]
 
-        before = row_counts(hook_kit)
-        other = post_event(client, event(callback=callback, text="not the same"))
-        assert other.status_code == 409, other.text
-        assert row_counts(hook_kit) == before
-
         path = f"/webhook/github/turns/{turn_id}"
 
         def report() -> dict:
-            response = client.get(path, headers={"X-Agentkit-Signature": sign(SECRET, path.encode())})
+            response = client.get(
+                path, headers={"X-Agentkit-Signature": sign(SECRET, path.encode())}
+            )
             assert response.status_code == 200, response.text
             return response.json()
 
@@ -316,6 +341,15 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
             "status": "done",
             "reply": "echo: hello",
         }
+
+        # now that nothing runs: a late redelivery starts nothing, another body is a 409
+        before = row_counts(hook_kit)
+        late = post_event(client, body)
+        assert (late.status_code, late.json()) == (202, first.json())
+        other = post_event(client, event(callback=callback, text="not the same"))
+        assert other.status_code == 409, other.text
+        assert row_counts(hook_kit) == before
+        assert len(recorder.received) == 1
 
 
 def test_webhook_turns_route_answers_only_signed_requests_for_known_turns(
@@ -414,6 +448,18 @@ def test_web_chat_checks_host_origin_token_and_cookie(web_kit: AgentKit) -> None
         assert empty.status_code == 400
 
 
+def test_a_bad_feed_position_is_a_400_not_a_500(web_kit: AgentKit) -> None:
+    # `after` passes str.isdigit() as "²" or as a number too big for SQLite
+    web_kit.adapters["web"].long_poll = 0.2
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        cookie = login(client, url, TOKEN)
+        for after in ("-1", "1e3", "%C2%B2", "9" * 30):
+            response = client.get(f"/api/feed?after={after}", headers={"Cookie": cookie})
+            assert response.status_code == 400, (after, response.status_code, response.text)
+        ok = client.get("/api/feed?after=0", headers={"Cookie": cookie})
+        assert ok.status_code == 200 and ok.json() == {"items": [], "last": 0}
+
+
 def test_web_chat_page_has_a_csp_that_allows_exactly_its_inline_script(
     web_kit: AgentKit,
 ) -> None:
@@ -440,9 +486,9 @@ def test_web_chat_page_has_a_csp_that_allows_exactly_its_inline_script(
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
     assert os.path.exists(CHROMIUM), "Debian's chromium is needed for the browser tests"
-    with sync_api.sync_playwright() as p:
+    expect.set_options(timeout=15_000)
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
@@ -459,8 +505,6 @@ def chat_page(browser, url: str, token: str):
     page.set_default_timeout(20_000)
     try:
         page.goto(f"{url}/#token={token}")
-        from playwright.sync_api import expect
-
         expect(page.locator("#status")).to_have_text("connected")
         assert "token" not in page.url and token not in page.url
         assert page.url == f"{url}/"
@@ -470,8 +514,6 @@ def chat_page(browser, url: str, token: str):
 
 
 def test_browser_chat_gets_the_echo_reply(browser, web_kit: AgentKit) -> None:
-    from playwright.sync_api import expect
-
     with served(web_kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
         page.locator("#text").fill("hello browser")
         page.locator("#send").click()
@@ -491,9 +533,27 @@ def test_browser_chat_gets_the_echo_reply(browser, web_kit: AgentKit) -> None:
         assert errors == []
 
 
-def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatch) -> None:
-    from playwright.sync_api import expect
+def test_two_bots_on_one_machine_keep_their_own_sessions(browser, tmp_path: Path) -> None:
+    # cookies are not scoped by port: logging in to one bot must not log out the other
+    kits = []
+    for name in ("a", "b"):
+        web = agentkit.WebChat(token=f"{TOKEN}-{name}")
+        web.long_poll = 0.2
+        kits.append(AgentKit(tmp_path / f"{name}.db", model="echo", adapters=[web]))
+    with served(kits[0]) as url_a, served(kits[1]) as url_b:
+        context = browser.new_context()
+        try:
+            for url, name in ((url_a, "a"), (url_b, "b")):
+                page = context.new_page()
+                page.goto(f"{url}/#token={TOKEN}-{name}")
+                expect(page.locator("#status")).to_have_text("connected")
+            statuses = [context.request.get(f"{url}/api/feed").status for url in (url_a, url_b)]
+            assert statuses == [200, 200]
+        finally:
+            context.close()
 
+
+def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
     model = agentkit.ScriptedModel(
         [agentkit.ToolCall("restart", {"service": "nginx"}), "Restarted nginx."]
@@ -521,9 +581,7 @@ def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatc
         expect(item.locator(".note")).to_have_text("Approved.")
         expect(approve).to_be_disabled()
         assert runs == ["nginx"]
-        assert [(a.state, a.decided_by) for a in kit.approvals(None)] == [
-            ("approved", "web:owner")
-        ]
+        assert [(a.state, a.decided_by) for a in kit.approvals(None)] == [("approved", "web:owner")]
         assert errors == []
 
 
@@ -619,6 +677,17 @@ def test_a_memory_database_does_not_print_its_token_where_it_is_not_a_terminal(
     assert token not in captured.out and token not in captured.err
 
 
+def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--http", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode in (1, 2), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "agentkit.py"), *args],
@@ -631,9 +700,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:99999", "127.0.0.1:", "host:port"])
-def test_serve_with_a_bad_address_exits_2_and_creates_nothing(
-    tmp_path: Path, address: str
-) -> None:
+def test_serve_with_a_bad_address_exits_2_and_creates_nothing(tmp_path: Path, address: str) -> None:
     result = cli("serve", "--http", address, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "host:port" in result.stderr and repr(address) in result.stderr
