@@ -5505,10 +5505,12 @@ class AgentKit:
         self.engine.commands["approve"] = self._approve_command
         self.engine.commands["deny"] = self._deny_command
         self.records = self.engine.records
+        public_url = public_url or os.environ.get("AGENTKIT_PUBLIC_URL")
+        self._public_url_given = public_url is not None
         self.secrets = Secrets(
             self.records,
             workspace=Path(workspace),
-            public_url=public_url or os.environ.get("AGENTKIT_PUBLIC_URL", "http://127.0.0.1:8765"),
+            public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
         self.engine.redact = self.secrets.redact
@@ -6039,6 +6041,8 @@ class AgentKit:
                 server = WebServer(self, host, port)
             except OSError as e:
                 raise BadInput(f"cannot listen on {http}: {e.strerror or e}") from None
+            if not self._public_url_given:  # secret links lead to this server, on loopback
+                self.secrets.public_url = f"http://127.0.0.1:{server.server_address[1]}"
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
             self.adapters["web"].choose_token(self.store.path, server.url)
         handlers = {}
