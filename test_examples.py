@@ -383,3 +383,20 @@ def test_json_feed_answers_each_item_once(tmp_path: Path) -> None:
     assert final[:2] == first and [r["re"] for r in final[2:]] == [3, 4]
     assert all(r["kind"] == "reply" for r in final)
     assert final[2]["text"] == "echo: one more" and final[3]["text"] == "echo: bye"
+
+
+def test_the_readme_quickstart_works_when_pasted(tmp_path: Path) -> None:
+    """The two Python blocks of README's Quickstart, run as they stand."""
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    bot, script = re.findall(r"```python\n(.*?)```", quickstart, re.S)
+    (tmp_path / "bot.py").write_text(bot)
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AGENTKIT_MODEL": "echo"}
+    check = "import bot; print(bot.kit.run_turn('cli:me', 'hi').reply)"
+    for args in (["script.py"], ["-c", check]):
+        done = subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert ("done The sum is 3." if args == ["script.py"] else "echo: hi") in done.stdout
