@@ -163,7 +163,30 @@ class _Handler(BaseHTTPRequestHandler):
         # HTTP/1.0 without Content-Length: the body ends when the connection closes.
 
 
-class _FakeServer(ABC):
+class _Loopback:
+    """A fake's HTTP server on 127.0.0.1 in a thread; a context manager that closes it."""
+
+    _server: ThreadingHTTPServer
+
+    def _listen(self, server: ThreadingHTTPServer) -> None:
+        self._server = server
+        # a short poll interval lets close() return at once
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class _FakeServer(_Loopback, ABC):
     """Shared plumbing: the HTTP server thread, the answer queue, the failure modes."""
 
     endpoint = ""  # the path clients POST to
@@ -175,26 +198,13 @@ class _FakeServer(ABC):
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._ids = itertools.count(1)
-        self._server = _Server(self)
+        self._listen(_Server(self))
         self.url = f"http://127.0.0.1:{self._server.server_port}{self.url_path}"
-        # a short poll interval lets close() return at once
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.01,), daemon=True
-        )
-        self._thread.start()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop serving; requests left hanging are let go at once."""
         self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().close()
 
     def push(
         self,
@@ -628,7 +638,7 @@ class _TelegramHandler(BaseHTTPRequestHandler):
         pass  # keep test output clean
 
 
-class FakeTelegram:
+class FakeTelegram(_Loopback):
     """A fake Telegram Bot API server: updates pushed by the test, the bot's calls recorded.
 
     Clients call {url}/bot{token}/{method} with a JSON body, a form or a query string. Known
@@ -697,19 +707,8 @@ class FakeTelegram:
             "first_name": "Fake Bot",
             "username": "fake_test_bot",
         }
-        self._server = _TelegramServer(self)
+        self._listen(_TelegramServer(self))
         self.url = f"http://127.0.0.1:{self._server.server_port}"
-        # a short poll interval lets close() return at once
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.01,), daemon=True
-        )
-        self._thread.start()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop serving; long polls still waiting are answered at once with no updates."""
@@ -719,9 +718,7 @@ class FakeTelegram:
             self._closed = True
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._active == 0, timeout=5.0)
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().close()
 
     # -- what the test does -------------------------------------------------------------------
 
