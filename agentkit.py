@@ -4459,6 +4459,10 @@ class Adapter:
     def stop(self) -> None:
         return None
 
+    def close(self) -> None:
+        """Free what the adapter holds (HTTP clients); `AgentKit.close` calls it."""
+        return None
+
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
         return kind != "user"
 
@@ -5551,8 +5555,7 @@ class AgentKit:
     def close(self) -> None:
         """Close the database connections (and the adapters' HTTP clients)."""
         for adapter in self.adapters.values():
-            with contextlib.suppress(Exception):
-                getattr(adapter, "close", lambda: None)()
+            adapter.close()
         self.engine.close()
         self.store.close()
 
