@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import functools
 import getpass
 import hashlib
 import hmac
@@ -1800,6 +1801,13 @@ def check_thread(thread: object) -> str:
     if ":" not in name[1:]:
         raise BadInput(f"a thread id is '<adapter>:<key>', like 'cli:me', not {name!r}")
     return name
+
+
+def check_text(text: object) -> str:
+    """A message's text: a string of at most 100,000 characters."""
+    if not isinstance(text, str) or len(text) > 100_000:
+        raise BadInput("text must be a string of at most 100,000 characters")
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3949,6 +3957,7 @@ def check_public_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@functools.cache  # the pages are constants: hash them once
 def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
     """A page and its Content-Security-Policy: its one inline script and style allowed by
     hash, nothing else (and no requests but to `connect`). The page carries the policy
@@ -5697,8 +5706,7 @@ class AgentKit:
         secret blob is taken before anything is stored (a rejected one starts no turn)."""
         thread = check_thread(f"{adapter.name}:{item.thread}")
         actor = check_thread(f"{adapter.name}:{item.actor}")
-        if not isinstance(item.text, str) or len(item.text) > 100_000:
-            raise BadInput("text must be a string of at most 100,000 characters")
+        check_text(item.text)
         if item.id is not None:
             check_name("source id", item.id)
         with self.store.transaction() as db:
@@ -5857,8 +5865,7 @@ class AgentKit:
         """
         thread = check_thread(thread)
         actor = thread if actor is None else check_thread(actor)
-        if not isinstance(text, str) or len(text) > 100_000:
-            raise BadInput("text must be a string of at most 100,000 characters")
+        check_text(text)
         if source_id is not None:
             check_name("source_id", source_id)
         limit = None if timeout is None else check_seconds("timeout", timeout)
