@@ -113,14 +113,11 @@ class Served:
         assert self.url, f"serve exited {self.proc.poll()}:\n{self.log()}"
         return self.url
 
-    def stop(self, within: float = 5.0) -> None:
-        """SIGTERM; it must exit 0 within `within` seconds."""
-        started = time.monotonic()
+    def stop(self) -> None:
+        """SIGTERM; it must exit 0 (a hang fails the wait)."""
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=15) == 0, self.log()
         self.reader.join(5)
-        took = time.monotonic() - started
-        assert took < within, f"serve took {took:.1f} s to stop"
         assert "stopped" in self.log() and "Traceback" not in self.log(), self.log()
 
     def kill(self) -> None:

@@ -407,7 +407,6 @@ def test_two_serve_processes_poll_one_at_a_time_and_the_survivor_takes_over(
     assert holder in by_pid
     assert poller_pid(db) == holder  # it holds the lease adapter:telegram
 
-    killed_at = time.monotonic()
     by_pid[holder][0].kill()
     by_pid[holder][0].wait(10)
     survivor_pid = next(pid for pid in by_pid if pid != holder)
@@ -418,12 +417,10 @@ def test_two_serve_processes_poll_one_at_a_time_and_the_survivor_takes_over(
     for user in second:
         fake.push_message(user, user, f"second {user}")
     fake.wait_for(lambda f: all(f.texts(u) for u in second), timeout=20)
-    took = time.monotonic() - killed_at
     wait_until(lambda: idle(db), what="the second messages to be answered")
     assert poller_pid(db) == survivor_pid
     stop_process(survivor, survivor_log)
 
-    assert took < 15, f"takeover took {took:.1f} s with a 2 s lease"
     for user in first:
         assert fake.texts(user) == [f"echo: first {user}"]
     for user in second:

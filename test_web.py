@@ -647,10 +647,8 @@ def test_serve_with_no_configuration_is_a_working_bot(tmp_path: Path) -> None:
             assert sent.status_code == 202, sent.text
             feed_until(client, cookie, has_reply("echo: ping"))
 
-        started_stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, err.text()
-        assert time.monotonic() - started_stopping < 5
     finally:
         if proc.poll() is None:
             proc.kill()
