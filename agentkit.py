@@ -412,6 +412,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX secret_requests_pending ON secret_requests (expires_at) WHERE state = 'pending';
     CREATE INDEX secret_requests_turn ON secret_requests (turn_id);
     """,
+    # 5: finding the requests of an approval, to show its decision where it was asked
+    """
+    CREATE INDEX deliveries_approval ON deliveries (turn_id) WHERE kind = 'approval';
+    """,
 )
 
 SYNCHRONOUS = {"normal": 1, "full": 2}
@@ -1865,13 +1869,22 @@ def approval_from_row(row: tuple) -> Approval:
 
 
 def approval_text(a: Approval) -> str:
-    """An approval request as approvers read it in chat."""
+    """An approval request as approvers read it in chat; once decided, the decision."""
     why = f"\nReason: {a.reason}" if a.reason else ""
-    return (
-        f"Approval needed: {a.requester} asks to run {a.tool} {dumps(a.args)}{why}\n"
-        f"Approve with /approve {a.id} or deny with /deny {a.id} [reason] "
-        f"(expires {iso(a.expires_at)})."
-    )
+    if a.state == "pending":
+        return (
+            f"Approval needed: {a.requester} asks to run {a.tool} {dumps(a.args)}{why}\n"
+            f"Approve with /approve {a.id} or deny with /deny {a.id} [reason] "
+            f"(expires {iso(a.expires_at)})."
+        )
+    because = f": {a.decision_reason}" if a.decision_reason else ""
+    outcome = {
+        "approved": f"Approved by {a.decided_by}",
+        "denied": f"Denied by {a.decided_by}{because}",
+        "expired": "Expired: nobody decided in time",
+        "cancelled": "Cancelled with its turn",
+    }[a.state]
+    return f"{a.requester} asked to run {a.tool} {dumps(a.args)}{why}\n{outcome}."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1882,8 +1895,8 @@ class Delivery:
     adapter: str
     thread_id: str
     turn_id: str | None
-    kind: str  # reply | error | notice | approval | secret | user
-    body: dict[str, Any]  # "text", and "meta", "approval", "url" where they apply
+    kind: str  # reply | error | notice | approval | decided | secret | user
+    body: dict[str, Any]  # "text", and "meta", "approval", "url", "updates", "ref"
     state: str  # pending | sent | failed
 
 
@@ -2223,6 +2236,10 @@ class Records:
         self.set_call(db, approval.turn_id, approval.call_id, new, result, "waiting")
         data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
         self.add_event(db, "approval_decided", actor, approval, data)
+        decided = dataclasses.replace(
+            approval, state=state, decided_by=actor, decision_reason=reason, decided_at=at
+        )
+        self.tell_decision(db, decided)
         if state != "cancelled":
             self.enqueue_turn(db, approval.turn_id, f"resume:{approval.id}", approval.thread_id)
 
@@ -2327,6 +2344,18 @@ class Records:
                 db, thread, approval.turn_id, "approval", approval_text(approval), approval=body
             )
 
+    def tell_decision(self, db: apsw.Connection, approval: Approval) -> None:
+        """Update every message that asked for this approval (an adapter that keeps
+        references to its messages edits them: the buttons go, the decision shows)."""
+        requests = db.execute(
+            "SELECT id, thread_id FROM deliveries WHERE turn_id = ? AND kind = 'approval' "
+            "AND json_extract(body, '$.approval.id') = ?",
+            (approval.turn_id, approval.id),
+        ).fetchall()
+        text = approval_text(approval)
+        for rowid, thread in requests:
+            self.deliver(db, thread, approval.turn_id, "decided", text, updates=rowid)
+
     def delivery(self, rowid: int) -> Delivery:
         rows = self.store.read(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (rowid,))
         if not rows:
@@ -2351,12 +2380,16 @@ class Records:
         )
 
     @staticmethod
-    def set_delivery(db: apsw.Connection, rowid: int, state: str, error: str | None) -> None:
-        """Mark a pending delivery sent (or failed, with the error)."""
+    def set_delivery(
+        db: apsw.Connection, rowid: int, state: str, error: str | None, ref: str | None = None
+    ) -> None:
+        """Mark a pending delivery sent (with the adapter's reference to what it sent) or
+        failed (with the error)."""
         db.execute(
-            "UPDATE deliveries SET state = ?, sent_at = ?, error = ? "
+            "UPDATE deliveries SET state = ?, sent_at = ?, error = ?, "
+            "body = iif(? IS NULL, body, json_set(body, '$.ref', ?)) "
             "WHERE id = ? AND state = 'pending'",
-            (state, now(), error, rowid),
+            (state, now(), error, ref, ref, rowid),
         )
 
     def cursor(self, adapter: str) -> str | None:
@@ -4392,6 +4425,7 @@ class Outbound:
     url: str | None = None
     delivery: int | None = None  # its row, for `Records.set_progress`
     sent_parts: int = 0  # pieces an earlier attempt sent already (a long text split up)
+    ref: str | None = None  # for "decided": what `send` returned for the approval request
 
 
 class AdapterError(AgentKitError):
@@ -4449,10 +4483,15 @@ class Adapter:
     """Connects a chat service to a kit: `name`, `start(kit)`, `send(target, outbound)`,
     `stop()`. The threads and actors it creates are `<name>:<key>`.
 
+    `send` may return a reference to the message it sent (a message id). An adapter
+    that can edit its messages accepts "decided" deliveries: when an approval is decided,
+    each of its requests comes back with `outbound.ref` set (None when the request went
+    unsent: it is sent showing the decision) so the adapter can update it.
+
     The rest has defaults: `accepts(kind, meta)` picks the deliveries it wants (all but
-    echoes of the user's own messages), `reach(actor)` names the thread where an approver
-    can be told of approvals, `http(request)` answers requests under its routes, and a
-    `pull` adapter's deliveries are read (by the web chat page), not sent.
+    echoes of the user's own messages and decisions), `reach(actor)` names the thread
+    where an approver can be told of approvals, `http(request)` answers requests under
+    its routes, and a `pull` adapter's deliveries are read (by the web page), not sent.
     """
 
     name = "adapter"
@@ -4462,7 +4501,7 @@ class Adapter:
     def start(self, kit: "AgentKit") -> None:
         self.kit = kit
 
-    def send(self, target: str, outbound: Outbound) -> None:
+    def send(self, target: str, outbound: Outbound) -> str | None:
         raise NotImplementedError(f"adapter {self.name} cannot send")
 
     def stop(self) -> None:
@@ -4473,7 +4512,7 @@ class Adapter:
         return None
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
-        return kind != "user"
+        return kind not in ("user", "decided")
 
     def reach(self, actor: str) -> str | None:
         return None
@@ -4736,48 +4775,69 @@ class Telegram(PollingAdapter):
         chat, _, topic = thread.partition(":")[2].partition(":")
         return {"chat_id": int(chat), "message_thread_id": int(topic) if topic else None}
 
-    def send(self, target: str, outbound: Outbound) -> None:
+    def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
+        return kind != "user"
+
+    def send(self, target: str, outbound: Outbound) -> str | None:
+        """Send a message (split at 4096 characters; the id of its last piece is the
+        reference), answer a button press, or edit an approval request once decided."""
         where = self.chat(target)
         if outbound.meta.get("callback"):
-            self.answer_button(outbound, where)
-            return
-        markup = None
+            self.answer_button(outbound)
+            return None
+        if outbound.kind == "decided":
+            self.show_decision(where, outbound)
+            return None
+        text, markup = outbound.text, None
         if outbound.kind == "approval" and outbound.approval:
-            key = outbound.approval["id"]
-            buttons = [("Approve", f"approve:{key}"), ("Deny", f"deny:{key}")]
-            row = [{"text": label, "callback_data": data} for label, data in buttons]
-            markup = {"inline_keyboard": [row]}
-        pieces = split_text(outbound.text, self.LIMIT)
+            approval = self.kit.gatekeeper.get(outbound.approval["id"])
+            if approval.state == "pending":
+                key = approval.id
+                buttons = [("Approve", f"approve:{key}"), ("Deny", f"deny:{key}")]
+                row = [{"text": label, "callback_data": data} for label, data in buttons]
+                markup = {"inline_keyboard": [row]}
+            else:  # decided before it went out: no buttons to press
+                text = approval_text(approval)
+        pieces = split_text(text, self.LIMIT)
+        sent = None
         for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
             last = i == len(pieces) - 1
-            self.call("sendMessage", **where, text=piece, reply_markup=markup if last else None)
+            reply_markup = markup if last else None
+            sent = self.call("sendMessage", **where, text=piece, reply_markup=reply_markup)
             if not last and outbound.delivery is not None:  # a retry goes on from here
                 self.kit.records.set_progress(outbound.delivery, i + 1)
+        return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
 
-    def answer_button(self, outbound: Outbound, where: dict[str, int | None]) -> None:
-        """Answer a button press: a toast (an alert when nothing was decided) and, once
-        the approval is decided, its message edited to say so (the buttons go)."""
+    def answer_button(self, outbound: Outbound) -> None:
+        """Answer a button press with a toast (an alert when nothing was decided; the
+        message itself is edited by the decision's own delivery)."""
         approval = None
         with contextlib.suppress(BadInput):
             approval = self.kit.gatekeeper.get(outbound.meta.get("approval") or "")
-        decided = approval is not None and approval.state != "pending"
         try:
             self.call(
                 "answerCallbackQuery",
                 callback_query_id=outbound.meta["callback"],
                 text=outbound.text[:200],
-                show_alert=not decided,
+                show_alert=approval is None or approval.state == "pending",
             )
-            if decided and approval is not None and outbound.meta.get("message_id"):
-                by = approval.decided_by or "expiry"
-                self.call(
-                    "editMessageText",
-                    chat_id=where["chat_id"],
-                    message_id=outbound.meta["message_id"],
-                    text=f"{approval_text(approval)}\n\n{approval.state.capitalize()} by {by}.",
-                )
         except AdapterError as e:
-            if e.status != 400:  # 400: answered or edited already (a retried delivery)
+            if e.status != 400:  # 400: too late or answered already (a retried delivery)
+                raise
+
+    def show_decision(self, where: dict[str, int | None], outbound: Outbound) -> None:
+        """Edit an approval request to show its decision; its buttons go."""
+        if outbound.ref is None:
+            return  # the request was never sent, or is sent showing the decision
+        try:
+            self.call(
+                "editMessageText",
+                chat_id=where["chat_id"],
+                message_id=int(outbound.ref),
+                text=outbound.text[: self.LIMIT],
+            )
+        except AdapterError as e:
+            if e.status != 400:  # 400: deleted, too old to edit, or edited already
                 raise
 
     def close(self) -> None:
@@ -5214,7 +5274,7 @@ class WebChat(Adapter):
         self.token = token
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
-        return True
+        return kind != "decided"  # the feed shows each approval's current state
 
     def reach(self, actor: str) -> str | None:
         return actor if actor == self.owner else None
@@ -5680,6 +5740,7 @@ class AgentKit:
         if adapter is None:
             raise Fail(f"no adapter {delivery.adapter!r} in this process")
         body = delivery.body
+        request = self.records.delivery(body["updates"]) if "updates" in body else None
         outbound = Outbound(
             delivery.kind,
             body["text"],
@@ -5690,12 +5751,13 @@ class AgentKit:
             body.get("url"),
             delivery.id,
             body.get("sent_parts", 0),
+            request.body.get("ref") if request else None,
         )
-        adapter.send(delivery.thread_id, outbound)
+        ref = adapter.send(delivery.thread_id, outbound)
         with self.store.transaction() as db:
             if not ctx.holds(db):
                 raise LeaseLost(f"{ctx.job_id} is no longer leased to this worker")
-            self.records.set_delivery(db, delivery.id, "sent", None)
+            self.records.set_delivery(db, delivery.id, "sent", None, ref)
         return "sent"
 
     # inbound messages

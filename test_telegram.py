@@ -500,15 +500,88 @@ def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
     assert apr2 != apr
     fake.push_callback(42, 42, f"approve:{apr2}", message_id=in_private["message_id"])
     fake.wait_for(lambda f: "done: restarted redis" in f.texts(other), timeout=20)
-    fake.wait_for(lambda f: len(f.edits) == 2, timeout=20)
-    assert fake.edits[1]["chat_id"] == 42
-    assert fake.edits[1]["message_id"] == in_private["message_id"]
-    assert "reply_markup" not in fake.message(42, in_private["message_id"])
+    fake.wait_for(lambda f: len(f.edits) == 3, timeout=20)  # both requests show the decision
+    assert {(e["chat_id"], e["message_id"]) for e in fake.edits[1:]} == {
+        (42, in_private["message_id"]),
+        (other, in_group["message_id"]),
+    }
+    for chat, message in ((42, in_private), (other, in_group)):
+        shown = fake.message(chat, message["message_id"])
+        assert "reply_markup" not in shown and shown["text"].endswith("Approved by telegram:42.")
     wait_until(lambda: idle(db), what="the second approval to finish")
     stop_process(proc, log)
     assert runs(tmp_path) == ["nginx", "redis"]
     assert fake.texts(other).count("done: restarted redis") == 1
     assert_no_token_in_logs(tmp_path, fake)
+
+
+def approval_kit(db: Path, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
+    """A kit whose `restart` tool needs telegram:42's approval; the list of its runs."""
+    kit = make_kit(db, tg, approvers=["telegram:42"])
+    ran: list[str] = []
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        ran.append(service)
+        return f"restarted {service}"
+
+    return kit, ran
+
+
+def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db: Path) -> None:
+    tg = telegram(fake)
+    kit, ran = approval_kit(db, tg)
+    with kit:
+        fake.push_message(42, 42, "restart nginx")
+        fetch_and_work(kit, tg)
+        [request] = keyboards(fake, 42)
+        [pending] = kit.approvals()
+        kit.approve(pending.id, actor="telegram:42")  # as the CLI or /approve would
+        kit.work(until_idle=True)
+        assert ran == ["nginx"] and "done: restarted nginx" in fake.texts(42)
+        shown = fake.message(42, request["message_id"])
+        assert "reply_markup" not in shown
+        assert shown["text"].endswith("Approved by telegram:42.")
+        assert "/approve" not in shown["text"]  # no stale instructions
+
+        fake.push_message(42, 42, "restart redis")
+        fetch_and_work(kit, tg)
+        [second] = [m for m in keyboards(fake, 42) if m["message_id"] != request["message_id"]]
+        [pending] = kit.approvals()
+        assert kit.gatekeeper.expire(at=pending.expires_at + 1)
+        kit.work(until_idle=True)
+        assert ran == ["nginx"]
+        shown = fake.message(42, second["message_id"])
+        assert "reply_markup" not in shown
+        assert shown["text"].endswith("Expired: nobody decided in time.")
+        assert len(fake.edits) == 2
+
+
+def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
+    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 3600.0)
+    tg = telegram(fake)
+    kit, ran = approval_kit(db, tg)
+    with kit:
+        fake.push_message(42, 42, "restart nginx")
+        fake.fail_next("sendMessage", 500)  # the request waits for its retry
+        fetch_and_work(kit, tg)
+        assert fake.texts(42) == []
+        [pending] = kit.approvals()
+        kit.deny(pending.id, actor="telegram:42", reason="not now")
+        kit.work(until_idle=True)  # the decision finds no message to edit
+        assert fake.edits == [] and ran == []
+        kit.store.write(
+            "UPDATE jobs SET run_at = 0 WHERE name = ? AND state = 'queued'",
+            (agentkit.DELIVER_TASK,),
+        )
+        kit.work(until_idle=True)
+    [request] = [m for m in fake.sent if "nginx" in m["text"] and "Denied" in m["text"]]
+    assert request["reply_markup"] is None
+    assert request["text"].endswith("Denied by telegram:42: not now.")
+    assert all(m["reply_markup"] is None for m in fake.sent)
 
 
 # ──────────────────────────────────── 5. who may talk ────────────────────────────────────
