@@ -55,6 +55,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
+    "Adapter",
+    "AdapterError",
     "AgentKit",
     "AgentKitError",
     "AlreadyDecided",
@@ -62,11 +64,15 @@ __all__ = [
     "Approval",
     "BadInput",
     "Block",
+    "Delivery",
     "EchoModel",
     "Event",
     "Fail",
     "Forbidden",
+    "HTTPRequest",
+    "HTTPResponse",
     "HookFailed",
+    "Inbound",
     "Job",
     "JobContext",
     "LeaseLost",
@@ -76,14 +82,21 @@ __all__ = [
     "ModelError",
     "ModelReply",
     "OpenAIModel",
+    "Outbound",
+    "PollingAdapter",
+    "Retry",
     "Schedule",
     "ScriptedModel",
+    "SecretRequest",
     "StoreError",
+    "Telegram",
     "Tool",
     "ToolCall",
     "ToolContext",
     "ToolUnavailable",
     "TurnResult",
+    "WebChat",
+    "Webhook",
     "main",
 ]
 
@@ -237,6 +250,15 @@ def check_seconds(kind: str, value: object, *, positive: bool = False) -> float:
         bound = "> 0" if positive else ">= 0"
         raise BadInput(f"{kind} must be a number of seconds {bound}, not {value!r}")
     return float(value)
+
+
+class Retry(AgentKitError):
+    """Raise from a task to try its job again `after` seconds from now (an attempt like
+    any error: after `retries` of them the job is dead)."""
+
+    def __init__(self, message: str, *, after: float) -> None:
+        super().__init__(message)
+        self.after = check_seconds("after", after)
 
 
 # ──────────────────────── store: connection, schema, transactions ────────────────────────
@@ -1123,8 +1145,9 @@ class Queue:
     def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
         """Record outcomes `(job, "ok" | "error" | "fail", JSON result or error)` at once.
 
-        Errors are retried with backoff up to the job's retries, then the job is dead;
-        "fail" ends it `failed` at once. Returns the new state of each row changed; a row
+        Errors are retried with backoff (or after the delay of a `Retry` given as the
+        error) up to the job's retries, then the job is dead; "fail" ends it `failed` at
+        once. Returns the new state of each row changed; a row
         whose lease had moved on (a late or duplicate worker) is refused and unchanged.
         """
         at = now()
@@ -1138,6 +1161,8 @@ class Queue:
                     state, run_at = "failed", None
                 elif job.attempt > job.retries:
                     state, run_at = "dead", None
+                elif isinstance(value, Retry):
+                    state, run_at = "queued", at + value.after
                 else:
                     state, run_at = "queued", at + retry_delay(job.backoff, job.attempt)
             finished = None if state == "queued" else at
@@ -1353,7 +1378,7 @@ class Worker:
         states = self.queue.finish(self.owner, outcomes)
         for job, _, error in outcomes:
             if self.on_failed and states.get(job.rowid) in ("dead", "failed"):
-                self.on_failed(job, states[job.rowid], error)
+                self.on_failed(job, states[job.rowid], str(error))
 
     def _run(self, job: Claimed) -> tuple[Claimed, str, Any]:
         task = self.queue.tasks[job.name]
@@ -1363,6 +1388,8 @@ class Worker:
             return job, "ok", dumps(call_sync(task.fn, *args))
         except Fail as e:
             return job, "fail", f"Fail: {e}"
+        except Retry as e:
+            return job, "error", e
         except BadInput as e:
             return job, "fail", f"the result of task {job.name!r} is {e}"
         except Exception as e:
@@ -4436,6 +4463,12 @@ class AdapterError(AgentKitError):
         self.status = status
         self.retry_after = retry_after
 
+    @property
+    def permanent(self) -> bool:
+        """A refusal that trying again would only repeat (a 4xx other than a timeout,
+        "too early" or "too many requests")."""
+        return 400 <= self.status < 500 and self.status not in (408, 425, 429)
+
 
 @dataclasses.dataclass(frozen=True)
 class HTTPRequest:
@@ -4661,8 +4694,11 @@ class Telegram(PollingAdapter):
                 raise AdapterError(f"telegram {method}: not a Bot API answer", response.status_code)
             if data.get("ok"):
                 return data.get("result")
-            retry_after = (data.get("parameters") or {}).get("retry_after")
-            waits = isinstance(retry_after, int) and retry_after <= 30 and attempt < 3
+            parameters = data.get("parameters")
+            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+            if not isinstance(retry_after, int) or retry_after < 0:
+                retry_after = None
+            waits = retry_after is not None and retry_after <= 30 and attempt < 3
             if response.status_code == 429 and waits:
                 time.sleep(retry_after)
                 continue
@@ -5753,7 +5789,14 @@ class AgentKit:
             body.get("sent_parts", 0),
             request.body.get("ref") if request else None,
         )
-        ref = adapter.send(delivery.thread_id, outbound)
+        try:
+            ref = adapter.send(delivery.thread_id, outbound)
+        except AdapterError as e:
+            if e.permanent:
+                raise Fail(str(e)) from None
+            if e.retry_after is not None:
+                raise Retry(str(e), after=e.retry_after) from None
+            raise
         with self.store.transaction() as db:
             if not ctx.holds(db):
                 raise LeaseLost(f"{ctx.job_id} is no longer leased to this worker")

@@ -492,6 +492,28 @@ def test_fail_ends_a_job_at_once_and_cancel_retry_rules(kit: AgentKit) -> None:
     assert drained(kit) == 0
 
 
+def test_retry_tries_a_job_again_after_the_delay_it_names(kit: AgentKit, monkeypatch) -> None:
+    clock = [time.time()]
+    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
+
+    @kit.task(retries=1, backoff=1)
+    def rate_limited(payload: None) -> None:
+        raise agentkit.Retry("the service asks to wait", after=90)
+
+    job_id = kit.enqueue("rate_limited")
+    assert drained(kit) == 1
+    job = kit.job(job_id)
+    assert (job.state, job.attempts, job.last_error) == ("queued", 1, "the service asks to wait")
+    assert job.run_at == clock[0] + 90  # its own delay, not the backoff of 1 s
+    assert drained(kit) == 0
+    clock[0] = job.run_at
+    assert drained(kit) == 1
+    assert kit.job(job_id).state == "dead"  # still bounded by retries
+    for after in (-1, float("nan"), "soon"):
+        with pytest.raises(BadInput, match="after must be a number of seconds"):
+            agentkit.Retry("wait", after=after)
+
+
 def test_async_tasks_and_results_that_are_not_json(kit: AgentKit) -> None:
     @kit.task
     async def later(payload: int) -> int:

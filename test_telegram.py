@@ -690,6 +690,55 @@ def test_a_429_is_retried_after_its_retry_after_and_delivered_once(fake: Fake, d
         assert (state, attempts) == ("done", 1)  # waited inside the call, not as a job retry
 
 
+def deliver_jobs(kit: AgentKit) -> list[tuple]:
+    return kit.store.read(
+        "SELECT state, attempts, run_at, last_error FROM jobs WHERE name = ?",
+        (agentkit.DELIVER_TASK,),
+    )
+
+
+def test_a_long_retry_after_reschedules_the_delivery_for_then(
+    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [time.time()]
+    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
+    tg = telegram(fake)
+    with make_kit(db, tg) as kit:
+        fake.push_message(42, 42, "hi")
+        tg.poll_once()
+        fake.fail_next("sendMessage", 429, retry_after=120)  # too long to wait in the call
+        kit.work(until_idle=True)
+        [(state, attempts, run_at, error)] = deliver_jobs(kit)
+        assert (state, attempts, run_at) == ("queued", 1, clock[0] + 120)
+        assert "429" in error and fake.token not in error
+        assert fake.texts(42) == []
+        clock[0] = run_at
+        kit.work(until_idle=True)
+        assert fake.texts(42) == ["echo: hi"]
+        assert [row[:2] for row in deliver_jobs(kit)] == [("done", 2)]
+
+
+@pytest.mark.parametrize(
+    "status, description",
+    [(403, "Forbidden: bot was blocked by the user"), (400, "Bad Request: chat not found")],
+)
+def test_a_permanent_refusal_fails_the_delivery_at_once(
+    fake: Fake, db: Path, status: int, description: str
+) -> None:
+    tg = telegram(fake)
+    with make_kit(db, tg) as kit:
+        fake.push_message(42, 42, "hi")
+        tg.poll_once()
+        fake.fail_next("sendMessage", status, description=description)
+        kit.work(until_idle=True)
+        [(state, attempts, _, error)] = deliver_jobs(kit)
+        assert (state, attempts) == ("failed", 1)  # not retried 8 times over minutes
+        assert description in error
+        [(delivery_state, delivery_error)] = kit.store.read("SELECT state, error FROM deliveries")
+        assert delivery_state == "failed" and description in delivery_error
+        assert len(calls_of(fake, "sendMessage")) == 1
+
+
 # ──────────────────────────────────────── 8. topics ────────────────────────────────────────
 
 
