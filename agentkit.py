@@ -1290,6 +1290,7 @@ class Worker:
         self.owner = worker_name()
         self.names = sorted(queue.tasks)
         self.done = 0
+        self.halted = threading.Event()  # set by `halt`: stop as `stop` would
         self._guard = threading.Lock()
         self._busy = 0
         self._running: dict[tuple[int, int], tuple[Claimed, float]] = {}
@@ -1308,6 +1309,11 @@ class Worker:
             for t in threads:
                 t.join()
         return self.done
+
+    def halt(self) -> None:
+        """Stop after the running jobs (from any thread)."""
+        self.halted.set()
+        self.queue.notify()
 
     def run_one(self, rowid: int) -> bool:
         """Run one given job here if it is ready to be claimed; whether it ran."""
@@ -1336,7 +1342,7 @@ class Worker:
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
         batch, next_tick = 1, 0.0
-        while not stop.is_set():
+        while not stop.is_set() and not self.halted.is_set():
             if index == 0 and self.tick and time.monotonic() >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + 1.0
@@ -5637,6 +5643,8 @@ class AgentKit:
         if any(not adapter.pull for adapter in self.adapters.values()):
             self.queue.tasks[DELIVER_TASK] = Task(DELIVER_TASK, self._deliver, 8, 2.0)
         self.stopping = threading.Event()  # set while serve() shuts down
+        self._workers: set[Worker] = set()  # those running `work` (or `serve`) now
+        self._working = threading.Condition()
 
     def _adapters(self, given: Sequence[Adapter]) -> dict[str, Adapter]:
         """The adapters by name: the web chat always; Telegram from TELEGRAM_BOT_TOKEN when
@@ -5658,7 +5666,12 @@ class AgentKit:
         return adapters
 
     def close(self) -> None:
-        """Close the database connections (and the adapters' HTTP clients)."""
+        """Stop this kit's workers and wait for their running jobs (up to `lease`
+        seconds), then close the database connections and the adapters' HTTP clients."""
+        with self._working:
+            for worker in self._workers:
+                worker.halt()
+            self._working.wait_for(lambda: not self._workers, timeout=self.lease)
         for adapter in self.adapters.values():
             adapter.close()
         self.engine.close()
@@ -5748,7 +5761,14 @@ class AgentKit:
             tick=self.tick,
             on_failed=self._job_failed,
         )
-        return worker.run(until_idle=until_idle, stop=stop)
+        with self._working:
+            self._workers.add(worker)
+        try:
+            return worker.run(until_idle=until_idle, stop=stop)
+        finally:
+            with self._working:
+                self._workers.discard(worker)
+                self._working.notify_all()
 
     def _job_failed(self, job: Claimed, state: str, error: str) -> None:
         """A job ended dead or failed: its turn (if it ran one) fails too, a delivery is

@@ -192,6 +192,45 @@ def test_a_closed_kit_refuses_use(db: Path) -> None:
         kit.lock("a").acquire()
 
 
+def test_close_stops_running_workers_after_their_jobs(db: Path) -> None:
+    kit = AgentKit(db)
+    started, release = threading.Event(), threading.Event()
+
+    @kit.task
+    def slow(payload: None) -> str:
+        started.set()
+        assert release.wait(20)
+        return "finished"
+
+    job_id = kit.enqueue("slow")
+    errors: list[BaseException] = []
+
+    def guarded(fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # the test reports it
+                errors.append(e)
+
+        return threading.Thread(target=run, daemon=True)
+
+    worker = guarded(lambda: kit.work(concurrency=2))  # no stop event: only close ends it
+    worker.start()
+    assert started.wait(20)
+    closer = guarded(kit.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close returned while a job was still running"
+    release.set()
+    closer.join(20)
+    worker.join(20)
+    assert not closer.is_alive() and not worker.is_alive() and errors == []
+    with pytest.raises(StoreError, match="closed"):
+        kit.job(job_id)
+    with AgentKit(db) as again:
+        assert (again.job(job_id).state, again.job(job_id).result) == ("done", "finished")
+
+
 # ───────────────────────────────────────── locks ─────────────────────────────────────────
 
 
