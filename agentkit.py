@@ -1291,6 +1291,7 @@ class Worker:
         self.names = sorted(queue.tasks)
         self.done = 0
         self.halted = threading.Event()  # set by `halt`: stop as `stop` would
+        self.threads: set[int] = set()  # the threads running a job of this worker now
         self._guard = threading.Lock()
         self._busy = 0
         self._running: dict[tuple[int, int], tuple[Claimed, float]] = {}
@@ -1363,17 +1364,21 @@ class Worker:
 
     def _run_batch(self, jobs: list[Claimed]) -> int:
         """Run claimed jobs, record their outcomes at once; the next batch size."""
-        started = time.monotonic()
+        started, here = time.monotonic(), threading.get_ident()
         with self._guard:
             self._running.update(((job.rowid, job.attempt), (job, started)) for job in jobs)
+            self.threads.add(here)
         outcomes = []
-        for job in jobs:
-            with self._guard:
-                self._running[job.rowid, job.attempt] = (job, time.monotonic())
-            outcomes.append(self._run(job))
-        with self._guard:
+        try:
             for job in jobs:
-                self._running.pop((job.rowid, job.attempt), None)
+                with self._guard:
+                    self._running[job.rowid, job.attempt] = (job, time.monotonic())
+                outcomes.append(self._run(job))
+        finally:
+            with self._guard:
+                for job in jobs:
+                    self._running.pop((job.rowid, job.attempt), None)
+                self.threads.discard(here)
         self._finish(outcomes)
         self.done += len(jobs)
         per_job = (time.monotonic() - started) / len(jobs)
@@ -1390,17 +1395,26 @@ class Worker:
         task = self.queue.tasks[job.name]
         ctx = JobContext(self.queue, job, self.owner, self.lease)
         try:
-            args = (job.payload, ctx) if task.takes_ctx else (job.payload,)
-            return job, "ok", dumps(call_sync(task.fn, *args))
+            result = call_sync(task.fn, *((job.payload, ctx) if task.takes_ctx else (job.payload,)))
         except Fail as e:
             return job, "fail", f"Fail: {e}"
         except Retry as e:
+            log.info(
+                "job_%d (%s) attempt %d: again in %g s: %s",
+                job.rowid,
+                job.name,
+                job.attempt,
+                e.after,
+                e,
+            )
             return job, "error", e
-        except BadInput as e:
-            return job, "fail", f"the result of task {job.name!r} is {e}"
         except Exception as e:
             log.warning("job_%d (%s) attempt %d: %r", job.rowid, job.name, job.attempt, e)
             return job, "error", f"{type(e).__name__}: {e}"
+        try:
+            return job, "ok", dumps(result)
+        except BadInput as e:
+            return job, "fail", f"the result of task {job.name!r} is {e}"
 
     def _heartbeat(self, finished: threading.Event) -> None:
         """Renew this worker's leases; fail the jobs that ran past their timeout."""
@@ -1901,23 +1915,30 @@ def approval_from_row(row: tuple) -> Approval:
     return Approval(*row[:5], json.loads(row[5]), *row[6:])
 
 
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a note of how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 def approval_text(a: Approval) -> str:
-    """An approval request as approvers read it in chat; once decided, the decision."""
-    why = f"\nReason: {a.reason}" if a.reason else ""
+    """An approval request as approvers read it in chat; once decided, the decision. Long
+    arguments and reasons are cut so it fits one chat message (4096 characters)."""
+    call = f"{a.tool} {clip(dumps(a.args), 2500)}"
+    why = f"\nReason: {clip(a.reason, 500)}" if a.reason else ""
     if a.state == "pending":
         return (
-            f"Approval needed: {a.requester} asks to run {a.tool} {dumps(a.args)}{why}\n"
+            f"Approval needed: {a.requester} asks to run {call}{why}\n"
             f"Approve with /approve {a.id} or deny with /deny {a.id} [reason] "
             f"(expires {iso(a.expires_at)})."
         )
-    because = f": {a.decision_reason}" if a.decision_reason else ""
+    because = f": {clip(a.decision_reason, 300)}" if a.decision_reason else ""
     outcome = {
         "approved": f"Approved by {a.decided_by}",
         "denied": f"Denied by {a.decided_by}{because}",
         "expired": "Expired: nobody decided in time",
         "cancelled": "Cancelled with its turn",
     }[a.state]
-    return f"{a.requester} asked to run {a.tool} {dumps(a.args)}{why}\n{outcome}."
+    return f"{a.requester} asked to run {call}{why}\n{outcome}."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2337,21 +2358,28 @@ class Records:
         turn_id: str | None,
         kind: str,
         text: str,
+        *,
+        elsewhere: bool = False,
         **extra: Any,
     ) -> None:
         """Put a message for the thread's adapter in the outbox, inside the caller's
-        transaction (a job sends it); nothing when no adapter here serves the thread."""
-        outlet = self.outlets.get(thread.partition(":")[0])
-        if outlet is None or not outlet.accepts(kind, extra.get("meta") or {}):
+        transaction (a job sends it); nothing when no adapter here serves the thread,
+        unless `elsewhere` says a process that has it will send it."""
+        name = thread.partition(":")[0]
+        outlet = self.outlets.get(name)
+        if outlet is None and not elsewhere:
+            return
+        if outlet is not None and not outlet.accepts(kind, extra.get("meta") or {}):
             return
         at = now()
-        state, sent = ("sent", at) if outlet.pull else ("pending", None)
+        pull = outlet is not None and outlet.pull
+        state, sent = ("sent", at) if pull else ("pending", None)
         (rowid,) = db.execute(
             "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
             "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (outlet.name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
+            (name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
         ).fetchone()
-        if not outlet.pull:
+        if not pull:
             values = self.queue.job_values(
                 DELIVER_TASK, target=f"deliver:{thread}", retries=8, backoff=2.0, strict=False
             )
@@ -2379,7 +2407,8 @@ class Records:
 
     def tell_decision(self, db: apsw.Connection, approval: Approval) -> None:
         """Update every message that asked for this approval (an adapter that keeps
-        references to its messages edits them: the buttons go, the decision shows)."""
+        references to its messages edits them: the buttons go, the decision shows), also
+        through adapters only the serving process has (the CLI decides without them)."""
         requests = db.execute(
             "SELECT id, thread_id FROM deliveries WHERE turn_id = ? AND kind = 'approval' "
             "AND json_extract(body, '$.approval.id') = ?",
@@ -2387,7 +2416,9 @@ class Records:
         ).fetchall()
         text = approval_text(approval)
         for rowid, thread in requests:
-            self.deliver(db, thread, approval.turn_id, "decided", text, updates=rowid)
+            self.deliver(
+                db, thread, approval.turn_id, "decided", text, elsewhere=True, updates=rowid
+            )
 
     def delivery(self, rowid: int) -> Delivery:
         rows = self.store.read(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (rowid,))
@@ -4993,7 +5024,9 @@ class Webhook(Adapter):
         except httpx.HTTPError as e:
             raise AdapterError(f"webhook callback: {describe_error(e)}") from None
         if response.status_code >= 300:
-            raise AdapterError(f"webhook callback answered {response.status_code}")
+            raise AdapterError(
+                f"webhook callback answered {response.status_code}", response.status_code
+            )
 
     def close(self) -> None:
         self.client.close()
@@ -5666,9 +5699,13 @@ class AgentKit:
         return adapters
 
     def close(self) -> None:
-        """Stop this kit's workers and wait for their running jobs (up to `lease`
-        seconds), then close the database connections and the adapters' HTTP clients."""
+        """Stop this kit's workers and `serve`, waiting for their running jobs (up to
+        `lease` seconds), then close the database connections and the adapters' HTTP
+        clients. Refused from inside a job (a task, tool or hook) of this kit."""
+        here = threading.get_ident()
         with self._working:
+            if any(here in worker.threads for worker in self._workers):
+                raise BadInput("close() would wait for the job it is called from")
             for worker in self._workers:
                 worker.halt()
             self._working.wait_for(lambda: not self._workers, timeout=self.lease)
@@ -5754,17 +5791,26 @@ class AgentKit:
 
         Blocks until `stop` is set, or with `until_idle` until no job is ready.
         """
+        with self._working_with(concurrency, tick=self.tick) as worker:
+            return worker.run(until_idle=until_idle, stop=stop)
+
+    @contextlib.contextmanager
+    def _working_with(
+        self, concurrency: int = 1, tick: Callable[[], object] | None = None
+    ) -> Iterator[Worker]:
+        """A worker of this kit's tasks, which `close` halts and waits for until the block
+        ends."""
         worker = Worker(
             self.queue,
             concurrency=concurrency,
             lease=self.lease,
-            tick=self.tick,
+            tick=tick,
             on_failed=self._job_failed,
         )
         with self._working:
             self._workers.add(worker)
         try:
-            return worker.run(until_idle=until_idle, stop=stop)
+            yield worker
         finally:
             with self._working:
                 self._workers.discard(worker)
@@ -5796,6 +5842,10 @@ class AgentKit:
         if adapter is None:
             raise Fail(f"no adapter {delivery.adapter!r} in this process")
         body = delivery.body
+        if not adapter.accepts(delivery.kind, body.get("meta") or {}):  # queued elsewhere
+            with self.store.transaction() as db:
+                self.records.set_delivery(db, delivery.id, "failed", "not for this adapter")
+            return "not for this adapter"
         request = self.records.delivery(body["updates"]) if "updates" in body else None
         outbound = Outbound(
             delivery.kind,
@@ -6010,16 +6060,16 @@ class AgentKit:
         """Run (or wait for) the job that takes a turn on; the turn's result when it ends,
         waits for an approval, or `timeout` passes. A held turn returns at once."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        worker = Worker(self.queue, lease=self.lease, on_failed=self._job_failed)
-        while wait and job is not None:
-            if self.queue.get(f"job_{job}").state not in ("queued", "running"):
-                break
-            ran = worker.run_one(job)
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            if not ran:
-                self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
+        with self._working_with() as worker:
+            while wait and job is not None and not worker.halted.is_set():
+                if self.queue.get(f"job_{job}").state not in ("queued", "running"):
+                    break
+                ran = worker.run_one(job)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                if not ran:
+                    self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
         return self.engine.result(turn_id)
 
     # approvals
@@ -6184,30 +6234,36 @@ class AgentKit:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 handlers[signum] = signal.signal(signum, lambda *_: stop.set())
-        started = []
-        try:
-            for adapter in self.adapters.values():
-                adapter.start(self)
-                started.append(adapter)
-            url = server.url if server else "no HTTP"
-            names = ", ".join(self.adapters)
-            log.info(
-                "serving %s on %s: adapters %s, %d workers", self.store.path, url, names, workers
-            )
-            if ready:
-                ready(url)
-            self.work(concurrency=workers, stop=stop)
-        finally:
-            self.stopping.set()
-            for adapter in started:
-                adapter.stop()
-            if server:
-                server.shutdown()
-                server.server_close()
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            self.stopping.clear()
-            log.info("stopped")
+        # close() halts the worker and waits for this block, adapters and server stopped
+        with self._working_with(workers, tick=self.tick) as worker:
+            started = []
+            try:
+                for adapter in self.adapters.values():
+                    adapter.start(self)
+                    started.append(adapter)
+                url = server.url if server else "no HTTP"
+                names = ", ".join(self.adapters)
+                log.info(
+                    "serving %s on %s: adapters %s, %d workers",
+                    self.store.path,
+                    url,
+                    names,
+                    workers,
+                )
+                if ready:
+                    ready(url)
+                worker.run(stop=stop)
+            finally:
+                self.stopping.set()
+                for adapter in started:
+                    adapter.stop()
+                if server:
+                    server.shutdown()
+                    server.server_close()
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
+                self.stopping.clear()
+                log.info("stopped")
 
     def health(self) -> dict[str, Any]:
         """What `/healthz` answers: the database, the schema and the jobs by state."""

@@ -8,6 +8,7 @@ import enum
 import hashlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -229,6 +230,40 @@ def test_close_stops_running_workers_after_their_jobs(db: Path) -> None:
         kit.job(job_id)
     with AgentKit(db) as again:
         assert (again.job(job_id).state, again.job(job_id).result) == ("done", "finished")
+
+
+def test_close_from_inside_a_job_is_refused_and_changes_nothing(kit: AgentKit) -> None:
+    @kit.task
+    def closer(payload: None) -> str:
+        try:
+            kit.close()
+        except BadInput as e:
+            return str(e)
+        return "closed"
+
+    job_id = kit.enqueue("closer")
+    assert drained(kit) == 1
+    assert kit.job(job_id).result == "close() would wait for the job it is called from"
+    assert kit.job(kit.enqueue("closer")).state == "queued"  # the kit still works
+
+
+def test_close_while_serving_returns_after_serve_has_stopped(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentkit")
+    kit = AgentKit(db)
+    ready = threading.Event()
+    serving = threading.Thread(
+        target=lambda: kit.serve(http="127.0.0.1:0", ready=lambda url: ready.set()), daemon=True
+    )
+    serving.start()
+    assert ready.wait(20)
+    kit.close()
+    # serve stopped its adapters and server (and said so) before the store was closed
+    assert "stopped" in [r.getMessage() for r in caplog.records]
+    serving.join(10)
+    assert not serving.is_alive()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # ───────────────────────────────────────── locks ─────────────────────────────────────────

@@ -584,6 +584,43 @@ def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
     assert all(m["reply_markup"] is None for m in fake.sent)
 
 
+def test_a_decision_in_a_process_without_telegram_still_edits_the_request(
+    fake: Fake, db: Path
+) -> None:
+    tg = telegram(fake)
+    kit, ran = approval_kit(db, tg)
+    with kit:
+        fake.push_message(42, 42, "restart nginx")
+        fetch_and_work(kit, tg)
+        [request] = keyboards(fake, 42)
+        [pending] = kit.approvals()
+        with AgentKit(db) as cli:  # `agentkit approve ID --as cli:ops`, with no bot token
+            assert "telegram" not in cli.adapters
+            cli.approve(pending.id, actor="cli:ops", wait=False)
+        kit.work(until_idle=True)  # the bot's process sends the edit and runs the tool
+        assert ran == ["nginx"]
+        shown = fake.message(42, request["message_id"])
+        assert "reply_markup" not in shown and shown["text"].endswith("Approved by cli:ops.")
+
+
+def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Path) -> None:
+    tg = telegram(fake)
+    kit, ran = approval_kit(db, tg)
+    with kit:
+        fake.push_message(42, 42, "restart " + "x" * 20_000)
+        fetch_and_work(kit, tg)
+        [request] = fake.sent  # one message, with its buttons
+        assert request["reply_markup"] and len(request["text"]) <= 4096
+        assert "more characters)" in request["text"]
+        [pending] = kit.approvals()
+        assert pending.args == {"service": "x" * 20_000}  # cut for the chat only
+        kit.deny(pending.id, actor="telegram:42", reason="y" * 2_000)
+        kit.work(until_idle=True)
+        shown = fake.message(42, request["message_id"])
+        assert len(shown["text"]) <= 4096 and "Denied by telegram:42: yyy" in shown["text"]
+        assert ran == []
+
+
 # ──────────────────────────────────── 5. who may talk ────────────────────────────────────
 
 

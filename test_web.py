@@ -108,12 +108,14 @@ def check_signature(secret: str, header: str, payload: bytes) -> None:
 
 
 class Recorder(http.server.ThreadingHTTPServer):
-    """A tiny local HTTP server that records every POST (headers, raw body) and answers 200."""
+    """A tiny local HTTP server that records every POST (headers, raw body) and answers
+    `status` (200 unless a test changes it)."""
 
     daemon_threads = True
 
     def __init__(self) -> None:
         self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.status = 200
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -121,7 +123,7 @@ class Recorder(http.server.ThreadingHTTPServer):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 recorder.received.append((self.path, headers, body))
-                self.send_response(200)
+                self.send_response(recorder.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -350,6 +352,24 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
         assert other.status_code == 409, other.text
         assert row_counts(hook_kit) == before
         assert len(recorder.received) == 1
+
+
+def test_a_callback_refused_for_good_is_not_retried(hook_kit: AgentKit, recorder: Recorder) -> None:
+    recorder.status = 410  # Gone
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert post_event(client, event(callback=f"{recorder.url}/gone")).status_code == 202
+
+        def ended() -> list[tuple]:
+            return hook_kit.store.read(
+                "SELECT state, attempts FROM jobs "
+                "WHERE name = ? AND state NOT IN ('queued', 'running')",
+                (agentkit.DELIVER_TASK,),
+            )
+
+        assert wait_until(ended, what="the callback to fail") == [("failed", 1)]
+        [(state, error)] = hook_kit.store.read("SELECT state, error FROM deliveries")
+        assert state == "failed" and "410" in error
+    assert len(recorder.received) == 1
 
 
 def test_webhook_turns_route_answers_only_signed_requests_for_known_turns(
