@@ -1396,8 +1396,8 @@ class Worker:
         ctx = JobContext(self.queue, job, self.owner, self.lease)
         try:
             result = call_sync(task.fn, *((job.payload, ctx) if task.takes_ctx else (job.payload,)))
-        except Fail as e:
-            return job, "fail", f"Fail: {e}"
+        except (Fail, BadInput) as e:  # retrying would only repeat a refusal
+            return job, "fail", f"{type(e).__name__}: {e}"
         except Retry as e:
             log.info(
                 "job_%d (%s) attempt %d: again in %g s: %s",

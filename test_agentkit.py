@@ -587,6 +587,17 @@ def test_retry_tries_a_job_again_after_the_delay_it_names(kit: AgentKit, monkeyp
         with pytest.raises(BadInput, match="after must be a number of seconds"):
             agentkit.Retry("wait", after=after)
 
+    @kit.task
+    def confused(payload: None) -> None:
+        raise agentkit.Retry("wait", after=-1)
+
+    job = kit.job(kit.enqueue("confused"))
+    clock[0] += 1
+    drained(kit)
+    job = kit.job(job.id)
+    assert (job.state, job.attempts) == ("failed", 1)  # a refusal is not retried
+    assert job.last_error == "BadInput: after must be a number of seconds >= 0, not -1"
+
 
 def test_async_tasks_and_results_that_are_not_json(kit: AgentKit) -> None:
     @kit.task
