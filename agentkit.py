@@ -1147,8 +1147,8 @@ class Queue:
 
         Errors are retried with backoff (or after the delay of a `Retry` given as the
         error) up to the job's retries, then the job is dead; "fail" ends it `failed` at
-        once. Returns the new state of each row changed; a row
-        whose lease had moved on (a late or duplicate worker) is refused and unchanged.
+        once. Returns the new state of each row changed; a row whose lease had moved on
+        (a late or duplicate worker) is refused and unchanged.
         """
         at = now()
         updates = []
