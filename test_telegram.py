@@ -537,12 +537,14 @@ def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db
         fetch_and_work(kit, tg)
         [request] = keyboards(fake, 42)
         [pending] = kit.approvals()
-        kit.approve(pending.id, actor="telegram:42")  # as the CLI or /approve would
-        kit.work(until_idle=True)
+        with AgentKit(db) as cli:  # `agentkit approve ID --as cli:ops`, with no bot token
+            assert "telegram" not in cli.adapters
+            cli.approve(pending.id, actor="cli:ops", wait=False)
+        kit.work(until_idle=True)  # the bot's process sends the edit and runs the tool
         assert ran == ["nginx"] and "done: restarted nginx" in fake.texts(42)
         shown = fake.message(42, request["message_id"])
         assert "reply_markup" not in shown
-        assert shown["text"].endswith("Approved by telegram:42.")
+        assert shown["text"].endswith("Approved by cli:ops.")
         assert "/approve" not in shown["text"]  # no stale instructions
 
         fake.push_message(42, 42, "restart redis")
@@ -582,25 +584,6 @@ def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
     assert request["reply_markup"] is None
     assert request["text"].endswith("Denied by telegram:42: not now.")
     assert all(m["reply_markup"] is None for m in fake.sent)
-
-
-def test_a_decision_in_a_process_without_telegram_still_edits_the_request(
-    fake: Fake, db: Path
-) -> None:
-    tg = telegram(fake)
-    kit, ran = approval_kit(db, tg)
-    with kit:
-        fake.push_message(42, 42, "restart nginx")
-        fetch_and_work(kit, tg)
-        [request] = keyboards(fake, 42)
-        [pending] = kit.approvals()
-        with AgentKit(db) as cli:  # `agentkit approve ID --as cli:ops`, with no bot token
-            assert "telegram" not in cli.adapters
-            cli.approve(pending.id, actor="cli:ops", wait=False)
-        kit.work(until_idle=True)  # the bot's process sends the edit and runs the tool
-        assert ran == ["nginx"]
-        shown = fake.message(42, request["message_id"])
-        assert "reply_markup" not in shown and shown["text"].endswith("Approved by cli:ops.")
 
 
 def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Path) -> None:
