@@ -24,23 +24,17 @@ import httpx
 import pytest
 
 import agentkit
+import testkit
 from fake_servers import FakeOpenAI, FakeTelegram
 from testkit import seal, wait_until
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
 TOKEN = "web-token-for-the-examples-0123"
+# agentkit's own, and what the examples read
 CONFIG_VARS = (
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "AGENTKIT_MODEL",
-    "TELEGRAM_BOT_TOKEN",
+    *testkit.CONFIG_VARS,
     "TELEGRAM_API_URL",
-    "AGENTKIT_WEB_TOKEN",
-    "AGENTKIT_PUBLIC_URL",
-    "AGENTKIT_TELEGRAM_ALLOW",
     "AGENTKIT_DB",
     "FEED_PATH",
     "REPLIES_PATH",
@@ -248,8 +242,7 @@ def test_secret_tool_asks_for_the_token_then_uses_it_without_storing_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = FakeAPI()
-    for name in CONFIG_VARS:
-        monkeypatch.delenv(name, raising=False)
+    testkit.clear_config(monkeypatch, CONFIG_VARS)
     monkeypatch.setenv("AGENTKIT_DB", str(tmp_path / "secret.db"))
     monkeypatch.setenv("API_URL", api.url)
     example = import_example("secret_tool")

@@ -12,6 +12,7 @@ import pytest
 
 import agentkit
 from fake_servers import FakeAnthropic, FakeOpenAI
+from testkit import clear_config
 
 KEY = "sk-test-0123456789abcdef"
 TOOLS = [
@@ -35,14 +36,7 @@ PROVIDERS = {
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "AGENTKIT_MODEL",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_BASE_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    clear_config(monkeypatch)
 
 
 @pytest.fixture(

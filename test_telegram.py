@@ -30,7 +30,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
-from testkit import wait_until
+from testkit import clear_config, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -133,15 +133,7 @@ class RuleModel:
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing from the developer's shell changes which adapters or model a kit gets."""
-    for name in (
-        "TELEGRAM_BOT_TOKEN",
-        "AGENTKIT_TELEGRAM_ALLOW",
-        "OPENAI_API_KEY",
-        "ANTHROPIC_API_KEY",
-        "AGENTKIT_MODEL",
-        "AGENTKIT_WEB_TOKEN",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    clear_config(monkeypatch)
 
 
 @pytest.fixture

@@ -26,21 +26,11 @@ from playwright.sync_api import expect, sync_playwright
 
 import agentkit
 from agentkit import AgentKit
-from testkit import CHROMIUM, CHROMIUM_ARGS, wait_until
+from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, wait_until
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "s3cret-webhook-key-0123456789"
 TOKEN = "web-token-for-tests-0123456789"
-CONFIG_VARS = (
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "AGENTKIT_MODEL",
-    "TELEGRAM_BOT_TOKEN",
-    "AGENTKIT_WEB_TOKEN",
-    "AGENTKIT_PUBLIC_URL",
-    "AGENTKIT_TELEGRAM_ALLOW",
-    "AGENTKIT_SECRET_KEY",
-)
 
 
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
@@ -49,8 +39,7 @@ CONFIG_VARS = (
 @pytest.fixture(autouse=True)
 def no_configuration(monkeypatch) -> None:
     """No test here picks up a model, a bot token or a web token from the environment."""
-    for name in CONFIG_VARS:
-        monkeypatch.delenv(name, raising=False)
+    clear_config(monkeypatch)
 
 
 @contextlib.contextmanager

@@ -9,12 +9,33 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import agentkit
+
+# agentkit's configuration variables: tests set what they need, nothing comes from the shell
+CONFIG_VARS = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "AGENTKIT_MODEL",
+    "TELEGRAM_BOT_TOKEN",
+    "AGENTKIT_TELEGRAM_ALLOW",
+    "AGENTKIT_WEB_TOKEN",
+    "AGENTKIT_PUBLIC_URL",
+    "AGENTKIT_SECRET_KEY",
+)
+
+
+def clear_config(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...] = CONFIG_VARS) -> None:
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; the tests never download a browser
 CHROMIUM_ARGS = [
