@@ -261,7 +261,661 @@ class Retry(AgentKitError):
         self.after = check_seconds("after", after)
 
 
-# ──────────────────────── store: connection, schema, transactions ────────────────────────
+# ──────────────────────────────────── store contract ────────────────────────────────────
+# What agentkit asks of a database, as operations grouped by table (no SQL here), and the
+# rows they return: dataclasses whose fields name their columns, so a column is one edit.
+
+
+# A row dataclass field's metadata may name its column ("column", default: the field's
+# name) and a function that decodes its non-NULL values ("decode").
+_JSON = {"decode": json.loads}
+_BOOL = {"decode": bool}
+
+
+@functools.cache
+def _row_shape(cls: type) -> tuple[str, tuple[Callable[[Any], Any] | None, ...]]:
+    fields = dataclasses.fields(cls)
+    names = ", ".join(f.metadata.get("column") or f.name for f in fields)
+    return names, tuple(f.metadata.get("decode") for f in fields)
+
+
+def columns(cls: type) -> str:
+    """The column list of a row dataclass, in field order, for a SELECT or RETURNING."""
+    return _row_shape(cls)[0]
+
+
+def from_row(cls: type, row: Sequence[Any]) -> Any:
+    """A row dataclass from the values of `columns(cls)`, each decoded as its field says."""
+    decoders = _row_shape(cls)[1]
+    return cls(*[v if d is None or v is None else d(v) for d, v in zip(decoders, row, strict=True)])
+
+
+def _job_id(rowid: int) -> str:
+    return f"job_{rowid}"
+
+
+def _field_pairs(text: str) -> tuple[tuple[str, str | None], ...]:
+    return tuple((name, label) for name, label in json.loads(text))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job row, as `kit.job(id)` returns it."""
+
+    id: str = field(metadata={"decode": _job_id})
+    name: str
+    payload: Any = field(metadata=_JSON)
+    state: str
+    priority: int
+    attempts: int
+    retries: int
+    run_at: float
+    created_at: float
+    key: str | None
+    target: str | None
+    last_error: str | None
+    result: Any = field(metadata=_JSON)
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this worker holds the lease of."""
+
+    rowid: int = field(metadata={"column": "id"})
+    name: str
+    payload: Any = field(metadata=_JSON)
+    attempt: int = field(metadata={"column": "attempts"})
+    retries: int
+    backoff: float
+    timeout: float | None
+
+
+class NewJob(NamedTuple):
+    """The checked column values that the jobs of one enqueue call share."""
+
+    name: str
+    priority: int
+    run_at: float
+    created_at: float
+    retries: int
+    backoff: float
+    timeout: float | None
+    target: str | None
+
+
+class JobEnd(NamedTuple):
+    """How a claimed job ended: its new state and what goes with it."""
+
+    rowid: int
+    attempt: int
+    state: str  # done | queued (a retry) | failed | dead
+    result: str | None  # JSON
+    error: str | None
+    run_at: float | None  # a retry's time
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule row: when it next runs, and what it enqueues then."""
+
+    name: str
+    kind: str
+    spec: str
+    tz: str
+    task: str
+    payload: Any = field(metadata=_JSON)
+    next_due: float | None
+    last_due: float | None
+    paused: bool = field(metadata=_BOOL)
+
+
+@dataclass(frozen=True)
+class TurnRow:
+    """One turn as stored: the message that started it and how far it got."""
+
+    id: str
+    thread_id: str
+    actor: str
+    text: str
+    status: str
+    steps: int
+    reply: str | None
+    error: str | None
+    input_tokens: int
+    output_tokens: int
+    cancel_requested: bool = field(metadata=_BOOL)
+    job_id: int | None
+    meta: dict[str, Any] | None = field(metadata=_JSON)  # what its adapter needs to answer
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One message of a thread, as the context window reads it."""
+
+    id: int
+    role: str
+    content: str | None
+
+
+@dataclass(frozen=True)
+class CallRow:
+    """One tool call of an assistant message, and how far it got."""
+
+    message_id: int
+    call_id: str
+    tool: str
+    args: str  # JSON
+    state: str  # waiting | pending | running | done | error
+    result: str | None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A tool call waiting for (or given) a person's decision."""
+
+    id: str
+    turn_id: str
+    thread_id: str
+    call_id: str
+    tool: str
+    args: dict[str, Any] = field(metadata=_JSON)
+    reason: str | None
+    requester: str
+    state: str
+    decided_by: str | None
+    decision_reason: str | None
+    created_at: float
+    expires_at: float
+    decided_at: float | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message in the outbox: what goes to which thread through which adapter."""
+
+    id: int
+    adapter: str
+    thread_id: str
+    turn_id: str | None
+    kind: str  # reply | error | notice | approval | decided | secret | user
+    body: dict[str, Any] = field(metadata=_JSON)  # "text", and "meta", "approval", ...
+    state: str  # pending | sent | failed
+
+
+@dataclass(frozen=True)
+class SecretRequest:
+    """A request for credentials: the link sent to the user, and how far it got."""
+
+    id: str
+    thread_id: str
+    actor: str
+    turn_id: str | None
+    reason: str
+    fields: tuple[tuple[str, str | None], ...] = field(
+        metadata={"decode": _field_pairs}
+    )  # (name, label)
+    url: str
+    state: str  # pending | used | expired
+    created_at: float
+    expires_at: float
+
+
+class Store(ABC):
+    """agentkit's database: every durable row goes through these operations.
+
+    An engine owns its connections and all of its SQL. Operations called inside
+    `transaction()` join it; called outside one, each is atomic on its own. Writes on
+    claimed work are fenced: they name the owner (and the attempt, the token) they expect
+    and change nothing, answering False or leaving the row out, when that is not the
+    holder any more. Every time a row stores for leases, run times, expiries, schedules
+    and lock lifetimes comes from `now()`, the store's clock.
+    """
+
+    path: str  # where the data is: a file path, ":memory:", or a URL without its password
+    version: int  # the schema version of the database
+    latest: int  # the schema version this agentkit writes
+
+    def __init__(self) -> None:
+        self._wakeup = threading.Condition()
+        self._waiters = 0
+
+    # the engine
+
+    @abstractmethod
+    def transaction(self, *, durable: bool = False) -> contextlib.AbstractContextManager[None]:
+        """A write transaction, committed when the block ends, rolled back on an error; a
+        nested one is a savepoint whose rollback undoes only its own writes. `durable`
+        (outermost only) commits so that a power cut cannot lose it."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The store's clock, in Unix seconds: the time of leases, expiries and schedules."""
+
+    def notify(self) -> None:
+        """Wake this process's idle waiters at once (an engine may tell other processes)."""
+        if self._waiters:
+            with self._wakeup:
+                self._wakeup.notify_all()
+
+    @abstractmethod
+    def wait_for_change(self, timeout: float) -> None:
+        """Sleep until another commit, a `notify()`, or `timeout` seconds."""
+
+    def _wait(self, timeout: float, changed: Callable[[], bool], poll: float) -> None:
+        """Wait for a local `notify()` or `changed()` (polled every `poll` seconds)."""
+        deadline = time.monotonic() + timeout
+        with self._wakeup:
+            self._waiters += 1
+            try:
+                while (left := deadline - time.monotonic()) > 0:
+                    if self._wakeup.wait(min(left, poll)) or changed():
+                        return
+            finally:
+                self._waiters -= 1
+
+    @abstractmethod
+    def release_thread(self) -> None:
+        """Give back what this thread holds (threads that end call it, so nothing leaks)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every connection; later use raises StoreError."""
+
+    @abstractmethod
+    def tables(self) -> list[str]:
+        """The names of agentkit's tables, sorted."""
+
+    @abstractmethod
+    def row_counts(self) -> dict[str, int]:
+        """How many rows each table holds."""
+
+    @abstractmethod
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one of `tables()`, as column -> value (for tools, copies, tests)."""
+
+    @abstractmethod
+    def integrity(self) -> str:
+        """The engine's own consistency check: "ok", or what is wrong."""
+
+    # locks
+
+    @abstractmethod
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> int | None:
+        """Take `name` for `ttl` seconds unless another holds it; the new fencing token (one
+        more than the last one of the name), or None."""
+
+    @abstractmethod
+    def renew_lock(self, name: str, owner: str, token: int, ttl: float) -> bool:
+        """Extend a held lock to `ttl` seconds from now; False when `(owner, token)` does
+        not hold it any more."""
+
+    @abstractmethod
+    def release_lock(self, name: str, owner: str, token: int) -> bool:
+        """Give back a held lock; False when `(owner, token)` does not hold it any more."""
+
+    @abstractmethod
+    def holds_lock(self, name: str, owner: str, token: int) -> bool:
+        """Whether `(owner, token)` holds the lock now (inside a transaction, writes made
+        there commit only while it does)."""
+
+    # jobs
+
+    @abstractmethod
+    def insert_job(self, job: NewJob, payload: str, key: str | None) -> int:
+        """Add a queued job (one cheap statement); with a `key` already used, add nothing
+        and return that job's row id."""
+
+    @abstractmethod
+    def insert_jobs(self, job: NewJob, payloads: Sequence[str]) -> list[int]:
+        """Add one queued job per payload at once; their row ids, in order."""
+
+    @abstractmethod
+    def job_with_key(self, key: str) -> int | None:
+        """The row id of the job enqueued with `key`, if any."""
+
+    @abstractmethod
+    def claim_jobs(
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        *,
+        only: int | None = None,
+        sweep: bool = False,
+    ) -> list[Claimed]:
+        """Lease up to `limit` ready jobs of these task names to `owner` for `lease`
+        seconds, highest priority first, then oldest run time: each gets one more attempt,
+        and no two running jobs share a target. With `only`, just that job if it is
+        ready; with `sweep`, expired leases are requeued first (see `requeue_expired`)."""
+
+    @abstractmethod
+    def requeue_expired(self) -> int:
+        """Make running jobs whose lease ran out queued again, or dead when out of
+        attempts; how many changed."""
+
+    @abstractmethod
+    def finish_jobs(self, owner: str, ends: Sequence[JobEnd]) -> set[int]:
+        """Record how claimed jobs ended; the row ids changed. A job that `owner` does not
+        hold at that attempt (its lease moved on) is refused and left as it is."""
+
+    @abstractmethod
+    def extend_lease(self, rowid: int, owner: str, attempt: int, lease: float) -> bool:
+        """Extend one job's lease to `lease` seconds from now; False when `(owner,
+        attempt)` does not hold it."""
+
+    @abstractmethod
+    def extend_leases(self, owner: str, lease: float) -> None:
+        """Extend the lease of every job `owner` holds to `lease` seconds from now."""
+
+    @abstractmethod
+    def holds_job(self, rowid: int, owner: str, attempt: int) -> bool:
+        """Whether `(owner, attempt)` holds the job's lease now (fences a transaction)."""
+
+    @abstractmethod
+    def job(self, rowid: int) -> Job | None:
+        """One job."""
+
+    @abstractmethod
+    def jobs(self, state: str | None, limit: int) -> list[Job]:
+        """The newest jobs, of one state or all."""
+
+    @abstractmethod
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states with none are left out)."""
+
+    @abstractmethod
+    def cancel_job(self, rowid: int) -> str | None:
+        """Cancel a queued job; the state it was in (None: no such job). Only a queued
+        job changes."""
+
+    @abstractmethod
+    def requeue_job(self, rowid: int) -> str | None:
+        """Queue a dead or failed job again, attempts from zero; the state it was in (None:
+        no such job). Only a dead or failed job changes."""
+
+    # schedules
+
+    @abstractmethod
+    def schedule(self, name: str) -> Schedule | None:
+        """One schedule."""
+
+    @abstractmethod
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+
+    @abstractmethod
+    def put_schedule(
+        self, name: str, kind: str, spec: str, tz: str, task: str, payload: str, next_due: float
+    ) -> None:
+        """Create a schedule, or replace one that differs in kind, spec, tz, task or payload
+        (running again, first due at `next_due`); an unchanged one keeps its due time."""
+
+    @abstractmethod
+    def pause_schedule(self, name: str, paused: bool, next_due: float | None) -> bool:
+        """Pause a schedule, or run it again from `next_due`; False when there is none."""
+
+    @abstractmethod
+    def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule; False when there is none."""
+
+    @abstractmethod
+    def due_schedules(self, at: float) -> list[Schedule]:
+        """The schedules not paused whose next run is due at `at`."""
+
+    @abstractmethod
+    def advance_schedule(self, name: str, due: float, next_due: float | None) -> bool:
+        """Move a schedule whose run due at `due` was enqueued (in the same transaction) to
+        `next_due`; False (and no change) when another process advanced it first."""
+
+    # threads, turns, messages and tool calls
+
+    @abstractmethod
+    def insert_turn(
+        self,
+        turn_id: str,
+        thread: str,
+        actor: str,
+        text: str,
+        source: str,
+        source_id: str | None,
+        meta: str | None,
+    ) -> None:
+        """Add a queued turn, creating its thread or marking it active."""
+
+    @abstractmethod
+    def turn(self, turn_id: str) -> TurnRow | None:
+        """One turn."""
+
+    @abstractmethod
+    def turn_from(self, source: str, source_id: str) -> TurnRow | None:
+        """The turn an inbound message `(adapter, source id)` started, if any."""
+
+    @abstractmethod
+    def set_turn_job(self, turn_id: str, job_rowid: int) -> None:
+        """Note the job that runs a turn."""
+
+    @abstractmethod
+    def move_turn(self, turn_id: str, was: str, status: str) -> bool:
+        """Move a turn from status `was` (only) to `status`; whether it moved."""
+
+    @abstractmethod
+    def end_turn(
+        self,
+        turn_id: str,
+        status: str,
+        reply: str | None,
+        error: str | None,
+        finished_at: float | None,
+    ) -> TurnRow:
+        """Set a turn's status (final or waiting) with its reply or error; the turn."""
+
+    @abstractmethod
+    def request_cancel(self, turn_id: str) -> None:
+        """Ask a running turn to stop at its next step."""
+
+    @abstractmethod
+    def count_step(self, turn_id: str, input_tokens: int, output_tokens: int) -> None:
+        """Count one more model step of a turn and the tokens it used."""
+
+    @abstractmethod
+    def thread_waits(self, thread: str) -> bool:
+        """Whether a turn of the thread waits for an approval."""
+
+    @abstractmethod
+    def held_turns(self, thread: str) -> list[str]:
+        """The thread's queued turns with no job yet (held), oldest first."""
+
+    @abstractmethod
+    def active_turns(self, thread: str) -> list[str]:
+        """The thread's turns that are queued, running or waiting, oldest first."""
+
+    @abstractmethod
+    def running_threads(self, adapter: str) -> list[str]:
+        """The threads under an adapter's name where a turn is running now."""
+
+    @abstractmethod
+    def threads(self, limit: int) -> list[tuple[str, float]]:
+        """`(thread id, last activity)` of the most recently active threads."""
+
+    @abstractmethod
+    def add_message(
+        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+    ) -> int:
+        """Append a message to a thread; its id (ids grow in the order messages are added)."""
+
+    @abstractmethod
+    def messages(self, thread: str, limit: int) -> list[MessageRow]:
+        """The thread's newest `limit` messages that are not commands, newest first."""
+
+    @abstractmethod
+    def add_calls(
+        self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
+    ) -> None:
+        """Add the tool calls `(call id, tool, args, state, result)` of a message, in order."""
+
+    @abstractmethod
+    def calls(self, turn_id: str, *, open_only: bool = False) -> list[CallRow]:
+        """A turn's calls in order (with `open_only`, those waiting, pending or running)."""
+
+    @abstractmethod
+    def calls_of(self, message_ids: Sequence[int]) -> list[CallRow]:
+        """The calls of these messages, by message and position."""
+
+    @abstractmethod
+    def claim_call(self, turn_id: str, call_id: str) -> bool:
+        """Move a pending call to running; True for one caller only."""
+
+    @abstractmethod
+    def set_call(
+        self, turn_id: str, call_id: str, state: str, result: str | None, was: str
+    ) -> bool:
+        """Move a call from state `was` (only) to `state` with its result; whether it moved."""
+
+    # approvals and the events log
+
+    @abstractmethod
+    def insert_approval(
+        self,
+        approval_id: str,
+        turn: TurnRow,
+        call_id: str,
+        tool: str,
+        args: str,
+        reason: str | None,
+        expires_at: float,
+    ) -> Approval:
+        """Add a pending approval of a call, asked for by the turn's actor; the approval."""
+
+    @abstractmethod
+    def approval(self, approval_id: str) -> Approval | None:
+        """One approval."""
+
+    @abstractmethod
+    def approvals(
+        self,
+        *,
+        turn_id: str | None = None,
+        thread: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[Approval]:
+        """Approvals of one turn, thread or state (or all), newest first."""
+
+    @abstractmethod
+    def expired_approvals(self, at: float) -> list[Approval]:
+        """The pending approvals whose time ran out at `at`."""
+
+    @abstractmethod
+    def settle_approval(
+        self, approval_id: str, state: str, actor: str | None, reason: str | None
+    ) -> bool:
+        """Decide a pending approval; True for one decision only (a decided one stays)."""
+
+    @abstractmethod
+    def add_event(
+        self, kind: str, actor: str | None, thread: str, turn_id: str | None, data: str
+    ) -> None:
+        """Append to the events log (who did what, when)."""
+
+    # the outbox
+
+    @abstractmethod
+    def add_delivery(
+        self,
+        adapter: str,
+        thread: str,
+        turn_id: str | None,
+        kind: str,
+        body: dict[str, Any],
+        sent: bool,
+    ) -> int:
+        """Put a message in the outbox (pending, or already `sent` by a pull adapter); its id."""
+
+    @abstractmethod
+    def delivery(self, rowid: int) -> Delivery | None:
+        """One delivery."""
+
+    @abstractmethod
+    def deliveries(self, thread: str, after: int, limit: int) -> list[Delivery]:
+        """The deliveries of a thread after the id `after`, oldest first."""
+
+    @abstractmethod
+    def approval_requests(self, turn_id: str, approval_id: str) -> list[Delivery]:
+        """The deliveries that asked for an approval."""
+
+    @abstractmethod
+    def update_delivery(
+        self, rowid: int, state: str | None, error: str | None, **body: Any
+    ) -> bool:
+        """Change a pending delivery: a new state (sent or failed, with its error) and keys
+        merged into its body; False when it is not pending any more."""
+
+    # adapters' cursors
+
+    @abstractmethod
+    def cursor(self, adapter: str) -> str | None:
+        """Where an adapter's polling got to."""
+
+    @abstractmethod
+    def set_cursor(self, adapter: str, cursor: str | None) -> None:
+        """Move an adapter's cursor (in the transaction that stores what it fetched)."""
+
+    # secret requests
+
+    @abstractmethod
+    def insert_secret_request(
+        self, request: SecretRequest, public_key: str, sealed_key: bytes
+    ) -> None:
+        """Add a pending request with its public key and sealed private key."""
+
+    @abstractmethod
+    def secret_request(self, request_id: str) -> tuple[SecretRequest, bytes | None] | None:
+        """A request and its sealed private key (None once used or expired)."""
+
+    @abstractmethod
+    def use_secret_request(self, request_id: str) -> bool:
+        """Mark a pending request used, deleting its private key; False if not pending."""
+
+    @abstractmethod
+    def expire_secret_requests(self, at: float) -> int:
+        """Expire the pending requests past their time at `at`, deleting their private
+        keys; how many."""
+
+    @abstractmethod
+    def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
+        """The pending requests a turn made, oldest first."""
+
+    # retention
+
+    @abstractmethod
+    def prune(self, before: float) -> dict[str, int]:
+        """Delete finished jobs, events, sent deliveries and used or expired secret
+        requests older than `before`; how many of each."""
+
+
+# Engines by URL scheme ("" for a plain path): each is a callable(target, **options) that
+# imports its driver only when called, so an engine costs nothing until it is used.
+STORE_ENGINES: dict[str, Callable[..., Store]] = {}
+
+
+def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
+    """The store for a path (or `":memory:"`) or a URL like `scheme://...`, opened by the
+    engine registered for its scheme in `STORE_ENGINES`."""
+    target = os.fspath(target)
+    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    engine = STORE_ENGINES.get(scheme)
+    if engine is None:
+        known = ", ".join(f"{s}://" for s in sorted(STORE_ENGINES) if s) or "none"
+        raise BadInput(f"no store engine for {scheme}:// (known: {known}, or a file path)")
+    return engine(target, **options)
+
+
+# ─────────────────────────────────────── SQL engines ───────────────────────────────────────
+# All of agentkit's SQL: the statements SQLite and PostgreSQL share (`_SQLStore`), and the
+# SQLite engine (apsw): connections per thread, PRAGMAs, migrations, transactions, wake-ups.
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: locks, jobs and schedules
@@ -443,18 +1097,633 @@ MIGRATIONS: tuple[str, ...] = (
 SYNCHRONOUS = {"normal": 1, "full": 2}
 
 
-class Store:
+class _SQLStore(Store):
+    """The operations as SQL in the subset SQLite (3.35+) and PostgreSQL (15+) share.
+
+    Statements use `?` placeholders, `ON CONFLICT`, `RETURNING`, `CASE` and `COALESCE`; an
+    engine runs them through `_rows`, `_rows_many` and `_count` (translating placeholders
+    if its driver wants another style), says how a list parameter is matched
+    (`IN_LIST`, `_list`), and writes its own claim, which is where engines differ most.
+    """
+
+    IN_LIST = "IN (SELECT value FROM json_each(?))"  # `x IN_LIST` with `_list(values)`
+
+    @staticmethod
+    def _list(values: Sequence[Any]) -> Any:
+        """The parameter that `IN_LIST` matches against."""
+        return dumps(list(values))
+
+    @abstractmethod
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Run one statement (in the current transaction, or atomic on its own); its rows."""
+
+    @abstractmethod
+    def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
+        """Run one statement once per parameter tuple, atomically; all the rows returned."""
+
+    @abstractmethod
+    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one write statement like `_rows`; how many rows it changed."""
+
+    @abstractmethod
+    def _described(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Run one read statement; its column names and rows."""
+
+    def _changed(self, sql: str, params: Sequence[Any]) -> bool:
+        """Run one write statement like `_rows`; whether it changed exactly one row."""
+        return self._count(sql, params) == 1
+
+    def _fetch_one(self, cls: type, sql: str, params: Sequence[Any]) -> Any:
+        rows = self._rows(sql, params)
+        return from_row(cls, rows[0]) if rows else None
+
+    def _fetch_all(self, cls: type, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return [from_row(cls, row) for row in self._rows(sql, params)]
+
+    def row_counts(self) -> dict[str, int]:
+        return {t: self._rows(f'SELECT count(*) FROM "{t}"')[0][0] for t in self.tables()}
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        if table not in self.tables():
+            raise BadInput(f"no table {table!r} (tables: {', '.join(self.tables())})")
+        names, rows = self._described(f'SELECT * FROM "{table}"')
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    # locks
+
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> int | None:
+        at = self.now()
+        rows = self._rows(
+            "INSERT INTO locks (name, owner, token, expires_at) VALUES (?, ?, 1, ?) "
+            "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+            "token = locks.token + 1, expires_at = excluded.expires_at "
+            "WHERE locks.owner IS NULL OR locks.expires_at <= ? RETURNING token",
+            (name, owner, at + ttl, at),
+        )
+        return rows[0][0] if rows else None
+
+    def renew_lock(self, name: str, owner: str, token: int, ttl: float) -> bool:
+        at = self.now()
+        return self._changed(
+            "UPDATE locks SET expires_at = ? "
+            "WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
+            (at + ttl, name, owner, token, at),
+        )
+
+    def release_lock(self, name: str, owner: str, token: int) -> bool:
+        return self._changed(
+            "UPDATE locks SET owner = NULL, expires_at = 0 "
+            "WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
+            (name, owner, token, self.now()),
+        )
+
+    def holds_lock(self, name: str, owner: str, token: int) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM locks WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
+                (name, owner, token, self.now()),
+            )
+        )
+
+    # jobs
+
+    def insert_job(self, job: NewJob, payload: str, key: str | None) -> int:
+        rows = self._rows(
+            "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries, "
+            "backoff, timeout, key, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
+            (job.name, payload, *job[1:7], key, job.target),
+        )
+        return rows[0][0] if rows else self._rows("SELECT id FROM jobs WHERE key = ?", (key,))[0][0]
+
+    def insert_jobs(self, job: NewJob, payloads: Sequence[str]) -> list[int]:
+        rows = self._rows_many(
+            "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
+            "retries, backoff, timeout, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) "
+            "RETURNING id",
+            [(job.name, payload, *job[1:]) for payload in payloads],
+        )
+        return [rowid for (rowid,) in rows]
+
+    def job_with_key(self, key: str) -> int | None:
+        rows = self._rows("SELECT id FROM jobs WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def requeue_expired(self) -> int:
+        at = self.now()
+        return self._count(
+            "UPDATE jobs SET owner = NULL, lease_until = NULL, "
+            "last_error = 'lease expired: its worker stopped before finishing', "
+            "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
+            "finished_at = CASE WHEN attempts > retries THEN ? END "
+            "WHERE state = 'running' AND lease_until < ?",
+            (at, at),
+        )
+
+    def _lease(self, rowids: Sequence[int], owner: str, lease: float) -> list[Claimed]:
+        """Move the picked queued jobs to running under `owner` (part of a claim)."""
+        at = self.now()
+        rows = self._rows(
+            "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
+            f"lease_until = ?, started_at = ? WHERE id {self.IN_LIST} "
+            f"RETURNING {columns(Claimed)}",
+            (owner, at + lease, at, self._list(rowids)),
+        )
+        rows.sort()
+        return [from_row(Claimed, row) for row in rows]
+
+    def finish_jobs(self, owner: str, ends: Sequence[JobEnd]) -> set[int]:
+        rows = self._rows_many(
+            "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
+            "run_at = COALESCE(?, run_at), finished_at = ?, owner = NULL, "
+            "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
+            "AND state = 'running' RETURNING id",
+            [(*e[2:], e.rowid, owner, e.attempt) for e in ends],
+        )
+        return {rowid for (rowid,) in rows}
+
+    def extend_lease(self, rowid: int, owner: str, attempt: int, lease: float) -> bool:
+        return self._changed(
+            "UPDATE jobs SET lease_until = ? "
+            "WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running'",
+            (self.now() + lease, rowid, owner, attempt),
+        )
+
+    def extend_leases(self, owner: str, lease: float) -> None:
+        self._count(
+            "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ?",
+            (self.now() + lease, owner),
+        )
+
+    def holds_job(self, rowid: int, owner: str, attempt: int) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND attempts = ? "
+                "AND state = 'running'",
+                (rowid, owner, attempt),
+            )
+        )
+
+    def job(self, rowid: int) -> Job | None:
+        return self._fetch_one(Job, f"SELECT {columns(Job)} FROM jobs WHERE id = ?", (rowid,))
+
+    def jobs(self, state: str | None, limit: int) -> list[Job]:
+        where = "" if state is None else "WHERE state = ? "
+        params = () if state is None else (state,)
+        sql = f"SELECT {columns(Job)} FROM jobs {where}ORDER BY id DESC LIMIT ?"
+        return self._fetch_all(Job, sql, (*params, limit))
+
+    def job_counts(self) -> dict[str, int]:
+        return dict(self._rows("SELECT state, count(*) FROM jobs GROUP BY state"))
+
+    def _move_job(self, rowid: int, allowed: tuple[str, ...], change: str) -> str | None:
+        """Apply `change` (a SET list taking the time) to a job in an allowed state; the
+        state it was in."""
+        with self.transaction():
+            rows = self._rows("SELECT state FROM jobs WHERE id = ?", (rowid,))
+            if rows and rows[0][0] in allowed:
+                self._count(f"UPDATE jobs SET {change} WHERE id = ?", (self.now(), rowid))
+        return rows[0][0] if rows else None
+
+    def cancel_job(self, rowid: int) -> str | None:
+        return self._move_job(rowid, ("queued",), "state = 'cancelled', finished_at = ?")
+
+    def requeue_job(self, rowid: int) -> str | None:
+        return self._move_job(
+            rowid,
+            ("dead", "failed"),
+            "state = 'queued', attempts = 0, run_at = ?, finished_at = NULL",
+        )
+
+    # schedules
+
+    def schedule(self, name: str) -> Schedule | None:
+        sql = f"SELECT {columns(Schedule)} FROM schedules WHERE name = ?"
+        return self._fetch_one(Schedule, sql, (name,))
+
+    def schedules(self) -> list[Schedule]:
+        return self._fetch_all(Schedule, f"SELECT {columns(Schedule)} FROM schedules ORDER BY name")
+
+    def put_schedule(
+        self, name: str, kind: str, spec: str, tz: str, task: str, payload: str, next_due: float
+    ) -> None:
+        self._count(
+            "INSERT INTO schedules (name, kind, spec, tz, task, payload, next_due) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "kind = excluded.kind, spec = excluded.spec, tz = excluded.tz, "
+            "task = excluded.task, payload = excluded.payload, next_due = excluded.next_due, "
+            "last_due = NULL, paused = 0 WHERE schedules.kind != excluded.kind "
+            "OR schedules.spec != excluded.spec OR schedules.tz != excluded.tz "
+            "OR schedules.task != excluded.task OR schedules.payload != excluded.payload",
+            (name, kind, spec, tz, task, payload, next_due),
+        )
+
+    def pause_schedule(self, name: str, paused: bool, next_due: float | None) -> bool:
+        if paused:
+            return self._changed("UPDATE schedules SET paused = 1 WHERE name = ?", (name,))
+        return self._changed(
+            "UPDATE schedules SET paused = 0, next_due = ? WHERE name = ?", (next_due, name)
+        )
+
+    def delete_schedule(self, name: str) -> bool:
+        return self._changed("DELETE FROM schedules WHERE name = ?", (name,))
+
+    def due_schedules(self, at: float) -> list[Schedule]:
+        return self._fetch_all(
+            Schedule,
+            f"SELECT {columns(Schedule)} FROM schedules WHERE paused = 0 AND next_due <= ?",
+            (at,),
+        )
+
+    def advance_schedule(self, name: str, due: float, next_due: float | None) -> bool:
+        return self._changed(
+            "UPDATE schedules SET next_due = ?, last_due = ? WHERE name = ? AND next_due = ?",
+            (next_due, due, name, due),
+        )
+
+    # threads, turns, messages and tool calls
+
+    def insert_turn(
+        self,
+        turn_id: str,
+        thread: str,
+        actor: str,
+        text: str,
+        source: str,
+        source_id: str | None,
+        meta: str | None,
+    ) -> None:
+        at = self.now()
+        with self.transaction():
+            self._count(
+                "INSERT INTO threads (id, created_at, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
+                (thread, at, at),
+            )
+            self._count(
+                "INSERT INTO turns (id, thread_id, actor, text, source, source_id, status, "
+                "created_at, meta) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (turn_id, thread, actor, text, source, source_id, at, meta),
+            )
+
+    def turn(self, turn_id: str) -> TurnRow | None:
+        return self._fetch_one(
+            TurnRow, f"SELECT {columns(TurnRow)} FROM turns WHERE id = ?", (turn_id,)
+        )
+
+    def turn_from(self, source: str, source_id: str) -> TurnRow | None:
+        sql = f"SELECT {columns(TurnRow)} FROM turns WHERE source = ? AND source_id = ?"
+        return self._fetch_one(TurnRow, sql, (source, source_id))
+
+    def set_turn_job(self, turn_id: str, job_rowid: int) -> None:
+        self._count("UPDATE turns SET job_id = ? WHERE id = ?", (job_rowid, turn_id))
+
+    def move_turn(self, turn_id: str, was: str, status: str) -> bool:
+        return self._changed(
+            "UPDATE turns SET status = ? WHERE id = ? AND status = ?", (status, turn_id, was)
+        )
+
+    def end_turn(
+        self,
+        turn_id: str,
+        status: str,
+        reply: str | None,
+        error: str | None,
+        finished_at: float | None,
+    ) -> TurnRow:
+        return self._fetch_one(
+            TurnRow,
+            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
+            f"RETURNING {columns(TurnRow)}",
+            (status, reply, error, finished_at, turn_id),
+        )
+
+    def request_cancel(self, turn_id: str) -> None:
+        self._count("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
+
+    def count_step(self, turn_id: str, input_tokens: int, output_tokens: int) -> None:
+        self._count(
+            "UPDATE turns SET steps = steps + 1, input_tokens = input_tokens + ?, "
+            "output_tokens = output_tokens + ? WHERE id = ?",
+            (input_tokens, output_tokens, turn_id),
+        )
+
+    def thread_waits(self, thread: str) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM turns WHERE thread_id = ? AND status = 'waiting_approval'",
+                (thread,),
+            )
+        )
+
+    def held_turns(self, thread: str) -> list[str]:
+        rows = self._rows(
+            "SELECT id FROM turns WHERE thread_id = ? AND status = 'queued' AND job_id IS NULL "
+            "ORDER BY created_at",
+            (thread,),
+        )
+        return [turn_id for (turn_id,) in rows]
+
+    def active_turns(self, thread: str) -> list[str]:
+        rows = self._rows(
+            "SELECT id FROM turns WHERE thread_id = ? "
+            "AND status IN ('queued', 'running', 'waiting_approval') ORDER BY created_at",
+            (thread,),
+        )
+        return [turn_id for (turn_id,) in rows]
+
+    def running_threads(self, adapter: str) -> list[str]:
+        rows = self._rows(
+            "SELECT DISTINCT thread_id FROM turns WHERE status = 'running' "
+            "AND thread_id >= ? AND thread_id < ?",
+            (f"{adapter}:", f"{adapter};"),
+        )
+        return [thread for (thread,) in rows]
+
+    def threads(self, limit: int) -> list[tuple[str, float]]:
+        return self._rows(
+            "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
+
+    def add_message(
+        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+    ) -> int:
+        return self._rows(
+            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (thread, turn_id, role, content, int(command), self.now()),
+        )[0][0]
+
+    def messages(self, thread: str, limit: int) -> list[MessageRow]:
+        return self._fetch_all(
+            MessageRow,
+            f"SELECT {columns(MessageRow)} FROM messages WHERE thread_id = ? AND command = 0 "
+            "ORDER BY id DESC LIMIT ?",
+            (thread, limit),
+        )
+
+    def add_calls(
+        self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
+    ) -> None:
+        if calls:
+            self._rows_many(
+                "INSERT INTO calls (turn_id, message_id, position, call_id, tool, args, state, "
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(turn_id, message_id, i, *call) for i, call in enumerate(calls)],
+            )
+
+    def calls(self, turn_id: str, *, open_only: bool = False) -> list[CallRow]:
+        where = " AND state IN ('waiting', 'pending', 'running')" if open_only else ""
+        return self._fetch_all(
+            CallRow,
+            f"SELECT {columns(CallRow)} FROM calls WHERE turn_id = ?{where} "
+            "ORDER BY message_id, position",
+            (turn_id,),
+        )
+
+    def calls_of(self, message_ids: Sequence[int]) -> list[CallRow]:
+        if not message_ids:
+            return []
+        return self._fetch_all(
+            CallRow,
+            f"SELECT {columns(CallRow)} FROM calls WHERE message_id {self.IN_LIST} "
+            "ORDER BY message_id, position",
+            (self._list(message_ids),),
+        )
+
+    def claim_call(self, turn_id: str, call_id: str) -> bool:
+        return self._changed(
+            "UPDATE calls SET state = 'running' "
+            "WHERE turn_id = ? AND call_id = ? AND state = 'pending'",
+            (turn_id, call_id),
+        )
+
+    def set_call(
+        self, turn_id: str, call_id: str, state: str, result: str | None, was: str
+    ) -> bool:
+        return self._changed(
+            "UPDATE calls SET state = ?, result = ?, finished_at = ? "
+            "WHERE turn_id = ? AND call_id = ? AND state = ?",
+            (state, result, self.now(), turn_id, call_id, was),
+        )
+
+    # approvals and the events log
+
+    def insert_approval(
+        self,
+        approval_id: str,
+        turn: TurnRow,
+        call_id: str,
+        tool: str,
+        args: str,
+        reason: str | None,
+        expires_at: float,
+    ) -> Approval:
+        values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, reason, turn.actor)
+        return self._fetch_one(
+            Approval,
+            "INSERT INTO approvals (id, turn_id, thread_id, call_id, tool, args, reason, "
+            "requester, state, created_at, expires_at) VALUES "
+            f"(?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING {columns(Approval)}",
+            (*values, self.now(), expires_at),
+        )
+
+    def approval(self, approval_id: str) -> Approval | None:
+        sql = f"SELECT {columns(Approval)} FROM approvals WHERE id = ?"
+        return self._fetch_one(Approval, sql, (approval_id,))
+
+    def approvals(
+        self,
+        *,
+        turn_id: str | None = None,
+        thread: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[Approval]:
+        given = {"turn_id": turn_id, "thread_id": thread, "state": state}
+        tests = [f"{name} = ?" for name, value in given.items() if value is not None]
+        where = f"WHERE {' AND '.join(tests)} " if tests else ""
+        return self._fetch_all(
+            Approval,
+            f"SELECT {columns(Approval)} FROM approvals {where}ORDER BY created_at DESC LIMIT ?",
+            (*(value for value in given.values() if value is not None), limit),
+        )
+
+    def expired_approvals(self, at: float) -> list[Approval]:
+        return self._fetch_all(
+            Approval,
+            f"SELECT {columns(Approval)} FROM approvals "
+            "WHERE state = 'pending' AND expires_at <= ?",
+            (at,),
+        )
+
+    def settle_approval(
+        self, approval_id: str, state: str, actor: str | None, reason: str | None
+    ) -> bool:
+        return self._changed(
+            "UPDATE approvals SET state = ?, decided_by = ?, decision_reason = ?, decided_at = ? "
+            "WHERE id = ? AND state = 'pending'",
+            (state, actor, reason, self.now(), approval_id),
+        )
+
+    def add_event(
+        self, kind: str, actor: str | None, thread: str, turn_id: str | None, data: str
+    ) -> None:
+        self._count(
+            "INSERT INTO events (kind, actor, thread_id, turn_id, data, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, actor, thread, turn_id, data, self.now()),
+        )
+
+    # the outbox
+
+    def add_delivery(
+        self,
+        adapter: str,
+        thread: str,
+        turn_id: str | None,
+        kind: str,
+        body: dict[str, Any],
+        sent: bool,
+    ) -> int:
+        at = self.now()
+        state, sent_at = ("sent", at) if sent else ("pending", None)
+        return self._rows(
+            "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
+            "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (adapter, thread, turn_id, kind, dumps(body), state, at, sent_at),
+        )[0][0]
+
+    def delivery(self, rowid: int) -> Delivery | None:
+        sql = f"SELECT {columns(Delivery)} FROM deliveries WHERE id = ?"
+        return self._fetch_one(Delivery, sql, (rowid,))
+
+    def deliveries(self, thread: str, after: int, limit: int) -> list[Delivery]:
+        return self._fetch_all(
+            Delivery,
+            f"SELECT {columns(Delivery)} FROM deliveries WHERE thread_id = ? AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (thread, after, limit),
+        )
+
+    def approval_requests(self, turn_id: str, approval_id: str) -> list[Delivery]:
+        asked = self._fetch_all(
+            Delivery,
+            f"SELECT {columns(Delivery)} FROM deliveries WHERE turn_id = ? "
+            "AND kind = 'approval' ORDER BY id",
+            (turn_id,),
+        )
+        return [d for d in asked if (d.body.get("approval") or {}).get("id") == approval_id]
+
+    def update_delivery(
+        self, rowid: int, state: str | None, error: str | None, **body: Any
+    ) -> bool:
+        with self.transaction():
+            found = self.delivery(rowid)
+            if found is None or found.state != "pending":
+                return False
+            sent_at = None if state is None else self.now()
+            return self._changed(
+                "UPDATE deliveries SET state = COALESCE(?, state), "
+                "sent_at = COALESCE(?, sent_at), error = COALESCE(?, error), body = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (state, sent_at, error, dumps({**found.body, **body}), rowid),
+            )
+
+    # adapters' cursors
+
+    def cursor(self, adapter: str) -> str | None:
+        rows = self._rows("SELECT cursor FROM cursors WHERE adapter = ?", (adapter,))
+        return rows[0][0] if rows else None
+
+    def set_cursor(self, adapter: str, cursor: str | None) -> None:
+        self._count(
+            "INSERT INTO cursors (adapter, cursor, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (adapter) DO UPDATE SET cursor = excluded.cursor, "
+            "updated_at = excluded.updated_at",
+            (adapter, cursor, self.now()),
+        )
+
+    # secret requests
+
+    def insert_secret_request(
+        self, request: SecretRequest, public_key: str, sealed_key: bytes
+    ) -> None:
+        fields = dumps([[name, label] for name, label in request.fields])
+        self._count(
+            "INSERT INTO secret_requests (id, thread_id, actor, turn_id, reason, fields, url, "
+            "state, created_at, expires_at, public_key, private_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (
+                *(request.id, request.thread_id, request.actor, request.turn_id, request.reason),
+                *(fields, request.url, request.created_at, request.expires_at),
+                *(public_key, sealed_key),
+            ),
+        )
+
+    def secret_request(self, request_id: str) -> tuple[SecretRequest, bytes | None] | None:
+        rows = self._rows(
+            f"SELECT {columns(SecretRequest)}, private_key FROM secret_requests WHERE id = ?",
+            (request_id,),
+        )
+        return (from_row(SecretRequest, rows[0][:-1]), rows[0][-1]) if rows else None
+
+    def use_secret_request(self, request_id: str) -> bool:
+        return self._changed(
+            "UPDATE secret_requests SET state = 'used', private_key = NULL, used_at = ? "
+            "WHERE id = ? AND state = 'pending'",
+            (self.now(), request_id),
+        )
+
+    def expire_secret_requests(self, at: float) -> int:
+        due = "FROM secret_requests WHERE state = 'pending' AND expires_at <= ?"
+        if not self._rows(f"SELECT 1 {due} LIMIT 1", (at,)):  # no write lock when none
+            return 0
+        return self._count(
+            "UPDATE secret_requests SET state = 'expired', private_key = NULL "
+            "WHERE state = 'pending' AND expires_at <= ?",
+            (at,),
+        )
+
+    def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
+        return self._fetch_all(
+            SecretRequest,
+            f"SELECT {columns(SecretRequest)} FROM secret_requests "
+            "WHERE turn_id = ? AND state = 'pending' ORDER BY created_at",
+            (turn_id,),
+        )
+
+    # retention
+
+    def prune(self, before: float) -> dict[str, int]:
+        deleted = {}
+        with self.transaction():
+            for table, sql in (
+                ("jobs", "state IN ('done', 'failed', 'dead', 'cancelled') AND finished_at < ?"),
+                ("events", "created_at < ?"),
+                ("deliveries", "state = 'sent' AND sent_at < ?"),
+                ("secret_requests", "state != 'pending' AND created_at < ?"),
+            ):
+                deleted[table] = self._count(f"DELETE FROM {table} WHERE {sql}", (before,))
+        return deleted
+
+
+class SQLiteStore(_SQLStore):
     """One SQLite database shared by this process's threads (a connection each).
 
     Every connection runs in WAL mode (except `":memory:"`, which is one process's
     shared in-memory database), with foreign keys on and a busy timeout. Opening a file
     applies pending migrations, each in its own transaction; a file that is not SQLite,
-    or that a newer agentkit wrote, is refused and left untouched.
+    or that a newer agentkit wrote, is refused and left untouched. Idle waiters notice
+    other processes' commits through `PRAGMA data_version`.
     """
+
+    latest = len(MIGRATIONS)
 
     def __init__(
         self, path: str, *, synchronous: str = "normal", busy_timeout: float = 10.0
     ) -> None:
+        super().__init__()
         if synchronous not in SYNCHRONOUS:
             raise BadInput(f"synchronous must be one of {sorted(SYNCHRONOUS)}")
         self.path = os.fspath(path)
@@ -468,6 +1737,9 @@ class Store:
         self.closed = False
         self._keepalive = self.connection()  # opens, checks and migrates
         self.version = self._migrate()
+
+    def now(self) -> float:
+        return now()  # the module's clock, looked up at each call (tests replace it)
 
     # connections
 
@@ -535,7 +1807,6 @@ class Store:
         return self._pragma(conn, "user_version")
 
     def release_thread(self) -> None:
-        """Close this thread's connection (threads that end call it, so none leaks)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             return
@@ -546,7 +1817,6 @@ class Store:
         conn.close()
 
     def close(self) -> None:
-        """Close every connection of this store; later use raises StoreError."""
         with self._guard:
             self.closed = True
             conns, self._all = self._all, []
@@ -557,13 +1827,12 @@ class Store:
     # transactions
 
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = False) -> Iterator[apsw.Connection]:
-        """A write transaction: `BEGIN IMMEDIATE`, committed on success, rolled back on error.
+    def transaction(self, *, durable: bool = False) -> Iterator[None]:
+        """`BEGIN IMMEDIATE`, committed on success, rolled back on error (see `Store`).
 
         A busy database is retried with backoff for `busy_timeout` seconds, then raises
-        StoreError. A nested `transaction()` in the same thread is a savepoint: its
-        rollback undoes only its own writes, and nothing is committed before the
-        outermost block ends. `durable=True` commits with `synchronous=FULL`.
+        StoreError. A nested `transaction()` in the same thread is a savepoint.
+        `durable=True` commits with `synchronous=FULL`.
         """
         conn = self.connection()
         depth = self._local.depth
@@ -574,7 +1843,7 @@ class Store:
             conn.execute(f"SAVEPOINT {name}")
             self._local.depth = depth + 1
             try:
-                yield conn
+                yield
             except BaseException:
                 conn.execute(f"ROLLBACK TO {name}")
                 raise
@@ -585,10 +1854,10 @@ class Store:
         if durable:
             conn.execute("PRAGMA synchronous=FULL")
         try:
-            self._begin(conn)
+            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
             self._local.depth = 1
             try:
-                yield conn
+                yield
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -602,9 +1871,6 @@ class Store:
             self._local.depth = 0
             if durable:
                 conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.synchronous]}")
-
-    def _begin(self, conn: apsw.Connection) -> None:
-        self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
 
     def _retry_busy(self, attempt: Callable[[], Any]) -> Any:
         """Call `attempt` until the database is not busy (it did nothing when busy), with
@@ -622,69 +1888,111 @@ class Store:
                 time.sleep(pause * random.uniform(0.5, 1.5))
                 pause = min(pause * 2, 0.1)
 
-    def write(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """One statement on its own (atomic; inside a transaction, part of it); its rows.
+    # statements
 
-        Cheaper than `transaction()` for a single write: one call instead of three. A busy
-        database is retried like `transaction()` does (a busy statement did not commit).
-        """
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         conn = self.connection()
         if self._local.depth:
             return conn.execute(sql, params).fetchall()
         return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
 
-    def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
-        """Rows of one read statement, outside any explicit transaction."""
-        return self.connection().execute(sql, params).fetchall()
+    def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
+        conn = self.connection()
+        if self._local.depth:
+            return conn.executemany(sql, params).fetchall()
+        with self.transaction():
+            return conn.executemany(sql, params).fetchall()
 
-    def data_version(self) -> int:
-        """Changes when another connection commits (cheap: no I/O)."""
-        return self._pragma(self.connection(), "data_version")
+    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        conn = self.connection()
+
+        def run() -> int:
+            conn.execute(sql, params).fetchall()
+            return conn.changes()
+
+        return run() if self._local.depth else self._retry_busy(run)
+
+    def _described(self, sql: str) -> tuple[list[str], list[tuple]]:
+        cursor = self.connection().execute(sql)
+        try:
+            names = [name for name, _ in cursor.getdescription()]
+        except apsw.ExecutionCompleteError:  # no rows: apsw has nothing to describe
+            return [], []
+        return names, cursor.fetchall()
+
+    # the engine's own
+
+    def wait_for_change(self, timeout: float) -> None:
+        conn = self.connection()
+        version = self._pragma(conn, "data_version")  # cheap: no I/O
+        self._wait(timeout, lambda: self._pragma(conn, "data_version") != version, 0.02)
 
     def tables(self) -> list[str]:
-        """The names of agentkit's tables."""
-        rows = self.read("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+        rows = self._rows("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
         return [name for (name,) in rows if not name.startswith("sqlite_")]
 
+    def integrity(self) -> str:
+        return "; ".join(row[0] for row in self._rows("PRAGMA integrity_check"))
+
+    def claim_jobs(
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        *,
+        only: int | None = None,
+        sweep: bool = False,
+    ) -> list[Claimed]:
+        conn = self.connection()
+        with self.transaction():
+            if sweep:
+                self.requeue_expired()
+            at = self.now()
+            wanted = self._list(names)
+            candidates: list[tuple[int, str | None]] = []
+            for (priority,) in conn.execute(self._PRIORITIES, (only,)):
+                candidates += conn.execute(
+                    self._CANDIDATES, (at, wanted, limit - len(candidates), priority, only)
+                ).fetchall()
+                if len(candidates) >= limit:
+                    break
+            if not candidates:
+                return []
+            picked, targets = [], set()
+            for rowid, target in candidates:
+                if target is None or target not in targets:
+                    picked.append(rowid)
+                    targets.add(target)
+            return self._lease(picked, owner, lease)
+
+    # The queued priorities, highest first, one index seek each (a loose index scan); per
+    # priority, ready jobs are a range of the index, so a claim reads only what it takes,
+    # however many jobs wait for later.
+    _PRIORITIES = """
+        WITH RECURSIVE p (v) AS (
+            SELECT max(priority) FROM jobs WHERE state = 'queued' AND (?1 IS NULL OR id = ?1)
+            UNION ALL
+            SELECT (SELECT max(priority) FROM jobs
+                    WHERE state = 'queued' AND priority < p.v AND (?1 IS NULL OR id = ?1))
+            FROM p WHERE p.v IS NOT NULL
+        )
+        SELECT v FROM p WHERE v IS NOT NULL
+    """
+    _CANDIDATES = """
+        SELECT id, target FROM jobs
+        WHERE state = 'queued' AND priority = ?4 AND run_at <= ?1 AND (?5 IS NULL OR id = ?5)
+        AND name IN (SELECT value FROM json_each(?2))
+        AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r
+             WHERE r.state = 'running' AND r.target = jobs.target))
+        ORDER BY run_at, id LIMIT ?3
+    """
+
+
+STORE_ENGINES[""] = SQLiteStore
 
 # ───────────────────────────────────────── locks ─────────────────────────────────────────
-
-
-def acquire_lock(store: Store, name: str, owner: str, ttl: float) -> int | None:
-    """Take `name` for `owner` unless someone holds it; the new fencing token, or None."""
-    at = now()
-    with store.transaction() as db:
-        row = db.execute(
-            "INSERT INTO locks (name, owner, token, expires_at) VALUES (?1, ?2, 1, ?3) "
-            "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
-            "token = locks.token + 1, expires_at = excluded.expires_at "
-            "WHERE locks.owner IS NULL OR locks.expires_at <= ?4 RETURNING token",
-            (name, owner, at + ttl, at),
-        ).fetchone()
-    return row[0] if row else None
-
-
-def renew_lock(store: Store, name: str, owner: str, token: int, ttl: float) -> bool:
-    """Extend a held lock; False (and no change) when it is not held any more."""
-    at = now()
-    with store.transaction() as db:
-        db.execute(
-            "UPDATE locks SET expires_at = ? "
-            "WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
-            (at + ttl, name, owner, token, at),
-        )
-        return db.changes() == 1
-
-
-def release_lock(store: Store, name: str, owner: str, token: int) -> bool:
-    """Give back a held lock; False (and no change) when it is not held any more."""
-    with store.transaction() as db:
-        db.execute(
-            "UPDATE locks SET owner = NULL, expires_at = 0 "
-            "WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
-            (name, owner, token, now()),
-        )
-        return db.changes() == 1
+# Named leases with growing fencing tokens, renewed in the background while held.
 
 
 class Lock:
@@ -711,7 +2019,7 @@ class Lock:
         deadline = time.monotonic() + self.wait
         pause = 0.002
         while True:
-            token = acquire_lock(self.store, self.name, self.owner, self.ttl)
+            token = self.store.acquire_lock(self.name, self.owner, self.ttl)
             if token is not None:
                 self.token = token
                 return self
@@ -723,26 +2031,21 @@ class Lock:
 
     def renew(self) -> None:
         """Extend the lease by `ttl`; LeaseLost when it is not held any more."""
-        if self.token is None or not renew_lock(
-            self.store, self.name, self.owner, self.token, self.ttl
+        if self.token is None or not self.store.renew_lock(
+            self.name, self.owner, self.token, self.ttl
         ):
             raise LeaseLost(f"lock {self.name!r} is not held by this Lock")
 
     def release(self) -> None:
         """Give the lock back; LeaseLost when it was not held any more."""
         token, self.token = self.token, None
-        if token is None or not release_lock(self.store, self.name, self.owner, token):
+        if token is None or not self.store.release_lock(self.name, self.owner, token):
             raise LeaseLost(f"lock {self.name!r} is not held by this Lock")
 
-    def holds(self, db: apsw.Connection) -> bool:
-        """Whether this Lock still holds its lease, read inside the caller's transaction (so
-        a write made there is fenced: it commits only while the lock is held)."""
-        return self.token is not None and bool(
-            db.execute(
-                "SELECT 1 FROM locks WHERE name = ? AND owner = ? AND token = ? AND expires_at > ?",
-                (self.name, self.owner, self.token, now()),
-            ).fetchone()
-        )
+    def holds(self) -> bool:
+        """Whether this Lock still holds its lease; called inside a transaction, it fences
+        the writes made there (they commit only while the lock is held)."""
+        return self.token is not None and self.store.holds_lock(self.name, self.owner, self.token)
 
     def _renew_until_stopped(self) -> None:
         try:
@@ -796,53 +2099,6 @@ def retry_delay(backoff: float, attempt: int) -> float:
     return base * (1 + random.uniform(0, 0.25))
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """A snapshot of one job row, as `kit.job(id)` returns it."""
-
-    id: str
-    name: str
-    payload: Any
-    state: str
-    priority: int
-    attempts: int
-    retries: int
-    run_at: float
-    created_at: float
-    key: str | None
-    target: str | None
-    last_error: str | None
-    result: Any
-    finished_at: float | None
-
-
-JOB_COLUMNS = (
-    "id, name, payload, state, priority, attempts, retries, run_at, created_at, key, "
-    "target, last_error, result, finished_at"
-)
-
-
-def job_from_row(row: tuple) -> Job:
-    (rowid, name, payload, state, priority, attempts, retries, run_at, created, key) = row[:10]
-    target, last_error, result, finished_at = row[10:]
-    return Job(
-        f"job_{rowid}",
-        name,
-        json.loads(payload),
-        state,
-        priority,
-        attempts,
-        retries,
-        run_at,
-        created,
-        key,
-        target,
-        last_error,
-        None if result is None else json.loads(result),
-        finished_at,
-    )
-
-
 @dataclasses.dataclass
 class Task:
     """A registered job handler and the defaults of the jobs that run it."""
@@ -858,19 +2114,6 @@ class Task:
         self.takes_ctx = len(params) >= 2
 
 
-@dataclasses.dataclass
-class Claimed:
-    """A job this worker holds the lease of."""
-
-    rowid: int
-    name: str
-    payload: Any
-    attempt: int
-    retries: int
-    backoff: float
-    timeout: float | None
-
-
 class JobContext:
     """What a task receives as `ctx`: the job's id, its attempt, and `heartbeat()`."""
 
@@ -883,44 +2126,15 @@ class JobContext:
         self._owner = owner
         self._lease = lease
 
-    def holds(self, db: apsw.Connection) -> bool:
-        """Whether this worker still holds the job's lease (read in the caller's transaction)."""
-        return (
-            db.execute(
-                "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND attempts = ? "
-                "AND state = 'running'",
-                (self._job.rowid, self._owner, self._job.attempt),
-            ).fetchone()
-            is not None
-        )
+    def holds(self) -> bool:
+        """Whether this worker still holds the job's lease (inside a transaction, it fences
+        the writes made there)."""
+        return self.queue.store.holds_job(self._job.rowid, self._owner, self._job.attempt)
 
     def heartbeat(self) -> None:
         """Extend this job's lease now (workers also do it on their own); LeaseLost if gone."""
         if not self.queue.extend(self._job, self._owner, self._lease):
             raise LeaseLost(f"{self.job_id} is no longer leased to this worker")
-
-
-# The queued priorities, highest first, one index seek each (a loose index scan); per
-# priority, ready jobs are a range of the index, so a claim reads only what it takes, however
-# many jobs wait for later.
-PRIORITIES_SQL = """
-    WITH RECURSIVE p (v) AS (
-        SELECT max(priority) FROM jobs WHERE state = 'queued' AND (?1 IS NULL OR id = ?1)
-        UNION ALL
-        SELECT (SELECT max(priority) FROM jobs
-                WHERE state = 'queued' AND priority < p.v AND (?1 IS NULL OR id = ?1))
-        FROM p WHERE p.v IS NOT NULL
-    )
-    SELECT v FROM p WHERE v IS NOT NULL
-"""
-CANDIDATES_SQL = """
-    SELECT id, target FROM jobs
-    WHERE state = 'queued' AND priority = ?4 AND run_at <= ?1 AND (?5 IS NULL OR id = ?5)
-    AND name IN (SELECT value FROM json_each(?2))
-    AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r
-         WHERE r.state = 'running' AND r.target = jobs.target))
-    ORDER BY run_at, id LIMIT ?3
-"""
 
 
 class Queue:
@@ -934,8 +2148,6 @@ class Queue:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.tasks: dict[str, Task] = {}
-        self._changed = threading.Condition()
-        self._waiters = 0
         self._next_sweep = 0.0
 
     # enqueueing
@@ -952,7 +2164,7 @@ class Queue:
         backoff: float | None = None,
         timeout: float | None = None,
         strict: bool = True,
-    ) -> tuple:
+    ) -> NewJob:
         """The checked column values that the jobs of one enqueue call share."""
         task = self.tasks.get(check_name("task name", name))
         if task is None and strict:
@@ -960,7 +2172,7 @@ class Queue:
                 f"no task named {name!r} is registered in this process "
                 "(register it with @kit.task, or pass strict=False)"
             )
-        created = now()
+        created = self.store.now()
         if run_at is None:
             run_at = created + check_seconds("delay", delay) if delay else created
         else:
@@ -978,7 +2190,7 @@ class Queue:
         timeout = task.timeout if timeout is None and task else timeout
         if timeout is not None:
             timeout = check_seconds("timeout", timeout, positive=True)
-        return (name, priority, run_at, created, retries, backoff, timeout, target)
+        return NewJob(name, priority, run_at, created, retries, backoff, timeout, target)
 
     def enqueue(
         self,
@@ -1009,29 +2221,9 @@ class Queue:
         )
         if key is not None:
             check_name("key", key, limit=500)
-        rowid = self.insert_job(self.store, values, dumps(payload), key)
-        self.notify()
+        rowid = self.store.insert_job(values, dumps(payload), key)
+        self.store.notify()
         return f"job_{rowid}"
-
-    @staticmethod
-    def insert_job(
-        db: Store | apsw.Connection, values: tuple, payload: str, key: str | None
-    ) -> int:
-        """Insert one job (inside the caller's transaction when given its connection); the
-        existing row's id for a key already used."""
-        name, priority, run_at, created, retries, backoff, timeout, target = values
-        run = db.write if isinstance(db, Store) else db.execute
-        row = list(
-            run(
-                "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries, "
-                "backoff, timeout, key, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
-                (name, payload, priority, run_at, created, retries, backoff, timeout, key, target),
-            )
-        )
-        if not row:
-            row = list(run("SELECT id FROM jobs WHERE key = ?", (key,)))
-        return row[0][0]
 
     def enqueue_many(
         self,
@@ -1048,7 +2240,7 @@ class Queue:
         strict: bool = True,
     ) -> list[str]:
         """Add one job per payload in a single transaction; their ids, in order."""
-        name, priority, run_at, created, retries, backoff, timeout, target = self.job_values(
+        values = self.job_values(
             name,
             delay=delay,
             run_at=run_at,
@@ -1059,40 +2251,9 @@ class Queue:
             timeout=timeout,
             strict=strict,
         )
-        rows = [
-            (name, dumps(p), priority, run_at, created, retries, backoff, timeout, target)
-            for p in payloads
-        ]
-        with self.store.transaction() as db:
-            db.executemany(
-                "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
-                "retries, backoff, timeout, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            last = db.last_insert_rowid()  # the rows got consecutive ids under our write lock
-        self.notify()
-        return [f"job_{rowid}" for rowid in range(last - len(rows) + 1, last + 1)]
-
-    def notify(self) -> None:
-        """Wake this process's idle workers (others notice through `data_version`)."""
-        if self._waiters:
-            with self._changed:
-                self._changed.notify_all()
-
-    def wait_for_change(self, timeout: float) -> None:
-        """Sleep until a job may be ready: another commit, a local enqueue, or `timeout`."""
-        version = self.store.data_version()
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            self._waiters += 1
-            try:
-                while (left := deadline - time.monotonic()) > 0:
-                    if self._changed.wait(min(left, 0.02)):
-                        return
-                    if self.store.data_version() != version:
-                        return
-            finally:
-                self._waiters -= 1
+        rowids = self.store.insert_jobs(values, [dumps(p) for p in payloads])
+        self.store.notify()
+        return [f"job_{rowid}" for rowid in rowids]
 
     # claiming and finishing
 
@@ -1101,46 +2262,11 @@ class Queue:
     ) -> list[Claimed]:
         """Lease up to `limit` ready jobs of these task names, at most one per target
         (with `only`, just that job if it is ready)."""
-        at = now()
-        with self.store.transaction() as db:
-            if at >= self._next_sweep:
-                self._sweep_expired(db, at)
-            candidates: list[tuple[int, str | None]] = []
-            for (priority,) in db.execute(PRIORITIES_SQL, (only,)):
-                candidates += db.execute(
-                    CANDIDATES_SQL,
-                    (at, dumps(list(names)), limit - len(candidates), priority, only),
-                ).fetchall()
-                if len(candidates) >= limit:
-                    break
-            if not candidates:
-                return []
-            picked, targets = [], set()
-            for rowid, target in candidates:
-                if target is None or target not in targets:
-                    picked.append(rowid)
-                    targets.add(target)
-            rows = db.execute(
-                "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
-                "lease_until = ?, started_at = ? "
-                "WHERE id IN (SELECT value FROM json_each(?)) "
-                "RETURNING id, name, payload, attempts, retries, backoff, timeout",
-                (owner, at + lease, at, dumps(picked)),
-            ).fetchall()
-        rows.sort()
-        return [Claimed(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
-
-    def _sweep_expired(self, db: apsw.Connection, at: float) -> None:
-        """Make jobs whose lease ran out claimable again (or dead when out of attempts)."""
-        self._next_sweep = at + 1.0
-        db.execute(
-            "UPDATE jobs SET owner = NULL, lease_until = NULL, "
-            "last_error = 'lease expired: its worker stopped before finishing', "
-            "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
-            "finished_at = CASE WHEN attempts > retries THEN ?1 END "
-            "WHERE state = 'running' AND lease_until < ?1",
-            (at,),
-        )
+        at = self.store.now()
+        sweep = at >= self._next_sweep
+        if sweep:
+            self._next_sweep = at + 1.0
+        return self.store.claim_jobs(owner, names, limit, lease, only=only, sweep=sweep)
 
     def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
         """Record outcomes `(job, "ok" | "error" | "fail", JSON result or error)` at once.
@@ -1150,8 +2276,8 @@ class Queue:
         once. Returns the new state of each row changed; a row whose lease had moved on
         (a late or duplicate worker) is refused and unchanged.
         """
-        at = now()
-        updates = []
+        at = self.store.now()
+        ends = []
         for job, kind, value in outcomes:
             if kind == "ok":
                 state, result, error, run_at = "done", value, None, None
@@ -1166,48 +2292,26 @@ class Queue:
                 else:
                     state, run_at = "queued", at + retry_delay(job.backoff, job.attempt)
             finished = None if state == "queued" else at
-            updates.append((state, result, error, run_at, finished, job.rowid, owner, job.attempt))
-        with self.store.transaction() as db:
-            kept = db.executemany(
-                "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
-                "run_at = coalesce(?, run_at), finished_at = ?, owner = NULL, "
-                "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
-                "AND state = 'running' RETURNING id",
-                updates,
-            ).fetchall()
-        if any(u[0] == "queued" for u in updates):
-            self.notify()
-        kept_ids = {rowid for (rowid,) in kept}
-        states = {rowid: state for state, *_, rowid, _, _ in updates if rowid in kept_ids}
-        for rowid in {u[5] for u in updates} - set(states):
+            ends.append(JobEnd(job.rowid, job.attempt, state, result, error, run_at, finished))
+        kept = self.store.finish_jobs(owner, ends)
+        if any(end.state == "queued" for end in ends):
+            self.store.notify()
+        states = {end.rowid: end.state for end in ends if end.rowid in kept}
+        for rowid in {end.rowid for end in ends} - kept:
             log.warning("job_%d: result refused, its lease belongs to another worker", rowid)
         return states
 
     def extend(self, job: Claimed, owner: str, lease: float) -> bool:
         """Extend one job's lease; False when this worker no longer holds it."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET lease_until = ? "
-                "WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running'",
-                (now() + lease, job.rowid, owner, job.attempt),
-            )
-            return db.changes() == 1
-
-    def extend_all(self, owner: str, lease: float) -> None:
-        """Extend the leases of every job this worker holds."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ?",
-                (now() + lease, owner),
-            )
+        return self.store.extend_lease(job.rowid, owner, job.attempt, lease)
 
     # inspection and control
 
     def get(self, job_id: str) -> Job:
-        rows = self.store.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_rowid(job_id),))
-        if not rows:
+        job = self.store.job(job_rowid(job_id))
+        if job is None:
             raise BadInput(f"no job {job_id}")
-        return job_from_row(rows[0])
+        return job
 
     def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs, optionally of one state."""
@@ -1215,24 +2319,15 @@ class Queue:
             raise BadInput(f"state must be one of {', '.join(JOB_STATES)}")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise BadInput(f"limit must be an integer >= 0, not {limit!r}")
-        rows = self.store.read(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR state = ?1 "
-            "ORDER BY id DESC LIMIT ?2",
-            (state, limit),
-        )
-        return [job_from_row(row) for row in rows]
+        return self.store.jobs(state, limit)
 
-    def _move(self, job_id: str, allowed: tuple[str, ...], sql: str) -> Job:
-        """Apply one state change to a job in an allowed state, or BadInput."""
-        rowid = job_rowid(job_id)
-        with self.store.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (rowid,)).fetchone()
-            if row is None:
-                raise BadInput(f"no job {job_id}")
-            if row[0] not in allowed:
-                raise BadInput(f"{job_id} is {row[0]}, not {' or '.join(allowed)}")
-            db.execute(sql, (now(), rowid))
-        self.notify()
+    def _moved(self, job_id: str, allowed: tuple[str, ...], was: str | None) -> Job:
+        """The job after a state change from one of the `allowed` states, or BadInput."""
+        if was is None:
+            raise BadInput(f"no job {job_id}")
+        if was not in allowed:
+            raise BadInput(f"{job_id} is {was}, not {' or '.join(allowed)}")
+        self.store.notify()
         return self.get(job_id)
 
     def cancel(self, job_id: str) -> Job:
@@ -1240,25 +2335,12 @@ class Queue:
         job = self.get(job_id)
         if job.name.startswith("agentkit."):
             raise BadInput(f"{job_id} is agentkit's own {job.name}; cancel its turn instead")
-        return self._move(
-            job_id,
-            ("queued",),
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?1 WHERE id = ?2",
-        )
+        return self._moved(job_id, ("queued",), self.store.cancel_job(job_rowid(job_id)))
 
     def retry(self, job_id: str) -> Job:
         """Queue a dead or failed job again, with its attempts counted from zero."""
-        return self._move(
-            job_id,
-            ("dead", "failed"),
-            "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?1, finished_at = NULL "
-            "WHERE id = ?2",
-        )
-
-    def counts(self) -> dict[str, int]:
-        """How many jobs are in each state."""
-        rows = self.store.read("SELECT state, count(*) FROM jobs GROUP BY state")
-        return {state: rows_n for state, rows_n in rows}
+        was = self.store.requeue_job(job_rowid(job_id))
+        return self._moved(job_id, ("dead", "failed"), was)
 
 
 class Worker:
@@ -1314,7 +2396,7 @@ class Worker:
     def halt(self) -> None:
         """Stop after the running jobs (from any thread)."""
         self.halted.set()
-        self.queue.notify()
+        self.queue.store.notify()
 
     def run_one(self, rowid: int) -> bool:
         """Run one given job here if it is ready to be claimed; whether it ran."""
@@ -1360,7 +2442,7 @@ class Worker:
                     idle = self._busy == 0
             if until_idle and idle:
                 return
-            self.queue.wait_for_change(0.05 if until_idle else 0.25)
+            self.queue.store.wait_for_change(0.05 if until_idle else 0.25)
 
     def _run_batch(self, jobs: list[Claimed]) -> int:
         """Run claimed jobs, record their outcomes at once; the next batch size."""
@@ -1437,7 +2519,7 @@ class Worker:
             try:
                 if late:
                     self._finish([(j, "error", f"timed out after {j.timeout:g} s") for j in late])
-                self.queue.extend_all(self.owner, self.lease)
+                self.queue.store.extend_leases(self.owner, self.lease)
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
 
@@ -1684,31 +2766,6 @@ def _instant(wall: datetime, local_zone: ZoneInfo) -> float:
     return float(after)
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """A schedule row: when it next runs, and what it enqueues then."""
-
-    name: str
-    kind: str
-    spec: str
-    tz: str
-    task: str
-    payload: Any
-    next_due: float | None
-    last_due: float | None
-    paused: bool
-
-
-SCHEDULE_COLUMNS = "name, kind, spec, tz, task, payload, next_due, last_due, paused"
-
-
-def schedule_from_row(row: tuple) -> Schedule:
-    name, kind, spec, tz, task, payload, next_due, last_due, paused = row
-    return Schedule(
-        name, kind, spec, tz, task, json.loads(payload), next_due, last_due, bool(paused)
-    )
-
-
 def following_due(kind: str, spec: str, tz: str, due: float, at: float) -> float | None:
     """The next due time after a run that was due at `due` and ran at `at`.
 
@@ -1752,7 +2809,7 @@ class Scheduler:
         self.queue.job_values(task)
         zone(tz)
         body = dumps(payload)
-        started = now()
+        started = self.store.now()
         if cron is not None:
             kind, spec, first = "cron", cron, Cron.parse(cron).next_after(started, tz)
         elif every is not None:
@@ -1763,67 +2820,50 @@ class Scheduler:
         else:
             when = at_timestamp(at, tz)
             kind, spec, first = "at", repr(when), when
-        with self.store.transaction() as db:
-            row = db.execute(
-                "SELECT kind, spec, tz, task, payload FROM schedules WHERE name = ?", (name,)
-            ).fetchone()
-            if row != (kind, spec, tz, task, body):
-                db.execute(
-                    "INSERT OR REPLACE INTO schedules (name, kind, spec, tz, task, payload, "
-                    "next_due) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, kind, spec, tz, task, body, first),
-                )
+        self.store.put_schedule(name, kind, spec, tz, task, body, first)
         return self.get(name)
 
     def get(self, name: str) -> Schedule:
-        rows = self.store.read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?", (name,))
-        if not rows:
+        found = self.store.schedule(name)
+        if found is None:
             raise BadInput(f"no schedule named {name!r}")
-        return schedule_from_row(rows[0])
+        return found
 
     def all(self) -> list[Schedule]:
-        rows = self.store.read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
-        return [schedule_from_row(row) for row in rows]
+        return self.store.schedules()
 
     def pause(self, name: str) -> Schedule:
         """Stop a schedule from running until `resume`."""
-        with self.store.transaction() as db:
-            db.execute("UPDATE schedules SET paused = 1 WHERE name = ?", (name,))
+        self.store.pause_schedule(name, True, None)
         return self.get(name)
 
     def resume(self, name: str) -> Schedule:
         """Run a paused schedule again; the runs it missed while paused are dropped."""
         s = self.get(name)
-        due = s.next_due if s.kind == "at" else following_due(s.kind, s.spec, s.tz, now(), now())
-        with self.store.transaction() as db:
-            db.execute("UPDATE schedules SET paused = 0, next_due = ? WHERE name = ?", (due, name))
+        at = self.store.now()
+        due = s.next_due if s.kind == "at" else following_due(s.kind, s.spec, s.tz, at, at)
+        self.store.pause_schedule(name, False, due)
         return self.get(name)
 
     def remove(self, name: str) -> None:
         """Delete a schedule (its jobs already enqueued stay)."""
-        with self.store.transaction() as db:
-            db.execute("DELETE FROM schedules WHERE name = ?", (name,))
-            if not db.changes():
-                raise BadInput(f"no schedule named {name!r}")
+        if not self.store.delete_schedule(name):
+            raise BadInput(f"no schedule named {name!r}")
 
     def tick(self, at: float | None = None) -> list[str]:
         """Enqueue every run due at `at` (default: now); the ids of the jobs it added."""
-        at = now() if at is None else at
-        due_sql = "FROM schedules WHERE paused = 0 AND next_due <= ?"
-        if not self.store.read(f"SELECT 1 {due_sql} LIMIT 1", (at,)):
+        at = self.store.now() if at is None else at
+        if not self.store.due_schedules(at):
             return []
         added = []
-        with self.store.transaction() as db:
-            due = db.execute(f"SELECT {SCHEDULE_COLUMNS} {due_sql}", (at,)).fetchall()
-            for s in map(schedule_from_row, due):
+        with self.store.transaction():
+            for s in self.store.due_schedules(at):
                 values = self.queue.job_values(s.task, run_at=s.next_due, strict=False)
                 key = f"schedule:{s.name}:{iso(s.next_due)}"
-                added.append(f"job_{Queue.insert_job(db, values, dumps(s.payload), key)}")
-                db.execute(
-                    "UPDATE schedules SET next_due = ?, last_due = ? WHERE name = ?",
-                    (following_due(s.kind, s.spec, s.tz, s.next_due, at), s.next_due, s.name),
-                )
-        self.queue.notify()
+                following = following_due(s.kind, s.spec, s.tz, s.next_due, at)
+                if self.store.advance_schedule(s.name, s.next_due, following):
+                    added.append(f"job_{self.store.insert_job(values, dumps(s.payload), key)}")
+        self.queue.store.notify()
         return added
 
 
@@ -1861,60 +2901,6 @@ def check_text(text: object) -> str:
     return text
 
 
-@dataclasses.dataclass(frozen=True)
-class TurnRow:
-    """One turn as stored: the message that started it and how far it got."""
-
-    id: str
-    thread_id: str
-    actor: str
-    text: str
-    status: str
-    steps: int
-    reply: str | None
-    error: str | None
-    input_tokens: int
-    output_tokens: int
-    cancel_requested: bool
-    job_id: int | None
-
-
-TURN_COLUMNS = (
-    "id, thread_id, actor, text, status, steps, reply, error, input_tokens, output_tokens, "
-    "cancel_requested, job_id"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Approval:
-    """A tool call waiting for (or given) a person's decision."""
-
-    id: str
-    turn_id: str
-    thread_id: str
-    call_id: str
-    tool: str
-    args: dict[str, Any]
-    reason: str | None
-    requester: str
-    state: str
-    decided_by: str | None
-    decision_reason: str | None
-    created_at: float
-    expires_at: float
-    decided_at: float | None
-
-
-APPROVAL_COLUMNS = (
-    "id, turn_id, thread_id, call_id, tool, args, reason, requester, state, decided_by, "
-    "decision_reason, created_at, expires_at, decided_at"
-)
-
-
-def approval_from_row(row: tuple) -> Approval:
-    return Approval(*row[:5], json.loads(row[5]), *row[6:])
-
-
 def clip(text: str, limit: int) -> str:
     """`text`, cut to `limit` characters with a note of how much was left out."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
@@ -1941,56 +2927,14 @@ def approval_text(a: Approval) -> str:
     return f"{a.requester} asked to run {call}{why}\n{outcome}."
 
 
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """One message in the outbox: what goes to which thread through which adapter."""
-
-    id: int
-    adapter: str
-    thread_id: str
-    turn_id: str | None
-    kind: str  # reply | error | notice | approval | decided | secret | user
-    body: dict[str, Any]  # "text", and "meta", "approval", "url", "updates", "ref"
-    state: str  # pending | sent | failed
-
-
-DELIVERY_COLUMNS = "id, adapter, thread_id, turn_id, kind, body, state"
-
-
-def delivery_from_row(row: tuple) -> Delivery:
-    return Delivery(*row[:5], json.loads(row[5]), row[6])
-
-
-@dataclasses.dataclass(frozen=True)
-class SecretRequest:
-    """A request for credentials: the link sent to the user, and how far it got."""
-
-    id: str
-    thread_id: str
-    actor: str
-    turn_id: str | None
-    reason: str
-    fields: tuple[tuple[str, str | None], ...]  # (name, label)
-    url: str
-    state: str  # pending | used | expired
-    created_at: float
-    expires_at: float
-
-
-SECRET_COLUMNS = "id, thread_id, actor, turn_id, reason, fields, url, state, created_at, expires_at"
-
-
-def secret_request_from_row(row: tuple) -> SecretRequest:
-    fields = tuple((name, label) for name, label in json.loads(row[5]))
-    return SecretRequest(*row[:5], fields, *row[6:])
-
-
 class Records:
-    """Threads, turns, messages, tool calls, approvals and events: the conversation's SQL.
+    """Threads, turns, messages, tool calls, approvals and events: the conversation's rules
+    over the store.
 
     A turn is the inbox: its row holds the inbound message until the turn starts, when
     the message joins the thread. A message that arrives while its thread waits for an
     approval is held (a turn with no job) and released when the waiting turn ends.
+    Methods that write call the store inside the caller's transaction, or their own.
     """
 
     def __init__(self, queue: Queue) -> None:
@@ -2003,47 +2947,31 @@ class Records:
         self.may_decide: Callable[[str], bool] = lambda actor: False
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[apsw.Connection]:
+    def transaction(self) -> Iterator[None]:
         """A write transaction that, in a turn job, commits only while the job's lease holds:
         a worker that lost its lease (and so its turn) to another writes nothing."""
-        with self.store.transaction() as db:
+        with self.store.transaction():
             job = getattr(self.lease, "job", None)
-            if job is not None and not job.holds(db):
+            if job is not None and not job.holds():
                 raise LeaseLost(f"{job.job_id} is no longer leased to this worker")
-            yield db
+            yield
 
-    def enqueue_turn(self, db: apsw.Connection, turn_id: str, key: str, target: str | None) -> int:
-        """Queue the job that runs (or resumes) a turn, inside the caller's transaction."""
+    def enqueue_turn(self, turn_id: str, key: str, target: str | None) -> int:
+        """Queue the job that runs (or resumes) a turn."""
         values = self.queue.job_values(TURN_TASK, target=target)
-        return Queue.insert_job(db, values, dumps({"turn": turn_id}), key)
+        return self.store.insert_job(values, dumps({"turn": turn_id}), key)
 
-    @staticmethod
-    def add_event(
-        db: apsw.Connection, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict
-    ) -> None:
+    def add_event(self, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict) -> None:
         """Append to the events log (who did what, when)."""
         turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
-        db.execute(
-            "INSERT INTO events (kind, actor, thread_id, turn_id, data, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (kind, actor, turn.thread_id, turn_id, dumps(data), now()),
-        )
+        self.store.add_event(kind, actor, turn.thread_id, turn_id, dumps(data))
 
-    @staticmethod
-    def seen(
-        db: apsw.Connection, source: str, source_id: str | None
-    ) -> tuple[str, dict[str, Any]] | None:
-        """`(turn id, meta)` of the turn an inbound `(adapter, source id)` started, if any."""
-        if source_id is None:
-            return None
-        row = db.execute(
-            "SELECT id, meta FROM turns WHERE source = ? AND source_id = ?", (source, source_id)
-        ).fetchone()
-        return (row[0], json.loads(row[1] or "{}")) if row else None
+    def seen(self, source: str, source_id: str | None) -> TurnRow | None:
+        """The turn an inbound `(adapter, source id)` started, if any."""
+        return None if source_id is None else self.store.turn_from(source, source_id)
 
     def add_turn(
         self,
-        db: apsw.Connection,
         thread: str,
         actor: str,
         text: str,
@@ -2056,61 +2984,28 @@ class Records:
         `meta` is what the adapter needs to answer it (a button press, a callback URL).
         """
         source = thread.partition(":")[0]
-        seen = self.seen(db, source, source_id)
+        seen = self.seen(source, source_id)
         if seen:
-            return seen[0], False
-        at = now()
-        db.execute(
-            "INSERT INTO threads (id, created_at, updated_at) VALUES (?1, ?2, ?2) "
-            "ON CONFLICT (id) DO UPDATE SET updated_at = ?2",
-            (thread, at),
-        )
+            return seen.id, False
         turn_id = new_id("turn")
-        db.execute(
-            "INSERT INTO turns (id, thread_id, actor, text, source, source_id, status, "
-            "created_at, meta) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (turn_id, thread, actor, text, source, source_id, at, dumps(meta) if meta else None),
-        )
+        meta_json = dumps(meta) if meta else None
+        self.store.insert_turn(turn_id, thread, actor, text, source, source_id, meta_json)
         return turn_id, True
 
-    def set_job(self, db: apsw.Connection, turn_id: str, job_rowid: int) -> None:
-        db.execute("UPDATE turns SET job_id = ? WHERE id = ?", (job_rowid, turn_id))
-
     def turn(self, turn_id: str) -> TurnRow:
-        rows = self.store.read(f"SELECT {TURN_COLUMNS} FROM turns WHERE id = ?", (turn_id,))
-        if not rows:
+        found = self.store.turn(turn_id)
+        if found is None:
             raise BadInput(f"no turn {turn_id}")
-        return TurnRow(*rows[0][:10], bool(rows[0][10]), rows[0][11])
+        return found
 
     def start(self, turn: TurnRow, *, command: bool) -> bool:
         """Move a queued turn to running and add its user message to the thread; False if
         it is not queued any more (cancelled meanwhile)."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE turns SET status = 'running' WHERE id = ? AND status = 'queued'",
-                (turn.id,),
-            )
-            if not db.changes():
+        with self.transaction():
+            if not self.store.move_turn(turn.id, "queued", "running"):
                 return False
-            self.add_message(db, turn.thread_id, turn.id, "user", turn.text, command=command)
+            self.store.add_message(turn.thread_id, turn.id, "user", turn.text, command)
             return True
-
-    @staticmethod
-    def add_message(
-        db: apsw.Connection,
-        thread: str,
-        turn_id: str,
-        role: str,
-        content: str | None,
-        *,
-        command: bool,
-    ) -> int:
-        db.execute(
-            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (thread, turn_id, role, content, command, now()),
-        )
-        return db.last_insert_rowid()
 
     def add_step(
         self,
@@ -2123,163 +3018,88 @@ class Records:
         """Store one model step in one transaction: the assistant message, its calls
         `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
         call id, reason, expires at)` and the usage. A step without calls ends the turn."""
-        with self.transaction() as db:
-            message = self.add_message(
-                db, turn.thread_id, turn.id, "assistant", text, command=False
-            )
-            db.executemany(
-                "INSERT INTO calls (turn_id, message_id, position, call_id, tool, args, state, "
-                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(turn.id, message, i, *call) for i, call in enumerate(calls)],
-            )
-            db.execute(
-                "UPDATE turns SET steps = steps + 1, input_tokens = input_tokens + ?, "
-                "output_tokens = output_tokens + ? WHERE id = ?",
-                (usage.get("input_tokens", 0), usage.get("output_tokens", 0), turn.id),
+        with self.transaction():
+            message = self.store.add_message(turn.thread_id, turn.id, "assistant", text, False)
+            self.store.add_calls(turn.id, message, calls)
+            self.store.count_step(
+                turn.id, usage.get("input_tokens", 0), usage.get("output_tokens", 0)
             )
             tools = {call[0]: call for call in calls}
             made = []
             for approval_id, call_id, reason, expires_at in approvals:
                 _, tool, args, _, _ = tools[call_id]
-                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, reason)
-                row = db.execute(
-                    "INSERT INTO approvals (id, turn_id, thread_id, call_id, tool, args, reason, "
-                    "requester, state, created_at, expires_at) VALUES "
-                    f"(?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING {APPROVAL_COLUMNS}",
-                    (*values, turn.actor, now(), expires_at),
-                ).fetchone()
-                made.append(approval_from_row(row))
+                made.append(
+                    self.store.insert_approval(
+                        approval_id, turn, call_id, tool, args, reason, expires_at
+                    )
+                )
                 data = {"approval": approval_id, "tool": tool}
-                self.add_event(db, "approval_requested", turn.actor, turn, data)
-                self.ask_approvers(db, made[-1])
+                self.add_event("approval_requested", turn.actor, turn, data)
+                self.ask_approvers(made[-1])
             if not calls:
-                self.end(db, turn.id, "done", reply=text)
+                self.end(turn.id, "done", reply=text)
         return made
 
     def end(
-        self,
-        db: apsw.Connection,
-        turn_id: str,
-        status: str,
-        *,
-        reply: str | None = None,
-        error: str | None = None,
+        self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
     ) -> None:
         """Set a turn's status (final, or waiting_approval); release the thread's held turns
         once nothing in it waits for an approval."""
-        final = now() if status in FINAL_TURN_STATES else None
-        thread, meta = db.execute(
-            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
-            "RETURNING thread_id, meta",
-            (status, reply, error, final, turn_id),
-        ).fetchone()
-        extra = {"meta": json.loads(meta)} if meta else {}
+        final = self.store.now() if status in FINAL_TURN_STATES else None
+        turn = self.store.end_turn(turn_id, status, reply, error, final)
+        thread = turn.thread_id
+        extra = {"meta": turn.meta} if turn.meta else {}
         if status == "done" and reply:
-            self.deliver(db, thread, turn_id, "reply", reply, **extra)
+            self.deliver(thread, turn_id, "reply", reply, **extra)
         elif status == "failed":
-            self.deliver(db, thread, turn_id, "error", f"Sorry, that failed: {error}", **extra)
+            self.deliver(thread, turn_id, "error", f"Sorry, that failed: {error}", **extra)
         if final:
             for approval in self.approvals(turn_id=turn_id):
-                self.settle(db, approval, "cancelled", None, None)
-        if db.execute(
-            "SELECT 1 FROM turns WHERE thread_id = ? AND status = 'waiting_approval'", (thread,)
-        ).fetchone():
+                self.settle(approval, "cancelled", None, None)
+        if self.store.thread_waits(thread):
             return
-        held = db.execute(
-            "SELECT id FROM turns WHERE thread_id = ? AND status = 'queued' AND job_id IS NULL "
-            "ORDER BY created_at",
-            (thread,),
-        ).fetchall()
-        for (held_id,) in held:
-            job = self.enqueue_turn(db, held_id, f"turn:{held_id}", thread)
-            db.execute("UPDATE turns SET job_id = ? WHERE id = ?", (job, held_id))
+        for held_id in self.store.held_turns(thread):
+            self.store.set_turn_job(held_id, self.enqueue_turn(held_id, f"turn:{held_id}", thread))
 
     def finish(
         self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
     ) -> None:
-        with self.transaction() as db:
-            self.end(db, turn_id, status, reply=reply, error=error)
+        with self.transaction():
+            self.end(turn_id, status, reply=reply, error=error)
 
     def resume(self, turn: TurnRow) -> None:
         """Move a turn that waited for approvals back to running (unless cancelled meanwhile)."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE turns SET status = 'running' WHERE id = ? AND status = 'waiting_approval'",
-                (turn.id,),
-            )
+        with self.transaction():
+            self.store.move_turn(turn.id, "waiting_approval", "running")
 
     def answer(self, turn: TurnRow, reply: str) -> None:
         """End a command's turn with its reply, kept out of the model's context."""
-        with self.transaction() as db:
-            self.add_message(db, turn.thread_id, turn.id, "assistant", reply, command=True)
-            self.end(db, turn.id, "done", reply=reply)
-
-    def open_calls(self, turn_id: str) -> list[tuple[str, str, str, str]]:
-        """`(call id, tool, args, state)` of the calls not finished yet, in order."""
-        return self.store.read(
-            "SELECT call_id, tool, args, state FROM calls WHERE turn_id = ? "
-            "AND state IN ('waiting', 'pending', 'running') ORDER BY message_id, position",
-            (turn_id,),
-        )
+        with self.transaction():
+            self.store.add_message(turn.thread_id, turn.id, "assistant", reply, True)
+            self.end(turn.id, "done", reply=reply)
 
     def claim_call(self, turn_id: str, call_id: str) -> bool:
         """Move a pending call to running; only one worker ever wins it."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE calls SET state = 'running' "
-                "WHERE turn_id = ? AND call_id = ? AND state = 'pending'",
-                (turn_id, call_id),
-            )
-            return db.changes() == 1
-
-    @staticmethod
-    def set_call(
-        db: apsw.Connection, turn_id: str, call_id: str, state: str, result: str | None, was: str
-    ) -> None:
-        """Move a call from state `was` (only) to `state`, with its result."""
-        db.execute(
-            "UPDATE calls SET state = ?, result = ?, finished_at = ? "
-            "WHERE turn_id = ? AND call_id = ? AND state = ?",
-            (state, result, now(), turn_id, call_id, was),
-        )
+        with self.transaction():
+            return self.store.claim_call(turn_id, call_id)
 
     def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
-        with self.transaction() as db:
-            self.set_call(db, turn_id, call_id, state, result, was)
-
-    def call_ids(self, turn_id: str) -> set[str]:
-        rows = self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
-        return {call_id for (call_id,) in rows}
+        with self.transaction():
+            self.store.set_call(turn_id, call_id, state, result, was)
 
     def approvals(
         self, *, turn_id: str | None = None, state: str | None = "pending", limit: int = 100
     ) -> list[Approval]:
         """Approvals, newest first: of one turn, and of one state (pending by default)."""
-        rows = self.store.read(
-            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR turn_id = ?1) "
-            "AND (?2 IS NULL OR state = ?2) ORDER BY created_at DESC LIMIT ?3",
-            (turn_id, state, limit),
-        )
-        return [approval_from_row(row) for row in rows]
+        return self.store.approvals(turn_id=turn_id, state=state, limit=limit)
 
-    def settle(
-        self,
-        db: apsw.Connection,
-        approval: Approval,
-        state: str,
-        actor: str | None,
-        reason: str | None,
-    ) -> None:
-        """Decide a pending approval inside the caller's transaction: approved calls become
+    def settle(self, approval: Approval, state: str, actor: str | None, reason: str | None) -> bool:
+        """Decide a pending approval (inside the caller's transaction): approved calls become
         pending; denied, expired and cancelled ones get an error result the model reads.
-        A turn still waiting gets a resume job."""
-        at = now()
-        db.execute(
-            "UPDATE approvals SET state = ?, decided_by = ?, decision_reason = ?, decided_at = ? "
-            "WHERE id = ? AND state = 'pending'",
-            (state, actor, reason, at, approval.id),
-        )
+        A turn still waiting gets a resume job. False, and nothing done, if it was decided."""
+        if not self.store.settle_approval(approval.id, state, actor, reason):
+            return False
         result = {
             "approved": None,
             "denied": f"denied by {actor}" + (f": {reason}" if reason else ""),
@@ -2287,73 +3107,56 @@ class Records:
             "cancelled": "not run: the turn was cancelled",
         }[state]
         new = "pending" if state == "approved" else "error"
-        self.set_call(db, approval.turn_id, approval.call_id, new, result, "waiting")
+        self.store.set_call(approval.turn_id, approval.call_id, new, result, "waiting")
         data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
-        self.add_event(db, "approval_decided", actor, approval, data)
+        self.add_event("approval_decided", actor, approval, data)
         decided = dataclasses.replace(
-            approval, state=state, decided_by=actor, decision_reason=reason, decided_at=at
+            approval,
+            state=state,
+            decided_by=actor,
+            decision_reason=reason,
+            decided_at=self.store.now(),
         )
-        self.tell_decision(db, decided)
+        self.tell_decision(decided)
         if state != "cancelled":
-            self.enqueue_turn(db, approval.turn_id, f"resume:{approval.id}", approval.thread_id)
+            self.enqueue_turn(approval.turn_id, f"resume:{approval.id}", approval.thread_id)
+        return True
 
     def cancel(self, turn_id: str) -> str:
         """Cancel a queued or waiting turn at once (with its pending approvals), or ask a
         running one to stop at its next step."""
-        with self.store.transaction() as db:
-            row = db.execute("SELECT status, job_id FROM turns WHERE id = ?", (turn_id,)).fetchone()
-            if row is None:
-                raise BadInput(f"no turn {turn_id}")
-            status, job = row
-            if status in FINAL_TURN_STATES:
-                raise BadInput(f"{turn_id} is {status} already")
-            if status == "running":
-                db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
+        with self.store.transaction():
+            turn = self.turn(turn_id)
+            if turn.status in FINAL_TURN_STATES:
+                raise BadInput(f"{turn_id} is {turn.status} already")
+            if turn.status == "running":
+                self.store.request_cancel(turn_id)
                 return "cancelling"
             for approval in self.approvals(turn_id=turn_id):
-                self.settle(db, approval, "cancelled", None, None)
-            self.end(db, turn_id, "cancelled", error="cancelled")
-            db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ? "
-                "WHERE id = ? AND state = 'queued'",
-                (now(), job),
-            )
+                self.settle(approval, "cancelled", None, None)
+            self.end(turn_id, "cancelled", error="cancelled")
+            if turn.job_id is not None:
+                self.store.cancel_job(turn.job_id)
             return "cancelled"
 
-    def holds_messages(self, db: apsw.Connection, thread: str, but: str) -> bool:
+    def holds_messages(self, thread: str, but: str) -> bool:
         """Whether a new message to the thread must wait: an approval is pending there, or
         earlier messages are held (so they keep their order)."""
-        return bool(
-            self.waiting_in(db, thread)
-            or db.execute(
-                "SELECT 1 FROM turns WHERE thread_id = ? AND id != ? AND status = 'queued' "
-                "AND job_id IS NULL",
-                (thread, but),
-            ).fetchone()
+        return bool(self.waiting_in(thread)) or any(
+            held != but for held in self.store.held_turns(thread)
         )
 
-    def waiting_in(self, db: apsw.Connection, thread: str) -> list[Approval]:
-        """The pending approvals a thread waits for."""
-        rows = db.execute(
-            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE thread_id = ? AND state = 'pending' "
-            "ORDER BY created_at",
-            (thread,),
-        ).fetchall()
-        return [approval_from_row(row) for row in rows]
+    def waiting_in(self, thread: str) -> list[Approval]:
+        """The pending approvals a thread waits for, oldest first."""
+        return self.store.approvals(thread=thread, state="pending")[::-1]
 
-    def active_turns(self, db: apsw.Connection, thread: str, but: str) -> list[str]:
-        rows = db.execute(
-            "SELECT id FROM turns WHERE thread_id = ? AND id != ? "
-            "AND status IN ('queued', 'running', 'waiting_approval') ORDER BY created_at",
-            (thread, but),
-        ).fetchall()
-        return [turn_id for (turn_id,) in rows]
+    def active_turns(self, thread: str, but: str) -> list[str]:
+        return [turn_id for turn_id in self.store.active_turns(thread) if turn_id != but]
 
     # the outbox
 
     def deliver(
         self,
-        db: apsw.Connection,
         thread: str,
         turn_id: str | None,
         kind: str,
@@ -2371,21 +3174,16 @@ class Records:
             return
         if outlet is not None and not outlet.accepts(kind, extra.get("meta") or {}):
             return
-        at = now()
         pull = outlet is not None and outlet.pull
-        state, sent = ("sent", at) if pull else ("pending", None)
-        (rowid,) = db.execute(
-            "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
-            "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
-        ).fetchone()
+        body = {"text": text, **extra}
+        rowid = self.store.add_delivery(name, thread, turn_id, kind, body, pull)
         if not pull:
             values = self.queue.job_values(
                 DELIVER_TASK, target=f"deliver:{thread}", retries=8, backoff=2.0, strict=False
             )
-            Queue.insert_job(db, values, dumps({"delivery": rowid}), None)
+            self.store.insert_job(values, dumps({"delivery": rowid}), None)
 
-    def ask_approvers(self, db: apsw.Connection, approval: Approval) -> None:
+    def ask_approvers(self, approval: Approval) -> None:
         """Send an approval request to its thread and, unless the requester may decide it,
         to every approver an adapter here can reach."""
         targets = [approval.thread_id]
@@ -2401,155 +3199,29 @@ class Records:
             "expires_at": approval.expires_at,
         }
         for thread in targets:
-            self.deliver(
-                db, thread, approval.turn_id, "approval", approval_text(approval), approval=body
-            )
+            text = approval_text(approval)
+            self.deliver(thread, approval.turn_id, "approval", text, approval=body)
 
-    def tell_decision(self, db: apsw.Connection, approval: Approval) -> None:
+    def tell_decision(self, approval: Approval) -> None:
         """Update every message that asked for this approval (an adapter that keeps
         references to its messages edits them: the buttons go, the decision shows), also
         through adapters only the serving process has (the CLI decides without them)."""
-        requests = db.execute(
-            "SELECT id, thread_id FROM deliveries WHERE turn_id = ? AND kind = 'approval' "
-            "AND json_extract(body, '$.approval.id') = ?",
-            (approval.turn_id, approval.id),
-        ).fetchall()
         text = approval_text(approval)
-        for rowid, thread in requests:
+        for asked in self.store.approval_requests(approval.turn_id, approval.id):
             self.deliver(
-                db, thread, approval.turn_id, "decided", text, elsewhere=True, updates=rowid
+                asked.thread_id,
+                approval.turn_id,
+                "decided",
+                text,
+                elsewhere=True,
+                updates=asked.id,
             )
 
     def delivery(self, rowid: int) -> Delivery:
-        rows = self.store.read(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (rowid,))
-        if not rows:
+        found = self.store.delivery(rowid)
+        if found is None:
             raise BadInput(f"no delivery {rowid}")
-        return delivery_from_row(rows[0])
-
-    def feed(self, thread: str, after: int, limit: int = 200) -> list[Delivery]:
-        """The deliveries of a thread after the id `after`, oldest first."""
-        rows = self.store.read(
-            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE thread_id = ? AND id > ? "
-            "ORDER BY id LIMIT ?",
-            (thread, after, limit),
-        )
-        return [delivery_from_row(row) for row in rows]
-
-    def set_progress(self, rowid: int, parts: int) -> None:
-        """Note that the first `parts` pieces of a pending delivery were sent."""
-        self.store.write(
-            "UPDATE deliveries SET body = json_set(body, '$.sent_parts', ?) "
-            "WHERE id = ? AND state = 'pending'",
-            (parts, rowid),
-        )
-
-    @staticmethod
-    def set_delivery(
-        db: apsw.Connection, rowid: int, state: str, error: str | None, ref: str | None = None
-    ) -> None:
-        """Mark a pending delivery sent (with the adapter's reference to what it sent) or
-        failed (with the error)."""
-        db.execute(
-            "UPDATE deliveries SET state = ?, sent_at = ?, error = ?, "
-            "body = iif(? IS NULL, body, json_set(body, '$.ref', ?)) "
-            "WHERE id = ? AND state = 'pending'",
-            (state, now(), error, ref, ref, rowid),
-        )
-
-    def cursor(self, adapter: str) -> str | None:
-        rows = self.store.read("SELECT cursor FROM cursors WHERE adapter = ?", (adapter,))
-        return rows[0][0] if rows else None
-
-    @staticmethod
-    def set_cursor(db: apsw.Connection, adapter: str, cursor: str | None) -> None:
-        db.execute(
-            "INSERT INTO cursors (adapter, cursor, updated_at) VALUES (?1, ?2, ?3) "
-            "ON CONFLICT (adapter) DO UPDATE SET cursor = ?2, updated_at = ?3",
-            (adapter, cursor, now()),
-        )
-
-    def running_threads(self, prefix: str) -> list[str]:
-        """The threads under an adapter's name where a turn is running now."""
-        rows = self.store.read(
-            "SELECT DISTINCT thread_id FROM turns WHERE status = 'running' "
-            "AND thread_id >= ? AND thread_id < ?",
-            (f"{prefix}:", f"{prefix};"),
-        )
-        return [thread for (thread,) in rows]
-
-    # secret requests
-
-    @staticmethod
-    def add_secret_request(db: apsw.Connection, request: SecretRequest, keys: tuple) -> None:
-        """Store a request with its `(public key, sealed private key)`."""
-        names = [[name, label] for name, label in request.fields]
-        db.execute(
-            "INSERT INTO secret_requests (id, thread_id, actor, turn_id, reason, fields, url, "
-            "state, created_at, expires_at, public_key, private_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-            (
-                *(request.id, request.thread_id, request.actor, request.turn_id, request.reason),
-                *(dumps(names), request.url, request.created_at, request.expires_at, *keys),
-            ),
-        )
-
-    @staticmethod
-    def secret_request(
-        db: apsw.Connection, request_id: str
-    ) -> tuple[SecretRequest, bytes | None] | None:
-        """A request and its sealed private key (None once used or expired)."""
-        row = db.execute(
-            f"SELECT {SECRET_COLUMNS}, private_key FROM secret_requests WHERE id = ?",
-            (request_id,),
-        ).fetchone()
-        return (secret_request_from_row(row[:-1]), row[-1]) if row else None
-
-    @staticmethod
-    def use_secret_request(db: apsw.Connection, request_id: str) -> None:
-        """A request was answered: it is used, and its private key is gone."""
-        db.execute(
-            "UPDATE secret_requests SET state = 'used', private_key = NULL, used_at = ? "
-            "WHERE id = ? AND state = 'pending'",
-            (now(), request_id),
-        )
-
-    def expire_secret_requests(self, at: float) -> None:
-        """Expire pending requests past their time, deleting their private keys."""
-        if self.store.read(
-            "SELECT 1 FROM secret_requests WHERE state = 'pending' AND expires_at <= ? LIMIT 1",
-            (at,),
-        ):
-            self.store.write(
-                "UPDATE secret_requests SET state = 'expired', private_key = NULL "
-                "WHERE state = 'pending' AND expires_at <= ?",
-                (at,),
-            )
-
-    def secret_links(self, turn_id: str) -> list[SecretRequest]:
-        """The pending requests a turn made (their links go in the turn's note)."""
-        rows = self.store.read(
-            f"SELECT {SECRET_COLUMNS} FROM secret_requests WHERE turn_id = ? AND state = 'pending' "
-            "ORDER BY created_at",
-            (turn_id,),
-        )
-        return [secret_request_from_row(row) for row in rows]
-
-    # retention
-
-    def prune(self, before: float) -> dict[str, int]:
-        """Delete finished jobs, events, sent deliveries and used or expired secret requests
-        older than `before`; pending approvals, unfinished turns and live requests stay."""
-        deleted = {}
-        with self.store.transaction() as db:
-            for table, sql in (
-                ("jobs", "state IN ('done', 'failed', 'dead', 'cancelled') AND finished_at < ?"),
-                ("events", "created_at < ?"),
-                ("deliveries", "state = 'sent' AND sent_at < ?"),
-                ("secret_requests", "state != 'pending' AND created_at < ?"),
-            ):
-                db.execute(f"DELETE FROM {table} WHERE {sql}", (before,))
-                deleted[table] = db.changes()
-        return deleted
+        return found
 
     # reading threads
 
@@ -2559,26 +3231,16 @@ class Records:
         The window starts at a user message, so every tool call keeps its result; the
         newest user message is always kept.
         """
-        rows = self.store.read(
-            "SELECT id, role, content FROM messages WHERE thread_id = ? AND command = 0 "
-            "ORDER BY id DESC LIMIT ?",
-            (thread, max_messages),
-        )
-        rows.reverse()
-        ids = [row[0] for row in rows if row[1] == "assistant"]
-        calls: dict[int, list[tuple]] = {}
-        for message_id, *call in self.store.read(
-            "SELECT message_id, call_id, tool, args, state, result FROM calls "
-            "WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY message_id, position",
-            (dumps(ids),),
-        ):
-            calls.setdefault(message_id, []).append(call)
+        rows = self.store.messages(thread, max_messages)[::-1]
+        calls: dict[int, list[CallRow]] = {}
+        for call in self.store.calls_of([m.id for m in rows if m.role == "assistant"]):
+            calls.setdefault(call.message_id, []).append(call)
         exchanges: list[list[dict[str, Any]]] = []
-        for message_id, role, content in rows:
-            if role == "user":
-                exchanges.append([{"role": "user", "content": content or ""}])
+        for message in rows:
+            if message.role == "user":
+                exchanges.append([{"role": "user", "content": message.content or ""}])
             elif exchanges:
-                exchanges[-1].extend(assistant_messages(content, calls.get(message_id, [])))
+                exchanges[-1].extend(assistant_messages(message.content, calls.get(message.id, [])))
         kept: list[list[dict[str, Any]]] = []
         size = 0
         for exchange in reversed(exchanges):
@@ -2593,24 +3255,23 @@ class Records:
         return self.context(thread, limit, sys.maxsize) if limit else []
 
 
-def assistant_messages(content: str | None, calls: list[tuple]) -> list[dict[str, Any]]:
+def assistant_messages(content: str | None, calls: list[CallRow]) -> list[dict[str, Any]]:
     """An assistant message with its tool calls, then one tool message per finished call."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [
-            {"id": call_id, "name": tool, "args": json.loads(args)}
-            for call_id, tool, args, _, _ in calls
+            {"id": call.call_id, "name": call.tool, "args": json.loads(call.args)} for call in calls
         ]
     results = [
         {
             "role": "tool",
-            "call_id": call_id,
-            "name": tool,
-            "content": result,
-            "is_error": state == "error",
+            "call_id": call.call_id,
+            "name": call.tool,
+            "content": call.result,
+            "is_error": call.state == "error",
         }
-        for call_id, tool, _, state, result in calls
-        if result is not None
+        for call in calls
+        if call.result is not None
     ]
     return [message, *results]
 
@@ -3581,29 +4242,28 @@ class TurnEngine:
         the decision (and told so). Commands run at once, outside the thread's order.
         """
         command = parse_command(text)
-        with self.queue.store.transaction() as db:
-            turn_id, created = self.records.add_turn(db, thread, actor, text, source_id, meta)
+        with self.queue.store.transaction():
+            turn_id, created = self.records.add_turn(thread, actor, text, source_id, meta)
             if not created:
                 return turn_id
-            self.records.deliver(db, thread, turn_id, "user", text)
+            self.records.deliver(thread, turn_id, "user", text)
             if command and command[0] == "cancel":
-                active = self.records.active_turns(db, thread, turn_id)
+                active = self.records.active_turns(thread, turn_id)
                 for other in active:
                     self.records.cancel(other)
                 reply = f"Cancelled {len(active)} turn(s)." if active else "Nothing to cancel."
-                self.records.add_message(db, thread, turn_id, "user", text, command=True)
-                self.records.add_message(db, thread, turn_id, "assistant", reply, command=True)
-                self.records.end(db, turn_id, "done", reply=reply)
+                self.queue.store.add_message(thread, turn_id, "user", text, True)
+                self.queue.store.add_message(thread, turn_id, "assistant", reply, True)
+                self.records.end(turn_id, "done", reply=reply)
                 return turn_id
-            if command or not self.records.holds_messages(db, thread, turn_id):
-                job = self.records.enqueue_turn(
-                    db, turn_id, f"turn:{turn_id}", None if command else thread
-                )
-                self.records.set_job(db, turn_id, job)
+            if command or not self.records.holds_messages(thread, turn_id):
+                target = None if command else thread
+                job = self.records.enqueue_turn(turn_id, f"turn:{turn_id}", target)
+                self.queue.store.set_turn_job(turn_id, job)
             else:
-                note = waiting_note(self.records.waiting_in(db, thread))
-                self.records.deliver(db, thread, turn_id, "notice", note)
-        self.queue.notify()
+                note = waiting_note(self.records.waiting_in(thread))
+                self.records.deliver(thread, turn_id, "notice", note)
+        self.queue.store.notify()
         return turn_id
 
     def prompt(self, payload: dict[str, str], ctx: JobContext) -> str:
@@ -3617,10 +4277,10 @@ class TurnEngine:
         notes = [
             f"Open this link to give {', '.join(name for name, _ in r.fields)} securely "
             f"(expires {iso(r.expires_at)}): {r.url}"
-            for r in self.records.secret_links(turn.id)
+            for r in self.queue.store.pending_secret_requests(turn.id)
         ]
         if turn.status == "queued" and turn.job_id is None:
-            waiting = self.records.waiting_in(self.queue.store.connection(), turn.thread_id)
+            waiting = self.records.waiting_in(turn.thread_id)
             notes.append(waiting_note(waiting))
         note = "\n".join(notes) or None
         approvals = tuple(self.records.approvals(turn_id=turn.id))
@@ -3692,8 +4352,8 @@ class TurnEngine:
             if turn.cancel_requested:
                 self.records.finish(turn.id, "cancelled", error="cancelled")
                 return
-            calls = self.records.open_calls(turn.id)
-            runnable = [call for call in calls if call[3] != "waiting"]
+            calls = self.queue.store.calls(turn.id, open_only=True)
+            runnable = [call for call in calls if call.state != "waiting"]
             if runnable:
                 self.run_calls(turn, runnable)
                 continue
@@ -3719,7 +4379,7 @@ class TurnEngine:
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
         text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
-        used = self.records.call_ids(turn.id)
+        used = {call.call_id for call in self.queue.store.calls(turn.id)}
         calls, approvals = [], []
         for call in reply.tool_calls:
             call_id = call.id if call.id and call.id not in used else new_id("call")
@@ -3739,7 +4399,7 @@ class TurnEngine:
                     needed, reason = tool.needs_approval(call.args, self.context_of(turn, call_id))
                     if needed:
                         state = "waiting"
-                        expires = now() + self.approval_ttl
+                        expires = self.queue.store.now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
             args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
             calls.append((call_id, call.name, dumps(args), state, result))
@@ -3747,13 +4407,13 @@ class TurnEngine:
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
-    def run_calls(self, turn: TurnRow, calls: list[tuple[str, str, str, str]]) -> None:
+    def run_calls(self, turn: TurnRow, calls: list[CallRow]) -> None:
         """Run the open calls of a turn at once, each claimed first, and store their results."""
-        missing = sorted({name for _, name, _, _ in calls} - set(self.tools))
+        missing = sorted({call.tool for call in calls} - set(self.tools))
         if missing:  # the model saw them in another process: the turn runs on there
             raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
         started = []
-        for call_id, name, args, state in calls:
+        for call_id, name, args, state in ((c.call_id, c.tool, c.args, c.state) for c in calls):
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
                 self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
@@ -3863,12 +4523,10 @@ class Approvals:
     def get(self, approval_id: str) -> Approval:
         if not isinstance(approval_id, str) or not approval_id.startswith("apr_"):
             raise BadInput(f"not an approval id: {approval_id!r}")
-        rows = self.store.read(
-            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
-        )
-        if not rows:
+        found = self.store.approval(approval_id)
+        if found is None:
             raise BadInput(f"no approval {approval_id}")
-        return approval_from_row(rows[0])
+        return found
 
     def decide(self, approval_id: str, actor: str, decision: str, reason: str | None) -> Approval:
         """Approve or deny; the approval as decided. Forbidden for someone who may not
@@ -3883,15 +4541,10 @@ class Approvals:
             raise Forbidden(f"{actor} may not decide approvals")
         if decision == "approved" and actor == approval.requester and not self.allow_self_approval:
             raise Forbidden(f"{actor} asked for this call and may not approve it (deny is allowed)")
-        with self.store.transaction() as db:
-            row = db.execute(
-                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
-            ).fetchone()
-            pending = approval_from_row(row).state == "pending"
-            if pending:
-                late = approval.expires_at <= now()
-                state, by = ("expired", None) if late else (decision, actor)
-                self.records.settle(db, approval, state, by, None if late else reason)
+        with self.store.transaction():
+            late = approval.expires_at <= self.store.now()
+            state, by = ("expired", None) if late else (decision, actor)
+            pending = self.records.settle(approval, state, by, None if late else reason)
         decided = self.get(approval_id)
         if pending:
             self.announce(decided)
@@ -3905,21 +4558,17 @@ class Approvals:
 
     def expire(self, at: float | None = None) -> list[Approval]:
         """Expire every pending approval past its time: the model is told, the turn goes on."""
-        at = now() if at is None else at
-        if not self.store.read(
-            "SELECT 1 FROM approvals WHERE state = 'pending' AND expires_at <= ? LIMIT 1", (at,)
-        ):
+        at = self.store.now() if at is None else at
+        if not self.store.expired_approvals(at):
             return []
-        with self.store.transaction() as db:
-            rows = db.execute(
-                f"SELECT {APPROVAL_COLUMNS} FROM approvals "
-                "WHERE state = 'pending' AND expires_at <= ?",
-                (at,),
-            ).fetchall()
-            for approval in map(approval_from_row, rows):
-                self.records.settle(db, approval, "expired", None, None)
-        self.engine.queue.notify()
-        expired = [self.get(row[0]) for row in rows]
+        with self.store.transaction():
+            settled = [
+                approval.id
+                for approval in self.store.expired_approvals(at)
+                if self.records.settle(approval, "expired", None, None)
+            ]
+        self.engine.queue.store.notify()
+        expired = [self.get(approval_id) for approval_id in settled]
         for approval in expired:
             self.announce(approval)
         return expired
@@ -3928,7 +4577,7 @@ class Approvals:
         """Tell the hooks about a decision (errors are logged: the decision stands)."""
         who = approval.decided_by or "expiry"
         log.info("%s (%s) %s by %s", approval.id, approval.tool, approval.state, who)
-        self.engine.queue.notify()
+        self.engine.queue.store.notify()
         with contextlib.suppress(HookFailed):
             self.engine.hooks.emit(
                 "approval_decided",
@@ -4344,7 +4993,7 @@ class Secrets:
         nonce = os.urandom(12)
         scalar = private.private_numbers().private_value.to_bytes(32, "big")
         sealed = nonce + AESGCM(self.key).encrypt(nonce, scalar, request_id.encode())
-        at = now()
+        at = self.store.now()
         fragment = urllib.parse.urlencode(
             {
                 "v": "1",
@@ -4373,15 +5022,13 @@ class Secrets:
             f"{reason}\nOpen this link to give {names} securely; paste back the line it makes "
             f"(expires {iso(request.expires_at)}): {request.url}"
         )
-        with self.store.transaction() as db:
-            self.records.add_secret_request(db, request, (b64url(public), sealed))
-            self.records.deliver(db, thread, turn_id, "secret", text, url=request.url)
-        self.records.queue.notify()
+        with self.store.transaction():
+            self.store.insert_secret_request(request, b64url(public), sealed)
+            self.records.deliver(thread, turn_id, "secret", text, url=request.url)
+        self.records.queue.store.notify()
         return request
 
-    def intercept(
-        self, db: apsw.Connection, thread: str, actor: str, text: str
-    ) -> tuple[str, list[str]]:
+    def intercept(self, thread: str, actor: str, text: str) -> tuple[str, list[str]]:
         """Take a pasted blob inside the caller's transaction: decrypt it and save its
         values; the request id and the saved names. BadInput with a reply that says why
         when it is refused (nothing saved, and a valid request stays usable)."""
@@ -4389,7 +5036,7 @@ class Secrets:
             request_id, key, iv, sealed = parse_blob(text)
         except ValueError as e:
             raise BadInput(f"That is not a valid secret blob ({e}); nothing was saved.") from None
-        found = self.records.secret_request(db, request_id)
+        found = self.store.secret_request(request_id)
         if found is None:
             raise BadInput("That secret blob answers no request of this agent; nothing was saved.")
         request, sealed_key = found
@@ -4404,7 +5051,7 @@ class Secrets:
             raise BadInput(
                 "That secret blob was used already (a link works once); nothing was saved."
             )
-        if sealed_key is None or request.expires_at <= now():
+        if sealed_key is None or request.expires_at <= self.store.now():
             raise BadInput("That secret request expired; ask for a new link. Nothing was saved.")
         names = [name for name, _ in request.fields]
         try:
@@ -4418,7 +5065,7 @@ class Secrets:
         for name in names:
             write_secret(folder, name, values[name])
             redactions.add(values[name], name)
-        self.records.use_secret_request(db, request_id)
+        self.store.use_secret_request(request_id)
         return request_id, names
 
     def decrypt(
@@ -4639,7 +5286,7 @@ class PollingAdapter(Adapter):
 
     def poll_once(self, lease: Lock | None = None) -> int:
         """Fetch once and store what came with the new cursor; the number of items."""
-        old = self.kit.records.cursor(self.name)
+        old = self.kit.store.cursor(self.name)
         items, cursor = self.poll(old, self.poll_timeout)
         if items or cursor != old:
             self.kit.receive_all(self, items, cursor, lease)
@@ -4830,7 +5477,7 @@ class Telegram(PollingAdapter):
         try:
             while not self._stopping.wait(1.0):
                 at = time.monotonic()
-                for thread in self.kit.records.running_threads(self.name):
+                for thread in self.kit.store.running_threads(self.name):
                     if at - shown.get(thread, 0.0) >= 4.0:
                         shown[thread] = at
                         with contextlib.suppress(AdapterError):
@@ -4878,7 +5525,7 @@ class Telegram(PollingAdapter):
             reply_markup = markup if last else None
             sent = self.call("sendMessage", **where, text=piece, reply_markup=reply_markup)
             if not last and outbound.delivery is not None:  # a retry goes on from here
-                self.kit.records.set_progress(outbound.delivery, i + 1)
+                self.kit.store.update_delivery(outbound.delivery, None, None, sent_parts=i + 1)
         return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
 
     def answer_button(self, outbound: Outbound) -> None:
@@ -4980,12 +5627,12 @@ class Webhook(Adapter):
             meta = {"digest": digest, "event": event["id"]}
             if callback:
                 meta["callback"] = callback
-            with self.kit.store.transaction() as db:
-                seen = self.kit.records.seen(db, self.name, event["id"])
-                if seen and seen[1].get("digest") != digest:
+            with self.kit.store.transaction():
+                seen = self.kit.records.seen(self.name, event["id"])
+                if seen and (seen.meta or {}).get("digest") != digest:
                     return json_response(409, {"error": "this event id came with another body"})
                 item = Inbound(event["thread"], event["actor"], event["text"], event["id"], meta)
-                turn_id = seen[0] if seen else self.kit.receive(self, item)[0]
+                turn_id = seen.id if seen else self.kit.receive(self, item)[0]
         except BadInput as e:
             return json_response(400, {"error": str(e)})
         thread = f"{self.name}:{event['thread']}"
@@ -5432,11 +6079,11 @@ class WebChat(Adapter):
             raise BadInput("after must be a delivery id")
         deadline = time.monotonic() + self.long_poll
         while True:
-            items = self.kit.records.feed(self.owner, int(after))
+            items = self.kit.store.deliveries(self.owner, int(after), 200)
             left = deadline - time.monotonic()
             if items or left <= 0 or after == "0" or self.kit.stopping.is_set():
                 break
-            self.kit.queue.wait_for_change(min(left, 1.0))
+            self.kit.queue.store.wait_for_change(min(left, 1.0))
         shown = []
         for item in items:
             entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
@@ -5636,7 +6283,7 @@ class AgentKit:
             if db == ":memory:":
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
-        self.store = Store(db, synchronous=synchronous)
+        self.store = open_store(db, synchronous=synchronous)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
         self.engine = TurnEngine(
@@ -5823,8 +6470,7 @@ class AgentKit:
         if turn_id and self.engine.records.turn(turn_id).status not in FINAL_TURN_STATES:
             self.engine.records.finish(turn_id, "failed", error=f"its job is {state}: {error}")
         if job.name == DELIVER_TASK:
-            with self.store.transaction() as db:
-                self.records.set_delivery(db, job.payload["delivery"], "failed", error)
+            self.store.update_delivery(job.payload["delivery"], "failed", error)
         with contextlib.suppress(HookFailed):
             self.engine.hooks.emit(
                 "job_failed", job_id=f"job_{job.rowid}", name=job.name, state=state, error=error
@@ -5843,8 +6489,7 @@ class AgentKit:
             raise Fail(f"no adapter {delivery.adapter!r} in this process")
         body = delivery.body
         if not adapter.accepts(delivery.kind, body.get("meta") or {}):  # queued elsewhere
-            with self.store.transaction() as db:
-                self.records.set_delivery(db, delivery.id, "failed", "not for this adapter")
+            self.store.update_delivery(delivery.id, "failed", "not for this adapter")
             return "not for this adapter"
         request = self.records.delivery(body["updates"]) if "updates" in body else None
         outbound = Outbound(
@@ -5867,10 +6512,10 @@ class AgentKit:
             if e.retry_after is not None:
                 raise Retry(str(e), after=e.retry_after) from None
             raise
-        with self.store.transaction() as db:
-            if not ctx.holds(db):
+        with self.store.transaction():
+            if not ctx.holds():
                 raise LeaseLost(f"{ctx.job_id} is no longer leased to this worker")
-            self.records.set_delivery(db, delivery.id, "sent", None, ref)
+            self.store.update_delivery(delivery.id, "sent", None, ref=ref)
         return "sent"
 
     # inbound messages
@@ -5884,11 +6529,11 @@ class AgentKit:
         check_text(item.text)
         if item.id is not None:
             check_name("source id", item.id)
-        with self.store.transaction() as db:
+        with self.store.transaction():
             if item.refusal:
-                self.records.deliver(db, thread, None, "notice", item.refusal, meta=item.meta or {})
+                self.records.deliver(thread, None, "notice", item.refusal, meta=item.meta or {})
                 return None, item.refusal
-            return self._accept(db, thread, actor, item.text, item.id, item.meta)
+            return self._accept(thread, actor, item.text, item.id, item.meta)
 
     def receive_all(
         self,
@@ -5900,20 +6545,19 @@ class AgentKit:
         """Store what a poll fetched and the adapter's new cursor in one durable
         transaction (fenced by the poller's lease). An item that is bad input is logged
         and skipped, so it cannot block the ones after it."""
-        with self.store.transaction(durable=True) as db:
-            if lease is not None and not lease.holds(db):
+        with self.store.transaction(durable=True):
+            if lease is not None and not lease.holds():
                 raise LeaseLost(f"{adapter.name}: the polling lease was lost")
             for item in items:
                 try:
                     self.receive(adapter, item)
                 except BadInput as e:
                     log.warning("%s: skipped message %s: %s", adapter.name, item.id, e)
-            self.records.set_cursor(db, adapter.name, cursor)
-        self.queue.notify()
+            self.store.set_cursor(adapter.name, cursor)
+        self.queue.store.notify()
 
     def _accept(
         self,
-        db: apsw.Connection,
         thread: str,
         actor: str,
         text: str,
@@ -5922,18 +6566,18 @@ class AgentKit:
     ) -> tuple[str | None, str | None]:
         """Intake inside the caller's transaction: deduplicate, intercept secret blobs,
         submit the turn; `(turn id, note for the sender)`."""
-        seen = self.records.seen(db, thread.partition(":")[0], source_id)
+        seen = self.records.seen(thread.partition(":")[0], source_id)
         if seen:
-            return seen[0], None
+            return seen.id, None
         note = None
         if text.lstrip().startswith(SECRET_PREFIX):
             try:
-                request_id, names = self.secrets.intercept(db, thread, actor, text)
+                request_id, names = self.secrets.intercept(thread, actor, text)
             except BadInput as e:
-                self.records.deliver(db, thread, None, "notice", str(e), meta=meta or {})
+                self.records.deliver(thread, None, "notice", str(e), meta=meta or {})
                 return None, str(e)
             note = f"Saved {', '.join(names)} for this conversation."
-            self.records.deliver(db, thread, None, "notice", note, meta=meta or {})
+            self.records.deliver(thread, None, "notice", note, meta=meta or {})
             text = saved_note(names, request_id)
         return self.engine.submit(thread, text, actor, source_id, meta), note
 
@@ -6044,9 +6688,9 @@ class AgentKit:
         if source_id is not None:
             check_name("source_id", source_id)
         limit = None if timeout is None else check_seconds("timeout", timeout)
-        with self.store.transaction() as db:
-            turn_id, note = self._accept(db, thread, actor, text, source_id, None)
-        self.queue.notify()
+        with self.store.transaction():
+            turn_id, note = self._accept(thread, actor, text, source_id, None)
+        self.queue.store.notify()
         if turn_id is None:
             return TurnResult(None, thread, "rejected", None, note, {}, (), note)
         result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
@@ -6069,7 +6713,7 @@ class AgentKit:
                 if left is not None and left <= 0:
                     break
                 if not ran:
-                    self.queue.wait_for_change(0.25 if left is None else min(left, 0.25))
+                    self.queue.store.wait_for_change(0.25 if left is None else min(left, 0.25))
         return self.engine.result(turn_id)
 
     # approvals
@@ -6107,8 +6751,8 @@ class AgentKit:
     ) -> TurnResult:
         limit = None if timeout is None else check_seconds("timeout", timeout)
         decided = self.gatekeeper.decide(approval_id, actor, decision, reason)
-        job = self.store.read("SELECT id FROM jobs WHERE key = ?", (f"resume:{decided.id}",))
-        return self._follow(decided.turn_id, job[0][0] if job else None, wait, limit)
+        job = self.store.job_with_key(f"resume:{decided.id}")
+        return self._follow(decided.turn_id, job, wait, limit)
 
     def approvals(self, state: str | None = "pending", limit: int = 100) -> list[Approval]:
         """Approvals, newest first: pending ones by default, `state=None` for all."""
@@ -6141,9 +6785,7 @@ class AgentKit:
 
     def threads(self, limit: int = 50) -> list[tuple[str, float]]:
         """`(thread id, last activity)` of the most recently active threads."""
-        return self.store.read(
-            "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
-        )
+        return self.store.threads(limit)
 
     # schedules
 
@@ -6192,14 +6834,14 @@ class AgentKit:
         """Enqueue the scheduled runs due at `at` (default now) and expire the approvals
         past their time; workers call it every second. The ids of the jobs it added."""
         self.gatekeeper.expire(at)
-        self.records.expire_secret_requests(now() if at is None else at)
+        self.store.expire_secret_requests(self.store.now() if at is None else at)
         return self.scheduler.tick(at)
 
     def prune(self, older_than: float) -> dict[str, int]:
         """Delete finished jobs, events, sent deliveries and used or expired secret requests
         older than `older_than` seconds; the number of rows per table. Pending approvals,
         unfinished turns, messages and live requests are kept."""
-        return self.records.prune(now() - check_seconds("older_than", older_than))
+        return self.store.prune(self.store.now() - check_seconds("older_than", older_than))
 
     # serving
 
@@ -6272,23 +6914,20 @@ class AgentKit:
             "database": self.store.path,
             "schema": self.store.version,
             "adapters": sorted(self.adapters),
-            "jobs": self.queue.counts(),
+            "jobs": self.store.job_counts(),
         }
 
     # health
 
     def doctor(self) -> dict[str, Any]:
         """Database path, schema version, integrity check and row counts per table."""
-        integrity = [row[0] for row in self.store.read("PRAGMA integrity_check")]
         return {
             "database": self.store.path,
             "schema": self.store.version,
-            "latest schema": len(MIGRATIONS),
-            "integrity": "; ".join(integrity),
-            "rows": {
-                t: self.store.read(f'SELECT count(*) FROM "{t}"')[0][0] for t in self.store.tables()
-            },
-            "jobs": self.queue.counts(),
+            "latest schema": self.store.latest,
+            "integrity": self.store.integrity(),
+            "rows": self.store.row_counts(),
+            "jobs": self.store.job_counts(),
         }
 
 

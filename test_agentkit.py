@@ -25,7 +25,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, LeaseLost, LockBusy, StoreError
-from testkit import wait_until
+from testkit import count, rows, take_over, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -66,10 +66,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def count(kit: AgentKit, table: str) -> int:
-    return kit.store.read(f"SELECT count(*) FROM {table}")[0][0]
-
-
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "agent.db"
@@ -106,25 +102,24 @@ def threading_connection(kit: AgentKit) -> apsw.Connection:
 
 
 def test_a_transaction_that_raises_leaves_no_rows(kit: AgentKit) -> None:
-    with pytest.raises(RuntimeError), kit.store.transaction() as tx:
-        tx.execute("INSERT INTO locks VALUES ('a', 'me', 1, 0)")
+    with pytest.raises(RuntimeError), kit.store.transaction():
+        kit.store.acquire_lock("a", "me", 30)
         raise RuntimeError("boom")
     assert count(kit, "locks") == 0
 
 
 def test_a_nested_transaction_is_a_savepoint(kit: AgentKit) -> None:
     other = threading_connection(kit)
-    with kit.store.transaction() as tx:
-        tx.execute("INSERT INTO locks VALUES ('outer', 'me', 1, 0)")
-        with pytest.raises(RuntimeError), kit.store.transaction() as inner:
-            inner.execute("INSERT INTO locks VALUES ('inner', 'me', 1, 0)")
+    with kit.store.transaction():
+        kit.store.acquire_lock("outer", "me", 30)
+        with pytest.raises(RuntimeError), kit.store.transaction():
+            kit.store.acquire_lock("inner", "me", 30)
             raise RuntimeError("undo only the inner block")
-        with kit.store.transaction() as inner:
-            inner.execute("INSERT INTO locks VALUES ('kept', 'me', 1, 0)")
+        with kit.store.transaction():
+            kit.store.acquire_lock("kept", "me", 30)
         # nothing is visible elsewhere before the outermost block commits
         assert other.execute("SELECT count(*) FROM locks").fetchall() == [(0,)]
-    names = {n for (n,) in kit.store.read("SELECT name FROM locks")}
-    assert names == {"outer", "kept"}
+    assert set(rows(kit, "locks", "name")) == {"outer", "kept"}
 
 
 def test_a_busy_database_is_retried_then_refused(db: Path) -> None:
@@ -137,8 +132,8 @@ def test_a_busy_database_is_retried_then_refused(db: Path) -> None:
             waiter.store.transaction(),
         ):
             pass
-        with waiter.store.transaction() as tx:  # free again: works
-            tx.execute("INSERT INTO locks VALUES ('a', 'me', 1, 0)")
+        with waiter.store.transaction():  # free again: works
+            assert waiter.store.acquire_lock("a", "me", 30) == 1
 
 
 def test_migrations_are_idempotent_on_every_open(db: Path) -> None:
@@ -154,7 +149,7 @@ def test_a_new_migration_is_applied_once_in_order(db: Path, monkeypatch) -> None
     monkeypatch.setattr(agentkit, "MIGRATIONS", (*agentkit.MIGRATIONS, extra))
     for _ in range(2):
         with AgentKit(db) as kit:
-            assert kit.store.read("SELECT count(*) FROM later") == [(1,)]
+            assert count(kit, "later") == 1
             assert kit.store.version == len(agentkit.MIGRATIONS)
 
 
@@ -284,7 +279,7 @@ def test_lock_plain_calls_and_fencing_tokens(kit: AgentKit) -> None:
 def test_renewing_or_releasing_a_lock_not_held_fails_and_changes_nothing(kit: AgentKit) -> None:
     holder = kit.lock("deploy", ttl=30).acquire()
     stranger = kit.lock("deploy")
-    before = kit.store.read("SELECT * FROM locks")
+    before = kit.store.rows("locks")
     for call in (stranger.renew, stranger.release):
         with pytest.raises(LeaseLost):
             call()
@@ -292,7 +287,7 @@ def test_renewing_or_releasing_a_lock_not_held_fails_and_changes_nothing(kit: Ag
     for call in (stranger.renew, stranger.release):
         with pytest.raises(LeaseLost):
             call()
-    assert kit.store.read("SELECT * FROM locks") == before
+    assert kit.store.rows("locks") == before
 
 
 def test_an_expired_lock_can_be_taken_by_anyone(kit: AgentKit, monkeypatch) -> None:
@@ -311,9 +306,9 @@ def test_an_expired_lock_can_be_taken_by_anyone(kit: AgentKit, monkeypatch) -> N
 def test_lock_as_context_manager_renews_and_releases(kit: AgentKit) -> None:
     with kit.lock("job", ttl=0.3) as lease:
         assert lease.token == 1
-        first_expiry = kit.store.read("SELECT expires_at FROM locks")[0][0]
+        [first_expiry] = rows(kit, "locks", "expires_at")
         wait_until(
-            lambda: kit.store.read("SELECT expires_at FROM locks")[0][0] > first_expiry,
+            lambda: rows(kit, "locks", "expires_at")[0] > first_expiry,
             what="a renewal",
         )
         with pytest.raises(LockBusy):
@@ -650,10 +645,10 @@ def test_heartbeat_extends_the_lease_and_reports_loss(kit: AgentKit) -> None:
 
     @kit.task
     def beat(payload: None, ctx: agentkit.JobContext) -> None:
-        leases.append(kit.store.read("SELECT lease_until FROM jobs")[0][0])
+        leases.extend(rows(kit, "jobs", "lease_until"))
         ctx.heartbeat()
-        leases.append(kit.store.read("SELECT lease_until FROM jobs")[0][0])
-        kit.store.connection().execute("UPDATE jobs SET owner = 'someone else'")
+        leases.extend(rows(kit, "jobs", "lease_until"))
+        take_over(kit, "beat")
         with pytest.raises(LeaseLost):
             ctx.heartbeat()
 
@@ -706,7 +701,7 @@ def test_four_processes_drain_twenty_thousand_jobs_exactly_once(tmp_path: Path, 
     seen = [line for out in outs for line in out.read_text().split()]
     assert len(seen) == 20_000 and len(set(seen)) == 20_000
     with AgentKit(db) as kit:
-        assert kit.queue.counts() == {"done": 20_000}
+        assert kit.store.job_counts() == {"done": 20_000}
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Path) -> None:
@@ -727,7 +722,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Pat
     )
     assert victim.stdout.readline().strip() == job_id
     with AgentKit(db) as kit:
-        owner, attempt = kit.store.read("SELECT owner, attempts FROM jobs")[0]
+        [(owner, attempt)] = rows(kit, "jobs", "owner", "attempts")
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         kit.task(lambda payload: "finished by the survivor", name="slow")
@@ -804,7 +799,7 @@ def test_missed_runs_are_coalesced_into_one(kit: AgentKit, monkeypatch) -> None:
     kit.schedule("hourly", task="t", cron="0 * * * *")
     added = kit.tick(start + 10 * 3600 + 30)
     assert len(added) == 2
-    keys = sorted(k for (k,) in kit.store.read("SELECT key FROM jobs"))
+    keys = sorted(rows(kit, "jobs", "key"))
     assert keys == ["schedule:hourly:2026-11-21T09:00:00Z", "schedule:often:2026-11-21T08:01:00Z"]
     often = kit.scheduler.get("often")
     assert often.next_due == start + 10 * 3600 + 60
@@ -858,7 +853,7 @@ def test_scheduled_runs_across_daylight_saving_changes(
     kit.schedule("nightly", task="t", cron=f"30 {hour} * * *", tz=tz)
     for minute in range(0, 3 * 24 * 60, 10):  # tick every 10 minutes for three days
         kit.tick(start + minute * 60)
-    runs = sorted(key for (key,) in kit.store.read("SELECT key FROM jobs"))
+    runs = sorted(rows(kit, "jobs", "key"))
     assert f"schedule:nightly:{agentkit.iso(calendar_utc(*expected, 0))}" in runs
     assert len(runs) == 3  # the day before, the change day, the day after: once each
 
@@ -881,7 +876,7 @@ def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
     for proc in [python(code, str(db), str(start)) for _ in range(3)]:
         finish(proc)
     with AgentKit(db) as kit:
-        runs = kit.store.read("SELECT key, run_at FROM jobs ORDER BY run_at")
+        runs = sorted(rows(kit, "jobs", "key", "run_at"), key=lambda run: run[1])
     five = [r for k, r in runs if k.startswith("schedule:five:")]
     minute = [r for k, r in runs if k.startswith("schedule:minute:")]
     assert five == [start + 300 * i for i in range(1, 12)]
@@ -1252,7 +1247,7 @@ def test_a_turn_killed_inside_a_tool_finishes_on_restart(
                 f.write("run\n")
             return "charged"
 
-        turn_id = kit.store.read("SELECT id FROM turns")[0][0]
+        [turn_id] = rows(kit, "turns", "id")
         wait_until(lambda: kit.work(until_idle=True), what="the lease to run out")
         result = kit.turn(turn_id)
     assert result.status == "done"
@@ -1292,7 +1287,7 @@ def test_cancel_stops_a_running_turn_at_its_next_step(db: Path) -> None:
         assert kit.run_turn("cli:me", "/cancel").reply == "Cancelled 1 turn(s)."
         release.set()
         runner.join()
-        turn_id = kit.store.read("SELECT id FROM turns ORDER BY created_at LIMIT 1")[0][0]
+        turn_id = min(rows(kit, "turns", "created_at", "id"))[1]
         assert kit.turn(turn_id).status == "cancelled"
         queued = kit.run_turn("cli:me", "later", wait=False)
         assert kit.cancel(queued.turn_id).status == "cancelled"
@@ -1319,7 +1314,7 @@ def test_context_is_bounded_and_keeps_calls_with_their_results(db: Path) -> None
 def test_a_scheduled_prompt_starts_a_turn(kit: AgentKit) -> None:
     kit.schedule("report", thread="cli:ops", prompt="daily report", at=time.time())
     kit.work(until_idle=True)  # the worker ticks the scheduler, then runs the prompt and the turn
-    turn = kit.store.read("SELECT actor, text, status, reply FROM turns")
+    turn = rows(kit, "turns", "actor", "text", "status", "reply")
     assert turn == [("schedule:report", "daily report", "done", "echo: daily report")]
 
 
@@ -1408,7 +1403,8 @@ def test_an_approved_call_runs_once_and_the_turn_goes_on(db: Path) -> None:
         assert again.status == "done" and runs == ["nginx"]
         with pytest.raises(agentkit.AlreadyDecided, match="already approved by cli:me"):
             kit.deny(approval.id, actor="cli:me")
-        events = kit.store.read("SELECT kind, actor FROM events ORDER BY id")
+        events = sorted(rows(kit, "events", "id", "kind", "actor"))
+        events = [(kind, actor) for _, kind, actor in events]
     assert events == [("approval_requested", "cli:me"), ("approval_decided", "cli:me")]
     assert requested == [approval.id] and decided == [("approved", "cli:me")]
 
@@ -1625,7 +1621,7 @@ def test_a_worker_that_lost_its_turn_job_writes_nothing(db: Path) -> None:
 
         def stolen(messages: list, tools: list) -> str:
             # another worker takes the job while this one waits for the model
-            kit.store.connection().execute("UPDATE jobs SET owner = 'someone else'")
+            take_over(kit, agentkit.TURN_TASK)
             return "a late reply"
 
         kit.engine.model = agentkit.ScriptedModel([stolen])
@@ -1680,7 +1676,7 @@ def test_a_turn_whose_job_dies_fails_and_its_approved_call_is_kept(db: Path) -> 
         turn = admin.turn(approval.turn_id)
         assert turn.status == "failed"
         assert "tools not registered in this process: restart" in turn.error
-        assert admin.store.read("SELECT state FROM calls") == [("pending",)]  # never marked
+        assert rows(admin, "calls", "state") == ["pending"]  # never marked
         with pytest.raises(BadInput, match="cancel its turn instead"):
             admin.cancel(admin.jobs()[0].id)
     assert runs == []
@@ -1714,14 +1710,15 @@ def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path) -> None
 
 
 def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
-    with pytest.raises(apsw.ConstraintError), kit.store.transaction() as tx:
+    tx = kit.store.connection()  # the SQLite engine's own: only raw SQL can break a COMMIT
+    with pytest.raises(apsw.ConstraintError), kit.store.transaction():
         tx.execute("PRAGMA defer_foreign_keys = ON")
         tx.execute(
             "INSERT INTO turns (id, thread_id, actor, text, source, status, created_at) "
             "VALUES ('turn_x', 'no:thread', 'a:b', 'hi', 'no', 'queued', 0)"
         )
-    with kit.store.transaction() as tx:  # the failed COMMIT was rolled back
-        tx.execute("INSERT INTO locks VALUES ('a', 'me', 1, 0)")
+    with kit.store.transaction():  # the failed COMMIT was rolled back
+        kit.store.acquire_lock("a", "me", 30)
     assert count(kit, "turns") == 0 and count(kit, "locks") == 1
     with (
         pytest.raises(BadInput, match="outermost"),
@@ -1742,8 +1739,7 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
     kit.work(until_idle=True)
     kit.enqueue("old", delay=3600)
     kit.tool(lambda: "boom", name="risky", approval=True)
-    with kit.store.transaction() as db:
-        kit.records.deliver(db, "web:owner", None, "notice", "hello")
+    kit.records.deliver("web:owner", None, "notice", "hello")
     waiting = scripted_kit(tmp_path / "b.db", [agentkit.ToolCall("risky", {})])
     waiting.tool(lambda: "boom", name="risky", approval=True)
     assert waiting.run_turn("cli:me", "go").status == "waiting_approval"
@@ -1756,7 +1752,7 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
         monkeypatch.undo()
     assert deleted == {"jobs": 1, "events": 1, "deliveries": 0, "secret_requests": 0}
     assert waiting.approvals()[0].state == "pending"
-    assert waiting.store.read("SELECT status FROM turns") == [("waiting_approval",)]
+    assert rows(waiting, "turns", "status") == ["waiting_approval"]
     assert count(waiting, "messages") == 2 and count(waiting, "secret_requests") == 1
     assert [job.state for job in kit.jobs()] == ["queued"]
     assert count(kit, "deliveries") == 0
@@ -1768,6 +1764,6 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
 
 def test_vacuum_into_backs_up_a_live_database(kit: AgentKit, tmp_path: Path) -> None:
     kit.run_turn("cli:me", "keep me")
-    kit.store.write("VACUUM INTO ?", (str(tmp_path / "backup.db"),))
+    kit.store.connection().execute("VACUUM INTO ?", (str(tmp_path / "backup.db"),))
     with AgentKit(tmp_path / "backup.db") as copy:
         assert copy.history("cli:me")[0]["content"] == "keep me"

@@ -1,5 +1,6 @@
-"""Helpers the test files share: waiting for a condition, Chromium, and the secret page's
-encryption done in Python (what the page does in the browser)."""
+"""Helpers the test files share: the store under test, reading rows through the store's
+operations, waiting for a condition, Chromium, and the secret page's encryption done in
+Python (what the page does in the browser)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,36 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def database(folder: os.PathLike[str] | str, name: str = "agent.db") -> str:
+    """Where a test's kit keeps its data: a fresh SQLite file in `folder`. Set
+    AGENTKIT_TEST_DATABASE to run against another engine (only SQLite is known today)."""
+    chosen = os.environ.get("AGENTKIT_TEST_DATABASE", "sqlite")
+    if chosen != "sqlite":
+        raise pytest.UsageError(f"AGENTKIT_TEST_DATABASE={chosen!r}: this suite knows 'sqlite'")
+    return os.path.join(folder, name)
+
+
+def rows(kit: agentkit.AgentKit, table: str, *names: str, **equal: object) -> list:
+    """The rows of `table` whose columns equal `equal`, in storage order: each the tuple of
+    the columns `names` (the value alone for one name), through the store's operations."""
+    found = [r for r in kit.store.rows(table) if all(r[k] == v for k, v in equal.items())]
+    if len(names) == 1:
+        return [r[names[0]] for r in found]
+    return [tuple(r[n] for n in names) for r in found]
+
+
+def count(kit: agentkit.AgentKit, table: str) -> int:
+    """How many rows `table` holds."""
+    return kit.store.row_counts()[table]
+
+
+def take_over(kit: agentkit.AgentKit, task: str) -> None:
+    """Another worker takes the running job of `task` over, as when its lease runs out."""
+    [job] = [r for r in kit.store.rows("jobs") if r["name"] == task and r["state"] == "running"]
+    assert kit.store.extend_lease(job["id"], job["owner"], job["attempts"], -60)
+    assert kit.store.claim_jobs("someone else", [task], 1, 300, sweep=True)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:

@@ -245,7 +245,7 @@ class AgentKitBackend(Backend):
         self.kit.work(stop=stop)
 
     def pending(self) -> int:
-        counts = self.kit.queue.counts()  # what `kit.doctor()` reports, without its checks
+        counts = self.kit.store.job_counts()  # what `kit.doctor()` reports, without its checks
         return sum(n for state, n in counts.items() if state != "done")
 
     def close(self) -> None:
