@@ -21,7 +21,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, ScriptedModel, ToolCall, ToolContext
-from testkit import CHROMIUM, CHROMIUM_ARGS, seal
+from testkit import CHROMIUM, CHROMIUM_ARGS, count, rows, seal
 
 ROOT = Path(__file__).resolve().parent
 TOKEN = "ghp_" + "S3cr3tV4lue" * 3
@@ -45,16 +45,15 @@ def secrets_dir(kit: AgentKit, thread: str = ACTOR) -> Path:
     return agentkit.secrets_folder(kit.secrets.workspace, thread)
 
 
-def rows(kit: AgentKit, table: str) -> int:
-    return kit.store.read(f"SELECT count(*) FROM {table}")[0][0]
-
-
 def snapshot(kit: AgentKit) -> tuple:
     """What a rejected blob must not change: rows and the secrets folder."""
     tables = ("turns", "messages", "jobs", "threads", "deliveries", "calls")
     saved = sorted(os.listdir(secrets_dir(kit))) if secrets_dir(kit).exists() else []
-    states = kit.store.read("SELECT id, state, private_key IS NULL FROM secret_requests")
-    return tuple(rows(kit, t) for t in tables), saved, states
+    states = [
+        (request_id, state, key is None)
+        for request_id, state, key in rows(kit, "secret_requests", "id", "state", "private_key")
+    ]
+    return tuple(count(kit, t) for t in tables), saved, states
 
 
 @pytest.fixture
@@ -168,7 +167,7 @@ def test_chromium_encrypts_on_the_served_page_and_agentkit_saves_it(
     results = [m["content"] for m in kit.history(ACTOR) if m["role"] == "tool"]
     assert "pushed with [redacted:GITHUB_TOKEN]" in results
     assert "[redacted:GITHUB_TOKEN] in [redacted:REGION]" in caplog.text
-    assert kit.store.read("SELECT state, private_key FROM secret_requests") == [("used", None)]
+    assert rows(kit, "secret_requests", "state", "private_key") == [("used", None)]
     assert (tmp_path / "agent.db-wal").stat().st_size > 0
     for _ in range(2):  # the live database and its WAL, then the file after a checkpoint
         for path in tmp_path.glob("agent.db*"):
@@ -198,8 +197,8 @@ def test_a_blob_is_intercepted_before_anything_is_stored(kit: AgentKit) -> None:
     blob = seal(ask(kit, "TOKEN"), {"TOKEN": TOKEN})
     result = kit.run_turn(ACTOR, blob)
     assert result.status == "done"
-    stored = " ".join(str(row) for row in kit.store.read("SELECT text FROM turns"))
-    stored += " ".join(str(row) for row in kit.store.read("SELECT content FROM messages"))
+    stored = " ".join(rows(kit, "turns", "text"))
+    stored += " ".join(str(content) for content in rows(kit, "messages", "content"))
     assert "agentkit-secret:" not in stored and TOKEN not in stored
     assert heard and "TOKEN" in heard[0] and "agentkit-secret" not in heard[0]
 
@@ -359,14 +358,11 @@ def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> No
             agentkit.Inbound("room", "ann", blob, id="2"),
         ]
         bot.receive_all(feed, items, "2")
-        replies = [
-            json.loads(b)["text"]
-            for (b,) in bot.store.read("SELECT body FROM deliveries ORDER BY id")
-        ]
+        replies = [json.loads(b)["text"] for _, b in sorted(rows(bot, "deliveries", "id", "body"))]
         assert replies[0].startswith("x\nOpen this link to give TOKEN securely")
         assert "asked of someone else" in replies[1] and replies[2].startswith("Saved TOKEN")
-        assert bot.records.cursor("feed") == "2"
-        texts = [t for (t,) in bot.store.read("SELECT text FROM turns")]
+        assert bot.store.cursor("feed") == "2"
+        texts = rows(bot, "turns", "text")
         assert len(texts) == 1 and "TOKEN" in texts[0] and "agentkit-secret" not in texts[0]
         assert (
             agentkit.secrets_folder(bot.secrets.workspace, "feed:room") / "TOKEN"
@@ -379,7 +375,7 @@ def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> No
 def test_expiry_deletes_the_private_key(kit: AgentKit) -> None:
     ask(kit, "TOKEN")
     kit.tick(at=time.time() + 601)
-    assert kit.store.read("SELECT state, private_key FROM secret_requests") == [("expired", None)]
+    assert rows(kit, "secret_requests", "state", "private_key") == [("expired", None)]
 
 
 def test_the_kit_key_comes_from_the_environment_or_a_private_file(
@@ -414,7 +410,7 @@ def test_bad_requests_are_refused_and_write_nothing(kit: AgentKit) -> None:
         kit.request_secret(ACTOR, fields=["OK"], reason="")
     with pytest.raises(BadInput):
         kit.request_secret("nothread", fields=["OK"], reason="why")
-    assert rows(kit, "secret_requests") == 0
+    assert count(kit, "secret_requests") == 0
     for url in ("http://example.com", "ftp://127.0.0.1", "https://"):
         with pytest.raises(BadInput, match="public_url"):
             AgentKit(":memory:", public_url=url)

@@ -30,7 +30,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
-from testkit import clear_config, wait_until
+from testkit import clear_config, count, rows, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -42,25 +42,10 @@ TOKEN_SECRET = TOKEN.partition(":")[2]
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
 
 
-def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    """Rows of `sql` read through a connection of the test's own (as another process)."""
-    conn = apsw.Connection(str(db))
-    conn.setbusytimeout(10_000)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def count(db: Path, sql: str, params: tuple = ()) -> int:
-    return query(db, f"SELECT count(*) FROM {sql}", params)[0][0]
-
-
 def idle(db: Path) -> bool:
-    """No job waits or runs and every delivery is sent or failed."""
-    return (
-        count(db, "jobs WHERE state IN ('queued', 'running')") == 0
-        and count(db, "deliveries WHERE state = 'pending'") == 0
+    """No job waits or runs and every delivery is sent or failed (read as another process)."""
+    return not {"queued", "running"} & set(rows(db, "jobs", "state")) and not count(
+        db, "deliveries", state="pending"
     )
 
 
@@ -294,12 +279,12 @@ def fetched_lines(tmp_path: Path) -> list[tuple[int, list[str]]]:
 
 
 def poller_pid(db: Path) -> int | None:
-    rows = query(
-        db,
-        "SELECT owner FROM locks WHERE name = 'adapter:telegram' AND expires_at > ?",
-        (time.time(),),
-    )
-    return int(rows[0][0].split(":")[-2]) if rows and rows[0][0] else None
+    held = [
+        owner
+        for owner, expires_at in rows(db, "locks", "owner", "expires_at", name="adapter:telegram")
+        if expires_at > time.time()
+    ]
+    return int(held[0].split(":")[-2]) if held and held[0] else None
 
 
 # ─────────────────────────── 1. the same update twice: one turn ───────────────────────────
@@ -310,10 +295,10 @@ def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Pa
     with make_kit(db, tg) as kit:
         update_id = fake.push_message(42, 42, "hello")
         assert tg.poll_once() == 1
-        assert kit.records.cursor("telegram") == str(update_id + 1)
+        assert kit.store.cursor("telegram") == str(update_id + 1)
         # the cursor is lost (say, a restore): the poller asks again without an offset and
         # Telegram hands the same update (same update_id) out a second time
-        kit.store.write("DELETE FROM cursors")
+        kit.store.set_cursor("telegram", None)
         assert tg.poll_once() == 1
         assert fake.served == [update_id, update_id]
         # and the same update twice in one batch
@@ -323,9 +308,9 @@ def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Pa
         kit.work(until_idle=True)
 
         assert fake.texts(42) == ["echo: hello"]
-        assert kit.store.read("SELECT count(*) FROM turns")[0][0] == 1
-        assert kit.store.read("SELECT count(*) FROM messages WHERE role = 'user'")[0][0] == 1
-        assert kit.records.cursor("telegram") == str(update_id + 1)
+        assert count(kit, "turns") == 1
+        assert count(kit, "messages", role="user") == 1
+        assert kit.store.cursor("telegram") == str(update_id + 1)
 
 
 # ───────────────────── 2. killed between fetching and committing: once ─────────────────────
@@ -357,7 +342,7 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
         blocker.execute("ROLLBACK")
         blocker.close()
     assert count(db, "turns") == 0  # nothing of it was committed
-    assert query(db, "SELECT cursor FROM cursors WHERE adapter = 'telegram'") in ([], [(None,)])
+    assert rows(db, "cursors", "cursor", adapter="telegram") in ([], [None])
     assert fake.texts() == []
 
     second, second_log = serve_process(tmp_path, processes, "second")
@@ -368,9 +353,9 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
     stop_process(second, second_log)
 
     assert fake.texts(42) == ["echo: hello", "echo: again"]
-    assert count(db, "turns WHERE source_id = ?", (str(update_id),)) == 1
+    assert count(db, "turns", source_id=str(update_id)) == 1
     assert count(db, "turns") == 2
-    assert query(db, "SELECT cursor FROM cursors WHERE adapter = 'telegram'") == [(str(later + 1),)]
+    assert rows(db, "cursors", "cursor", adapter="telegram") == [str(later + 1)]
     assert [pid for pid, _ in fetched_lines(tmp_path)].count(second.pid) >= 1
     assert_no_token_in_logs(tmp_path, fake)
 
@@ -460,7 +445,7 @@ def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
     fake.wait_for(lambda f: len(f.answers) == 1, timeout=20)
     assert fake.answers[0]["show_alert"] is True
     assert "may not decide" in fake.answers[0]["text"]
-    assert query(db, "SELECT state FROM approvals WHERE id = ?", (apr,)) == [("pending",)]
+    assert rows(db, "approvals", "state", id=apr) == ["pending"]
     assert runs(tmp_path) == []
     assert fake.message(group, request["message_id"])["reply_markup"]  # buttons still there
 
@@ -567,10 +552,8 @@ def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
         kit.deny(pending.id, actor="telegram:42", reason="not now")
         kit.work(until_idle=True)  # the decision finds no message to edit
         assert fake.edits == [] and ran == []
-        kit.store.write(
-            "UPDATE jobs SET run_at = 0 WHERE name = ? AND state = 'queued'",
-            (agentkit.DELIVER_TASK,),
-        )
+        later = time.time() + 7200  # the request's retry is due
+        monkeypatch.setattr(agentkit, "now", lambda: later)
         kit.work(until_idle=True)
     [request] = [m for m in fake.sent if "nginx" in m["text"] and "Denied" in m["text"]]
     assert request["reply_markup"] is None
@@ -607,7 +590,7 @@ def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: 
         [refusal] = fake.texts(99)
         assert "99" in refusal and "AGENTKIT_TELEGRAM_ALLOW" in refusal
         for table in ("turns", "messages", "threads"):
-            assert kit.store.read(f"SELECT count(*) FROM {table}")[0][0] == 0, table
+            assert count(kit, table) == 0, table
         fake.push_message(42, 42, "hello")  # the allowed user is served
         assert fetch_and_work(kit, tg) == 1
         assert fake.texts(42) == ["echo: hello"]
@@ -642,7 +625,7 @@ def test_allow_lists(
         fake.push_message(chat, user, "hi")
         assert fetch_and_work(kit, tg) == 1
         [reply] = fake.texts(chat)
-        turns = kit.store.read("SELECT thread_id, actor FROM turns")
+        turns = rows(kit, "turns", "thread_id", "actor")
         if admitted:
             assert reply == "echo: hi"
             assert turns == [(f"telegram:{chat}", f"telegram:{user}")]
@@ -696,16 +679,13 @@ def test_a_429_is_retried_after_its_retry_after_and_delivered_once(fake: Fake, d
         assert fake.texts(42) == ["echo: hi"]
         assert len(calls_of(fake, "sendMessage")) == 2
         assert took >= 1.0
-        [(state, attempts)] = kit.store.read(
-            "SELECT state, attempts FROM jobs WHERE name = ?", (agentkit.DELIVER_TASK,)
-        )
+        [(state, attempts)] = rows(kit, "jobs", "state", "attempts", name=agentkit.DELIVER_TASK)
         assert (state, attempts) == ("done", 1)  # waited inside the call, not as a job retry
 
 
 def deliver_jobs(kit: AgentKit) -> list[tuple]:
-    return kit.store.read(
-        "SELECT state, attempts, run_at, last_error FROM jobs WHERE name = ?",
-        (agentkit.DELIVER_TASK,),
+    return rows(
+        kit, "jobs", "state", "attempts", "run_at", "last_error", name=agentkit.DELIVER_TASK
     )
 
 
@@ -746,7 +726,7 @@ def test_a_permanent_refusal_fails_the_delivery_at_once(
         [(state, attempts, _, error)] = deliver_jobs(kit)
         assert (state, attempts) == ("failed", 1)  # not retried 8 times over minutes
         assert description in error
-        [(delivery_state, delivery_error)] = kit.store.read("SELECT state, error FROM deliveries")
+        [(delivery_state, delivery_error)] = rows(kit, "deliveries", "state", "error")
         assert delivery_state == "failed" and description in delivery_error
         assert len(calls_of(fake, "sendMessage")) == 1
 
@@ -830,23 +810,19 @@ def test_the_token_never_reaches_a_log_line_or_the_database(
                 fake.wait_for(lambda f: f.texts(42) == ["echo: hello"], timeout=20)
                 kit.receive(down, Inbound("42", "42", "nobody hears this", id="d1"))
                 wait_until(
-                    lambda: kit.store.read(
-                        "SELECT 1 FROM deliveries WHERE adapter = 'tgdown' AND state = 'failed'"
-                    ),
+                    lambda: count(kit, "deliveries", adapter="tgdown", state="failed"),
                     what="the delivery through the closed port to fail for good",
                 )
                 wait_until(lambda: "getUpdates" in caplog.text and "tgdown" in caplog.text)
-            stored = kit.store.read(
-                "SELECT error FROM deliveries WHERE error IS NOT NULL "
-                "UNION ALL SELECT last_error FROM jobs WHERE last_error IS NOT NULL"
-            )
+            stored = [e for e in rows(kit, "deliveries", "error") if e is not None]
+            stored += [e for e in rows(kit, "jobs", "last_error") if e is not None]
             raw = db.read_bytes() + Path(f"{db}-wal").read_bytes()
         raw_after_close = db.read_bytes() + (
             Path(f"{db}-wal").read_bytes() if Path(f"{db}-wal").exists() else b""
         )
 
     # the failures happened and were written down
-    assert any("ConnectError" in error for (error,) in stored), stored
+    assert any("ConnectError" in error for error in stored), stored
     assert "500" in caplog.text and "ConnectError" in caplog.text
     assert "[redacted:telegram-token]" in caplog.text  # the request lines were there, redacted
     lines = [record.getMessage() for record in caplog.records]
@@ -854,7 +830,7 @@ def test_the_token_never_reaches_a_log_line_or_the_database(
     for secret in (TOKEN, TOKEN_SECRET):
         assert not [line for line in lines if secret in line]
         assert secret not in caplog.text
-        assert not [error for (error,) in stored if secret in error]
+        assert not [error for error in stored if secret in error]
         assert secret.encode() not in raw
         assert secret.encode() not in raw_after_close
 
@@ -919,7 +895,7 @@ def test_a_polling_adapter_of_your_own(
             ("feed:a", "reply", "echo: three"),
             ("feed:b", "reply", "echo: two"),
         ]
-        assert kit.records.cursor("feed") == "6"
+        assert kit.store.cursor("feed") == "6"
         for bad in (1, 3, 4):
             assert f"skipped message entry-{bad}" in caplog.text
         # the item refused inside the transaction left nothing behind either
@@ -930,7 +906,7 @@ def test_a_polling_adapter_of_your_own(
         wait_until(lambda: len(feed.sent) == 4, what="the new entry's reply")
         wait_until(lambda: idle(db))
         assert feed.sent[-1] == ("feed:b", "reply", "echo: four")
-        assert kit.records.cursor("feed") == "7"
+        assert kit.store.cursor("feed") == "7"
 
     # a new process (here: a new kit) starts from the stored cursor: nothing again
     again = JsonFeed(path)
@@ -939,7 +915,7 @@ def test_a_polling_adapter_of_your_own(
         assert again.cursors[0] == "7"
     assert again.sent == []
     assert count(db, "turns") == 4
-    assert count(db, "turns WHERE source = 'feed'") == 4
+    assert count(db, "turns", source="feed") == 4
 
 
 # ───────────────────────────────────────── 12. outbox ─────────────────────────────────────────
@@ -956,26 +932,16 @@ def test_a_delivery_that_fails_twice_is_sent_once_and_never_again(
         fake.push_message(42, 42, "hi")
         fake.wait_for(lambda f: f.texts(42), timeout=20)
         wait_until(lambda: idle(db))
-        [(job, state, attempts)] = kit.store.read(
-            "SELECT id, state, attempts FROM jobs WHERE name = ?", (agentkit.DELIVER_TASK,)
-        )
+        [(state, attempts)] = rows(kit, "jobs", "state", "attempts", name=agentkit.DELIVER_TASK)
         assert (state, attempts) == ("done", 3)
         assert len(calls_of(fake, "sendMessage")) == 3
-        assert kit.store.read("SELECT state FROM deliveries") == [("sent",)]
+        [(delivery, sent)] = rows(kit, "deliveries", "id", "state")
+        assert sent == "sent"
 
-        # the job runs again (as after a crash between marking it sent and finishing it)
-        kit.store.write(
-            "UPDATE jobs SET state = 'queued', run_at = 0, finished_at = NULL WHERE id = ?",
-            (job,),
-        )
-        kit.queue.notify()
-        wait_until(
-            lambda: (
-                kit.store.read("SELECT state, attempts FROM jobs WHERE id = ?", (job,))
-                == [("done", 4)]
-            ),
-            what="the job to run again",
-        )
+        # its task runs again (as after a crash between marking it sent and finishing it)
+        again = kit.enqueue(agentkit.DELIVER_TASK, {"delivery": delivery})
+        wait_until(lambda: kit.job(again).state == "done", what="the task to run again")
+        assert kit.job(again).result == "sent"
     assert fake.texts(42) == ["echo: hi"]
     assert len(calls_of(fake, "sendMessage")) == 3
 
@@ -988,7 +954,7 @@ def test_a_long_reply_whose_second_piece_fails_is_still_delivered_once(
     tg = telegram(fake)
     with make_kit(db, tg) as kit, serving(kit):
         fake.push_message(42, 42, "long 9000")
-        wait_until(lambda: kit.store.read("SELECT 1 FROM deliveries WHERE state = 'sent'"))
+        wait_until(lambda: count(kit, "deliveries", state="sent"))
         wait_until(lambda: idle(db))
     assert len(calls_of(fake, "sendMessage")) >= 4  # the failure happened
     pieces = fake.texts(42)

@@ -26,7 +26,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import agentkit
 from agentkit import AgentKit
-from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, wait_until
+from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, rows, wait_until
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "s3cret-webhook-key-0123456789"
@@ -68,14 +68,6 @@ def served(kit: AgentKit, workers: int = 2) -> Iterator[str]:
         assert not thread.is_alive(), "serve did not stop within 15 s of stop being set"
         kit.close()
     assert not errors, errors
-
-
-def row_counts(kit: AgentKit) -> dict[str, int]:
-    """The number of rows in every table of the kit's database."""
-    return {
-        table: kit.store.read(f'SELECT count(*) FROM "{table}"')[0][0]
-        for table in kit.store.tables()
-    }
 
 
 def sign(secret: str, payload: bytes, t: int | None = None) -> str:
@@ -207,7 +199,7 @@ def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKi
     # so (see the next test)
     fresh = httpx.Limits(max_keepalive_connections=0)
     with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10, limits=fresh) as client:
-        before = row_counts(hook_kit)
+        before = hook_kit.store.row_counts()
         body = event()
         wrong_mac = sign(SECRET, body).rsplit("=", 1)[0] + "=" + "0" * 64
         refusals = [
@@ -235,7 +227,7 @@ def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKi
         for i, (response, status) in enumerate(refusals):
             assert response.status_code == status, (i, response.status_code, response.text)
             assert "error" in response.json(), (i, response.text)
-        assert row_counts(hook_kit) == before
+        assert hook_kit.store.row_counts() == before
         assert hook_kit.threads() == []
 
 
@@ -258,7 +250,7 @@ def test_a_timestamp_of_non_ascii_digits_is_a_bad_signature_not_a_crash(
 ) -> None:
     # str.isdigit() is true for "²" (and "١٢"), which int() then refuses or reads
     with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
-        before = row_counts(hook_kit)
+        before = hook_kit.store.row_counts()
         for t in ("\u00b2".encode("latin-1"), "\u0661\u0662".encode()):
             header = b"t=" + t + b",v1=" + b"0" * 64
             response = post_event(client, event(), header=header)
@@ -266,7 +258,7 @@ def test_a_timestamp_of_non_ascii_digits_is_a_bad_signature_not_a_crash(
             path = "/webhook/github/turns/turn_x"
             response = client.get(path, headers={"X-Agentkit-Signature": header})
             assert response.status_code == 401, (t, response.status_code, response.text)
-        assert row_counts(hook_kit) == before
+        assert hook_kit.store.row_counts() == before
 
 
 def test_webhook_event_is_deduplicated_answered_and_called_back(
@@ -283,8 +275,8 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
 
         again = post_event(client, body)  # a redelivery, freshly signed
         assert (again.status_code, again.json()) == (202, first.json())
-        rows = hook_kit.store.read("SELECT id, thread_id, actor, text FROM turns")
-        assert rows == [(turn_id, "github:repo-1", "github:octocat", "hello")]
+        turns = rows(hook_kit, "turns", "id", "thread_id", "actor", "text")
+        assert turns == [(turn_id, "github:repo-1", "github:octocat", "hello")]
 
         path = f"/webhook/github/turns/{turn_id}"
 
@@ -317,8 +309,7 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
         assert client.get(web_path, headers=signed).status_code == 404
 
         def sent() -> bool:
-            states = hook_kit.store.read("SELECT state FROM deliveries WHERE adapter = 'github'")
-            return states == [("sent",)]
+            return rows(hook_kit, "deliveries", "state", adapter="github") == ["sent"]
 
         wait_until(sent, what="the callback delivery to be sent")
         assert len(recorder.received) == 1, recorder.received
@@ -334,12 +325,12 @@ def test_webhook_event_is_deduplicated_answered_and_called_back(
         }
 
         # now that nothing runs: a late redelivery starts nothing, another body is a 409
-        before = row_counts(hook_kit)
+        before = hook_kit.store.row_counts()
         late = post_event(client, body)
         assert (late.status_code, late.json()) == (202, first.json())
         other = post_event(client, event(callback=callback, text="not the same"))
         assert other.status_code == 409, other.text
-        assert row_counts(hook_kit) == before
+        assert hook_kit.store.row_counts() == before
         assert len(recorder.received) == 1
 
 
@@ -349,14 +340,13 @@ def test_a_callback_refused_for_good_is_not_retried(hook_kit: AgentKit, recorder
         assert post_event(client, event(callback=f"{recorder.url}/gone")).status_code == 202
 
         def ended() -> list[tuple]:
-            return hook_kit.store.read(
-                "SELECT state, attempts FROM jobs "
-                "WHERE name = ? AND state NOT IN ('queued', 'running')",
-                (agentkit.DELIVER_TASK,),
-            )
+            jobs = rows(hook_kit, "jobs", "state", "attempts", name=agentkit.DELIVER_TASK)
+            return [job for job in jobs if job[0] not in ("queued", "running")]
 
         assert wait_until(ended, what="the callback to fail") == [("failed", 1)]
-        [(state, error)] = hook_kit.store.read("SELECT state, error FROM deliveries")
+        # the job fails first, then its delivery is marked (in the next transaction)
+        wait_until(lambda: rows(hook_kit, "deliveries", "state") != ["pending"])
+        [(state, error)] = rows(hook_kit, "deliveries", "state", "error")
         assert state == "failed" and "410" in error
     assert len(recorder.received) == 1
 
@@ -392,7 +382,7 @@ def test_web_chat_checks_host_origin_token_and_cookie(web_kit: AgentKit) -> None
     with served(web_kit) as url, httpx.Client(base_url=url, timeout=30) as client:
         port = port_of(url)
         assert web_kit.adapters["web"].token == TOKEN
-        before = row_counts(web_kit)
+        before = web_kit.store.row_counts()
 
         for host in (f"evil.example:{port}", "127.0.0.1:1", "evil.example", ""):
             response = client.get("/", headers={"Host": host})
@@ -422,7 +412,7 @@ def test_web_chat_checks_host_origin_token_and_cookie(web_kit: AgentKit) -> None
             response = client.post("/api/login", json={"token": wrong}, headers={"Origin": url})
             assert response.status_code == 401, (wrong, response.status_code)
             assert "set-cookie" not in response.headers
-        assert row_counts(web_kit) == before
+        assert web_kit.store.row_counts() == before
 
         response = client.post("/api/login", json={"token": TOKEN}, headers={"Origin": url})
         assert response.status_code == 204

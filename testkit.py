@@ -60,18 +60,35 @@ def database(folder: os.PathLike[str] | str, name: str = "agent.db") -> str:
     return os.path.join(folder, name)
 
 
-def rows(kit: agentkit.AgentKit, table: str, *names: str, **equal: object) -> list:
+Source = agentkit.AgentKit | agentkit.Store | os.PathLike[str] | str
+
+
+def all_rows(of: Source, table: str) -> list[dict]:
+    """Every row of `table`, as column -> value, read through the store's operations: of a
+    kit, a store, or a database another process uses (through a store of the test's own)."""
+    if isinstance(of, agentkit.AgentKit):
+        return of.store.rows(table)
+    if isinstance(of, agentkit.Store):
+        return of.rows(table)
+    store = agentkit.open_store(of)
+    try:
+        return store.rows(table)
+    finally:
+        store.close()
+
+
+def rows(of: Source, table: str, *names: str, **equal: object) -> list:
     """The rows of `table` whose columns equal `equal`, in storage order: each the tuple of
-    the columns `names` (the value alone for one name), through the store's operations."""
-    found = [r for r in kit.store.rows(table) if all(r[k] == v for k, v in equal.items())]
+    the columns `names` (the value alone for one name)."""
+    found = [r for r in all_rows(of, table) if all(r[k] == v for k, v in equal.items())]
     if len(names) == 1:
         return [r[names[0]] for r in found]
     return [tuple(r[n] for n in names) for r in found]
 
 
-def count(kit: agentkit.AgentKit, table: str) -> int:
-    """How many rows `table` holds."""
-    return kit.store.row_counts()[table]
+def count(of: Source, table: str, **equal: object) -> int:
+    """How many rows of `table` have columns equal to `equal`."""
+    return len(rows(of, table, **equal))
 
 
 def take_over(kit: agentkit.AgentKit, task: str) -> None:
