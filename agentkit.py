@@ -850,8 +850,8 @@ class Store(ABC):
     def update_delivery(
         self, rowid: int, state: str | None, error: str | None, **body: Any
     ) -> bool:
-        """Change a pending delivery: a new state (sent or failed, with its error) and keys
-        merged into its body; False when it is not pending any more."""
+        """Change a pending delivery: a new state (sent or failed, with its error) and the
+        keys of `body` that are not None merged into its body; False when not pending."""
 
     # adapters' cursors
 
@@ -1623,11 +1623,12 @@ class _SQLStore(Store):
             if found is None or found.state != "pending":
                 return False
             sent_at = None if state is None else self.now()
+            kept = {key: value for key, value in body.items() if value is not None}
             return self._changed(
                 "UPDATE deliveries SET state = COALESCE(?, state), "
                 "sent_at = COALESCE(?, sent_at), error = COALESCE(?, error), body = ? "
                 "WHERE id = ? AND state = 'pending'",
-                (state, sent_at, error, dumps({**found.body, **body}), rowid),
+                (state, sent_at, error, dumps({**found.body, **kept}), rowid),
             )
 
     # adapters' cursors

@@ -51,13 +51,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-def database(folder: os.PathLike[str] | str, name: str = "agent.db") -> str:
-    """Where a test's kit keeps its data: a fresh SQLite file in `folder`. Set
-    AGENTKIT_TEST_DATABASE to run against another engine (only SQLite is known today)."""
+def open_test_store(folder: os.PathLike[str] | str) -> agentkit.Store:
+    """A fresh store for a test, in `folder`: SQLite, or the engine AGENTKIT_TEST_DATABASE
+    names (only "sqlite" is known yet; another engine adds its branch here)."""
     chosen = os.environ.get("AGENTKIT_TEST_DATABASE", "sqlite")
     if chosen != "sqlite":
         raise pytest.UsageError(f"AGENTKIT_TEST_DATABASE={chosen!r}: this suite knows 'sqlite'")
-    return os.path.join(folder, name)
+    return agentkit.open_store(os.path.join(folder, "agent.db"))
 
 
 Source = agentkit.AgentKit | agentkit.Store | os.PathLike[str] | str
