@@ -4,6 +4,24 @@ One module to vendor, import, or run (`python agentkit.py serve`). Threads, mess
 turns, tool calls, approvals, secret requests, jobs, schedules, locks and adapter cursors
 are rows; every piece of work is claimed in a transaction, so several processes can share
 one database and nothing is done twice or lost. See README.md for the guide.
+
+Sections, each using only those above it:
+
+1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
+2. store contract: `Store`, its operations grouped by table, and the row dataclasses
+3. SQL engines: the shared statements (`_SQLStore`), the SQLite engine (`SQLiteStore`)
+4. locks
+5. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
+6. conversation records: the rules of turns, approvals and the outbox over the store
+7. models: OpenAI, Anthropic, echo, scripted
+8. tools and hooks
+9. the turn engine
+10. approvals
+11. secret requests
+12. adapters: Telegram, Webhook, WebChat, PollingAdapter
+13. HTTP server
+14. the AgentKit facade
+15. CLI
 """
 
 import argparse
@@ -914,187 +932,8 @@ def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
 
 
 # ─────────────────────────────────────── SQL engines ───────────────────────────────────────
-# All of agentkit's SQL: the statements SQLite and PostgreSQL share (`_SQLStore`), and the
-# SQLite engine (apsw): connections per thread, PRAGMAs, migrations, transactions, wake-ups.
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: locks, jobs and schedules
-    """
-    CREATE TABLE locks (
-        name TEXT PRIMARY KEY,
-        owner TEXT,
-        token INTEGER NOT NULL,
-        expires_at REAL NOT NULL
-    );
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state = 'queued' OR state = 'running' OR state = 'done'
-            OR state = 'failed' OR state = 'dead' OR state = 'cancelled'),  -- faster than IN
-        priority INTEGER NOT NULL DEFAULT 0,
-        run_at REAL NOT NULL,
-        created_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        retries INTEGER NOT NULL,
-        backoff REAL NOT NULL,
-        timeout REAL,
-        key TEXT,
-        target TEXT,
-        owner TEXT,
-        lease_until REAL,
-        started_at REAL,
-        finished_at REAL,
-        last_error TEXT,
-        result TEXT
-    );
-    CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id) WHERE state = 'queued';
-    CREATE INDEX jobs_running ON jobs (lease_until) WHERE state = 'running';
-    CREATE INDEX jobs_running_target ON jobs (target) WHERE state = 'running';
-    CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
-    CREATE TABLE schedules (
-        name TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('cron', 'every', 'at')),
-        spec TEXT NOT NULL,
-        tz TEXT NOT NULL,
-        task TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        next_due REAL,
-        last_due REAL,
-        paused INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX schedules_due ON schedules (next_due) WHERE paused = 0;
-    """,
-    # 2: conversations: threads, turns (the inbox), messages and tool calls
-    """
-    CREATE TABLE threads (
-        id TEXT PRIMARY KEY,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE turns (
-        id TEXT PRIMARY KEY,
-        thread_id TEXT NOT NULL REFERENCES threads (id),
-        actor TEXT NOT NULL,
-        text TEXT NOT NULL,
-        source TEXT NOT NULL,
-        source_id TEXT,
-        status TEXT NOT NULL CHECK (status IN
-            ('queued', 'running', 'waiting_approval', 'done', 'failed', 'cancelled')),
-        job_id INTEGER,
-        steps INTEGER NOT NULL DEFAULT 0,
-        reply TEXT,
-        error TEXT,
-        input_tokens INTEGER NOT NULL DEFAULT 0,
-        output_tokens INTEGER NOT NULL DEFAULT 0,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        finished_at REAL
-    );
-    CREATE UNIQUE INDEX turns_source ON turns (source, source_id) WHERE source_id IS NOT NULL;
-    CREATE INDEX turns_thread ON turns (thread_id, status);
-    CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        thread_id TEXT NOT NULL REFERENCES threads (id),
-        turn_id TEXT NOT NULL REFERENCES turns (id),
-        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-        content TEXT,
-        command INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX messages_thread ON messages (thread_id, command, id);
-    CREATE TABLE calls (
-        turn_id TEXT NOT NULL REFERENCES turns (id),
-        call_id TEXT NOT NULL,
-        message_id INTEGER NOT NULL REFERENCES messages (id),
-        position INTEGER NOT NULL,
-        tool TEXT NOT NULL,
-        args TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'running', 'done', 'error')),
-        result TEXT,
-        finished_at REAL,
-        PRIMARY KEY (turn_id, call_id)
-    );
-    CREATE INDEX calls_message ON calls (message_id, position);
-    """,
-    # 3: approvals of tool calls, and the events log of requests and decisions
-    """
-    CREATE TABLE approvals (
-        id TEXT PRIMARY KEY,
-        turn_id TEXT NOT NULL REFERENCES turns (id),
-        call_id TEXT NOT NULL,
-        thread_id TEXT NOT NULL REFERENCES threads (id),
-        tool TEXT NOT NULL,
-        args TEXT NOT NULL,
-        reason TEXT,
-        requester TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN
-            ('pending', 'approved', 'denied', 'expired', 'cancelled')),
-        decided_by TEXT,
-        decision_reason TEXT,
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        decided_at REAL
-    );
-    CREATE INDEX approvals_pending ON approvals (expires_at) WHERE state = 'pending';
-    CREATE INDEX approvals_turn ON approvals (turn_id);
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        kind TEXT NOT NULL,
-        actor TEXT,
-        thread_id TEXT,
-        turn_id TEXT,
-        data TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX events_created ON events (created_at);
-    """,
-    # 4: adapters' details of turns, the outbox, polling cursors and secret requests
-    """
-    ALTER TABLE turns ADD COLUMN meta TEXT;
-    CREATE TABLE deliveries (
-        id INTEGER PRIMARY KEY,
-        adapter TEXT NOT NULL,
-        thread_id TEXT NOT NULL,
-        turn_id TEXT,
-        kind TEXT NOT NULL,
-        body TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
-        created_at REAL NOT NULL,
-        sent_at REAL,
-        error TEXT
-    );
-    CREATE INDEX deliveries_thread ON deliveries (thread_id, id);
-    CREATE TABLE cursors (
-        adapter TEXT PRIMARY KEY,
-        cursor TEXT,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE secret_requests (
-        id TEXT PRIMARY KEY,
-        thread_id TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        turn_id TEXT,
-        reason TEXT NOT NULL,
-        fields TEXT NOT NULL,
-        public_key TEXT NOT NULL,
-        private_key BLOB,
-        url TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'used', 'expired')),
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        used_at REAL
-    );
-    CREATE INDEX secret_requests_pending ON secret_requests (expires_at) WHERE state = 'pending';
-    CREATE INDEX secret_requests_turn ON secret_requests (turn_id);
-    """,
-    # 5: finding the requests of an approval, to show its decision where it was asked
-    """
-    CREATE INDEX deliveries_approval ON deliveries (turn_id) WHERE kind = 'approval';
-    """,
-)
-
-SYNCHRONOUS = {"normal": 1, "full": 2}
+# All of agentkit's SQL: the statements SQLite and PostgreSQL share (`_SQLStore`), then the
+# SQLite engine (apsw): its schema, connections per thread, PRAGMAs, transactions, wake-ups.
 
 
 class _SQLStore(Store):
@@ -1709,6 +1548,186 @@ class _SQLStore(Store):
         return deleted
 
 
+MIGRATIONS: tuple[str, ...] = (
+    # 1: locks, jobs and schedules
+    """
+    CREATE TABLE locks (
+        name TEXT PRIMARY KEY,
+        owner TEXT,
+        token INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state = 'queued' OR state = 'running' OR state = 'done'
+            OR state = 'failed' OR state = 'dead' OR state = 'cancelled'),  -- faster than IN
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        retries INTEGER NOT NULL,
+        backoff REAL NOT NULL,
+        timeout REAL,
+        key TEXT,
+        target TEXT,
+        owner TEXT,
+        lease_until REAL,
+        started_at REAL,
+        finished_at REAL,
+        last_error TEXT,
+        result TEXT
+    );
+    CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id) WHERE state = 'queued';
+    CREATE INDEX jobs_running ON jobs (lease_until) WHERE state = 'running';
+    CREATE INDEX jobs_running_target ON jobs (target) WHERE state = 'running';
+    CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('cron', 'every', 'at')),
+        spec TEXT NOT NULL,
+        tz TEXT NOT NULL,
+        task TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        next_due REAL,
+        last_due REAL,
+        paused INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX schedules_due ON schedules (next_due) WHERE paused = 0;
+    """,
+    # 2: conversations: threads, turns (the inbox), messages and tool calls
+    """
+    CREATE TABLE threads (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE turns (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        actor TEXT NOT NULL,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        source_id TEXT,
+        status TEXT NOT NULL CHECK (status IN
+            ('queued', 'running', 'waiting_approval', 'done', 'failed', 'cancelled')),
+        job_id INTEGER,
+        steps INTEGER NOT NULL DEFAULT 0,
+        reply TEXT,
+        error TEXT,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE UNIQUE INDEX turns_source ON turns (source, source_id) WHERE source_id IS NOT NULL;
+    CREATE INDEX turns_thread ON turns (thread_id, status);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT,
+        command INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_thread ON messages (thread_id, command, id);
+    CREATE TABLE calls (
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        call_id TEXT NOT NULL,
+        message_id INTEGER NOT NULL REFERENCES messages (id),
+        position INTEGER NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'running', 'done', 'error')),
+        result TEXT,
+        finished_at REAL,
+        PRIMARY KEY (turn_id, call_id)
+    );
+    CREATE INDEX calls_message ON calls (message_id, position);
+    """,
+    # 3: approvals of tool calls, and the events log of requests and decisions
+    """
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        call_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        reason TEXT,
+        requester TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'expired', 'cancelled')),
+        decided_by TEXT,
+        decision_reason TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        decided_at REAL
+    );
+    CREATE INDEX approvals_pending ON approvals (expires_at) WHERE state = 'pending';
+    CREATE INDEX approvals_turn ON approvals (turn_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        actor TEXT,
+        thread_id TEXT,
+        turn_id TEXT,
+        data TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX events_created ON events (created_at);
+    """,
+    # 4: adapters' details of turns, the outbox, polling cursors and secret requests
+    """
+    ALTER TABLE turns ADD COLUMN meta TEXT;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        error TEXT
+    );
+    CREATE INDEX deliveries_thread ON deliveries (thread_id, id);
+    CREATE TABLE cursors (
+        adapter TEXT PRIMARY KEY,
+        cursor TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE secret_requests (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        turn_id TEXT,
+        reason TEXT NOT NULL,
+        fields TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        private_key BLOB,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'used', 'expired')),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL
+    );
+    CREATE INDEX secret_requests_pending ON secret_requests (expires_at) WHERE state = 'pending';
+    CREATE INDEX secret_requests_turn ON secret_requests (turn_id);
+    """,
+    # 5: finding the requests of an approval, to show its decision where it was asked
+    """
+    CREATE INDEX deliveries_approval ON deliveries (turn_id) WHERE kind = 'approval';
+    """,
+)
+
+SYNCHRONOUS = {"normal": 1, "full": 2}
+
+
 class SQLiteStore(_SQLStore):
     """One SQLite database shared by this process's threads (a connection each).
 
@@ -1934,6 +1953,10 @@ class SQLiteStore(_SQLStore):
 
     def integrity(self) -> str:
         return "; ".join(row[0] for row in self._rows("PRAGMA integrity_check"))
+
+    def backup(self, path: str | os.PathLike[str]) -> None:
+        """Write a consistent copy of the live database to a new file at `path`."""
+        self._rows("VACUUM INTO ?", (os.fspath(path),))
 
     def claim_jobs(
         self,

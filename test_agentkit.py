@@ -1764,6 +1764,6 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
 
 def test_vacuum_into_backs_up_a_live_database(kit: AgentKit, tmp_path: Path) -> None:
     kit.run_turn("cli:me", "keep me")
-    kit.store.connection().execute("VACUUM INTO ?", (str(tmp_path / "backup.db"),))
+    kit.store.backup(tmp_path / "backup.db")
     with AgentKit(tmp_path / "backup.db") as copy:
         assert copy.history("cli:me")[0]["content"] == "keep me"
