@@ -154,11 +154,15 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON; BadInput when the value is not JSON-serialisable."""
+    """Compact JSON; BadInput when the value is not JSON-serialisable (nested too deeply,
+    or holding a lone surrogate included)."""
     try:
-        return _encoder.encode(value)
+        text = _encoder.encode(value)
     except (TypeError, ValueError) as e:
         raise BadInput(f"not JSON-serialisable: {e}") from None
+    except RecursionError:
+        raise BadInput("not JSON-serialisable: nested too deeply; send flatter data") from None
+    return check_utf8("JSON", text)
 
 
 def iso(ts: float) -> str:
@@ -235,11 +239,42 @@ def call_sync(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+def check_utf8(kind: str, text: str) -> str:
+    """A string that UTF-8 can encode (no lone surrogate such as '\\ud800'), or BadInput."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise BadInput(
+            f"{kind} holds a lone surrogate {text[e.start]!r} at index {e.start}; "
+            "send valid Unicode text"
+        ) from None
+    return text
+
+
 def check_name(kind: str, name: object, limit: int = 200) -> str:
     """A non-empty string of at most `limit` characters, or BadInput."""
     if not isinstance(name, str) or not name or len(name) > limit:
         raise BadInput(f"{kind} must be a non-empty string of at most {limit} characters")
-    return name
+    return check_utf8(kind, name)
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_int(kind: str, value: object, *, low: int = 0, high: int = INT64_MAX) -> int:
+    """An integer (not a bool) from `low` to `high`, so it fits SQLite's 64-bit integers,
+    or BadInput."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        bound = f">= {low}" if high == INT64_MAX else f"from {low} to {high}"
+        raise BadInput(f"{kind} must be an integer {bound}, not {value!r}")
+    return value
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
+    """One of `choices`, or BadInput naming them."""
+    if value not in choices:
+        raise BadInput(f"{kind} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def check_seconds(kind: str, value: object, *, positive: bool = False) -> float:
@@ -786,13 +821,13 @@ MAX_BACKOFF = 3600.0
 def job_rowid(job_id: object) -> int:
     """The row id inside a public job id `job_<n>`, or BadInput."""
     if isinstance(job_id, str) and job_id.startswith("job_") and job_id[4:].isdigit():
-        return int(job_id[4:])
+        return check_int("a job id's number", int(job_id[4:]))
     raise BadInput(f"not a job id: {job_id!r}")
 
 
 def retry_delay(backoff: float, attempt: int) -> float:
     """Seconds before retry `attempt` (1-based): backoff·2^(attempt−1), plus up to 25% jitter."""
-    base = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+    base = min(backoff * 2 ** min(attempt - 1, 64), MAX_BACKOFF)  # 2.0**1024 overflows
     return base * (1 + random.uniform(0, 0.25))
 
 
@@ -965,14 +1000,12 @@ class Queue:
             run_at = created + check_seconds("delay", delay) if delay else created
         else:
             run_at = check_seconds("run_at", run_at)
-        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**62:
-            raise BadInput(f"priority must be an integer within ±2**62, not {priority!r}")
+        check_int("priority", priority, low=-(2**62), high=2**62)
         if target is not None:
             check_name("target", target)
         retries = task.retries if retries is None and task else retries
         retries = 3 if retries is None else retries
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise BadInput(f"retries must be an integer >= 0, not {retries!r}")
+        check_int("retries", retries)
         backoff = task.backoff if backoff is None and task else backoff
         backoff = check_seconds("backoff", 1.0 if backoff is None else backoff)
         timeout = task.timeout if timeout is None and task else timeout
@@ -1048,6 +1081,9 @@ class Queue:
         strict: bool = True,
     ) -> list[str]:
         """Add one job per payload in a single transaction; their ids, in order."""
+        if isinstance(payloads, (str, bytes, bytearray)) or not isinstance(payloads, Sequence):
+            kind = type(payloads).__name__
+            raise BadInput(f"payloads must be a list (one job per payload), not a {kind}")
         name, priority, run_at, created, retries, backoff, timeout, target = self.job_values(
             name,
             delay=delay,
@@ -1211,10 +1247,9 @@ class Queue:
 
     def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs, optionally of one state."""
-        if state is not None and state not in JOB_STATES:
-            raise BadInput(f"state must be one of {', '.join(JOB_STATES)}")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise BadInput(f"limit must be an integer >= 0, not {limit!r}")
+        if state is not None:
+            check_choice("state", state, JOB_STATES)
+        check_int("limit", limit)
         rows = self.store.read(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR state = ?1 "
             "ORDER BY id DESC LIMIT ?2",
@@ -1280,10 +1315,8 @@ class Worker:
         tick: Callable[[], object] | None = None,
         on_failed: Callable[[Claimed, str, str], object] | None = None,
     ) -> None:
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise BadInput(f"concurrency must be an integer >= 1, not {concurrency!r}")
         self.queue = queue
-        self.concurrency = concurrency
+        self.concurrency = check_int("concurrency", concurrency, low=1)
         self.lease = check_seconds("lease", lease, positive=True)
         self.tick = tick
         self.on_failed = on_failed
@@ -1854,11 +1887,11 @@ def check_thread(thread: object) -> str:
     return name
 
 
-def check_text(text: object) -> str:
-    """A message's text: a string of at most 100,000 characters."""
+def check_text(text: object, kind: str = "text") -> str:
+    """A message's text: a string of at most 100,000 characters that UTF-8 can encode."""
     if not isinstance(text, str) or len(text) > 100_000:
-        raise BadInput("text must be a string of at most 100,000 characters")
-    return text
+        raise BadInput(f"{kind} must be a string of at most 100,000 characters")
+    return check_utf8(kind, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1905,6 +1938,7 @@ class Approval:
     decided_at: float | None
 
 
+APPROVAL_STATES = ("pending", "approved", "denied", "expired", "cancelled")
 APPROVAL_COLUMNS = (
     "id, turn_id, thread_id, call_id, tool, args, reason, requester, state, decided_by, "
     "decision_reason, created_at, expires_at, decided_at"
@@ -2256,10 +2290,12 @@ class Records:
         self, *, turn_id: str | None = None, state: str | None = "pending", limit: int = 100
     ) -> list[Approval]:
         """Approvals, newest first: of one turn, and of one state (pending by default)."""
+        if state is not None:
+            check_choice("state", state, APPROVAL_STATES)
         rows = self.store.read(
             f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR turn_id = ?1) "
             "AND (?2 IS NULL OR state = ?2) ORDER BY created_at DESC LIMIT ?3",
-            (turn_id, state, limit),
+            (turn_id, state, check_int("limit", limit)),
         )
         return [approval_from_row(row) for row in rows]
 
@@ -3877,6 +3913,8 @@ class Approvals:
         actor = check_thread(actor)
         if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
             raise BadInput("reason must be a string of at most 2000 characters")
+        if reason is not None:
+            check_utf8("reason", reason)
         approval = self.get(approval_id)
         denying_own = decision == "denied" and actor == approval.requester
         if not (denying_own or self.may_decide(actor)):
@@ -4336,6 +4374,7 @@ class Secrets:
         thread, actor, checked = check_thread(thread), check_thread(actor), check_fields(fields)
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadInput("reason must be a non-empty string of at most 2000 characters")
+        check_utf8("reason", reason)
         private = ec.generate_private_key(ec.SECP256R1())
         public = private.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
@@ -5624,8 +5663,7 @@ class AgentKit:
             ("context_messages", context_messages),
             ("context_chars", context_chars),
         ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BadInput(f"{name} must be an integer >= 1, not {value!r}")
+            check_int(name, value, low=1)
         for pattern in approvers:
             check_thread(pattern)
         approval_ttl = check_seconds("approval_ttl", approval_ttl, positive=True)
@@ -5741,8 +5779,7 @@ class AgentKit:
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             task_name = check_name("task name", name or fn.__name__)
-            if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-                raise BadInput(f"retries must be an integer >= 0, not {retries!r}")
+            check_int("retries", retries)
             limit = None if timeout is None else check_seconds("timeout", timeout, positive=True)
             self.queue.tasks[task_name] = Task(
                 task_name, fn, retries, check_seconds("backoff", backoff), limit
@@ -6137,12 +6174,13 @@ class AgentKit:
 
     def history(self, thread: str, limit: int = 100) -> list[dict[str, Any]]:
         """A thread's newest messages (with tool calls and results), oldest first."""
-        return self.engine.records.history(check_thread(thread), limit)
+        return self.engine.records.history(check_thread(thread), check_int("limit", limit))
 
     def threads(self, limit: int = 50) -> list[tuple[str, float]]:
         """`(thread id, last activity)` of the most recently active threads."""
         return self.store.read(
-            "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
+            "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?",
+            (check_int("limit", limit),),
         )
 
     # schedules
@@ -6170,7 +6208,11 @@ class AgentKit:
             actor = f"schedule:{check_name('schedule name', name)}"
             task, payload = (
                 PROMPT_TASK,
-                {"thread": check_thread(thread), "prompt": prompt, "actor": actor},
+                {
+                    "thread": check_thread(thread),
+                    "prompt": check_text(prompt, "prompt"),
+                    "actor": actor,
+                },
             )
         return self.scheduler.set(
             name, task=task, payload=payload, cron=cron, every=every, at=at, tz=tz
@@ -6216,8 +6258,7 @@ class AgentKit:
         SIGINT/SIGTERM arrive. Running jobs finish first (or their leases lapse).
         `ready(url)` is called once everything runs. Several processes may serve one
         database."""
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise BadInput(f"workers must be an integer >= 1, not {workers!r}")
+        check_int("workers", workers, low=1)
         stop = stop or threading.Event()
         server = None
         if http:
