@@ -2213,7 +2213,7 @@ class Records:
         elif status == "failed":
             self.deliver(db, thread, turn_id, "error", f"Sorry, that failed: {error}", **extra)
         if final:
-            for approval in self.approvals(turn_id=turn_id):
+            for approval in self.pending_approvals(turn_id):
                 self.settle(db, approval, "cancelled", None, None)
         if db.execute(
             "SELECT 1 FROM turns WHERE thread_id = ? AND status = 'waiting_approval'", (thread,)
@@ -2286,16 +2286,23 @@ class Records:
         rows = self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
         return {call_id for (call_id,) in rows}
 
-    def approvals(
-        self, *, turn_id: str | None = None, state: str | None = "pending", limit: int = 100
-    ) -> list[Approval]:
-        """Approvals, newest first: of one turn, and of one state (pending by default)."""
+    def approvals(self, state: str | None, limit: int) -> list[Approval]:
+        """The newest `limit` approvals, of one state (or all), for display."""
         if state is not None:
             check_choice("state", state, APPROVAL_STATES)
         rows = self.store.read(
-            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR turn_id = ?1) "
-            "AND (?2 IS NULL OR state = ?2) ORDER BY created_at DESC LIMIT ?3",
-            (turn_id, state, check_int("limit", limit)),
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE ?1 IS NULL OR state = ?1 "
+            "ORDER BY created_at DESC LIMIT ?2",
+            (state, check_int("limit", limit)),
+        )
+        return [approval_from_row(row) for row in rows]
+
+    def pending_approvals(self, turn_id: str) -> list[Approval]:
+        """Every pending approval of one turn (no display limit), newest first."""
+        rows = self.store.read(
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE turn_id = ? AND state = 'pending' "
+            "ORDER BY created_at DESC",
+            (turn_id,),
         )
         return [approval_from_row(row) for row in rows]
 
@@ -2346,7 +2353,7 @@ class Records:
             if status == "running":
                 db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
                 return "cancelling"
-            for approval in self.approvals(turn_id=turn_id):
+            for approval in self.pending_approvals(turn_id):
                 self.settle(db, approval, "cancelled", None, None)
             self.end(db, turn_id, "cancelled", error="cancelled")
             db.execute(
@@ -3659,7 +3666,7 @@ class TurnEngine:
             waiting = self.records.waiting_in(self.queue.store.connection(), turn.thread_id)
             notes.append(waiting_note(waiting))
         note = "\n".join(notes) or None
-        approvals = tuple(self.records.approvals(turn_id=turn.id))
+        approvals = tuple(self.records.pending_approvals(turn.id))
         return TurnResult(
             turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage, approvals, note
         )
@@ -6149,7 +6156,7 @@ class AgentKit:
 
     def approvals(self, state: str | None = "pending", limit: int = 100) -> list[Approval]:
         """Approvals, newest first: pending ones by default, `state=None` for all."""
-        return self.engine.records.approvals(state=state, limit=limit)
+        return self.engine.records.approvals(state, limit)
 
     def _approve_command(self, ctx: ToolContext, args: str) -> str:
         """Approve a waiting tool call: /approve ID."""

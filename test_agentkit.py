@@ -1528,6 +1528,22 @@ def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Path) -> None:
     assert runs == []
 
 
+def test_cancel_settles_every_approval_of_a_step_past_the_display_limit(db: Path) -> None:
+    calls = [ToolCall("restart", {"service": f"s{i}"}) for i in range(250)]
+    runs: list[str] = []
+    with approval_kit(db, [calls, "Fresh start."], runs) as kit:
+        waiting = kit.run_turn("cli:me", "restart all")
+        assert waiting.status == "waiting_approval" and len(waiting.approvals) == 250
+        assert len(kit.approvals()) == 100  # the public listing keeps its display default
+        assert kit.cancel(waiting.turn_id).status == "cancelled"
+        assert kit.approvals() == [] and kit.turn(waiting.turn_id).approvals == ()
+        states = kit.store.read("SELECT state, count(*) FROM approvals GROUP BY state")
+        assert states == [("cancelled", 250)]
+        assert kit.run_turn("cli:me", "hello again").reply == "Fresh start."  # the thread is free
+        kit.work(until_idle=True)
+    assert runs == []
+
+
 def test_a_reason_with_a_lone_surrogate_is_bad_input_and_decides_nothing(db: Path) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART, "Done."], runs) as kit:
