@@ -231,6 +231,18 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+def unpartial(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a `functools.partial` calls; any other callable itself."""
+    return fn.func if isinstance(fn, functools.partial) else fn
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """A name for any callable: its own, a `functools.partial`'s function's, else its type's."""
+    fn = unpartial(fn)
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
 def call_sync(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a callback from sync code; an async one runs on the background loop."""
     result = fn(*args)
@@ -3444,14 +3456,14 @@ class Tool:
     ) -> None:
         self.fn = fn
         self.approval = approval
-        self.name = name or fn.__name__
+        self.name = name or callable_name(fn)
         if not TOOL_NAME.fullmatch(self.name):
             raise BadInput(f"a tool name is 1-64 letters, digits, '_' or '-', not {self.name!r}")
-        self.description = description or inspect.getdoc(fn) or self.name
+        self.description = description or inspect.getdoc(unpartial(fn)) or self.name
         self.idempotent = idempotent
         self.timeout = None if timeout is None else check_seconds("timeout", timeout, positive=True)
         self.is_async = inspect.iscoroutinefunction(fn)
-        hints = typing.get_type_hints(fn, include_extras=True)
+        hints = typing.get_type_hints(unpartial(fn), include_extras=True)
         self.ctx_param: str | None = None
         fields: dict[str, Any] = {}
         for param in inspect.signature(fn).parameters.values():
@@ -3526,8 +3538,9 @@ class Hooks:
             try:
                 results.append(call_sync(fn, event))
             except Exception as e:
-                log.exception("hook %s for %s raised", getattr(fn, "__name__", fn), kind)
-                raise HookFailed(f"the {kind} hook {fn.__name__} raised {describe_error(e)}") from e
+                hook = callable_name(fn)
+                log.exception("hook %s for %s raised", hook, kind)
+                raise HookFailed(f"the {kind} hook {hook} raised {describe_error(e)}") from e
         return results
 
 
@@ -5785,7 +5798,7 @@ class AgentKit:
         """Register a job handler `fn(payload)` or `fn(payload, ctx)`, bare or with options."""
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            task_name = check_name("task name", name or fn.__name__)
+            task_name = check_name("task name", name or callable_name(fn))
             check_int("retries", retries)
             limit = None if timeout is None else check_seconds("timeout", timeout, positive=True)
             self.queue.tasks[task_name] = Task(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import enum
+import functools
 import hashlib
 import itertools
 import json
@@ -1073,6 +1074,40 @@ def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Path, caplog) 
     assert "hook broken for turn_start raised" in caplog.text
     with pytest.raises(BadInput, match="unknown event"):
         kit.on("turn_begin")
+
+
+def test_partials_and_callable_objects_are_named_by_what_they_call(db: Path, caplog) -> None:
+    def broken(setting: str, event: agentkit.Event) -> None:
+        raise ValueError(f"no {setting}")
+
+    class Checker:
+        def __call__(self, event: agentkit.Event) -> None:
+            raise ValueError("checked")
+
+    def add(a: int, b: int, offset: int = 0) -> int:
+        """Add two integers."""
+        return a + b + offset
+
+    def tag(label: str, payload: object) -> str:
+        return label
+
+    with scripted_kit(db, [ToolCall("add", {"a": 1, "b": 2}), "Three."]) as kit:
+        kit.tool(functools.partial(add, offset=10))
+        assert kit.engine.tools["add"].description == "Add two integers."
+        assert kit.run_turn("cli:me", "add").reply == "Three."
+        assert kit.history("cli:me")[2]["content"] == "13"
+        kit.task(functools.partial(tag, "x"))
+        kit.task(functools.partial(Checker()))
+        assert kit.job(kit.enqueue("tag")).name == "tag" and "Checker" in kit.queue.tasks
+        kit.on("turn_start")(functools.partial(broken, "config"))
+        result = kit.run_turn("cli:me", "hi")
+        assert result.status == "failed"
+        assert result.error == "HookFailed: the turn_start hook broken raised ValueError: no config"
+        assert "hook broken for turn_start raised" in caplog.text
+    with AgentKit(db) as kit:
+        kit.on("turn_start")(Checker())
+        result = kit.run_turn("cli:me", "hi")
+        assert result.error == "HookFailed: the turn_start hook Checker raised ValueError: checked"
 
 
 def test_events_arrive_in_order(kit: AgentKit) -> None:
