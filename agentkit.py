@@ -3569,7 +3569,9 @@ def parse_command(text: str) -> tuple[str, str] | None:
 
 @dataclasses.dataclass(frozen=True)
 class TurnResult:
-    """What `run_turn` returns: the turn's status, the reply, the error and the usage."""
+    """What `run_turn` returns: the turn's status, the reply, the error and the usage.
+    Status `rejected` means the text was a refused secret blob: no turn started
+    (`turn_id` is None), and `error` and `note` hold what the sender was told."""
 
     turn_id: str | None  # None when nothing was started (a rejected secret blob)
     thread_id: str
@@ -4354,7 +4356,8 @@ main();
 
 
 def secret_page() -> tuple[str, str]:
-    """The secret page and its policy: `agentkit secret-page > secret.html` works too."""
+    """The secret page and its policy, as `serve` answers `/secret`; the page carries its
+    policy in a meta tag, so the HTML saved to a file also works opened from disk."""
     return with_csp(SECRET_PAGE)
 
 
