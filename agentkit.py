@@ -172,11 +172,15 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON; BadInput when the value is not JSON-serialisable."""
+    """Compact JSON; BadInput when the value is not JSON-serialisable (nested too deeply,
+    or holding a lone surrogate included)."""
     try:
-        return _encoder.encode(value)
+        text = _encoder.encode(value)
     except (TypeError, ValueError) as e:
         raise BadInput(f"not JSON-serialisable: {e}") from None
+    except RecursionError:
+        raise BadInput("not JSON-serialisable: nested too deeply; send flatter data") from None
+    return check_utf8("JSON", text)
 
 
 def iso(ts: float) -> str:
@@ -245,6 +249,18 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+def unpartial(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a `functools.partial` calls; any other callable itself."""
+    return fn.func if isinstance(fn, functools.partial) else fn
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """A name for any callable: its own, a `functools.partial`'s function's, else its type's."""
+    fn = unpartial(fn)
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
 def call_sync(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a callback from sync code; an async one runs on the background loop."""
     result = fn(*args)
@@ -253,11 +269,42 @@ def call_sync(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+def check_utf8(kind: str, text: str) -> str:
+    """A string that UTF-8 can encode (no lone surrogate such as '\\ud800'), or BadInput."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise BadInput(
+            f"{kind} holds a lone surrogate {text[e.start]!r} at index {e.start}; "
+            "send valid Unicode text"
+        ) from None
+    return text
+
+
 def check_name(kind: str, name: object, limit: int = 200) -> str:
     """A non-empty string of at most `limit` characters, or BadInput."""
     if not isinstance(name, str) or not name or len(name) > limit:
         raise BadInput(f"{kind} must be a non-empty string of at most {limit} characters")
-    return name
+    return check_utf8(kind, name)
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_int(kind: str, value: object, *, low: int = 0, high: int = INT64_MAX) -> int:
+    """An integer (not a bool) from `low` to `high`, so it fits SQLite's 64-bit integers,
+    or BadInput."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        bound = f">= {low}" if high == INT64_MAX else f"from {low} to {high}"
+        raise BadInput(f"{kind} must be an integer {bound}, not {value!r}")
+    return value
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
+    """One of `choices`, or BadInput naming them."""
+    if value not in choices:
+        raise BadInput(f"{kind} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def check_seconds(kind: str, value: object, *, positive: bool = False) -> float:
@@ -818,9 +865,9 @@ class Store(ABC):
         turn_id: str | None = None,
         thread: str | None = None,
         state: str | None = None,
-        limit: int = 100,
+        limit: int | None = None,
     ) -> list[Approval]:
-        """Approvals of one turn, thread or state (or all), newest first."""
+        """Approvals of one turn, thread or state (or all), newest first (`limit` of them)."""
 
     @abstractmethod
     def expired_approvals(self, at: float) -> list[Approval]:
@@ -1377,15 +1424,18 @@ class _SQLStore(Store):
         turn_id: str | None = None,
         thread: str | None = None,
         state: str | None = None,
-        limit: int = 100,
+        limit: int | None = None,
     ) -> list[Approval]:
         given = {"turn_id": turn_id, "thread_id": thread, "state": state}
         tests = [f"{name} = ?" for name, value in given.items() if value is not None]
         where = f"WHERE {' AND '.join(tests)} " if tests else ""
+        params = [value for value in given.values() if value is not None]
+        if limit is not None:
+            where, params = f"{where}ORDER BY created_at DESC LIMIT ?", [*params, limit]
+        else:
+            where = f"{where}ORDER BY created_at DESC"
         return self._fetch_all(
-            Approval,
-            f"SELECT {columns(Approval)} FROM approvals {where}ORDER BY created_at DESC LIMIT ?",
-            (*(value for value in given.values() if value is not None), limit),
+            Approval, f"SELECT {columns(Approval)} FROM approvals {where}", params
         )
 
     def expired_approvals(self, at: float) -> list[Approval]:
@@ -2113,13 +2163,13 @@ MAX_BACKOFF = 3600.0
 def job_rowid(job_id: object) -> int:
     """The row id inside a public job id `job_<n>`, or BadInput."""
     if isinstance(job_id, str) and job_id.startswith("job_") and job_id[4:].isdigit():
-        return int(job_id[4:])
+        return check_int("a job id's number", int(job_id[4:]))
     raise BadInput(f"not a job id: {job_id!r}")
 
 
 def retry_delay(backoff: float, attempt: int) -> float:
     """Seconds before retry `attempt` (1-based): backoff·2^(attempt−1), plus up to 25% jitter."""
-    base = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+    base = min(backoff * 2 ** min(attempt - 1, 64), MAX_BACKOFF)  # 2.0**1024 overflows
     return base * (1 + random.uniform(0, 0.25))
 
 
@@ -2201,14 +2251,12 @@ class Queue:
             run_at = created + check_seconds("delay", delay) if delay else created
         else:
             run_at = check_seconds("run_at", run_at)
-        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**62:
-            raise BadInput(f"priority must be an integer within ±2**62, not {priority!r}")
+        check_int("priority", priority, low=-(2**62), high=2**62)
         if target is not None:
             check_name("target", target)
         retries = task.retries if retries is None and task else retries
         retries = 3 if retries is None else retries
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise BadInput(f"retries must be an integer >= 0, not {retries!r}")
+        check_int("retries", retries)
         backoff = task.backoff if backoff is None and task else backoff
         backoff = check_seconds("backoff", 1.0 if backoff is None else backoff)
         timeout = task.timeout if timeout is None and task else timeout
@@ -2264,6 +2312,9 @@ class Queue:
         strict: bool = True,
     ) -> list[str]:
         """Add one job per payload in a single transaction; their ids, in order."""
+        if isinstance(payloads, (str, bytes, bytearray)) or not isinstance(payloads, Sequence):
+            kind = type(payloads).__name__
+            raise BadInput(f"payloads must be a list (one job per payload), not a {kind}")
         values = self.job_values(
             name,
             delay=delay,
@@ -2339,11 +2390,9 @@ class Queue:
 
     def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs, optionally of one state."""
-        if state is not None and state not in JOB_STATES:
-            raise BadInput(f"state must be one of {', '.join(JOB_STATES)}")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise BadInput(f"limit must be an integer >= 0, not {limit!r}")
-        return self.store.jobs(state, limit)
+        if state is not None:
+            check_choice("state", state, JOB_STATES)
+        return self.store.jobs(state, check_int("limit", limit))
 
     def _moved(self, job_id: str, allowed: tuple[str, ...], was: str | None) -> Job:
         """The job after a state change from one of the `allowed` states, or BadInput."""
@@ -2386,10 +2435,8 @@ class Worker:
         tick: Callable[[], object] | None = None,
         on_failed: Callable[[Claimed, str, str], object] | None = None,
     ) -> None:
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise BadInput(f"concurrency must be an integer >= 1, not {concurrency!r}")
         self.queue = queue
-        self.concurrency = concurrency
+        self.concurrency = check_int("concurrency", concurrency, low=1)
         self.lease = check_seconds("lease", lease, positive=True)
         self.tick = tick
         self.on_failed = on_failed
@@ -2918,11 +2965,14 @@ def check_thread(thread: object) -> str:
     return name
 
 
-def check_text(text: object) -> str:
-    """A message's text: a string of at most 100,000 characters."""
+def check_text(text: object, kind: str = "text") -> str:
+    """A message's text: a string of at most 100,000 characters that UTF-8 can encode."""
     if not isinstance(text, str) or len(text) > 100_000:
-        raise BadInput("text must be a string of at most 100,000 characters")
-    return text
+        raise BadInput(f"{kind} must be a string of at most 100,000 characters")
+    return check_utf8(kind, text)
+
+
+APPROVAL_STATES = ("pending", "approved", "denied", "expired", "cancelled")
 
 
 def clip(text: str, limit: int) -> str:
@@ -3078,7 +3128,7 @@ class Records:
         elif status == "failed":
             self.deliver(thread, turn_id, "error", f"Sorry, that failed: {error}", **extra)
         if final:
-            for approval in self.approvals(turn_id=turn_id):
+            for approval in self.pending_approvals(turn_id):
                 self.settle(approval, "cancelled", None, None)
         if self.store.thread_waits(thread):
             return
@@ -3112,11 +3162,15 @@ class Records:
         with self.transaction():
             self.store.set_call(turn_id, call_id, state, result, was)
 
-    def approvals(
-        self, *, turn_id: str | None = None, state: str | None = "pending", limit: int = 100
-    ) -> list[Approval]:
-        """Approvals, newest first: of one turn, and of one state (pending by default)."""
-        return self.store.approvals(turn_id=turn_id, state=state, limit=limit)
+    def approvals(self, state: str | None, limit: int) -> list[Approval]:
+        """The newest `limit` approvals, of one state (or all), for display."""
+        if state is not None:
+            check_choice("state", state, APPROVAL_STATES)
+        return self.store.approvals(state=state, limit=check_int("limit", limit))
+
+    def pending_approvals(self, turn_id: str) -> list[Approval]:
+        """Every pending approval of one turn (no display limit), newest first."""
+        return self.store.approvals(turn_id=turn_id, state="pending")
 
     def settle(self, approval: Approval, state: str, actor: str | None, reason: str | None) -> bool:
         """Decide a pending approval (inside the caller's transaction): approved calls become
@@ -3156,7 +3210,7 @@ class Records:
             if turn.status == "running":
                 self.store.request_cancel(turn_id)
                 return "cancelling"
-            for approval in self.approvals(turn_id=turn_id):
+            for approval in self.pending_approvals(turn_id):
                 self.settle(approval, "cancelled", None, None)
             self.end(turn_id, "cancelled", error="cancelled")
             if turn.job_id is not None:
@@ -4086,14 +4140,14 @@ class Tool:
     ) -> None:
         self.fn = fn
         self.approval = approval
-        self.name = name or fn.__name__
+        self.name = name or callable_name(fn)
         if not TOOL_NAME.fullmatch(self.name):
             raise BadInput(f"a tool name is 1-64 letters, digits, '_' or '-', not {self.name!r}")
-        self.description = description or inspect.getdoc(fn) or self.name
+        self.description = description or inspect.getdoc(unpartial(fn)) or self.name
         self.idempotent = idempotent
         self.timeout = None if timeout is None else check_seconds("timeout", timeout, positive=True)
         self.is_async = inspect.iscoroutinefunction(fn)
-        hints = typing.get_type_hints(fn, include_extras=True)
+        hints = typing.get_type_hints(unpartial(fn), include_extras=True)
         self.ctx_param: str | None = None
         fields: dict[str, Any] = {}
         for param in inspect.signature(fn).parameters.values():
@@ -4168,8 +4222,9 @@ class Hooks:
             try:
                 results.append(call_sync(fn, event))
             except Exception as e:
-                log.exception("hook %s for %s raised", getattr(fn, "__name__", fn), kind)
-                raise HookFailed(f"the {kind} hook {fn.__name__} raised {describe_error(e)}") from e
+                hook = callable_name(fn)
+                log.exception("hook %s for %s raised", hook, kind)
+                raise HookFailed(f"the {kind} hook {hook} raised {describe_error(e)}") from e
         return results
 
 
@@ -4198,7 +4253,9 @@ def parse_command(text: str) -> tuple[str, str] | None:
 
 @dataclasses.dataclass(frozen=True)
 class TurnResult:
-    """What `run_turn` returns: the turn's status, the reply, the error and the usage."""
+    """What `run_turn` returns: the turn's status, the reply, the error and the usage.
+    Status `rejected` means the text was a refused secret blob: no turn started
+    (`turn_id` is None), and `error` and `note` hold what the sender was told."""
 
     turn_id: str | None  # None when nothing was started (a rejected secret blob)
     thread_id: str
@@ -4307,7 +4364,7 @@ class TurnEngine:
             waiting = self.records.waiting_in(turn.thread_id)
             notes.append(waiting_note(waiting))
         note = "\n".join(notes) or None
-        approvals = tuple(self.records.approvals(turn_id=turn.id))
+        approvals = tuple(self.records.pending_approvals(turn.id))
         return TurnResult(
             turn.id, turn.thread_id, turn.status, turn.reply, turn.error, usage, approvals, note
         )
@@ -4559,6 +4616,8 @@ class Approvals:
         actor = check_thread(actor)
         if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
             raise BadInput("reason must be a string of at most 2000 characters")
+        if reason is not None:
+            check_utf8("reason", reason)
         approval = self.get(approval_id)
         denying_own = decision == "denied" and actor == approval.requester
         if not (denying_own or self.may_decide(actor)):
@@ -4969,7 +5028,8 @@ main();
 
 
 def secret_page() -> tuple[str, str]:
-    """The secret page and its policy: `agentkit secret-page > secret.html` works too."""
+    """The secret page and its policy, as `serve` answers `/secret`; the page carries its
+    policy in a meta tag, so the HTML saved to a file also works opened from disk."""
     return with_csp(SECRET_PAGE)
 
 
@@ -5009,6 +5069,7 @@ class Secrets:
         thread, actor, checked = check_thread(thread), check_thread(actor), check_fields(fields)
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadInput("reason must be a non-empty string of at most 2000 characters")
+        check_utf8("reason", reason)
         private = ec.generate_private_key(ec.SECP256R1())
         public = private.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
@@ -6295,8 +6356,7 @@ class AgentKit:
             ("context_messages", context_messages),
             ("context_chars", context_chars),
         ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BadInput(f"{name} must be an integer >= 1, not {value!r}")
+            check_int(name, value, low=1)
         for pattern in approvers:
             check_thread(pattern)
         approval_ttl = check_seconds("approval_ttl", approval_ttl, positive=True)
@@ -6411,9 +6471,8 @@ class AgentKit:
         """Register a job handler `fn(payload)` or `fn(payload, ctx)`, bare or with options."""
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            task_name = check_name("task name", name or fn.__name__)
-            if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-                raise BadInput(f"retries must be an integer >= 0, not {retries!r}")
+            task_name = check_name("task name", name or callable_name(fn))
+            check_int("retries", retries)
             limit = None if timeout is None else check_seconds("timeout", timeout, positive=True)
             self.queue.tasks[task_name] = Task(
                 task_name, fn, retries, check_seconds("backoff", backoff), limit
@@ -6780,7 +6839,7 @@ class AgentKit:
 
     def approvals(self, state: str | None = "pending", limit: int = 100) -> list[Approval]:
         """Approvals, newest first: pending ones by default, `state=None` for all."""
-        return self.engine.records.approvals(state=state, limit=limit)
+        return self.engine.records.approvals(state, limit)
 
     def _approve_command(self, ctx: ToolContext, args: str) -> str:
         """Approve a waiting tool call: /approve ID."""
@@ -6805,11 +6864,11 @@ class AgentKit:
 
     def history(self, thread: str, limit: int = 100) -> list[dict[str, Any]]:
         """A thread's newest messages (with tool calls and results), oldest first."""
-        return self.engine.records.history(check_thread(thread), limit)
+        return self.engine.records.history(check_thread(thread), check_int("limit", limit))
 
     def threads(self, limit: int = 50) -> list[tuple[str, float]]:
         """`(thread id, last activity)` of the most recently active threads."""
-        return self.store.threads(limit)
+        return self.store.threads(check_int("limit", limit))
 
     # schedules
 
@@ -6836,7 +6895,11 @@ class AgentKit:
             actor = f"schedule:{check_name('schedule name', name)}"
             task, payload = (
                 PROMPT_TASK,
-                {"thread": check_thread(thread), "prompt": prompt, "actor": actor},
+                {
+                    "thread": check_thread(thread),
+                    "prompt": check_text(prompt, "prompt"),
+                    "actor": actor,
+                },
             )
         return self.scheduler.set(
             name, task=task, payload=payload, cron=cron, every=every, at=at, tz=tz
@@ -6882,8 +6945,7 @@ class AgentKit:
         SIGINT/SIGTERM arrive. Running jobs finish first (or their leases lapse).
         `ready(url)` is called once everything runs. Several processes may serve one
         database."""
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise BadInput(f"workers must be an integer >= 1, not {workers!r}")
+        check_int("workers", workers, low=1)
         stop = stop or threading.Event()
         server = None
         if http:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import enum
+import functools
 import hashlib
 import itertools
 import json
@@ -1070,6 +1071,40 @@ def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Path, caplog) 
         kit.on("turn_begin")
 
 
+def test_partials_and_callable_objects_are_named_by_what_they_call(db: Path, caplog) -> None:
+    def broken(setting: str, event: agentkit.Event) -> None:
+        raise ValueError(f"no {setting}")
+
+    class Checker:
+        def __call__(self, event: agentkit.Event) -> None:
+            raise ValueError("checked")
+
+    def add(a: int, b: int, offset: int = 0) -> int:
+        """Add two integers."""
+        return a + b + offset
+
+    def tag(label: str, payload: object) -> str:
+        return label
+
+    with scripted_kit(db, [ToolCall("add", {"a": 1, "b": 2}), "Three."]) as kit:
+        kit.tool(functools.partial(add, offset=10))
+        assert kit.engine.tools["add"].description == "Add two integers."
+        assert kit.run_turn("cli:me", "add").reply == "Three."
+        assert kit.history("cli:me")[2]["content"] == "13"
+        kit.task(functools.partial(tag, "x"))
+        kit.task(functools.partial(Checker()))
+        assert kit.job(kit.enqueue("tag")).name == "tag" and "Checker" in kit.queue.tasks
+        kit.on("turn_start")(functools.partial(broken, "config"))
+        result = kit.run_turn("cli:me", "hi")
+        assert result.status == "failed"
+        assert result.error == "HookFailed: the turn_start hook broken raised ValueError: no config"
+        assert "hook broken for turn_start raised" in caplog.text
+    with AgentKit(db) as kit:
+        kit.on("turn_start")(Checker())
+        result = kit.run_turn("cli:me", "hi")
+        assert result.error == "HookFailed: the turn_start hook Checker raised ValueError: checked"
+
+
 def test_events_arrive_in_order(kit: AgentKit) -> None:
     seen = []
     for kind in ("message_received", "turn_start", "model_request", "turn_end"):
@@ -1524,6 +1559,35 @@ def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Path) -> None:
     assert runs == []
 
 
+def test_cancel_settles_every_approval_of_a_step_past_the_display_limit(db: Path) -> None:
+    calls = [ToolCall("restart", {"service": f"s{i}"}) for i in range(250)]
+    runs: list[str] = []
+    with approval_kit(db, [calls, "Fresh start."], runs) as kit:
+        waiting = kit.run_turn("cli:me", "restart all")
+        assert waiting.status == "waiting_approval" and len(waiting.approvals) == 250
+        assert len(kit.approvals()) == 100  # the public listing keeps its display default
+        assert kit.cancel(waiting.turn_id).status == "cancelled"
+        assert kit.approvals() == [] and kit.turn(waiting.turn_id).approvals == ()
+        assert rows(kit, "approvals", "state") == ["cancelled"] * 250
+        assert kit.run_turn("cli:me", "hello again").reply == "Fresh start."  # the thread is free
+        kit.work(until_idle=True)
+    assert runs == []
+
+
+def test_a_reason_with_a_lone_surrogate_is_bad_input_and_decides_nothing(db: Path) -> None:
+    runs: list[str] = []
+    with approval_kit(db, [RESTART, "Done."], runs) as kit:
+        approval = kit.run_turn("cli:me", "restart").approvals[0]
+        with pytest.raises(BadInput, match="reason holds a lone surrogate"):
+            kit.deny(approval.id, actor="cli:me", reason="no \ud800")
+        with pytest.raises(BadInput, match="reason holds a lone surrogate"):
+            kit.request_secret("cli:me", fields=["TOKEN"], reason="\udfff")
+        assert [a.state for a in kit.approvals(state=None)] == ["pending"]
+        assert count(kit, "secret_requests") == 0
+        assert kit.approve(approval.id, actor="cli:me").reply == "Done."
+    assert runs == ["nginx"]
+
+
 def test_a_new_process_approves_what_an_exited_one_requested(db: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     code = """
@@ -1707,6 +1771,137 @@ def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path) -> None
             with pytest.raises(BadInput):
                 call()
         assert count(kit, "jobs") == 0
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_QUEUE_AND_QUERY_CALLS = {  # what is called, and what the error says
+    "a string as payloads": (lambda kit: kit.enqueue_many("t", "abc"), "must be a list"),
+    "a number as payloads": (lambda kit: kit.enqueue_many("t", 5), "must be a list"),
+    "a dict as payloads": (lambda kit: kit.enqueue_many("t", {"a": 1}), "must be a list"),
+    "retries past 64 bits": (lambda kit: kit.enqueue("t", retries=2**80), "retries must be"),
+    "retries past 64 bits, many": (
+        lambda kit: kit.enqueue_many("t", [1], retries=2**80),
+        "retries must be an integer >= 0",
+    ),
+    "a task's retries past 64 bits": (
+        lambda kit: kit.task(lambda p: None, name="u", retries=2**80),
+        "retries must be an integer >= 0",
+    ),
+    "a payload nested 100,000 deep": (
+        lambda kit: kit.enqueue("t", nested(100_000)),
+        "nested too deeply",
+    ),
+    "one of many payloads nested deep": (
+        lambda kit: kit.enqueue_many("t", [1, nested(100_000)]),
+        "nested too deeply",
+    ),
+    "a lone surrogate in a payload": (
+        lambda kit: kit.enqueue("t", {"text": "\ud800"}),
+        "lone surrogate",
+    ),
+    "a lone surrogate in a key": (lambda kit: kit.enqueue("t", key="k\udfff"), "lone surrogate"),
+    "a job id past 64 bits": (lambda kit: kit.job("job_" + "9" * 30), "job id's number must be"),
+    "a text limit for history": (
+        lambda kit: kit.history("cli:me", limit="x"),
+        "limit must be an integer >= 0, not 'x'",
+    ),
+    "a negative limit for history": (lambda kit: kit.history("cli:me", limit=-1), "limit must"),
+    "a text limit for threads": (lambda kit: kit.threads(limit="x"), "limit must be"),
+    "an unknown approval state": (
+        lambda kit: kit.approvals(state="weird"),
+        "state must be one of pending, approved, denied, expired, cancelled, not 'weird'",
+    ),
+    "a text limit for approvals": (lambda kit: kit.approvals(limit="x"), "limit must be"),
+    "a bool as concurrency": (
+        lambda kit: kit.work(until_idle=True, concurrency=True),
+        "concurrency must be an integer >= 1, not True",
+    ),
+    "a bool as workers": (lambda kit: kit.serve(http=None, workers=True), "workers must be"),
+}
+
+
+@pytest.mark.parametrize(
+    "call, message", BAD_QUEUE_AND_QUERY_CALLS.values(), ids=BAD_QUEUE_AND_QUERY_CALLS
+)
+def test_bad_queue_and_query_input_is_bad_input_and_writes_nothing(
+    kit: AgentKit, call, message: str
+) -> None:
+    kit.task(lambda payload: None, name="t")
+    with pytest.raises(BadInput) as error:
+        call(kit)
+    assert message in str(error.value)
+    assert kit.jobs() == [] and kit.threads() == [] and "u" not in kit.queue.tasks
+    assert count(kit, "jobs") == 0
+
+
+class Room(agentkit.PollingAdapter):
+    name = "room"
+
+    def send(self, target: str, outbound: agentkit.Outbound) -> None:
+        raise AssertionError("nothing is sent in these tests")
+
+
+BAD_TEXT_CALLS = {
+    "a number as a scheduled prompt": (
+        lambda kit: kit.schedule("s", thread="cli:me", prompt=5, every=60),
+        "prompt must be a string of at most 100,000 characters",
+    ),
+    "a scheduled prompt over 100,000 characters": (
+        lambda kit: kit.schedule("s", thread="cli:me", prompt="x" * 200_000, every=60),
+        "prompt must be a string of at most 100,000 characters",
+    ),
+    "a lone surrogate in a scheduled prompt": (
+        lambda kit: kit.schedule("s", thread="cli:me", prompt="hi \ud800", every=60),
+        "prompt holds a lone surrogate '\\ud800' at index 3",
+    ),
+    "a lone surrogate in a turn's text": (
+        lambda kit: kit.run_turn("cli:me", "hi \ud800"),
+        "text holds a lone surrogate",
+    ),
+    "a lone surrogate in a thread id": (
+        lambda kit: kit.run_turn("cli:\ud800", "hi"),
+        "thread id holds a lone surrogate",
+    ),
+    "a lone surrogate in a source id": (
+        lambda kit: kit.run_turn("cli:me", "hi", source_id="\ud800"),
+        "source_id holds a lone surrogate",
+    ),
+    "a lone surrogate in an adapter's text": (
+        lambda kit: kit.receive(Room(), agentkit.Inbound("r", "ann", "hi \udc80", id="1")),
+        "text holds a lone surrogate",
+    ),
+    "a lone surrogate in an adapter's meta": (
+        lambda kit: kit.receive(Room(), agentkit.Inbound("r", "a", "hi", meta={"m": "\ud800"})),
+        "JSON holds a lone surrogate",
+    ),
+}
+
+
+@pytest.mark.parametrize("call, message", BAD_TEXT_CALLS.values(), ids=BAD_TEXT_CALLS)
+def test_bad_prompts_and_texts_are_bad_input_and_write_nothing(
+    kit: AgentKit, call, message: str
+) -> None:
+    with pytest.raises(BadInput) as error:
+        call(kit)
+    assert message in str(error.value)
+    assert kit.schedules() == [] and kit.jobs() == [] and kit.threads() == []
+    assert count(kit, "turns") == 0 and count(kit, "deliveries") == 0
+
+
+def test_a_polled_message_with_a_lone_surrogate_is_skipped_not_fatal(kit: AgentKit, caplog) -> None:
+    items = [
+        agentkit.Inbound("r", "ann", "bad \ud800", id="1"),
+        agentkit.Inbound("r", "ann", "ok", id="2"),
+    ]
+    kit.receive_all(Room(), items, "2")
+    assert rows(kit, "turns", "text") == ["ok"]
+    assert "skipped message 1: text holds a lone surrogate" in caplog.text
 
 
 def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
