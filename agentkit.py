@@ -36,7 +36,7 @@ import types
 import typing
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -437,6 +437,15 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: finding the requests of an approval, to show its decision where it was asked
     """
     CREATE INDEX deliveries_approval ON deliveries (turn_id) WHERE kind = 'approval';
+    """,
+    # 6: claims that read only what they can take: the ready index per task name, without
+    # the jobs blocked behind a running job of their target (see the Queue section)
+    """
+    ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_ready;
+    CREATE INDEX jobs_ready ON jobs (name, priority DESC, run_at, id)
+        WHERE state = 'queued' AND blocked = 0;
+    CREATE INDEX jobs_blocked ON jobs (target) WHERE blocked = 1;
     """,
 )
 
@@ -869,6 +878,7 @@ class Claimed:
     retries: int
     backoff: float
     timeout: float | None
+    target: str | None = None
 
 
 class JobContext:
@@ -900,27 +910,43 @@ class JobContext:
             raise LeaseLost(f"{self.job_id} is no longer leased to this worker")
 
 
-# The queued priorities, highest first, one index seek each (a loose index scan); per
-# priority, ready jobs are a range of the index, so a claim reads only what it takes, however
-# many jobs wait for later.
-PRIORITIES_SQL = """
+# Claims read only the jobs they can take (migration 6). The ready index holds the queued
+# jobs that are not blocked, by task name, then priority, run_at and id. A claim seeks each of
+# its task names on its own: a name's queued priorities, highest first, one seek each (a loose
+# index scan), and per priority the ready jobs are a range of the index. So other tasks'
+# backlog and jobs queued for later are never read, and a claim by id is a rowid lookup.
+# A queued job whose target is running is `blocked`: the claim that meets it flags it, which
+# takes it out of the ready index, and whatever ends the target's running job (a result, a
+# failure, a retry, an expired lease) clears that target's flags in the same transaction. So a
+# blocked job is read once per run of its target, not once per claim.
+NAME_PRIORITIES_SQL = """
     WITH RECURSIVE p (v) AS (
-        SELECT max(priority) FROM jobs WHERE state = 'queued' AND (?1 IS NULL OR id = ?1)
+        SELECT max(priority) FROM jobs WHERE state = 'queued' AND blocked = 0 AND name = ?1
         UNION ALL
         SELECT (SELECT max(priority) FROM jobs
-                WHERE state = 'queued' AND priority < p.v AND (?1 IS NULL OR id = ?1))
+                WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority < p.v)
         FROM p WHERE p.v IS NOT NULL
     )
     SELECT v FROM p WHERE v IS NOT NULL
 """
-CANDIDATES_SQL = """
-    SELECT id, target FROM jobs
-    WHERE state = 'queued' AND priority = ?4 AND run_at <= ?1 AND (?5 IS NULL OR id = ?5)
-    AND name IN (SELECT value FROM json_each(?2))
-    AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r
-         WHERE r.state = 'running' AND r.target = jobs.target))
-    ORDER BY run_at, id LIMIT ?3
+# Ready rows: id, target, priority, run_at, and whether the target is running now (busy).
+TARGET_RUNNING_SQL = "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = {})"
+TARGET_BUSY_SQL = f"target IS NOT NULL AND {TARGET_RUNNING_SQL.format('jobs.target')}"
+READY_SQL = f"""
+    SELECT id, target, priority, run_at, {TARGET_BUSY_SQL} FROM jobs
+    WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority = ?2 AND run_at <= ?3
+    ORDER BY run_at, id LIMIT ?4
 """
+READY_BY_ID_SQL = f"""
+    SELECT id, target, priority, run_at, {TARGET_BUSY_SQL}, name FROM jobs
+    WHERE id = ?1 AND state = 'queued' AND blocked = 0 AND run_at <= ?2
+"""
+# A job enqueued while its target (?10) runs starts blocked, so no claim reads it.
+BLOCKED_ON_INSERT_SQL = f"CASE WHEN ?10 IS NULL THEN 0 ELSE {TARGET_RUNNING_SQL.format('?10')} END"
+BLOCK_SQL = "UPDATE jobs SET blocked = 1 WHERE id IN (SELECT value FROM json_each(?))"
+UNBLOCK_SQL = (
+    "UPDATE jobs SET blocked = 0 WHERE blocked = 1 AND target IN (SELECT value FROM json_each(?))"
+)
 
 
 class Queue:
@@ -1024,7 +1050,8 @@ class Queue:
         row = list(
             run(
                 "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries, "
-                "backoff, timeout, key, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
+                "backoff, timeout, key, target, blocked) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, "
+                f"?6, ?7, ?8, ?9, ?10, {BLOCKED_ON_INSERT_SQL}) "
                 "ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
                 (name, payload, priority, run_at, created, retries, backoff, timeout, key, target),
             )
@@ -1064,9 +1091,14 @@ class Queue:
             for p in payloads
         ]
         with self.store.transaction() as db:
+            if target is not None:  # one target for all: blocked or not, all alike
+                running = TARGET_RUNNING_SQL.format("?")
+                (blocked,) = db.execute(f"SELECT {running}", (target,)).fetchone()
+                rows = [(*row, blocked) for row in rows]
             db.executemany(
                 "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
-                "retries, backoff, timeout, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "retries, backoff, timeout, target, blocked) "
+                f"VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, {'?' if target else '0'})",
                 rows,
             )
             last = db.last_insert_rowid()  # the rows got consecutive ids under our write lock
@@ -1105,42 +1137,79 @@ class Queue:
         with self.store.transaction() as db:
             if at >= self._next_sweep:
                 self._sweep_expired(db, at)
-            candidates: list[tuple[int, str | None]] = []
-            for (priority,) in db.execute(PRIORITIES_SQL, (only,)):
-                candidates += db.execute(
-                    CANDIDATES_SQL,
-                    (at, dumps(list(names)), limit - len(candidates), priority, only),
-                ).fetchall()
-                if len(candidates) >= limit:
-                    break
-            if not candidates:
-                return []
+            if only is None:
+                ready = [row for name in names for row in self._ready(db, name, at, limit)]
+                ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
+            else:
+                ready = self._ready_by_id(db, only, names, at)
             picked, targets = [], set()
-            for rowid, target in candidates:
-                if target is None or target not in targets:
+            for rowid, target, *_ in ready:
+                if len(picked) < limit and (target is None or target not in targets):
                     picked.append(rowid)
                     targets.add(target)
+            if not picked:
+                return []
             rows = db.execute(
                 "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
                 "lease_until = ?, started_at = ? "
                 "WHERE id IN (SELECT value FROM json_each(?)) "
-                "RETURNING id, name, payload, attempts, retries, backoff, timeout",
+                "RETURNING id, name, payload, attempts, retries, backoff, timeout, target",
                 (owner, at + lease, at, dumps(picked)),
             ).fetchall()
-        rows.sort()
+        rank = {rowid: index for index, rowid in enumerate(picked)}
+        rows.sort(key=lambda row: rank[row[0]])  # run in the order picked: priority, FIFO
         return [Claimed(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    @staticmethod
+    def _ready(db: apsw.Connection, name: str, at: float, limit: int) -> list[tuple]:
+        """Up to `limit` ready rows of one task name, best first, flagging the blocked ones
+        met on the way (so the next claim seeks past them)."""
+        found: list[tuple] = []
+        for (priority,) in db.execute(NAME_PRIORITIES_SQL, (name,)).fetchall():
+            while len(found) < limit:
+                rows = db.execute(READY_SQL, (name, priority, at, limit - len(found))).fetchall()
+                blocked = [row[0] for row in rows if row[4]]
+                found += [row for row in rows if not row[4]]
+                if not blocked:
+                    break
+                db.execute(BLOCK_SQL, (dumps(blocked),))
+            if len(found) >= limit:
+                break
+        return found
+
+    @staticmethod
+    def _ready_by_id(
+        db: apsw.Connection, rowid: int, names: Sequence[str], at: float
+    ) -> list[tuple]:
+        """The one job `rowid` as a ready row if it is ready and of these names (a rowid
+        lookup); flagged when its target is running."""
+        row = db.execute(READY_BY_ID_SQL, (rowid, at)).fetchone()
+        if row is None or row[5] not in names:
+            return []
+        if row[4]:
+            db.execute(BLOCK_SQL, (dumps([rowid]),))
+            return []
+        return [row]
 
     def _sweep_expired(self, db: apsw.Connection, at: float) -> None:
         """Make jobs whose lease ran out claimable again (or dead when out of attempts)."""
         self._next_sweep = at + 1.0
-        db.execute(
+        expired = db.execute(
             "UPDATE jobs SET owner = NULL, lease_until = NULL, "
             "last_error = 'lease expired: its worker stopped before finishing', "
             "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
             "finished_at = CASE WHEN attempts > retries THEN ?1 END "
-            "WHERE state = 'running' AND lease_until < ?1",
+            "WHERE state = 'running' AND lease_until < ?1 RETURNING target",
             (at,),
-        )
+        ).fetchall()
+        self._unblock(db, [target for (target,) in expired])
+
+    @staticmethod
+    def _unblock(db: apsw.Connection, targets: Iterable[str | None]) -> None:
+        """Make the jobs blocked behind these targets' running jobs ready again (their
+        running jobs have just ended, in the caller's transaction)."""
+        if named := sorted({t for t in targets if t is not None}):
+            db.execute(UNBLOCK_SQL, (dumps(named),))
 
     def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
         """Record outcomes `(job, "ok" | "error" | "fail", JSON result or error)` at once.
@@ -1175,9 +1244,10 @@ class Queue:
                 "AND state = 'running' RETURNING id",
                 updates,
             ).fetchall()
-        if any(u[0] == "queued" for u in updates):
-            self.notify()
-        kept_ids = {rowid for (rowid,) in kept}
+            kept_ids = {rowid for (rowid,) in kept}
+            self._unblock(db, [job.target for job, *_ in outcomes if job.rowid in kept_ids])
+        if any(u[0] == "queued" for u in updates) or any(job.target for job, *_ in outcomes):
+            self.notify()  # a retry, or jobs that waited for a target, may be ready now
         states = {rowid: state for state, *_, rowid, _, _ in updates if rowid in kept_ids}
         for rowid in {u[5] for u in updates} - set(states):
             log.warning("job_%d: result refused, its lease belongs to another worker", rowid)
@@ -6266,29 +6336,34 @@ class AgentKit:
                 log.info("stopped")
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: the database, the schema and the jobs by state."""
+        """What `/healthz` answers, in constant time: the database, the schema, the adapters
+        (counting jobs reads the whole table: `doctor` does it)."""
         return {
             "ok": True,
             "database": self.store.path,
             "schema": self.store.version,
             "adapters": sorted(self.adapters),
-            "jobs": self.queue.counts(),
         }
 
     # health
 
     def doctor(self) -> dict[str, Any]:
-        """Database path, schema version, integrity check and row counts per table."""
+        """Database path, schema version, integrity check, row counts per table and jobs
+        by state, and the seconds that counting took (it reads every row)."""
         integrity = [row[0] for row in self.store.read("PRAGMA integrity_check")]
+        began = time.monotonic()
+        rows = {
+            t: self.store.read(f'SELECT count(*) FROM "{t}"')[0][0] for t in self.store.tables()
+        }
+        jobs = self.queue.counts()
         return {
             "database": self.store.path,
             "schema": self.store.version,
             "latest schema": len(MIGRATIONS),
             "integrity": "; ".join(integrity),
-            "rows": {
-                t: self.store.read(f'SELECT count(*) FROM "{t}"')[0][0] for t in self.store.tables()
-            },
-            "jobs": self.queue.counts(),
+            "rows": rows,
+            "jobs": jobs,
+            "counting seconds": time.monotonic() - began,
         }
 
 
@@ -6328,6 +6403,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"integrity  {report['integrity']}")
     print(f"rows       {rows}")
     print(f"jobs       {jobs}")
+    print(f"counted in {report['counting seconds'] * 1000:.0f} ms")
     return 0 if report["integrity"] == "ok" else 1
 
 
