@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         f"run took {time.perf_counter() - began:.0f} s; turns/s is wall clock; a ratio > 1 "
         "in the speed column, or < 1 in the bytes column, favours agentkit. In one thread every "
         "framework sends the whole history to the model (agentkit's window is raised from its "
-        "default of 100 messages to fit it). SQLiteSession commits with SQLite's default synchronous=FULL; "
-        "agentkit and the pydantic-ai store use NORMAL.\n"
+        "default of 100 messages to fit it). SQLiteSession commits with SQLite's default "
+        "synchronous=FULL; agentkit and the pydantic-ai store use NORMAL.\n"
     )
     print_table(rows)
     return 1 if failed else 0
