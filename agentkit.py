@@ -443,7 +443,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
     DROP INDEX jobs_ready;
-    CREATE INDEX jobs_ready ON jobs (name, priority DESC, run_at, id)
+    CREATE INDEX jobs_ready ON jobs (name, priority DESC, run_at, id, target)
         WHERE state = 'queued' AND blocked = 0;
     CREATE INDEX jobs_blocked ON jobs (target) WHERE blocked = 1;
     """,
@@ -919,16 +919,17 @@ class JobContext:
 # takes it out of the ready index, and whatever ends the target's running job (a result, a
 # failure, a retry, an expired lease) clears that target's flags in the same transaction. So a
 # blocked job is read once per run of its target, not once per claim.
-NAME_PRIORITIES_SQL = """
-    WITH RECURSIVE p (v) AS (
-        SELECT max(priority) FROM jobs WHERE state = 'queued' AND blocked = 0 AND name = ?1
-        UNION ALL
-        SELECT (SELECT max(priority) FROM jobs
-                WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority < p.v)
-        FROM p WHERE p.v IS NOT NULL
-    )
-    SELECT v FROM p WHERE v IS NOT NULL
+# Each name of the JSON list ?1 with its best queued priority, one index seek per name; and a
+# name's best priority below ?2 (a statement of its own: `?2 IS NULL OR ...` would scan).
+BEST_PRIORITIES_SQL = """
+    SELECT value, (SELECT max(priority) FROM jobs
+                   WHERE state = 'queued' AND blocked = 0 AND name = value)
+    FROM json_each(?1)
 """
+NEXT_PRIORITY_SQL = (
+    "SELECT max(priority) FROM jobs "
+    "WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority < ?2"
+)
 # Ready rows: id, target, priority, run_at, and whether the target is running now (busy).
 TARGET_RUNNING_SQL = "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = {})"
 TARGET_BUSY_SQL = f"target IS NOT NULL AND {TARGET_RUNNING_SQL.format('jobs.target')}"
@@ -1133,39 +1134,75 @@ class Queue:
     ) -> list[Claimed]:
         """Lease up to `limit` ready jobs of these task names, at most one per target
         (with `only`, just that job if it is ready)."""
-        at = now()
         with self.store.transaction() as db:
-            if at >= self._next_sweep:
-                self._sweep_expired(db, at)
-            if only is None:
-                ready = [row for name in names for row in self._ready(db, name, at, limit)]
-                ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
-            else:
-                ready = self._ready_by_id(db, only, names, at)
-            picked, targets = [], set()
-            for rowid, target, *_ in ready:
-                if len(picked) < limit and (target is None or target not in targets):
-                    picked.append(rowid)
-                    targets.add(target)
-            if not picked:
-                return []
-            rows = db.execute(
-                "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
-                "lease_until = ?, started_at = ? "
-                "WHERE id IN (SELECT value FROM json_each(?)) "
-                "RETURNING id, name, payload, attempts, retries, backoff, timeout, target",
-                (owner, at + lease, at, dumps(picked)),
-            ).fetchall()
+            return self._claim(db, owner, names, limit, lease, only)
+
+    def finish_and_claim(
+        self,
+        owner: str,
+        outcomes: Sequence[tuple[Claimed, str, Any]],
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+    ) -> tuple[dict[int, str], list[Claimed]]:
+        """`finish(owner, outcomes)` then `claim(owner, names, limit, lease)` in one
+        transaction (a worker's loop: one commit per batch); both results."""
+        with self.store.transaction() as db:
+            states = self._record(db, owner, outcomes)
+            jobs = self._claim(db, owner, names, limit, lease, None)
+        self._after_record(outcomes, states)
+        return states, jobs
+
+    def _claim(
+        self,
+        db: apsw.Connection,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        only: int | None,
+    ) -> list[Claimed]:
+        """`claim`, in the caller's transaction."""
+        at = now()
+        if at >= self._next_sweep:
+            self._sweep_expired(db, at)
+        if only is None:
+            best = db.execute(BEST_PRIORITIES_SQL, (dumps(list(names)),)).fetchall()
+            ready = [
+                row
+                for name, priority in best
+                if priority is not None
+                for row in self._ready(db, name, priority, at, limit)
+            ]
+            ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
+        else:
+            ready = self._ready_by_id(db, only, names, at)
+        picked, targets = [], set()
+        for rowid, target, *_ in ready:
+            if len(picked) < limit and (target is None or target not in targets):
+                picked.append(rowid)
+                targets.add(target)
+        if not picked:
+            return []
+        rows = db.execute(
+            "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
+            "lease_until = ?, started_at = ? "
+            "WHERE id IN (SELECT value FROM json_each(?)) "
+            "RETURNING id, name, payload, attempts, retries, backoff, timeout, target",
+            (owner, at + lease, at, dumps(picked)),
+        ).fetchall()
         rank = {rowid: index for index, rowid in enumerate(picked)}
         rows.sort(key=lambda row: rank[row[0]])  # run in the order picked: priority, FIFO
         return [Claimed(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     @staticmethod
-    def _ready(db: apsw.Connection, name: str, at: float, limit: int) -> list[tuple]:
-        """Up to `limit` ready rows of one task name, best first, flagging the blocked ones
-        met on the way (so the next claim seeks past them)."""
+    def _ready(
+        db: apsw.Connection, name: str, priority: int | None, at: float, limit: int
+    ) -> list[tuple]:
+        """Up to `limit` ready rows of one task name from its best queued `priority` down,
+        best first, flagging the blocked ones met on the way (the next claim seeks past)."""
         found: list[tuple] = []
-        for (priority,) in db.execute(NAME_PRIORITIES_SQL, (name,)).fetchall():
+        while priority is not None:
             page = limit - len(found)
             while len(found) < limit:
                 rows = db.execute(READY_SQL, (name, priority, at, page)).fetchall()
@@ -1177,6 +1214,7 @@ class Queue:
                 page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
             if len(found) >= limit:
                 break
+            (priority,) = db.execute(NEXT_PRIORITY_SQL, (name, priority)).fetchone()
         return found[:limit]
 
     @staticmethod
@@ -1221,6 +1259,17 @@ class Queue:
         once. Returns the new state of each row changed; a row whose lease had moved on
         (a late or duplicate worker) is refused and unchanged.
         """
+        with self.store.transaction() as db:
+            states = self._record(db, owner, outcomes)
+        self._after_record(outcomes, states)
+        return states
+
+    def _record(
+        self, db: apsw.Connection, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]
+    ) -> dict[int, str]:
+        """`finish`'s writes, in the caller's transaction; the new state of each row kept."""
+        if not outcomes:
+            return {}
         at = now()
         updates = []
         for job, kind, value in outcomes:
@@ -1238,22 +1287,29 @@ class Queue:
                     state, run_at = "queued", at + retry_delay(job.backoff, job.attempt)
             finished = None if state == "queued" else at
             updates.append((state, result, error, run_at, finished, job.rowid, owner, job.attempt))
-        with self.store.transaction() as db:
-            kept = db.executemany(
-                "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
-                "run_at = coalesce(?, run_at), finished_at = ?, owner = NULL, "
-                "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
-                "AND state = 'running' RETURNING id",
-                updates,
-            ).fetchall()
-            kept_ids = {rowid for (rowid,) in kept}
-            self._unblock(db, [job.target for job, *_ in outcomes if job.rowid in kept_ids])
-        if any(u[0] == "queued" for u in updates) or any(job.target for job, *_ in outcomes):
-            self.notify()  # a retry, or jobs that waited for a target, may be ready now
-        states = {rowid: state for state, *_, rowid, _, _ in updates if rowid in kept_ids}
-        for rowid in {u[5] for u in updates} - set(states):
-            log.warning("job_%d: result refused, its lease belongs to another worker", rowid)
-        return states
+        kept = db.executemany(
+            "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
+            "run_at = coalesce(?, run_at), finished_at = ?, owner = NULL, "
+            "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
+            "AND state = 'running' RETURNING id",
+            updates,
+        ).fetchall()
+        kept_ids = {rowid for (rowid,) in kept}
+        self._unblock(db, [job.target for job, *_ in outcomes if job.rowid in kept_ids])
+        return {rowid: state for state, *_, rowid, _, _ in updates if rowid in kept_ids}
+
+    def _after_record(
+        self, outcomes: Sequence[tuple[Claimed, str, Any]], states: dict[int, str]
+    ) -> None:
+        """After `_record` committed: wake local workers for what may be ready now (a retry,
+        jobs that waited for a target); warn of refused results."""
+        if any(states.get(job.rowid) == "queued" or job.target for job, *_ in outcomes):
+            self.notify()
+        for job, *_ in outcomes:
+            if job.rowid not in states:
+                log.warning(
+                    "job_%d: result refused, its lease belongs to another worker", job.rowid
+                )
 
     def extend(self, job: Claimed, owner: str, lease: float) -> bool:
         """Extend one job's lease; False when this worker no longer holds it."""
@@ -1393,7 +1449,7 @@ class Worker:
         jobs = self.queue.claim(self.owner, self.names, 1, self.lease, only=rowid)
         if jobs:
             with self._heartbeating():
-                self._run_batch(jobs)
+                self._finish(self._run_batch(jobs)[0])
         return bool(jobs)
 
     @contextlib.contextmanager
@@ -1414,28 +1470,36 @@ class Worker:
             self.queue.store.release_thread()
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
+        """Claim and run batches; each batch's outcomes are recorded in the transaction that
+        claims the next one (one commit per batch), and before leaving."""
         batch, next_tick = 1, 0.0
-        while not stop.is_set() and not self.halted.is_set():
-            if index == 0 and self.tick and time.monotonic() >= next_tick:
-                self.tick()
-                next_tick = time.monotonic() + 1.0
-            with self._guard:
-                self._busy += 1
-            try:
-                jobs = self.queue.claim(self.owner, self.names, batch, self.lease)
-                if jobs:
-                    batch = self._run_batch(jobs)
-                    continue
-            finally:
+        ran: list[tuple[Claimed, str, Any]] = []
+        try:
+            while not stop.is_set() and not self.halted.is_set():
+                if index == 0 and self.tick and time.monotonic() >= next_tick:
+                    self.tick()
+                    next_tick = time.monotonic() + 1.0
                 with self._guard:
-                    self._busy -= 1
-                    idle = self._busy == 0
-            if until_idle and idle:
-                return
-            self.queue.wait_for_change(0.05 if until_idle else 0.25)
+                    self._busy += 1
+                try:
+                    jobs = self._finish(ran, batch)
+                    ran = []
+                    if jobs:
+                        ran, batch = self._run_batch(jobs)
+                        continue
+                finally:
+                    with self._guard:
+                        self._busy -= 1
+                        idle = self._busy == 0
+                if until_idle and idle:
+                    return
+                self.queue.wait_for_change(0.05 if until_idle else 0.25)
+        finally:
+            if ran:
+                self._finish(ran)
 
-    def _run_batch(self, jobs: list[Claimed]) -> int:
-        """Run claimed jobs, record their outcomes at once; the next batch size."""
+    def _run_batch(self, jobs: list[Claimed]) -> tuple[list[tuple[Claimed, str, Any]], int]:
+        """Run claimed jobs; their outcomes (to record) and the next batch size."""
         started, here = time.monotonic(), threading.get_ident()
         with self._guard:
             self._running.update(((job.rowid, job.attempt), (job, started)) for job in jobs)
@@ -1451,17 +1515,23 @@ class Worker:
                 for job in jobs:
                     self._running.pop((job.rowid, job.attempt), None)
                 self.threads.discard(here)
-        self._finish(outcomes)
         self.done += len(jobs)
         per_job = (time.monotonic() - started) / len(jobs)
-        return max(1, min(64, int(0.005 / max(per_job, 1e-6))))
+        return outcomes, max(1, min(64, int(0.005 / max(per_job, 1e-6))))
 
-    def _finish(self, outcomes: list[tuple[Claimed, str, Any]]) -> None:
-        """Record outcomes; report the jobs that ended dead or failed."""
-        states = self.queue.finish(self.owner, outcomes)
+    def _finish(self, outcomes: list[tuple[Claimed, str, Any]], claim: int = 0) -> list[Claimed]:
+        """Record outcomes, and claim up to `claim` more jobs in the same transaction; report
+        the jobs that ended dead or failed (once committed); the jobs claimed."""
+        if claim:
+            states, jobs = self.queue.finish_and_claim(
+                self.owner, outcomes, self.names, claim, self.lease
+            )
+        else:
+            states, jobs = self.queue.finish(self.owner, outcomes), []
         for job, _, error in outcomes:
             if self.on_failed and states.get(job.rowid) in ("dead", "failed"):
                 self.on_failed(job, states[job.rowid], str(error))
+        return jobs
 
     def _run(self, job: Claimed) -> tuple[Claimed, str, Any]:
         task = self.queue.tasks[job.name]

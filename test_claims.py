@@ -85,7 +85,8 @@ def test_a_claim_by_id_is_a_rowid_lookup(kit: AgentKit) -> None:
     assert "USING INTEGER PRIMARY KEY" in plan[0][3]
     for sql, params in [
         (agentkit.READY_SQL, ("t", 0, 0.0, 1)),
-        (agentkit.NAME_PRIORITIES_SQL, ("t",)),
+        (agentkit.NEXT_PRIORITY_SQL, ("t", 1)),
+        (agentkit.BEST_PRIORITIES_SQL, ('["t"]',)),
     ]:
         plan = kit.store.read(f"EXPLAIN QUERY PLAN {sql}", params)
         assert any("INDEX jobs_ready (name=?" in row[3] for row in plan), plan
