@@ -1393,10 +1393,11 @@ class Worker:
     """Claims and runs the jobs of some tasks in `concurrency` threads until stopped.
 
     Claims and results are batched when handlers are quick (a claim takes up to 64 jobs,
-    sized so that a batch takes about 5 ms), so a fast queue costs two commits per batch,
-    not per job. Leases are renewed by a heartbeat thread while the worker lives; a job
-    that runs past its task's `timeout` is failed (and retried) and its late result is
-    refused. An idle worker waits on `PRAGMA data_version` and in-process wake-ups.
+    sized so that a batch takes about 5 ms), and a batch's results are recorded in the
+    transaction that claims the next: one commit per batch, not two per job. Leases are
+    renewed by a heartbeat thread while the worker lives; a job that runs past its task's
+    `timeout` is failed (and retried) and its late result is refused. An idle worker waits
+    on `PRAGMA data_version` and in-process wake-ups.
     """
 
     def __init__(

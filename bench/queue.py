@@ -10,8 +10,12 @@ stays queued. A duplicate, a loss or a crash makes the exit status non-zero; a m
 target is only reported.
 
 Rows: enqueue (one job per call, and batches) against bare apsw inserts; drain with 1 and
-2 worker processes against a bare apsw claim/complete loop, huey's SQLite storage,
-litequeue and persist-queue; claim cost and empty-poll cost with up to 1M jobs queued;
+2 worker processes against a bare apsw claim/complete loop (one job per transaction, and
+batched like agentkit's worker), huey's SQLite storage, litequeue and persist-queue;
+per-job overhead with 5 ms handlers against huey's consumer path (`huey.execute`); claim
+cost and empty-poll cost behind backlogs a worker cannot take (up to 1M jobs queued for
+later, 1M ready jobs of another task, 100k jobs blocked behind a running job of their
+target), and `Worker.run_one(job id)` (run_turn's claim) with 1M foreign ready jobs;
 peak memory while draining; idle wake-up latency and idle CPU.
 """
 
