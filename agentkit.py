@@ -54,7 +54,7 @@ import types
 import typing
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -394,6 +394,7 @@ class Claimed:
     retries: int
     backoff: float
     timeout: float | None
+    target: str | None = None
 
 
 class NewJob(NamedTuple):
@@ -1000,6 +1001,11 @@ class _SQLStore(Store):
         return dumps(list(values))
 
     @abstractmethod
+    def _atomic(self) -> contextlib.AbstractContextManager[None]:
+        """A transaction for one operation's statements, or the caller's one when it is open
+        (joined as it is: an operation completes, or raises and aborts the caller's)."""
+
+    @abstractmethod
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """Run one statement (in the current transaction, or atomic on its own); its rows."""
 
@@ -1073,23 +1079,43 @@ class _SQLStore(Store):
 
     # jobs
 
+    # A queued job whose target has a running job is `blocked`: claims skip it (they flag
+    # the ones they meet), and whatever ends a target's running job (a result, a failure, a
+    # retry, an expired lease) clears its flags in the same transaction, so a blocked job is
+    # read once per run of its target, not once per claim.
+    TARGET_RUNNING = "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = ?)"
+
     def insert_job(self, job: NewJob, payload: str, key: str | None) -> int:
         rows = self._rows(
             "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries, "
-            "backoff, timeout, key, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
+            "backoff, timeout, key, target, blocked) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, "
+            f"?, ?, CASE WHEN ? IS NOT NULL AND {self.TARGET_RUNNING} THEN 1 ELSE 0 END) "
             "ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
-            (job.name, payload, *job[1:7], key, job.target),
+            (job.name, payload, *job[1:7], key, job.target, job.target, job.target),
         )
         return rows[0][0] if rows else self._rows("SELECT id FROM jobs WHERE key = ?", (key,))[0][0]
 
     def insert_jobs(self, job: NewJob, payloads: Sequence[str]) -> list[int]:
-        rows = self._rows_many(
-            "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
-            "retries, backoff, timeout, target) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) "
-            "RETURNING id",
-            [(job.name, payload, *job[1:]) for payload in payloads],
-        )
+        with self._atomic():
+            running = job.target is not None and bool(
+                self._rows(f"SELECT {self.TARGET_RUNNING}", (job.target,))[0][0]
+            )
+            rows = self._rows_many(
+                "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
+                "retries, backoff, timeout, target, blocked) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                [(job.name, payload, *job[1:], int(running)) for payload in payloads],
+            )
         return [rowid for (rowid,) in rows]
+
+    def _unblock(self, targets: Iterable[str | None]) -> None:
+        """Clear the flags of the jobs blocked behind these targets (whose running jobs have
+        just ended, in the same transaction)."""
+        if named := sorted({t for t in targets if t is not None}):
+            self._count(
+                f"UPDATE jobs SET blocked = 0 WHERE blocked = 1 AND target {self.IN_LIST}",
+                (self._list(named),),
+            )
 
     def job_with_key(self, key: str) -> int | None:
         rows = self._rows("SELECT id FROM jobs WHERE key = ?", (key,))
@@ -1097,36 +1123,43 @@ class _SQLStore(Store):
 
     def requeue_expired(self) -> int:
         at = self.now()
-        return self._count(
-            "UPDATE jobs SET owner = NULL, lease_until = NULL, "
-            "last_error = 'lease expired: its worker stopped before finishing', "
-            "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
-            "finished_at = CASE WHEN attempts > retries THEN ? END "
-            "WHERE state = 'running' AND lease_until < ?",
-            (at, at),
-        )
+        with self._atomic():
+            expired = self._rows(
+                "UPDATE jobs SET owner = NULL, lease_until = NULL, "
+                "last_error = 'lease expired: its worker stopped before finishing', "
+                "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
+                "finished_at = CASE WHEN attempts > retries THEN ? END "
+                "WHERE state = 'running' AND lease_until < ? RETURNING target",
+                (at, at),
+            )
+            self._unblock(target for (target,) in expired)
+        return len(expired)
 
-    def _lease(self, rowids: Sequence[int], owner: str, lease: float) -> list[Claimed]:
-        """Move the picked queued jobs to running under `owner` (part of a claim)."""
+    def _lease(self, picked: Sequence[int], owner: str, lease: float) -> list[Claimed]:
+        """Move the picked queued jobs to running under `owner` (part of a claim), in the
+        order picked."""
         at = self.now()
         rows = self._rows(
             "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
             f"lease_until = ?, started_at = ? WHERE id {self.IN_LIST} "
             f"RETURNING {columns(Claimed)}",
-            (owner, at + lease, at, self._list(rowids)),
+            (owner, at + lease, at, self._list(picked)),
         )
-        rows.sort()
+        rank = {rowid: index for index, rowid in enumerate(picked)}
+        rows.sort(key=lambda row: rank[row[0]])
         return [from_row(Claimed, row) for row in rows]
 
     def finish_jobs(self, owner: str, ends: Sequence[JobEnd]) -> set[int]:
-        rows = self._rows_many(
-            "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
-            "run_at = COALESCE(?, run_at), finished_at = ?, owner = NULL, "
-            "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
-            "AND state = 'running' RETURNING id",
-            [(*e[2:], e.rowid, owner, e.attempt) for e in ends],
-        )
-        return {rowid for (rowid,) in rows}
+        with self._atomic():
+            rows = self._rows_many(
+                "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
+                "run_at = COALESCE(?, run_at), finished_at = ?, owner = NULL, "
+                "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
+                "AND state = 'running' RETURNING id, target",
+                [(*e[2:], e.rowid, owner, e.attempt) for e in ends],
+            )
+            self._unblock(target for _, target in rows)
+        return {rowid for rowid, _ in rows}
 
     def extend_lease(self, rowid: int, owner: str, attempt: int, lease: float) -> bool:
         return self._changed(
@@ -1165,7 +1198,7 @@ class _SQLStore(Store):
     def _move_job(self, rowid: int, allowed: tuple[str, ...], change: str) -> str | None:
         """Apply `change` (a SET list taking the time) to a job in an allowed state; the
         state it was in."""
-        with self.transaction():
+        with self._atomic():
             rows = self._rows("SELECT state FROM jobs WHERE id = ?", (rowid,))
             if rows and rows[0][0] in allowed:
                 self._count(f"UPDATE jobs SET {change} WHERE id = ?", (self.now(), rowid))
@@ -1240,7 +1273,7 @@ class _SQLStore(Store):
         meta: str | None,
     ) -> None:
         at = self.now()
-        with self.transaction():
+        with self._atomic():
             self._count(
                 "INSERT INTO threads (id, created_at, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
@@ -1507,7 +1540,7 @@ class _SQLStore(Store):
     def update_delivery(
         self, rowid: int, state: str | None, error: str | None, **body: Any
     ) -> bool:
-        with self.transaction():
+        with self._atomic():
             found = self.delivery(rowid)
             if found is None or found.state != "pending":
                 return False
@@ -1587,7 +1620,7 @@ class _SQLStore(Store):
 
     def prune(self, before: float) -> dict[str, int]:
         deleted = {}
-        with self.transaction():
+        with self._atomic():
             for table, sql in (
                 ("jobs", "state IN ('done', 'failed', 'dead', 'cancelled') AND finished_at < ?"),
                 ("events", "created_at < ?"),
@@ -1772,6 +1805,15 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: finding the requests of an approval, to show its decision where it was asked
     """
     CREATE INDEX deliveries_approval ON deliveries (turn_id) WHERE kind = 'approval';
+    """,
+    # 6: claims that read only what they can take: the ready index per task name, without
+    # the jobs blocked behind a running job of their target (see the Queue section)
+    """
+    ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_ready;
+    CREATE INDEX jobs_ready ON jobs (name, priority DESC, run_at, id, target)
+        WHERE state = 'queued' AND blocked = 0;
+    CREATE INDEX jobs_blocked ON jobs (target) WHERE blocked = 1;
     """,
 )
 
@@ -1960,6 +2002,14 @@ class SQLiteStore(_SQLStore):
 
     # statements
 
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        if self.connection() and self._local.depth:
+            yield
+        else:
+            with self.transaction():
+                yield
+
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         conn = self.connection()
         if self._local.depth:
@@ -1968,9 +2018,7 @@ class SQLiteStore(_SQLStore):
 
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
         conn = self.connection()
-        if self._local.depth:
-            return conn.executemany(sql, params).fetchall()
-        with self.transaction():
+        with self._atomic():
             return conn.executemany(sql, params).fetchall()
 
     def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -2008,6 +2056,39 @@ class SQLiteStore(_SQLStore):
         """Write a consistent copy of the live database to a new file at `path`."""
         self._rows("VACUUM INTO ?", (os.fspath(path),))
 
+    # Claims read only the jobs they can take (migration 6). The ready index holds the queued
+    # jobs that are not blocked, by task name, then priority, run_at and id. A claim seeks each
+    # of its task names on its own: a name's queued priorities, highest first, one seek each (a
+    # loose index scan), and per priority the ready jobs are a range of the index. So other
+    # tasks' backlog and jobs queued for later are never read, and a claim by id is a rowid
+    # lookup. A queued job met while its target runs is flagged `blocked` (see `_SQLStore`),
+    # which takes it out of the ready index until its target's running job ends.
+    # Each name of the JSON list ?1 with its best queued priority, one index seek per name; and
+    # a name's best priority below ?2 (a statement of its own: `?2 IS NULL OR ...` would scan).
+    BEST_PRIORITIES_SQL = """
+        SELECT value, (SELECT max(priority) FROM jobs
+                       WHERE state = 'queued' AND blocked = 0 AND name = value)
+        FROM json_each(?1)
+    """
+    NEXT_PRIORITY_SQL = (
+        "SELECT max(priority) FROM jobs "
+        "WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority < ?2"
+    )
+    # Ready rows: id, target, priority, run_at, and whether the target is running now (busy).
+    TARGET_BUSY_SQL = (
+        "target IS NOT NULL AND EXISTS (SELECT 1 FROM jobs AS r "
+        "WHERE r.state = 'running' AND r.target = jobs.target)"
+    )
+    READY_SQL = f"""
+        SELECT id, target, priority, run_at, {TARGET_BUSY_SQL} FROM jobs
+        WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority = ?2 AND run_at <= ?3
+        ORDER BY run_at, id LIMIT ?4
+    """
+    READY_BY_ID_SQL = f"""
+        SELECT id, target, priority, run_at, {TARGET_BUSY_SQL}, name FROM jobs
+        WHERE id = ?1 AND state = 'queued' AND blocked = 0 AND run_at <= ?2
+    """
+
     def claim_jobs(
         self,
         owner: str,
@@ -2019,48 +2100,65 @@ class SQLiteStore(_SQLStore):
         sweep: bool = False,
     ) -> list[Claimed]:
         conn = self.connection()
-        with self.transaction():
+        with self._atomic():
             if sweep:
                 self.requeue_expired()
             at = self.now()
-            wanted = self._list(names)
-            candidates: list[tuple[int, str | None]] = []
-            for (priority,) in conn.execute(self._PRIORITIES, (only,)):
-                candidates += conn.execute(
-                    self._CANDIDATES, (at, wanted, limit - len(candidates), priority, only)
-                ).fetchall()
-                if len(candidates) >= limit:
-                    break
-            if not candidates:
-                return []
+            if only is None:
+                best = conn.execute(self.BEST_PRIORITIES_SQL, (self._list(names),)).fetchall()
+                ready = [
+                    row
+                    for name, priority in best
+                    if priority is not None
+                    for row in self._ready(conn, name, priority, at, limit)
+                ]
+                ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
+            else:
+                ready = self._ready_by_id(conn, only, names, at)
             picked, targets = [], set()
-            for rowid, target in candidates:
-                if target is None or target not in targets:
+            for rowid, target, *_ in ready:
+                if len(picked) < limit and (target is None or target not in targets):
                     picked.append(rowid)
                     targets.add(target)
-            return self._lease(picked, owner, lease)
+            return self._lease(picked, owner, lease) if picked else []
 
-    # The queued priorities, highest first, one index seek each (a loose index scan); per
-    # priority, ready jobs are a range of the index, so a claim reads only what it takes,
-    # however many jobs wait for later.
-    _PRIORITIES = """
-        WITH RECURSIVE p (v) AS (
-            SELECT max(priority) FROM jobs WHERE state = 'queued' AND (?1 IS NULL OR id = ?1)
-            UNION ALL
-            SELECT (SELECT max(priority) FROM jobs
-                    WHERE state = 'queued' AND priority < p.v AND (?1 IS NULL OR id = ?1))
-            FROM p WHERE p.v IS NOT NULL
-        )
-        SELECT v FROM p WHERE v IS NOT NULL
-    """
-    _CANDIDATES = """
-        SELECT id, target FROM jobs
-        WHERE state = 'queued' AND priority = ?4 AND run_at <= ?1 AND (?5 IS NULL OR id = ?5)
-        AND name IN (SELECT value FROM json_each(?2))
-        AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r
-             WHERE r.state = 'running' AND r.target = jobs.target))
-        ORDER BY run_at, id LIMIT ?3
-    """
+    def _ready(
+        self, conn: apsw.Connection, name: str, priority: int | None, at: float, limit: int
+    ) -> list[tuple]:
+        """Up to `limit` ready rows of one task name from its best queued `priority` down,
+        best first, flagging the blocked ones met on the way (the next claim seeks past)."""
+        found: list[tuple] = []
+        while priority is not None:
+            page = limit - len(found)
+            while len(found) < limit:
+                rows = conn.execute(self.READY_SQL, (name, priority, at, page)).fetchall()
+                blocked = [row[0] for row in rows if row[4]]
+                found += [row for row in rows if not row[4]]
+                if not blocked:
+                    break
+                self._block(blocked)
+                page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
+            if len(found) >= limit:
+                break
+            (priority,) = conn.execute(self.NEXT_PRIORITY_SQL, (name, priority)).fetchone()
+        return found[:limit]
+
+    def _ready_by_id(
+        self, conn: apsw.Connection, rowid: int, names: Sequence[str], at: float
+    ) -> list[tuple]:
+        """The one job `rowid` as a ready row if it is ready and of these names (a rowid
+        lookup); flagged when its target is running."""
+        row = conn.execute(self.READY_BY_ID_SQL, (rowid, at)).fetchone()
+        if row is None or row[5] not in names:
+            return []
+        if row[4]:
+            self._block([rowid])
+            return []
+        return [row]
+
+    def _block(self, rowids: Sequence[int]) -> None:
+        """Flag queued jobs met while their target runs (part of a claim)."""
+        self._count(f"UPDATE jobs SET blocked = 1 WHERE id {self.IN_LIST}", (self._list(rowids),))
 
 
 STORE_ENGINES[""] = SQLiteStore
@@ -2343,6 +2441,22 @@ class Queue:
             self._next_sweep = at + 1.0
         return self.store.claim_jobs(owner, names, limit, lease, only=only, sweep=sweep)
 
+    def finish_and_claim(
+        self,
+        owner: str,
+        outcomes: Sequence[tuple[Claimed, str, Any]],
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+    ) -> tuple[dict[int, str], list[Claimed]]:
+        """`finish(owner, outcomes)` then `claim(owner, names, limit, lease)` in one
+        transaction (a worker's loop: one commit per batch); both results."""
+        with self.store.transaction():
+            states = self._record(owner, outcomes)
+            jobs = self.claim(owner, names, limit, lease)
+        self._after_record(outcomes, states)
+        return states, jobs
+
     def finish(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
         """Record outcomes `(job, "ok" | "error" | "fail", JSON result or error)` at once.
 
@@ -2351,6 +2465,15 @@ class Queue:
         once. Returns the new state of each row changed; a row whose lease had moved on
         (a late or duplicate worker) is refused and unchanged.
         """
+        states = self._record(owner, outcomes)
+        self._after_record(outcomes, states)
+        return states
+
+    def _record(self, owner: str, outcomes: Sequence[tuple[Claimed, str, Any]]) -> dict[int, str]:
+        """`finish`'s writes (in the caller's transaction, if any); the new state of each
+        row kept."""
+        if not outcomes:
+            return {}
         at = self.store.now()
         ends = []
         for job, kind, value in outcomes:
@@ -2369,12 +2492,20 @@ class Queue:
             finished = None if state == "queued" else at
             ends.append(JobEnd(job.rowid, job.attempt, state, result, error, run_at, finished))
         kept = self.store.finish_jobs(owner, ends)
-        if any(end.state == "queued" for end in ends):
+        return {end.rowid: end.state for end in ends if end.rowid in kept}
+
+    def _after_record(
+        self, outcomes: Sequence[tuple[Claimed, str, Any]], states: dict[int, str]
+    ) -> None:
+        """After `_record` committed: wake local workers for what may be ready now (a retry,
+        jobs that waited for a target); warn of refused results."""
+        if any(states.get(job.rowid) == "queued" or job.target for job, *_ in outcomes):
             self.store.notify()
-        states = {end.rowid: end.state for end in ends if end.rowid in kept}
-        for rowid in {end.rowid for end in ends} - kept:
-            log.warning("job_%d: result refused, its lease belongs to another worker", rowid)
-        return states
+        for job, *_ in outcomes:
+            if job.rowid not in states:
+                log.warning(
+                    "job_%d: result refused, its lease belongs to another worker", job.rowid
+                )
 
     def extend(self, job: Claimed, owner: str, lease: float) -> bool:
         """Extend one job's lease; False when this worker no longer holds it."""
@@ -2420,10 +2551,11 @@ class Worker:
     """Claims and runs the jobs of some tasks in `concurrency` threads until stopped.
 
     Claims and results are batched when handlers are quick (a claim takes up to 64 jobs,
-    sized so that a batch takes about 5 ms), so a fast queue costs two commits per batch,
-    not per job. Leases are renewed by a heartbeat thread while the worker lives; a job
-    that runs past its task's `timeout` is failed (and retried) and its late result is
-    refused. An idle worker waits on `PRAGMA data_version` and in-process wake-ups.
+    sized so that a batch takes about 5 ms), and a batch's results are recorded in the
+    transaction that claims the next: one commit per batch, not two per job. Leases are
+    renewed by a heartbeat thread while the worker lives; a job that runs past its task's
+    `timeout` is failed (and retried) and its late result is refused. An idle worker waits
+    on `PRAGMA data_version` and in-process wake-ups.
     """
 
     def __init__(
@@ -2474,7 +2606,7 @@ class Worker:
         jobs = self.queue.claim(self.owner, self.names, 1, self.lease, only=rowid)
         if jobs:
             with self._heartbeating():
-                self._run_batch(jobs)
+                self._finish(self._run_batch(jobs)[0])
         return bool(jobs)
 
     @contextlib.contextmanager
@@ -2495,28 +2627,36 @@ class Worker:
             self.queue.store.release_thread()
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
+        """Claim and run batches; each batch's outcomes are recorded in the transaction that
+        claims the next one (one commit per batch), and before leaving."""
         batch, next_tick = 1, 0.0
-        while not stop.is_set() and not self.halted.is_set():
-            if index == 0 and self.tick and time.monotonic() >= next_tick:
-                self.tick()
-                next_tick = time.monotonic() + 1.0
-            with self._guard:
-                self._busy += 1
-            try:
-                jobs = self.queue.claim(self.owner, self.names, batch, self.lease)
-                if jobs:
-                    batch = self._run_batch(jobs)
-                    continue
-            finally:
+        ran: list[tuple[Claimed, str, Any]] = []
+        try:
+            while not stop.is_set() and not self.halted.is_set():
+                if index == 0 and self.tick and time.monotonic() >= next_tick:
+                    self.tick()
+                    next_tick = time.monotonic() + 1.0
                 with self._guard:
-                    self._busy -= 1
-                    idle = self._busy == 0
-            if until_idle and idle:
-                return
-            self.queue.store.wait_for_change(0.05 if until_idle else 0.25)
+                    self._busy += 1
+                try:
+                    jobs = self._finish(ran, batch)
+                    ran = []
+                    if jobs:
+                        ran, batch = self._run_batch(jobs)
+                        continue
+                finally:
+                    with self._guard:
+                        self._busy -= 1
+                        idle = self._busy == 0
+                if until_idle and idle:
+                    return
+                self.queue.store.wait_for_change(0.05 if until_idle else 0.25)
+        finally:
+            if ran:
+                self._finish(ran)
 
-    def _run_batch(self, jobs: list[Claimed]) -> int:
-        """Run claimed jobs, record their outcomes at once; the next batch size."""
+    def _run_batch(self, jobs: list[Claimed]) -> tuple[list[tuple[Claimed, str, Any]], int]:
+        """Run claimed jobs; their outcomes (to record) and the next batch size."""
         started, here = time.monotonic(), threading.get_ident()
         with self._guard:
             self._running.update(((job.rowid, job.attempt), (job, started)) for job in jobs)
@@ -2532,17 +2672,23 @@ class Worker:
                 for job in jobs:
                     self._running.pop((job.rowid, job.attempt), None)
                 self.threads.discard(here)
-        self._finish(outcomes)
         self.done += len(jobs)
         per_job = (time.monotonic() - started) / len(jobs)
-        return max(1, min(64, int(0.005 / max(per_job, 1e-6))))
+        return outcomes, max(1, min(64, int(0.005 / max(per_job, 1e-6))))
 
-    def _finish(self, outcomes: list[tuple[Claimed, str, Any]]) -> None:
-        """Record outcomes; report the jobs that ended dead or failed."""
-        states = self.queue.finish(self.owner, outcomes)
+    def _finish(self, outcomes: list[tuple[Claimed, str, Any]], claim: int = 0) -> list[Claimed]:
+        """Record outcomes, and claim up to `claim` more jobs in the same transaction; report
+        the jobs that ended dead or failed (once committed); the jobs claimed."""
+        if claim:
+            states, jobs = self.queue.finish_and_claim(
+                self.owner, outcomes, self.names, claim, self.lease
+            )
+        else:
+            states, jobs = self.queue.finish(self.owner, outcomes), []
         for job, _, error in outcomes:
             if self.on_failed and states.get(job.rowid) in ("dead", "failed"):
                 self.on_failed(job, states[job.rowid], str(error))
+        return jobs
 
     def _run(self, job: Claimed) -> tuple[Claimed, str, Any]:
         task = self.queue.tasks[job.name]
@@ -6994,26 +7140,32 @@ class AgentKit:
                 log.info("stopped")
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: the database, the schema and the jobs by state."""
+        """What `/healthz` answers, in constant time: the database, the schema, the adapters
+        (counting jobs reads the whole table: `doctor` does it)."""
         return {
             "ok": True,
             "database": self.store.path,
             "schema": self.store.version,
             "adapters": sorted(self.adapters),
-            "jobs": self.store.job_counts(),
         }
 
     # health
 
     def doctor(self) -> dict[str, Any]:
-        """Database path, schema version, integrity check and row counts per table."""
+        """Database path, schema version, integrity check, row counts per table and jobs
+        by state, and the seconds that counting took (it reads every row)."""
+        integrity = self.store.integrity()
+        began = time.monotonic()
+        rows = self.store.row_counts()
+        jobs = self.store.job_counts()
         return {
             "database": self.store.path,
             "schema": self.store.version,
             "latest schema": self.store.latest,
-            "integrity": self.store.integrity(),
-            "rows": self.store.row_counts(),
-            "jobs": self.store.job_counts(),
+            "integrity": integrity,
+            "rows": rows,
+            "jobs": jobs,
+            "counting seconds": time.monotonic() - began,
         }
 
 
@@ -7053,6 +7205,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"integrity  {report['integrity']}")
     print(f"rows       {rows}")
     print(f"jobs       {jobs}")
+    print(f"counted in {report['counting seconds'] * 1000:.0f} ms")
     return 0 if report["integrity"] == "ok" else 1
 
 
