@@ -338,10 +338,22 @@ _BOOL = {"decode": bool}
 
 
 @functools.cache
-def _row_shape(cls: type) -> tuple[str, tuple[Callable[[Any], Any] | None, ...]]:
+def _row_shape(cls: type) -> tuple[str, Callable[[Sequence[Any]], Any]]:
+    """The column list of a row dataclass and the function that builds one from a row."""
     fields = dataclasses.fields(cls)
     names = ", ".join(f.metadata.get("column") or f.name for f in fields)
-    return names, tuple(f.metadata.get("decode") for f in fields)
+    decoded = [(i, f.metadata["decode"]) for i, f in enumerate(fields) if "decode" in f.metadata]
+
+    def build(row: Sequence[Any]) -> Any:  # a row of another length raises TypeError
+        if not decoded:
+            return cls(*row)
+        values = list(row)
+        for i, decode in decoded:
+            if values[i] is not None:
+                values[i] = decode(values[i])
+        return cls(*values)
+
+    return names, build
 
 
 def columns(cls: type) -> str:
@@ -351,8 +363,7 @@ def columns(cls: type) -> str:
 
 def from_row(cls: type, row: Sequence[Any]) -> Any:
     """A row dataclass from the values of `columns(cls)`, each decoded as its field says."""
-    decoders = _row_shape(cls)[1]
-    return cls(*[v if d is None or v is None else d(v) for d, v in zip(decoders, row, strict=True)])
+    return _row_shape(cls)[1](row)
 
 
 def _job_id(rowid: int) -> str:
@@ -383,7 +394,7 @@ class Job:
     finished_at: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Claimed:
     """A job this worker holds the lease of."""
 
@@ -456,7 +467,7 @@ class TurnRow:
     meta: dict[str, Any] | None = field(metadata=_JSON)  # what its adapter needs to answer
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MessageRow:
     """One message of a thread, as the context window reads it."""
 
@@ -465,7 +476,7 @@ class MessageRow:
     content: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallRow:
     """One tool call of an assistant message, and how far it got."""
 
@@ -996,9 +1007,9 @@ class _SQLStore(Store):
     IN_LIST = "IN (SELECT value FROM json_each(?))"  # `x IN_LIST` with `_list(values)`
 
     @staticmethod
-    def _list(values: Sequence[Any]) -> Any:
-        """The parameter that `IN_LIST` matches against."""
-        return dumps(list(values))
+    def _list(values: Sequence[int | str]) -> Any:
+        """The parameter that `IN_LIST` matches against (ids and names: plain JSON)."""
+        return _encoder.encode(list(values))
 
     @abstractmethod
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
@@ -1012,6 +1023,11 @@ class _SQLStore(Store):
     @abstractmethod
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
         """Run one statement once per parameter tuple, atomically; all the rows returned."""
+
+    @abstractmethod
+    def _insert_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
+        """Run an INSERT (without RETURNING) once per parameter tuple, atomically; the new
+        rows' ids, in order."""
 
     @abstractmethod
     def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -1100,13 +1116,13 @@ class _SQLStore(Store):
             running = job.target is not None and bool(
                 self._rows(f"SELECT {self.TARGET_RUNNING}", (job.target,))[0][0]
             )
-            rows = self._rows_many(
+            rest = (*job[1:], int(running))
+            return self._insert_many(
                 "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, "
                 "retries, backoff, timeout, target, blocked) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                [(job.name, payload, *job[1:], int(running)) for payload in payloads],
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(job.name, payload, *rest) for payload in payloads],
             )
-        return [rowid for (rowid,) in rows]
 
     def _unblock(self, targets: Iterable[str | None]) -> None:
         """Clear the flags of the jobs blocked behind these targets (whose running jobs have
@@ -1135,18 +1151,18 @@ class _SQLStore(Store):
             self._unblock(target for (target,) in expired)
         return len(expired)
 
-    def _lease(self, picked: Sequence[int], owner: str, lease: float) -> list[Claimed]:
-        """Move the picked queued jobs to running under `owner` (part of a claim), in the
-        order picked."""
-        at = self.now()
+    def _lease(self, picked: Sequence[int], owner: str, lease: float, at: float) -> list[Claimed]:
+        """Move the picked queued jobs to running under `owner` at `at` (part of a claim), in
+        the order picked."""
         rows = self._rows(
             "UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1, "
             f"lease_until = ?, started_at = ? WHERE id {self.IN_LIST} "
             f"RETURNING {columns(Claimed)}",
             (owner, at + lease, at, self._list(picked)),
         )
-        rank = {rowid: index for index, rowid in enumerate(picked)}
-        rows.sort(key=lambda row: rank[row[0]])
+        if len(rows) > 1:
+            rank = {rowid: index for index, rowid in enumerate(picked)}
+            rows.sort(key=lambda row: rank[row[0]])
         return [from_row(Claimed, row) for row in rows]
 
     def finish_jobs(self, owner: str, ends: Sequence[JobEnd]) -> set[int]:
@@ -1158,7 +1174,8 @@ class _SQLStore(Store):
                 "AND state = 'running' RETURNING id, target",
                 [(*e[2:], e.rowid, owner, e.attempt) for e in ends],
             )
-            self._unblock(target for _, target in rows)
+            if targets := [target for _, target in rows if target is not None]:
+                self._unblock(targets)
         return {rowid for rowid, _ in rows}
 
     def extend_lease(self, rowid: int, owner: str, attempt: int, lease: float) -> bool:
@@ -1818,6 +1835,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SYNCHRONOUS = {"normal": 1, "full": 2}
+_JOINED = contextlib.nullcontext()  # an operation inside a transaction runs in it as it is
 
 
 class SQLiteStore(_SQLStore):
@@ -2002,33 +2020,33 @@ class SQLiteStore(_SQLStore):
 
     # statements
 
-    @contextlib.contextmanager
-    def _atomic(self) -> Iterator[None]:
-        if self.connection() and self._local.depth:
-            yield
-        else:
-            with self.transaction():
-                yield
+    def _atomic(self) -> contextlib.AbstractContextManager[None]:
+        return _JOINED if getattr(self._local, "depth", 0) else self.transaction()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        conn = self.connection()
-        if self._local.depth:
+        conn = getattr(self._local, "conn", None) or self.connection()
+        try:
             return conn.execute(sql, params).fetchall()
-        return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
+        except apsw.BusyError:  # on its own, a busy statement did nothing: try again
+            if self._local.depth:
+                raise
+            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
 
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
-        conn = self.connection()
+        conn = getattr(self._local, "conn", None) or self.connection()
         with self._atomic():
             return conn.executemany(sql, params).fetchall()
 
-    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+    def _insert_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
         conn = self.connection()
+        with self._atomic():
+            conn.executemany(sql, params)
+            last = conn.last_insert_rowid()  # the rows got consecutive ids under the write lock
+        return list(range(last - len(params) + 1, last + 1))
 
-        def run() -> int:
-            conn.execute(sql, params).fetchall()
-            return conn.changes()
-
-        return run() if self._local.depth else self._retry_busy(run)
+    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._rows(sql, params)
+        return self._local.conn.changes()
 
     def _described(self, sql: str) -> tuple[list[str], list[tuple]]:
         cursor = self.connection().execute(sql)
@@ -2120,7 +2138,7 @@ class SQLiteStore(_SQLStore):
                 if len(picked) < limit and (target is None or target not in targets):
                     picked.append(rowid)
                     targets.add(target)
-            return self._lease(picked, owner, lease) if picked else []
+            return self._lease(picked, owner, lease, at) if picked else []
 
     def _ready(
         self, conn: apsw.Connection, name: str, priority: int | None, at: float, limit: int
