@@ -2001,6 +2001,24 @@ class Records:
         self.outlets: dict[str, Any] = {}
         self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
         self.may_decide: Callable[[str], bool] = lambda actor: False
+        # thread -> {saved secret value: its name}, redacted with the process-wide values
+        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+
+    def clean(self, thread: str, value: Any) -> Any:
+        """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
+        process-wide redactions replaced: every text Records writes goes through here."""
+        extra = self.thread_secrets(thread)
+
+        def walk(item: Any) -> Any:
+            if isinstance(item, str):
+                return redactions.redact(item, extra)
+            if isinstance(item, dict):
+                return {key: walk(v) for key, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [walk(v) for v in item]
+            return item
+
+        return walk(value)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -2017,12 +2035,17 @@ class Records:
         values = self.queue.job_values(TURN_TASK, target=target)
         return Queue.insert_job(db, values, dumps({"turn": turn_id}), key)
 
-    @staticmethod
     def add_event(
-        db: apsw.Connection, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict
+        self,
+        db: apsw.Connection,
+        kind: str,
+        actor: str | None,
+        turn: Approval | TurnRow,
+        data: dict,
     ) -> None:
         """Append to the events log (who did what, when)."""
         turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
+        data = self.clean(turn.thread_id, data)
         db.execute(
             "INSERT INTO events (kind, actor, thread_id, turn_id, data, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -2095,8 +2118,8 @@ class Records:
             self.add_message(db, turn.thread_id, turn.id, "user", turn.text, command=command)
             return True
 
-    @staticmethod
     def add_message(
+        self,
         db: apsw.Connection,
         thread: str,
         turn_id: str,
@@ -2108,7 +2131,7 @@ class Records:
         db.execute(
             "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (thread, turn_id, role, content, command, now()),
+            (thread, turn_id, role, self.clean(thread, content), command, now()),
         )
         return db.last_insert_rowid()
 
@@ -2116,13 +2139,15 @@ class Records:
         self,
         turn: TurnRow,
         text: str | None,
-        calls: Sequence[tuple[str, str, str, str, str | None]],
+        calls: Sequence[tuple[str, str, dict[str, Any], str, str | None]],
         usage: dict[str, int],
         approvals: Sequence[tuple[str, str, str | None, float]] = (),
     ) -> list[Approval]:
         """Store one model step in one transaction: the assistant message, its calls
         `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
         call id, reason, expires at)` and the usage. A step without calls ends the turn."""
+        clean = functools.partial(self.clean, turn.thread_id)
+        calls = [(i, tool, dumps(clean(args)), s, clean(r)) for i, tool, args, s, r in calls]
         with self.transaction() as db:
             message = self.add_message(
                 db, turn.thread_id, turn.id, "assistant", text, command=False
@@ -2141,7 +2166,7 @@ class Records:
             made = []
             for approval_id, call_id, reason, expires_at in approvals:
                 _, tool, args, _, _ = tools[call_id]
-                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, reason)
+                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, clean(reason))
                 row = db.execute(
                     "INSERT INTO approvals (id, turn_id, thread_id, call_id, tool, args, reason, "
                     "requester, state, created_at, expires_at) VALUES "
@@ -2169,10 +2194,13 @@ class Records:
         once nothing in it waits for an approval."""
         final = now() if status in FINAL_TURN_STATES else None
         thread, meta = db.execute(
-            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
-            "RETURNING thread_id, meta",
-            (status, reply, error, final, turn_id),
+            "SELECT thread_id, meta FROM turns WHERE id = ?", (turn_id,)
         ).fetchone()
+        reply, error = self.clean(thread, reply), self.clean(thread, error)
+        db.execute(
+            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status, reply, error, final, turn_id),
+        )
         extra = {"meta": json.loads(meta)} if meta else {}
         if status == "done" and reply:
             self.deliver(db, thread, turn_id, "reply", reply, **extra)
@@ -2232,21 +2260,27 @@ class Records:
             )
             return db.changes() == 1
 
-    @staticmethod
     def set_call(
-        db: apsw.Connection, turn_id: str, call_id: str, state: str, result: str | None, was: str
+        self,
+        db: apsw.Connection,
+        turn: Approval | TurnRow,
+        call_id: str,
+        state: str,
+        result: str | None,
+        was: str,
     ) -> None:
         """Move a call from state `was` (only) to `state`, with its result."""
+        turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
         db.execute(
             "UPDATE calls SET state = ?, result = ?, finished_at = ? "
             "WHERE turn_id = ? AND call_id = ? AND state = ?",
-            (state, result, now(), turn_id, call_id, was),
+            (state, self.clean(turn.thread_id, result), now(), turn_id, call_id, was),
         )
 
-    def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
+    def set_result(self, turn: TurnRow, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
         with self.transaction() as db:
-            self.set_call(db, turn_id, call_id, state, result, was)
+            self.set_call(db, turn, call_id, state, result, was)
 
     def call_ids(self, turn_id: str) -> set[str]:
         rows = self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
@@ -2287,7 +2321,7 @@ class Records:
             "cancelled": "not run: the turn was cancelled",
         }[state]
         new = "pending" if state == "approved" else "error"
-        self.set_call(db, approval.turn_id, approval.call_id, new, result, "waiting")
+        self.set_call(db, approval, approval.call_id, new, result, "waiting")
         data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
         self.add_event(db, "approval_decided", actor, approval, data)
         decided = dataclasses.replace(
@@ -2377,7 +2411,16 @@ class Records:
         (rowid,) = db.execute(
             "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
             "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
+            (
+                name,
+                thread,
+                turn_id,
+                kind,
+                dumps(self.clean(thread, {"text": text, **extra})),
+                state,
+                at,
+                sent,
+            ),
         ).fetchone()
         if not pull:
             values = self.queue.job_values(
@@ -3558,8 +3601,6 @@ class TurnEngine:
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
-        # (thread, text) -> text with the thread's saved secret values redacted
-        self.redact: Callable[[str, str], str] = lambda thread, text: text
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
@@ -3718,7 +3759,7 @@ class TurnEngine:
             if isinstance(changed, list):
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
-        text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
+        text = reply.text
         used = self.records.call_ids(turn.id)
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -3741,8 +3782,7 @@ class TurnEngine:
                         state = "waiting"
                         expires = now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
-            args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
-            calls.append((call_id, call.name, dumps(args), state, result))
+            calls.append((call_id, call.name, call.args, state, result))
         for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
@@ -3756,7 +3796,7 @@ class TurnEngine:
         for call_id, name, args, state in calls:
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
-                self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
+                self.records.set_result(turn, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
                 future = self.start_tool(tool, values, self.context_of(turn, call_id))
@@ -3774,8 +3814,7 @@ class TurnEngine:
             ):
                 if changed is not None:
                     result = as_text(changed)
-            result = self.redact(turn.thread_id, result)
-            self.records.set_result(turn.id, call_id, state, result, was="running")
+            self.records.set_result(turn, call_id, state, result, was="running")
 
     def start_tool(
         self, tool: Tool, args: dict[str, Any], ctx: ToolContext
@@ -4443,10 +4482,10 @@ class Secrets:
             raise ValueError("a value is empty")
         return values
 
-    def redact(self, thread: str, text: str) -> str:
-        """`text` with the thread's saved secret values replaced by `[redacted:NAME]`."""
+    def saved_values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets as `{value: name}`, to redact them."""
         saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return redactions.redact(text, {v: name for name, v in saved.items() if len(v) >= 4})
+        return {value: name for name, value in saved.items() if len(value) >= 4}
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
@@ -5661,7 +5700,7 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.engine.redact = self.secrets.redact
+        self.records.thread_secrets = self.secrets.saved_values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
         self.adapters = self._adapters(adapters)

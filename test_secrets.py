@@ -445,3 +445,47 @@ def test_ctx_secret_refuses_bad_names_and_symlinks(kit: AgentKit, tmp_path: Path
     (folder / "LINKED").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OSError):
         ctx.secret("LINKED")
+
+
+# ─────────────────────────── redaction of everything that leaves ───────────────────────────
+
+
+def database_bytes(folder: Path) -> bytes:
+    """The raw bytes of the database files (main file, WAL, shared memory)."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("agent.db*")))
+
+
+def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
+    tmp_path: Path,
+) -> None:
+    thread = "web:owner"  # the web chat's deliveries stay in the database
+    value = "sk-" + os.urandom(12).hex()
+    model = ScriptedModel(["Noted.", ToolCall("leak", {})])
+    kit = AgentKit(tmp_path / "agent.db", model=model, workspace=tmp_path / "ws")
+
+    @kit.tool
+    def leak(ctx: ToolContext) -> str:
+        """Return the token (a careless tool)."""
+        return ctx.secret("API_TOKEN")
+
+    @kit.on("tool_result")
+    def fail(event: agentkit.Event) -> None:
+        raise ValueError(event.result)
+
+    @kit.command("token")
+    def token(ctx: ToolContext, args: str) -> str:
+        """Show the token (a careless command)."""
+        return f"the token is {ctx.secret('API_TOKEN')}"
+
+    url = kit.request_secret(thread, fields=["API_TOKEN"], reason="for the test", actor=thread).url
+    assert kit.run_turn(thread, seal(url, {"API_TOKEN": value})).note.startswith("Saved")
+    failed = kit.run_turn(thread, "use the tool")
+    assert failed.status == "failed" and "[redacted:API_TOKEN]" in failed.error
+    answered = kit.run_turn(thread, "/token")
+    assert answered.reply == "the token is [redacted:API_TOKEN]"
+    texts = [d.body["text"] for d in kit.records.feed(thread, 0)]
+    assert "Sorry, that failed: " in " ".join(texts) and value not in " ".join(texts)
+    assert value not in " ".join(str(r) for r in kit.store.read("SELECT * FROM events"))
+    assert value.encode() not in database_bytes(tmp_path)
+    kit.close()
+    assert value.encode() not in database_bytes(tmp_path)
