@@ -3344,14 +3344,60 @@ class ToolContext:
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def workspace_name(thread: str) -> str:
-    """A folder name for a thread id: escaped, never a path of its own, hashed when long."""
+def _escaped(thread: str) -> str:
+    """A thread id percent-escaped (`.` first too): only `A-Za-z0-9_.~-` and `%XX` remain."""
     name = urllib.parse.quote(thread, safe="")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    if len(name) > 100:
-        name = name[:60] + "-" + hashlib.sha256(thread.encode()).hexdigest()[:32]
-    return name
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _digest(thread: str) -> str:
+    return hashlib.sha256(thread.encode()).hexdigest()[:32]
+
+
+def workspace_name(thread: str) -> str:
+    """A folder name for a thread id, one per id: escaped, never a path of its own; a long
+    one is cut and hashed behind a `+`, which no escaped id holds."""
+    name = _escaped(thread)
+    return name[:60] + "+" + _digest(thread) if len(name) > 100 else name
+
+
+OLD_HASHED_NAME = re.compile(r"[A-Za-z0-9_.~%-]{60}-[0-9a-f]{32}")
+
+
+def move_old_workspaces(root: Path, store: Store) -> None:
+    """Rename the folders of long thread ids named before `+` (`<60 chars>-<32 hex>`, a
+    name a short id could spell too) when the database says whose they are: the long
+    thread exists and the short id of the same name does not. Others stay, with a warning."""
+    if not root.is_dir():
+        return
+    for entry in os.scandir(root):
+        if not OLD_HASHED_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        cut = re.sub(r"%[0-9A-F]?$", "", entry.name[:60])  # no escape cut in half
+        prefix = urllib.parse.unquote_to_bytes(cut).decode("utf-8", "ignore")
+        rows = store.read(
+            "SELECT id FROM threads WHERE id >= ? AND id < ?", (prefix, prefix + "\U0010ffff")
+        )
+        names = {t: workspace_name(t) for (t,) in rows}
+        owners = [t for t, name in names.items() if name.replace("+", "-") == entry.name != name]
+        if not owners:
+            continue
+        owner, spelled = owners[0], urllib.parse.unquote(entry.name)
+        target = root / workspace_name(owner)
+        if store.read("SELECT 1 FROM threads WHERE id = ?", (spelled,)):
+            log.warning(
+                "workspace %s was shared by %s and %s (the old naming): it stays the folder "
+                "of %s; move %s's files (its .secrets) to %s by hand",
+                *(entry.path, owner, spelled, spelled, owner, target),
+            )
+            continue
+        if target.exists():
+            log.warning(
+                "%s has two workspaces: merge %s into %s by hand", owner, entry.path, target
+            )
+            continue
+        os.rename(entry.path, target)
+        log.info("workspace of %s moved to %s (the new naming)", owner, target)
 
 
 def secrets_folder(root: Path, thread: str) -> Path:
@@ -5676,6 +5722,7 @@ class AgentKit:
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
         self.store = Store(db, synchronous=synchronous)
+        move_old_workspaces(Path(workspace), self.store)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
         self.engine = TurnEngine(

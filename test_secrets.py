@@ -489,3 +489,50 @@ def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
     assert value.encode() not in database_bytes(tmp_path)
     kit.close()
     assert value.encode() not in database_bytes(tmp_path)
+
+
+# ──────────────────────────────────── one folder per thread ────────────────────────────────────
+
+LONG = "cli:" + "v" * 196
+
+
+def context(kit: AgentKit, thread: str) -> ToolContext:
+    return ToolContext(
+        thread_id=thread, turn_id="t", actor=thread, call_id=None, root=kit.secrets.workspace
+    )
+
+
+def test_a_short_id_that_spells_a_long_ids_folder_name_gets_its_own_folder(
+    kit: AgentKit,
+) -> None:
+    spelled = urllib.parse.unquote(agentkit.workspace_name(LONG))
+    agentkit.write_secret(secrets_dir(kit, LONG), "API_TOKEN", TOKEN)
+    assert context(kit, LONG).secret("API_TOKEN") == TOKEN
+    assert agentkit.workspace_name(spelled) != agentkit.workspace_name(LONG)
+    with pytest.raises(KeyError):
+        context(kit, spelled).secret("API_TOKEN")
+
+
+def old_folder(root: Path, thread: str) -> Path:
+    """The folder the naming before `+` gave a long thread id."""
+    return root / agentkit.workspace_name(thread).replace("+", "-")
+
+
+def test_old_folders_of_long_ids_move_when_unambiguous_and_stay_with_a_warning_otherwise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = "cli:" + "w" * 196
+    root = tmp_path / "ws"
+    with AgentKit(tmp_path / "agent.db", workspace=root) as kit:
+        for thread in (LONG, shared, urllib.parse.unquote(old_folder(root, shared).name)):
+            kit.run_turn(thread, "hello")
+    for thread in (LONG, shared):
+        agentkit.write_secret(old_folder(root, thread) / ".secrets", "API_TOKEN", thread[-8:])
+    with (
+        caplog.at_level(logging.WARNING, "agentkit"),
+        AgentKit(tmp_path / "agent.db", workspace=root) as kit,
+    ):
+        assert context(kit, LONG).secret("API_TOKEN") == LONG[-8:]
+        assert not old_folder(root, LONG).exists()
+        assert old_folder(root, shared).exists()  # its short twin keeps it, and the log says
+        assert "was shared by" in caplog.text and shared in caplog.text
