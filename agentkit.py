@@ -161,6 +161,13 @@ def dumps(value: Any) -> str:
         raise BadInput(f"not JSON-serialisable: {e}") from None
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether `given` equals `expected`, compared in constant time (any characters)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def iso(ts: float) -> str:
     """A Unix time as an ISO 8601 UTC string to the second."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -1858,6 +1865,17 @@ def check_text(text: object) -> str:
     """A message's text: a string of at most 100,000 characters."""
     if not isinstance(text, str) or len(text) > 100_000:
         raise BadInput("text must be a string of at most 100,000 characters")
+    return text
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(kind: str, text: str) -> str:
+    """`text` when it is valid Unicode (no lone surrogate, which UTF-8 cannot store), or
+    BadInput."""
+    if not text.isascii() and LONE_SURROGATE.search(text):
+        raise BadInput(f"{kind} holds a lone surrogate (U+D800-U+DFFF); send valid Unicode")
     return text
 
 
@@ -4494,7 +4512,9 @@ class Secrets:
         names = [name for name, _ in request.fields]
         try:
             values = self.decrypt(request_id, sealed_key, names, key, iv, sealed)
-        except (InvalidTag, ValueError):
+        except BadInput as e:
+            raise BadInput(f"That secret blob was refused: {e}. Nothing was saved.") from None
+        except (InvalidTag, ValueError, RecursionError):
             raise BadInput(
                 "That secret blob is damaged or was changed; nothing was saved. "
                 "Copy the whole line from the page again."
@@ -4515,7 +4535,9 @@ class Secrets:
         iv: bytes,
         sealed: bytes,
     ) -> dict[str, str]:
-        """The values in a blob: InvalidTag or ValueError when it does not open."""
+        """The values in a blob, all checked before any is used: InvalidTag or ValueError
+        (RecursionError for JSON nested too deep) when it does not open, BadInput when a
+        value could not be stored."""
         scalar = AESGCM(self.key).decrypt(sealed_key[:12], sealed_key[12:], request_id.encode())
         private = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
         peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
@@ -4526,6 +4548,8 @@ class Secrets:
             raise ValueError("the blob does not hold the requested fields")
         if not all(isinstance(v, str) and v for v in values.values()):
             raise ValueError("a value is empty")
+        for name in names:
+            check_unicode(f"the value of {name}", values[name])
         return values
 
     def saved_values(self, thread: str) -> dict[str, str]:
@@ -4615,13 +4639,25 @@ def json_response(status: int, value: Any, **headers: str) -> HTTPResponse:
 
 
 def json_body(request: HTTPRequest) -> dict[str, Any]:
-    """The request's JSON object; BadInput when it is not one."""
+    """The request's JSON object; BadInput when it is not one, nests too deeply or holds
+    a lone surrogate (an escape like `\\ud800` alone), which could not be stored."""
     try:
         value = json.loads(request.body)
     except ValueError:
         raise BadInput("the body is not JSON") from None
+    except RecursionError:
+        raise BadInput("the body's JSON nests too deeply") from None
     if not isinstance(value, dict):
         raise BadInput("the body is not a JSON object")
+    items = [value]
+    while items:
+        item = items.pop()
+        if isinstance(item, str):
+            check_unicode("the body", item)
+        elif isinstance(item, dict):
+            items += [*item, *item.values()]
+        elif isinstance(item, list):
+            items += item
     return value
 
 
@@ -5003,11 +5039,40 @@ class Telegram(PollingAdapter):
         self._polling.close()
 
 
+AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@]|%(2[eEfF]|5[cC])")
+
+
+def url_parts(url: object) -> tuple[str, str, int, str, str] | None:
+    """`(scheme, host, port, path, query)` of a plain http(s) URL, or None when it is
+    ambiguous: an `@` (user info), a `#`, a backslash, a space, control or non-ASCII
+    character, an empty, `.` or `..` path segment, or a percent-encoded dot, slash or
+    backslash."""
+    if not isinstance(url, str) or AMBIGUOUS_URL.search(url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    segments = parts.path.split("/")[1:]
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not parts.path.startswith("/")
+        or "" in segments[:-1]
+        or any(segment in (".", "..") for segment in segments)
+    ):
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path, parts.query
+
+
 class Webhook(Adapter):
     """Signed HTTP events in, signed callbacks of the replies out (DESIGN's wire contract).
 
     `POST /webhook/<name>` with `{"id", "thread", "actor", "text"}` (and optionally
-    `"callback"`, a URL that starts with one of `callbacks`) and the header
+    `"callback"`, a URL under one of `callbacks`: same scheme, host and port, its path
+    below the prefix's, nothing ambiguous like `..`; see `url_parts`) and the header
     `X-Agentkit-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
     `GET /webhook/<name>/turns/<turn id>` is signed the same way over `"<t>.<path>"`.
     """
@@ -5020,14 +5085,26 @@ class Webhook(Adapter):
         self.name = check_adapter_name(name)
         self.secret = secret.encode()
         redactions.add(secret, f"{self.name}-secret")
+        self.callbacks: list[tuple[str, str, int, str, str]] = []
         for url in callbacks:
-            if not re.match(r"https?://[^/]+/", url if isinstance(url, str) else ""):
-                raise BadInput(f"a callback prefix is an http(s) URL with a path, not {url!r}")
-        self.callbacks = tuple(callbacks)
+            parts = url_parts(url)
+            if parts is None or not parts[3].endswith("/") or parts[4]:
+                raise BadInput(
+                    "a callback prefix is a plain http(s) URL whose path ends with '/' "
+                    f"(no query, user info or '..'), not {url!r}"
+                )
+            self.callbacks.append(parts)
         self.client = httpx.Client(timeout=10.0)
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
         return kind in ("reply", "error") and "callback" in meta
+
+    def allows(self, callback: object) -> bool:
+        """Whether `callback` is an unambiguous URL under one of the callback prefixes."""
+        parts = url_parts(callback)
+        return parts is not None and any(
+            parts[:3] == prefix[:3] and parts[3].startswith(prefix[3]) for prefix in self.callbacks
+        )
 
     def signature(self, t: int, payload: bytes) -> str:
         return hmac.new(self.secret, f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
@@ -5038,7 +5115,7 @@ class Webhook(Adapter):
         t = fields.get("t", "")
         if not (re.fullmatch(r"[0-9]{1,11}", t) and abs(now() - int(t)) <= self.WINDOW):
             return False
-        return hmac.compare_digest(fields.get("v1", ""), self.signature(int(t), payload))
+        return same_secret(fields.get("v1", ""), self.signature(int(t), payload))
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         base = f"/webhook/{self.name}"
@@ -5057,9 +5134,7 @@ class Webhook(Adapter):
                 if not isinstance(event.get(key), str) or not event[key]:
                     raise BadInput(f"{key!r} must be a non-empty string")
             callback = event.get("callback")
-            if callback is not None and not (
-                isinstance(callback, str) and callback.startswith(self.callbacks or ("\0",))
-            ):
+            if callback is not None and not self.allows(callback):
                 raise BadInput("the callback URL is not allowed")
             digest = hashlib.sha256(request.body).hexdigest()
             meta = {"digest": digest, "event": event["id"]}
@@ -5472,9 +5547,7 @@ class WebChat(Adapter):
             for part in request.headers.get("cookie", "").split(";")
             if "=" in part
         )
-        return bool(self.token) and hmac.compare_digest(
-            cookies.get(self.cookie, ""), self.session()
-        )
+        return bool(self.token) and same_secret(cookies.get(self.cookie, ""), self.session())
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         route = (request.method, request.path)
@@ -5487,9 +5560,7 @@ class WebChat(Adapter):
             )
         if route == ("POST", "/api/login"):
             token = json_body(request).get("token")
-            if not (
-                isinstance(token, str) and self.token and hmac.compare_digest(token, self.token)
-            ):
+            if not (isinstance(token, str) and self.token and same_secret(token, self.token)):
                 return json_response(401, {"error": "wrong token"})
             cookie = f"{self.cookie}={self.session()}; Path=/; HttpOnly; SameSite=Strict"
             return HTTPResponse(204, b"", {"Set-Cookie": cookie})
@@ -5574,16 +5645,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.handle_request()
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals, none of them a 5xx: an unknown method is 405, an
+        unknown HTTP version 400."""
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
+
     def handle_request(self) -> None:
+        """Read the request, route it, answer: bad input is a 400, a bug a 500 (logged).
+        A client that goes away is the server's `handle_error`."""
         length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not length.isdigit():
+        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,10}", length):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
         if int(length) > MAX_BODY:
             self.close_connection = True
             return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
         body = self.rfile.read(int(length))
-        parts = urllib.parse.urlsplit(self.path)
+        parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
         request = HTTPRequest(
             self.command,
             parts.path,
@@ -5596,7 +5674,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadInput as e:
             response = json_response(400, {"error": str(e)})
         except Exception:
-            log.exception("%s %s failed", self.command, parts.path)
+            log.exception("%s %s failed", self.command, self.path)
             response = json_response(500, {"error": "internal error"})
         self.reply(response)
 
@@ -5647,6 +5725,15 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closed its socket or stopped sending is dropped quietly; anything
+        else is logged (never printed to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("http: %s went away (%s)", client_address, describe_error(error))
+        else:
+            log.exception("http: the request from %s failed", client_address)
 
     def route(self, request: HTTPRequest) -> HTTPResponse:
         if request.path == "/healthz":
