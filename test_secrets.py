@@ -246,6 +246,20 @@ def test_refused_blobs_get_a_clear_reply_and_change_nothing(kit: AgentKit, case:
         assert kit.run_turn(ACTOR, fresh).note == "Saved TOKEN for this conversation."
 
 
+def test_a_blob_with_a_lone_surrogate_is_refused_whole_before_anything_is_written(
+    kit: AgentKit,
+) -> None:
+    url = ask(kit, "FIRST", "SECOND")
+    before = snapshot(kit)
+    result = kit.run_turn(ACTOR, seal(url, {"FIRST": "a fine value", "SECOND": "bad \ud800"}))
+    assert result.status == "rejected" and result.turn_id is None
+    assert "SECOND" in result.error and "surrogate" in result.error
+    assert "nothing was saved" in result.error.lower()
+    assert snapshot(kit) == before
+    fresh = seal(url, {"FIRST": "a fine value", "SECOND": "another value"})
+    assert kit.run_turn(ACTOR, fresh).note == "Saved FIRST, SECOND for this conversation."
+
+
 def mutations(blob: str, rng: random.Random) -> Iterator[str]:
     """Random and mutated blobs: flipped, cut, spliced, re-encoded, garbage."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:=+/ é\n\0"
