@@ -2024,7 +2024,10 @@ class Records:
 
     def clean(self, thread: str, value: Any) -> Any:
         """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
-        process-wide redactions replaced: every text Records writes goes through here."""
+        process-wide redactions replaced. Every text a turn makes passes here on its way
+        to the database and the outbox: messages, calls, approvals, a turn's reply and
+        error, events and deliveries (only the inbound text in `turns.text` is kept as
+        received)."""
         extra = self.thread_secrets(thread)
 
         def walk(item: Any) -> Any:
@@ -2326,6 +2329,7 @@ class Records:
         """Decide a pending approval inside the caller's transaction: approved calls become
         pending; denied, expired and cancelled ones get an error result the model reads.
         A turn still waiting gets a resume job."""
+        reason = self.clean(approval.thread_id, reason)
         at = now()
         db.execute(
             "UPDATE approvals SET state = ?, decided_by = ?, decision_reason = ?, decided_at = ? "
@@ -3414,7 +3418,8 @@ def move_old_workspaces(root: Path, store: Store) -> None:
                 "%s has two workspaces: merge %s into %s by hand", owner, entry.path, target
             )
             continue
-        os.rename(entry.path, target)
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.rename(entry.path, target)
         log.info("workspace of %s moved to %s (the new naming)", owner, target)
 
 
