@@ -527,6 +527,9 @@ def test_a_callback_is_compared_as_a_normalised_url(tmp_path: Path, recorder: Re
         assert good.status_code == 202, good.text
         wait_until(lambda: recorder.received, what="the callback")
         assert [path for path, _, _ in recorder.received] == ["/hooks/agent/reply?x=1"]
+    issue = agentkit.Webhook(SECRET, callbacks=["http://h/hooks/agent/"])
+    assert issue.allows("http://h/hooks/agent/reply")
+    assert not issue.allows("http://h/hooks/agent/../../admin/delete")
     for bad in (f"{recorder.url}/hooks/../", f"{recorder.url}/hooks", "ftp://h/x/", 5):
         with pytest.raises(agentkit.BadInput):
             agentkit.Webhook(SECRET, callbacks=[bad])
