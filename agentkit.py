@@ -2430,19 +2430,11 @@ class Records:
         at = now()
         pull = outlet is not None and outlet.pull
         state, sent = ("sent", at) if pull else ("pending", None)
+        body = dumps(self.clean(thread, {"text": text, **extra}))
         (rowid,) = db.execute(
             "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
             "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (
-                name,
-                thread,
-                turn_id,
-                kind,
-                dumps(self.clean(thread, {"text": text, **extra})),
-                state,
-                at,
-                sent,
-            ),
+            (name, thread, turn_id, kind, body, state, at, sent),
         ).fetchone()
         if not pull:
             values = self.queue.job_values(
@@ -3410,7 +3402,12 @@ def move_old_workspaces(root: Path, store: Store) -> None:
             log.warning(
                 "workspace %s was shared by %s and %s (the old naming): it stays the folder "
                 "of %s; move %s's files (its .secrets) to %s by hand",
-                *(entry.path, owner, spelled, spelled, owner, target),
+                entry.path,
+                owner,
+                spelled,
+                spelled,
+                owner,
+                target,
             )
             continue
         if target.exists():
@@ -3828,7 +3825,6 @@ class TurnEngine:
             if isinstance(changed, list):
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
-        text = reply.text
         used = self.records.call_ids(turn.id)
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -3852,7 +3848,7 @@ class TurnEngine:
                         expires = now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
             calls.append((call_id, call.name, call.args, state, result))
-        for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
+        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
