@@ -165,6 +165,13 @@ def dumps(value: Any) -> str:
     return check_utf8("JSON", text)
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether `given` equals `expected`, compared in constant time (any characters)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def iso(ts: float) -> str:
     """A Unix time as an ISO 8601 UTC string to the second."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -1906,6 +1913,17 @@ def check_text(text: object, kind: str = "text") -> str:
     return check_utf8(kind, text)
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(kind: str, text: str) -> str:
+    """`text` when it is valid Unicode (no lone surrogate, which UTF-8 cannot store), or
+    BadInput."""
+    if not text.isascii() and LONE_SURROGATE.search(text):
+        raise BadInput(f"{kind} holds a lone surrogate (U+D800-U+DFFF); send valid Unicode")
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class TurnRow:
     """One turn as stored: the message that started it and how far it got."""
@@ -2047,6 +2065,27 @@ class Records:
         self.outlets: dict[str, Any] = {}
         self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
         self.may_decide: Callable[[str], bool] = lambda actor: False
+        # thread -> {saved secret value: its name}, redacted with the process-wide values
+        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+
+    def clean(self, thread: str, value: Any) -> Any:
+        """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
+        process-wide redactions replaced. Every text a turn makes passes here on its way
+        to the database and the outbox: messages, calls, approvals, a turn's reply and
+        error, events and deliveries (only the inbound text in `turns.text` is kept as
+        received)."""
+        extra = self.thread_secrets(thread)
+
+        def walk(item: Any) -> Any:
+            if isinstance(item, str):
+                return redactions.redact(item, extra)
+            if isinstance(item, dict):
+                return {key: walk(v) for key, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [walk(v) for v in item]
+            return item
+
+        return walk(value)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -2063,12 +2102,17 @@ class Records:
         values = self.queue.job_values(TURN_TASK, target=target)
         return Queue.insert_job(db, values, dumps({"turn": turn_id}), key)
 
-    @staticmethod
     def add_event(
-        db: apsw.Connection, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict
+        self,
+        db: apsw.Connection,
+        kind: str,
+        actor: str | None,
+        turn: Approval | TurnRow,
+        data: dict,
     ) -> None:
         """Append to the events log (who did what, when)."""
         turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
+        data = self.clean(turn.thread_id, data)
         db.execute(
             "INSERT INTO events (kind, actor, thread_id, turn_id, data, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -2141,8 +2185,8 @@ class Records:
             self.add_message(db, turn.thread_id, turn.id, "user", turn.text, command=command)
             return True
 
-    @staticmethod
     def add_message(
+        self,
         db: apsw.Connection,
         thread: str,
         turn_id: str,
@@ -2154,7 +2198,7 @@ class Records:
         db.execute(
             "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (thread, turn_id, role, content, command, now()),
+            (thread, turn_id, role, self.clean(thread, content), command, now()),
         )
         return db.last_insert_rowid()
 
@@ -2162,13 +2206,15 @@ class Records:
         self,
         turn: TurnRow,
         text: str | None,
-        calls: Sequence[tuple[str, str, str, str, str | None]],
+        calls: Sequence[tuple[str, str, dict[str, Any], str, str | None]],
         usage: dict[str, int],
         approvals: Sequence[tuple[str, str, str | None, float]] = (),
     ) -> list[Approval]:
         """Store one model step in one transaction: the assistant message, its calls
         `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
         call id, reason, expires at)` and the usage. A step without calls ends the turn."""
+        clean = functools.partial(self.clean, turn.thread_id)
+        calls = [(i, tool, dumps(clean(args)), s, clean(r)) for i, tool, args, s, r in calls]
         with self.transaction() as db:
             message = self.add_message(
                 db, turn.thread_id, turn.id, "assistant", text, command=False
@@ -2187,7 +2233,7 @@ class Records:
             made = []
             for approval_id, call_id, reason, expires_at in approvals:
                 _, tool, args, _, _ = tools[call_id]
-                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, reason)
+                values = (approval_id, turn.id, turn.thread_id, call_id, tool, args, clean(reason))
                 row = db.execute(
                     "INSERT INTO approvals (id, turn_id, thread_id, call_id, tool, args, reason, "
                     "requester, state, created_at, expires_at) VALUES "
@@ -2215,10 +2261,13 @@ class Records:
         once nothing in it waits for an approval."""
         final = now() if status in FINAL_TURN_STATES else None
         thread, meta = db.execute(
-            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ? "
-            "RETURNING thread_id, meta",
-            (status, reply, error, final, turn_id),
+            "SELECT thread_id, meta FROM turns WHERE id = ?", (turn_id,)
         ).fetchone()
+        reply, error = self.clean(thread, reply), self.clean(thread, error)
+        db.execute(
+            "UPDATE turns SET status = ?, reply = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status, reply, error, final, turn_id),
+        )
         extra = {"meta": json.loads(meta)} if meta else {}
         if status == "done" and reply:
             self.deliver(db, thread, turn_id, "reply", reply, **extra)
@@ -2278,21 +2327,27 @@ class Records:
             )
             return db.changes() == 1
 
-    @staticmethod
     def set_call(
-        db: apsw.Connection, turn_id: str, call_id: str, state: str, result: str | None, was: str
+        self,
+        db: apsw.Connection,
+        turn: Approval | TurnRow,
+        call_id: str,
+        state: str,
+        result: str | None,
+        was: str,
     ) -> None:
         """Move a call from state `was` (only) to `state`, with its result."""
+        turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
         db.execute(
             "UPDATE calls SET state = ?, result = ?, finished_at = ? "
             "WHERE turn_id = ? AND call_id = ? AND state = ?",
-            (state, result, now(), turn_id, call_id, was),
+            (state, self.clean(turn.thread_id, result), now(), turn_id, call_id, was),
         )
 
-    def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
+    def set_result(self, turn: TurnRow, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
         with self.transaction() as db:
-            self.set_call(db, turn_id, call_id, state, result, was)
+            self.set_call(db, turn, call_id, state, result, was)
 
     def call_ids(self, turn_id: str) -> set[str]:
         rows = self.store.read("SELECT call_id FROM calls WHERE turn_id = ?", (turn_id,))
@@ -2329,6 +2384,7 @@ class Records:
         """Decide a pending approval inside the caller's transaction: approved calls become
         pending; denied, expired and cancelled ones get an error result the model reads.
         A turn still waiting gets a resume job."""
+        reason = self.clean(approval.thread_id, reason)
         at = now()
         db.execute(
             "UPDATE approvals SET state = ?, decided_by = ?, decision_reason = ?, decided_at = ? "
@@ -2342,7 +2398,7 @@ class Records:
             "cancelled": "not run: the turn was cancelled",
         }[state]
         new = "pending" if state == "approved" else "error"
-        self.set_call(db, approval.turn_id, approval.call_id, new, result, "waiting")
+        self.set_call(db, approval, approval.call_id, new, result, "waiting")
         data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
         self.add_event(db, "approval_decided", actor, approval, data)
         decided = dataclasses.replace(
@@ -2429,10 +2485,11 @@ class Records:
         at = now()
         pull = outlet is not None and outlet.pull
         state, sent = ("sent", at) if pull else ("pending", None)
+        body = dumps(self.clean(thread, {"text": text, **extra}))
         (rowid,) = db.execute(
             "INSERT INTO deliveries (adapter, thread_id, turn_id, kind, body, state, created_at, "
             "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (name, thread, turn_id, kind, dumps({"text": text, **extra}), state, at, sent),
+            (name, thread, turn_id, kind, body, state, at, sent),
         ).fetchone()
         if not pull:
             values = self.queue.job_values(
@@ -3356,14 +3413,66 @@ class ToolContext:
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def workspace_name(thread: str) -> str:
-    """A folder name for a thread id: escaped, never a path of its own, hashed when long."""
+def _escaped(thread: str) -> str:
+    """A thread id percent-escaped (`.` first too): only `A-Za-z0-9_.~-` and `%XX` remain."""
     name = urllib.parse.quote(thread, safe="")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    if len(name) > 100:
-        name = name[:60] + "-" + hashlib.sha256(thread.encode()).hexdigest()[:32]
-    return name
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _digest(thread: str) -> str:
+    return hashlib.sha256(thread.encode()).hexdigest()[:32]
+
+
+def workspace_name(thread: str) -> str:
+    """A folder name for a thread id, one per id: escaped, never a path of its own; a long
+    one is cut and hashed behind a `+`, which no escaped id holds."""
+    name = _escaped(thread)
+    return name[:60] + "+" + _digest(thread) if len(name) > 100 else name
+
+
+OLD_HASHED_NAME = re.compile(r"[A-Za-z0-9_.~%-]{60}-[0-9a-f]{32}")
+
+
+def move_old_workspaces(root: Path, store: Store) -> None:
+    """Rename the folders of long thread ids named before `+` (`<60 chars>-<32 hex>`, a
+    name a short id could spell too) when the database says whose they are: the long
+    thread exists and the short id of the same name does not. Others stay, with a warning."""
+    if not root.is_dir():
+        return
+    for entry in os.scandir(root):
+        if not OLD_HASHED_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        cut = re.sub(r"%[0-9A-F]?$", "", entry.name[:60])  # no escape cut in half
+        prefix = urllib.parse.unquote_to_bytes(cut).decode("utf-8", "ignore")
+        rows = store.read(
+            "SELECT id FROM threads WHERE id >= ? AND id < ?", (prefix, prefix + "\U0010ffff")
+        )
+        names = {t: workspace_name(t) for (t,) in rows}
+        owners = [t for t, name in names.items() if name.replace("+", "-") == entry.name != name]
+        if not owners:
+            continue
+        owner, spelled = owners[0], urllib.parse.unquote(entry.name)
+        target = root / workspace_name(owner)
+        if store.read("SELECT 1 FROM threads WHERE id = ?", (spelled,)):
+            log.warning(
+                "workspace %s was shared by %s and %s (the old naming): it stays the folder "
+                "of %s; move %s's files (its .secrets) to %s by hand",
+                entry.path,
+                owner,
+                spelled,
+                spelled,
+                owner,
+                target,
+            )
+            continue
+        if target.exists():
+            log.warning(
+                "%s has two workspaces: merge %s into %s by hand", owner, entry.path, target
+            )
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.rename(entry.path, target)
+        log.info("workspace of %s moved to %s (the new naming)", owner, target)
 
 
 def secrets_folder(root: Path, thread: str) -> Path:
@@ -3616,8 +3725,6 @@ class TurnEngine:
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
-        # (thread, text) -> text with the thread's saved secret values redacted
-        self.redact: Callable[[str, str], str] = lambda thread, text: text
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
@@ -3776,7 +3883,6 @@ class TurnEngine:
             if isinstance(changed, list):
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
-        text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         used = self.records.call_ids(turn.id)
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -3799,9 +3905,8 @@ class TurnEngine:
                         state = "waiting"
                         expires = now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
-            args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
-            calls.append((call_id, call.name, dumps(args), state, result))
-        for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
+            calls.append((call_id, call.name, call.args, state, result))
+        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
@@ -3814,7 +3919,7 @@ class TurnEngine:
         for call_id, name, args, state in calls:
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
-                self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
+                self.records.set_result(turn, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
                 future = self.start_tool(tool, values, self.context_of(turn, call_id))
@@ -3832,8 +3937,7 @@ class TurnEngine:
             ):
                 if changed is not None:
                     result = as_text(changed)
-            result = self.redact(turn.thread_id, result)
-            self.records.set_result(turn.id, call_id, state, result, was="running")
+            self.records.set_result(turn, call_id, state, result, was="running")
 
     def start_tool(
         self, tool: Tool, args: dict[str, Any], ctx: ToolContext
@@ -4471,7 +4575,9 @@ class Secrets:
         names = [name for name, _ in request.fields]
         try:
             values = self.decrypt(request_id, sealed_key, names, key, iv, sealed)
-        except (InvalidTag, ValueError):
+        except BadInput as e:
+            raise BadInput(f"That secret blob was refused: {e}. Nothing was saved.") from None
+        except (InvalidTag, ValueError, RecursionError):
             raise BadInput(
                 "That secret blob is damaged or was changed; nothing was saved. "
                 "Copy the whole line from the page again."
@@ -4492,7 +4598,9 @@ class Secrets:
         iv: bytes,
         sealed: bytes,
     ) -> dict[str, str]:
-        """The values in a blob: InvalidTag or ValueError when it does not open."""
+        """The values in a blob, all checked before any is used: InvalidTag or ValueError
+        (RecursionError for JSON nested too deep) when it does not open, BadInput when a
+        value could not be stored."""
         scalar = AESGCM(self.key).decrypt(sealed_key[:12], sealed_key[12:], request_id.encode())
         private = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
         peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
@@ -4503,12 +4611,14 @@ class Secrets:
             raise ValueError("the blob does not hold the requested fields")
         if not all(isinstance(v, str) and v for v in values.values()):
             raise ValueError("a value is empty")
+        for name in names:
+            check_unicode(f"the value of {name}", values[name])
         return values
 
-    def redact(self, thread: str, text: str) -> str:
-        """`text` with the thread's saved secret values replaced by `[redacted:NAME]`."""
+    def saved_values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets as `{value: name}`, to redact them."""
         saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return redactions.redact(text, {v: name for name, v in saved.items() if len(v) >= 4})
+        return {value: name for name, value in saved.items() if len(value) >= 4}
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
@@ -4592,13 +4702,25 @@ def json_response(status: int, value: Any, **headers: str) -> HTTPResponse:
 
 
 def json_body(request: HTTPRequest) -> dict[str, Any]:
-    """The request's JSON object; BadInput when it is not one."""
+    """The request's JSON object; BadInput when it is not one, nests too deeply or holds
+    a lone surrogate (an escape like `\\ud800` alone), which could not be stored."""
     try:
         value = json.loads(request.body)
     except ValueError:
         raise BadInput("the body is not JSON") from None
+    except RecursionError:
+        raise BadInput("the body's JSON nests too deeply") from None
     if not isinstance(value, dict):
         raise BadInput("the body is not a JSON object")
+    items = [value]
+    while items:
+        item = items.pop()
+        if isinstance(item, str):
+            check_unicode("the body", item)
+        elif isinstance(item, dict):
+            items += [*item, *item.values()]
+        elif isinstance(item, list):
+            items += item
     return value
 
 
@@ -4980,11 +5102,40 @@ class Telegram(PollingAdapter):
         self._polling.close()
 
 
+AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@]|%(2[eEfF]|5[cC])")
+
+
+def url_parts(url: object) -> tuple[str, str, int, str, str] | None:
+    """`(scheme, host, port, path, query)` of a plain http(s) URL, or None when it is
+    ambiguous: an `@` (user info), a `#`, a backslash, a space, control or non-ASCII
+    character, an empty, `.` or `..` path segment, or a percent-encoded dot, slash or
+    backslash."""
+    if not isinstance(url, str) or AMBIGUOUS_URL.search(url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    segments = parts.path.split("/")[1:]
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not parts.path.startswith("/")
+        or "" in segments[:-1]
+        or any(segment in (".", "..") for segment in segments)
+    ):
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path, parts.query
+
+
 class Webhook(Adapter):
     """Signed HTTP events in, signed callbacks of the replies out (DESIGN's wire contract).
 
     `POST /webhook/<name>` with `{"id", "thread", "actor", "text"}` (and optionally
-    `"callback"`, a URL that starts with one of `callbacks`) and the header
+    `"callback"`, a URL under one of `callbacks`: same scheme, host and port, its path
+    below the prefix's, nothing ambiguous like `..`; see `url_parts`) and the header
     `X-Agentkit-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
     `GET /webhook/<name>/turns/<turn id>` is signed the same way over `"<t>.<path>"`.
     """
@@ -4997,14 +5148,26 @@ class Webhook(Adapter):
         self.name = check_adapter_name(name)
         self.secret = secret.encode()
         redactions.add(secret, f"{self.name}-secret")
+        self.callbacks: list[tuple[str, str, int, str, str]] = []
         for url in callbacks:
-            if not re.match(r"https?://[^/]+/", url if isinstance(url, str) else ""):
-                raise BadInput(f"a callback prefix is an http(s) URL with a path, not {url!r}")
-        self.callbacks = tuple(callbacks)
+            parts = url_parts(url)
+            if parts is None or not parts[3].endswith("/") or parts[4]:
+                raise BadInput(
+                    "a callback prefix is a plain http(s) URL whose path ends with '/' "
+                    f"(no query, user info or '..'), not {url!r}"
+                )
+            self.callbacks.append(parts)
         self.client = httpx.Client(timeout=10.0)
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
         return kind in ("reply", "error") and "callback" in meta
+
+    def allows(self, callback: object) -> bool:
+        """Whether `callback` is an unambiguous URL under one of the callback prefixes."""
+        parts = url_parts(callback)
+        return parts is not None and any(
+            parts[:3] == prefix[:3] and parts[3].startswith(prefix[3]) for prefix in self.callbacks
+        )
 
     def signature(self, t: int, payload: bytes) -> str:
         return hmac.new(self.secret, f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
@@ -5015,7 +5178,7 @@ class Webhook(Adapter):
         t = fields.get("t", "")
         if not (re.fullmatch(r"[0-9]{1,11}", t) and abs(now() - int(t)) <= self.WINDOW):
             return False
-        return hmac.compare_digest(fields.get("v1", ""), self.signature(int(t), payload))
+        return same_secret(fields.get("v1", ""), self.signature(int(t), payload))
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         base = f"/webhook/{self.name}"
@@ -5034,9 +5197,7 @@ class Webhook(Adapter):
                 if not isinstance(event.get(key), str) or not event[key]:
                     raise BadInput(f"{key!r} must be a non-empty string")
             callback = event.get("callback")
-            if callback is not None and not (
-                isinstance(callback, str) and callback.startswith(self.callbacks or ("\0",))
-            ):
+            if callback is not None and not self.allows(callback):
                 raise BadInput("the callback URL is not allowed")
             digest = hashlib.sha256(request.body).hexdigest()
             meta = {"digest": digest, "event": event["id"]}
@@ -5449,9 +5610,7 @@ class WebChat(Adapter):
             for part in request.headers.get("cookie", "").split(";")
             if "=" in part
         )
-        return bool(self.token) and hmac.compare_digest(
-            cookies.get(self.cookie, ""), self.session()
-        )
+        return bool(self.token) and same_secret(cookies.get(self.cookie, ""), self.session())
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         route = (request.method, request.path)
@@ -5464,9 +5623,7 @@ class WebChat(Adapter):
             )
         if route == ("POST", "/api/login"):
             token = json_body(request).get("token")
-            if not (
-                isinstance(token, str) and self.token and hmac.compare_digest(token, self.token)
-            ):
+            if not (isinstance(token, str) and self.token and same_secret(token, self.token)):
                 return json_response(401, {"error": "wrong token"})
             cookie = f"{self.cookie}={self.session()}; Path=/; HttpOnly; SameSite=Strict"
             return HTTPResponse(204, b"", {"Set-Cookie": cookie})
@@ -5551,16 +5708,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.handle_request()
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals, none of them a 5xx: an unknown method is 405, an
+        unknown HTTP version 400."""
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
+
     def handle_request(self) -> None:
+        """Read the request, route it, answer: bad input is a 400, a bug a 500 (logged).
+        A client that goes away is the server's `handle_error`."""
         length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not length.isdigit():
+        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,10}", length):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
         if int(length) > MAX_BODY:
             self.close_connection = True
             return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
         body = self.rfile.read(int(length))
-        parts = urllib.parse.urlsplit(self.path)
+        parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
         request = HTTPRequest(
             self.command,
             parts.path,
@@ -5573,7 +5737,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadInput as e:
             response = json_response(400, {"error": str(e)})
         except Exception:
-            log.exception("%s %s failed", self.command, parts.path)
+            log.exception("%s %s failed", self.command, self.path)
             response = json_response(500, {"error": "internal error"})
         self.reply(response)
 
@@ -5624,6 +5788,15 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closed its socket or stopped sending is dropped quietly; anything
+        else is logged (never printed to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("http: %s went away (%s)", client_address, describe_error(error))
+        else:
+            log.exception("http: the request from %s failed", client_address)
 
     def route(self, request: HTTPRequest) -> HTTPResponse:
         if request.path == "/healthz":
@@ -5698,6 +5871,7 @@ class AgentKit:
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
         self.store = Store(db, synchronous=synchronous)
+        move_old_workspaces(Path(workspace), self.store)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
         self.engine = TurnEngine(
@@ -5722,7 +5896,7 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.engine.redact = self.secrets.redact
+        self.records.thread_secrets = self.secrets.saved_values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
         self.adapters = self._adapters(adapters)
