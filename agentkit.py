@@ -3922,6 +3922,8 @@ def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Re
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
             except FileNotFoundError:
                 if todo and create:
+                    if ".." in todo:
+                        raise BadInput(f"{path} goes through a missing folder and back with ..")
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o755, dir_fd=folder)
                     todo.append(name)
@@ -4109,15 +4111,18 @@ class LocalRuntime:
 
     def grep(self, pattern: str, path: str = ".", *, glob: str | None = None) -> list[str]:
         """`file:line: text` for each line matching the regular expression, in the text
-        files below `path` (hard links and symlinks skipped), their name matching `glob`."""
+        files below `path` whose name matches `glob` (symlinks, hard links and the saved
+        outputs of OUTPUT_FOLDER skipped)."""
         try:
             regex = re.compile(pattern)
         except (re.error, TypeError) as e:
             raise BadInput(f"not a regular expression: {pattern!r} ({e})") from None
         found = []
         for relative, name, folder in self._walk(path):
-            if glob is not None and not _matches(glob, relative, name):
-                continue
+            if relative.startswith(f"{OUTPUT_FOLDER}/") or (
+                glob is not None and not _matches(glob, relative, name)
+            ):
+                continue  # saved outputs would only repeat what was shown
             try:
                 fd = _open_file(_Resolved(folder, name, ()), relative)
             except BadInput:
