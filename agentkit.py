@@ -73,6 +73,7 @@ __all__ = [
     "BashResult",
     "Block",
     "BwrapProvider",
+    "BwrapRuntime",
     "Delivery",
     "EchoModel",
     "Event",
@@ -86,6 +87,7 @@ __all__ = [
     "JobContext",
     "LeaseLost",
     "LocalProvider",
+    "LocalRuntime",
     "Lock",
     "LockBusy",
     "Model",
@@ -3765,13 +3767,12 @@ def _run_limited(
     timeout: float,
     limits: RuntimeLimits,
     pass_fds: tuple[int, ...] = (),
-    hide: dict[str, str],
     on_output: Callable[[str], object] | None,
     track: Callable[[subprocess.Popen, bool], None],
 ) -> tuple[int | None, str, bool]:
     """Run argv in a new process group under `limits`; `(exit code or None, output,
     timed out)`. When it ends or times out, everything it started is killed (its group
-    and its cgroup). The output is redacted of the values of `hide` (value -> label)."""
+    and its cgroup). `on_output` gets the output in whole lines as it comes."""
     cap = _ProcessCap(limits.processes)
     limit_args = [
         cap.procs_file,
@@ -3796,7 +3797,7 @@ def _run_limited(
         raise
     track(proc, True)
     assert proc.stdout is not None
-    out, stream = bytearray(), _LineStream(hide, on_output)
+    out, stream = bytearray(), _LineStream(on_output)
     pidfd = os.pidfd_open(proc.pid)
     deadline = time.monotonic() + timeout
     timed_out = False
@@ -3831,7 +3832,7 @@ def _run_limited(
             proc.kill()
             proc.wait()
     stream.flush()
-    text = redactions.redact(out.decode("utf-8", "replace"), hide)
+    text = out.decode("utf-8", "replace")
     if len(out) >= SAVED_OUTPUT_BYTES:
         text += f"\n[output beyond {SAVED_OUTPUT_BYTES} bytes was dropped]"
     return (None if timed_out else proc.returncode), text, timed_out
@@ -3853,10 +3854,10 @@ def _take(pipe: Any, out: bytearray, stream: "_LineStream", wait: float = 0.0) -
 
 
 class _LineStream:
-    """Hands a command's output to `on_output` in whole lines, redacted."""
+    """Hands a command's output to `on_output` in whole lines."""
 
-    def __init__(self, hide: dict[str, str], on_output: Callable[[str], object] | None) -> None:
-        self.hide, self.on_output, self.pending = hide, on_output, b""
+    def __init__(self, on_output: Callable[[str], object] | None) -> None:
+        self.on_output, self.pending = on_output, b""
 
     def feed(self, chunk: bytes) -> None:
         if self.on_output is None:
@@ -3872,7 +3873,7 @@ class _LineStream:
 
     def _send(self, data: bytes) -> None:
         try:
-            self.on_output(redactions.redact(data.decode("utf-8", "replace"), self.hide))  # type: ignore[misc]
+            self.on_output(data.decode("utf-8", "replace"))  # type: ignore[misc]
         except Exception:
             log.exception("on_output raised; the command goes on")
 
@@ -3923,7 +3924,7 @@ def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Re
             except FileNotFoundError:
                 if todo and create:
                     if ".." in todo:
-                        raise BadInput(f"{path} goes through a missing folder and back with ..")
+                        raise BadInput(f"{path} goes through a missing folder and back") from None
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o755, dir_fd=folder)
                     todo.append(name)
@@ -4017,6 +4018,17 @@ class LocalRuntime:
         finally:
             os.close(resolved.folder)
 
+    def _folder(self, path: str) -> tuple[int, list[str]]:
+        """A descriptor of the folder at `path` (the caller closes it) and its canonical
+        components below the root."""
+        with self._resolved(path) as resolved:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            try:
+                fd = os.open(resolved.name, flags, dir_fd=resolved.folder)
+            except OSError as e:
+                raise _os_error(path, e) from None
+            return fd, [*resolved.parts, *([] if resolved.name == "." else [resolved.name])]
+
     def _text(self, path: str) -> str:
         with self._resolved(path) as resolved, os.fdopen(_open_file(resolved, path), "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -4070,17 +4082,11 @@ class LocalRuntime:
 
     def ls(self, path: str = ".") -> list[str]:
         """A folder's entries, sorted, folders ending with '/' (.secrets never listed)."""
-        with self._resolved(path) as resolved:
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-            try:
-                fd = os.open(resolved.name, flags, dir_fd=resolved.folder)
-            except OSError as e:
-                raise _os_error(path, e) from None
-            at_root = resolved.name == "." and not resolved.parts
+        fd, parts = self._folder(path)
         try:
             entries = []
             for entry in os.scandir(fd):
-                if at_root and entry.name == SECRETS:
+                if not parts and entry.name == SECRETS:
                     continue
                 entries.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
             return sorted(entries)
@@ -4090,13 +4096,7 @@ class LocalRuntime:
     def _walk(self, path: str) -> Iterator[tuple[str, str, int]]:
         """`(relative path, name, folder descriptor)` of every file and folder below
         `path`, walked by descriptors without following symlinks (.secrets skipped)."""
-        with self._resolved(path) as resolved:
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-            try:
-                top = os.open(resolved.name, flags, dir_fd=resolved.folder)
-            except OSError as e:
-                raise _os_error(path, e) from None
-            base = [*resolved.parts, *([] if resolved.name == "." else [resolved.name])]
+        top, base = self._folder(path)
         try:
             for folder, dirs, files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
                 below = [*base, *[p for p in folder.split("/") if p != "."]]
@@ -4165,39 +4165,42 @@ class LocalRuntime:
         if not isinstance(command, str) or not command.strip():
             raise BadInput("bash needs a command")
         timeout = check_seconds("timeout", timeout, positive=True)
-        hide = {value: name for name, value in (env or {}).items() if len(value or "") >= 4}
-        with self._resolved(cwd or ".") as resolved:
-            parts = [*resolved.parts, *([] if resolved.name == "." else [resolved.name])]
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-            try:
-                os.close(os.open(resolved.name, flags, dir_fd=resolved.folder))
-            except OSError as e:
-                raise _os_error(cwd or ".", e) from None
-        exit_code, output, timed_out = self._run(command, parts, env, hide, timeout, on_output)
+        made = _command_env(env, self.root)
+        hide = {value: name for name, value in (env or {}).items() if len(value) >= 4}
+        fd, parts = self._folder(cwd or ".")
+        os.close(fd)
+        shown = (
+            None if on_output is None else (lambda text: on_output(redactions.redact(text, hide)))
+        )
+        exit_code, output, timed_out = self.execute(
+            command, "/".join(parts) or ".", made, timeout, shown
+        )
+        output = redactions.redact(output, hide)
         if timed_out:
             output += (
                 f"\n[timed out after {timeout:g} s: the command and all it started were killed]"
             )
-        shown, saved = cap_output(self, output, keep="tail", label="bash")
-        return BashResult(exit_code, shown, saved is not None, saved, timed_out)
+        kept, saved = cap_output(self, output, keep="tail", label="bash")
+        return BashResult(exit_code, kept, saved is not None, saved, timed_out)
 
-    def _run(
+    def execute(
         self,
         command: str,
-        parts: list[str],
-        env: dict[str, str] | None,
-        hide: dict[str, str],
+        cwd: str,
+        env: dict[str, str],
         timeout: float,
         on_output: Callable[[str], object] | None,
     ) -> tuple[int | None, str, bool]:
-        """Run the command on the host, in the resolved folder."""
+        """Run `command` with bash in `cwd` (a checked folder relative to the root) with
+        the environment `env`: `(exit code or None, output, timed out)`. `bash` redacts
+        and caps what this returns; a subclass overrides it to run commands elsewhere (a
+        container, a VM) while the files stay confined here. Here: on the host."""
         return _run_limited(
             ["bash", "-c", command],
-            env=_command_env(env, self.root),
-            cwd=os.path.join(self.root, *parts),
+            env=env,
+            cwd=os.path.join(self.root, cwd),
             timeout=timeout,
             limits=self.limits,
-            hide=hide,
             on_output=on_output,
             track=self._track,
         )
@@ -4274,12 +4277,11 @@ class BwrapRuntime(LocalRuntime):
         self.root = "/workspace"
         self.executable, self.network = executable, network
 
-    def _run(
+    def execute(
         self,
         command: str,
-        parts: list[str],
-        env: dict[str, str] | None,
-        hide: dict[str, str],
+        cwd: str,
+        env: dict[str, str],
         timeout: float,
         on_output: Callable[[str], object] | None,
     ) -> tuple[int | None, str, bool]:
@@ -4303,17 +4305,16 @@ class BwrapRuntime(LocalRuntime):
             *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
             *("--bind", f"/proc/self/fd/{root_fd}", self.root),
             *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
-            *("--chdir", "/".join([self.root, *parts])),
+            *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
             *("bash", "-c", command),
         ]
         return _run_limited(
             argv,
-            env={**_command_env(env, self.root), "TMPDIR": "/tmp"},
+            env={**env, "TMPDIR": "/tmp"},
             cwd="/",
             timeout=timeout,
             limits=self.limits,
             pass_fds=(root_fd,),
-            hide=hide,
             on_output=on_output,
             track=self._track,
         )
@@ -4331,7 +4332,8 @@ class LocalProvider:
         self._runtimes: dict[tuple[str, str], LocalRuntime] = {}
         self._lock = threading.Lock()
 
-    def _make(self, scope: RuntimeScope) -> LocalRuntime:
+    def make(self, scope: RuntimeScope) -> LocalRuntime:
+        """A new runtime for a scope (a subclass returns its own kind)."""
         return LocalRuntime(scope, self.limits)
 
     def get(self, scope: RuntimeScope) -> LocalRuntime:
@@ -4339,7 +4341,7 @@ class LocalProvider:
         with self._lock:
             runtime = self._runtimes.get((scope.kind, scope.key))
             if runtime is None:
-                runtime = self._runtimes[scope.kind, scope.key] = self._make(scope)
+                runtime = self._runtimes[scope.kind, scope.key] = self.make(scope)
             return runtime
 
     def stop(self, scope: RuntimeScope | None = None) -> None:
@@ -4373,7 +4375,8 @@ class BwrapProvider(LocalProvider):
             )
         self.executable, self.network = found, bool(network)
 
-    def _make(self, scope: RuntimeScope) -> BwrapRuntime:
+    def make(self, scope: RuntimeScope) -> BwrapRuntime:
+        """A new bwrap runtime for a scope."""
         return BwrapRuntime(scope, self.limits, self.executable, self.network)
 
 
@@ -7388,6 +7391,7 @@ class AgentKit:
                     server.server_close()
                 for signum, handler in handlers.items():
                     signal.signal(signum, handler)
+                self.runtimes.close()
                 self.stopping.clear()
                 log.info("stopped")
 

@@ -195,8 +195,8 @@ def test_bwrap_commands_cannot_see_the_secrets(tmp_path: Path) -> None:
     agentkit.write_secret(root / ".secrets", "TOKEN", "token-value-3")
     runtime = provider.get(agentkit.RuntimeScope("thread", "cli:me", root))
     result = runtime.bash(
-        "ls -a .secrets; cat .secrets/TOKEN; grep -rs token-value /workspace /tmp /etc /home /root; "
-            "find / -xdev -name TOKEN 2>/dev/null; echo end",
+        "ls -a .secrets; cat .secrets/TOKEN; grep -rs token-value /workspace /tmp /etc /root; "
+        "find / -xdev -name TOKEN 2>/dev/null; echo end",
         timeout=30,
     )
     assert result.output == ".\n..\ncat: .secrets/TOKEN: No such file or directory\nend\n"
@@ -290,6 +290,19 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit(runtime: agentkit.LocalRunt
     assert "Resource temporarily unavailable" in result.output
     assert agentkit_cgroups() == []
     assert runtime.bash("echo still working", timeout=30).output == "still working\n"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_the_process_limit_holds_for_root(tmp_path: Path, provider: str) -> None:
+    spawn = "for i in $(seq 60); do sleep 30 & done; echo spawned"
+    scope = agentkit.RuntimeScope("thread", "cli:me", tmp_path / "root")
+    for processes, refused in [(200, False), (40, True)]:
+        limits = agentkit.RuntimeLimits(processes=processes)
+        chosen = provider_named(provider, limits=limits)
+        result = chosen.get(scope).bash(spawn, timeout=3)
+        assert ("Resource temporarily unavailable" in result.output) is refused
+        assert result.output.endswith("spawned\n") is not refused
+        chosen.stop()
 
 
 def test_a_huge_write_is_stopped_by_the_file_size_limit(runtime: agentkit.LocalRuntime) -> None:
