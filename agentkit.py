@@ -3537,6 +3537,7 @@ OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
 OUTPUT_LINES = 2_000
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
+READ_BYTES = 64 << 20  # the largest file read and edit take
 SECRETS = ".secrets"  # the folder at a root that no runtime operation shows
 BASH_TIMEOUT = 600.0  # the longest timeout the bash tool may ask for
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -3722,12 +3723,14 @@ class _ProcessCap:
             try:
                 pids = (self.cgroup / "cgroup.procs").read_text().split()
             except OSError:
+                self.cgroup = None
                 return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
             try:
                 self.cgroup.rmdir()
+                self.cgroup = None
                 return
             except OSError:
                 time.sleep(0.01)  # killed processes are still being reaped
@@ -3792,6 +3795,11 @@ def _run_limited(
             pass_fds=pass_fds,
             process_group=0,
         )
+    except FileNotFoundError:
+        cap.kill()
+        raise RuntimeUnavailable(
+            f"cannot run commands: {argv[0]} or bash is not installed"
+        ) from None
     except BaseException:
         cap.kill()
         raise
@@ -3821,7 +3829,8 @@ def _run_limited(
         cap.kill()
         proc.wait()
         os.set_blocking(proc.stdout.fileno(), False)
-        while _take(proc.stdout, out, stream, wait=0.2):
+        drained = time.monotonic() + 1.0  # a process that escaped the kill may hold the pipe
+        while time.monotonic() < drained and _take(proc.stdout, out, stream, wait=0.2):
             pass
     finally:
         os.close(pidfd)
@@ -3960,6 +3969,16 @@ def _os_error(path: str, e: OSError) -> BadInput:
     return BadInput(f"{path}: {e.strerror or e}")
 
 
+def _mode_of(resolved: _Resolved) -> int:
+    """The permissions of the regular file a write replaces (0644 for a new file), so that
+    editing a script keeps it executable."""
+    try:
+        info = os.stat(resolved.name, dir_fd=resolved.folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0o644
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else 0o644
+
+
 def _open_file(resolved: _Resolved, path: str) -> int:
     """A descriptor of a regular file that has one link only (a hard link could be a way
     to a file outside the workspace or in .secrets), opened without following symlinks."""
@@ -3993,10 +4012,18 @@ class LocalRuntime:
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen] = set()
 
-    def _fd(self) -> int:
-        if self._root_fd is None:
-            raise RuntimeUnavailable(f"the {self.name} runtime of {self.scope.key} was stopped")
-        return self._root_fd
+    @contextlib.contextmanager
+    def _root(self) -> Iterator[int]:
+        """A descriptor of the root of its own, valid while it is used even when stop()
+        runs meanwhile (RuntimeUnavailable once stopped)."""
+        with self._lock:
+            if self._root_fd is None:
+                raise RuntimeUnavailable(f"the {self.name} runtime of {self.scope.key} was stopped")
+            fd = os.dup(self._root_fd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def stop(self) -> None:
         """Kill the running commands (their groups) and let go of the folder."""
@@ -4012,7 +4039,8 @@ class LocalRuntime:
 
     @contextlib.contextmanager
     def _resolved(self, path: str, *, create: bool = False) -> Iterator[_Resolved]:
-        resolved = _resolve(self._fd(), path, self.root, create=create)
+        with self._root() as root_fd:
+            resolved = _resolve(root_fd, path, self.root, create=create)
         try:
             yield resolved
         finally:
@@ -4031,7 +4059,10 @@ class LocalRuntime:
 
     def _text(self, path: str) -> str:
         with self._resolved(path) as resolved, os.fdopen(_open_file(resolved, path), "rb") as f:
-            return f.read().decode("utf-8", "replace")
+            data = f.read(READ_BYTES + 1)
+        if len(data) > READ_BYTES:
+            raise BadInput(f"{path} is over {READ_BYTES >> 20} MiB: look at it with bash instead")
+        return data.decode("utf-8", "replace")
 
     def read(self, path: str, *, offset: int = 0, limit: int | None = None) -> str:
         """The text of a file, from line `offset` (0-based), at most `limit` lines."""
@@ -4051,8 +4082,9 @@ class LocalRuntime:
             temporary = f".{resolved.name[:100]}.{os.urandom(6).hex()}.tmp"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             try:
-                fd = os.open(temporary, flags, 0o644, dir_fd=resolved.folder)
+                fd = os.open(temporary, flags, 0o600, dir_fd=resolved.folder)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    os.fchmod(fd, _mode_of(resolved))
                     f.write(text)
                 os.replace(
                     temporary, resolved.name, src_dir_fd=resolved.folder, dst_dir_fd=resolved.folder
@@ -4286,7 +4318,18 @@ class BwrapRuntime(LocalRuntime):
         on_output: Callable[[str], object] | None,
     ) -> tuple[int | None, str, bool]:
         """Run the command in a new bwrap sandbox, bound to the root by its descriptor."""
-        root_fd = self._fd()
+        with self._root() as root_fd:
+            return self._sandboxed(command, cwd, env, timeout, on_output, root_fd)
+
+    def _sandboxed(
+        self,
+        command: str,
+        cwd: str,
+        env: dict[str, str],
+        timeout: float,
+        on_output: Callable[[str], object] | None,
+        root_fd: int,
+    ) -> tuple[int | None, str, bool]:
         with contextlib.suppress(FileExistsError):
             os.mkdir(SECRETS, 0o700, dir_fd=root_fd)  # so that it is always there to mask
         argv = [

@@ -52,8 +52,8 @@ def processes_with(marker: str) -> list[int]:
 
 
 def agentkit_cgroups() -> list[Path]:
-    """The cgroups agentkit made for commands and did not remove."""
-    return [p for p in Path("/sys/fs/cgroup").glob("**/agentkit-*") if p.is_dir()]
+    """The cgroups this process made for commands and did not remove."""
+    return [p for p in Path("/sys/fs/cgroup").glob(f"**/agentkit-{os.getpid()}-*") if p.is_dir()]
 
 
 # ─────────────────────────────── paths stay inside the root ───────────────────────────────
@@ -218,6 +218,20 @@ def test_edit_changes_nothing_unless_every_match_is_unique(runtime: agentkit.Loc
     assert runtime.read("f.txt") == "A\nbeta\nbeta\nG\n"
 
 
+def test_an_edited_script_stays_executable_and_huge_files_are_refused(
+    runtime: agentkit.LocalRuntime,
+) -> None:
+    runtime.write("run.sh", "echo one\n")
+    (root_of(runtime) / "run.sh").chmod(0o755)
+    runtime.edit("run.sh", [("one", "two")])
+    assert (root_of(runtime) / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert runtime.bash("./run.sh", timeout=30).output == "two\n"
+    with open(root_of(runtime) / "huge.bin", "wb") as f:
+        f.truncate(agentkit.READ_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(agentkit.BadInput, match="over 64 MiB"):
+        runtime.read("huge.bin")
+
+
 # ───────────────────────────────────────── commands ─────────────────────────────────────────
 
 
@@ -231,6 +245,18 @@ def test_commands_get_a_scrubbed_environment(
     assert result.exit_code == 0 and f"HOME={runtime.root}" in result.output
     for value in ("web-token-value", "sk-api-key-value", "some-token-value", "AGENTKIT"):
         assert value not in result.output
+
+
+def test_bad_commands_and_variables_are_refused(runtime: agentkit.LocalRuntime) -> None:
+    for command, options, problem in [
+        ("", {}, "bash needs a command"),
+        ("true", {"timeout": 0}, "timeout must be"),
+        ("true", {"env": {"A B": "x"}}, "plain identifier"),
+        ("true", {"env": {"A": 1}}, "must be a string"),
+        ("true", {"cwd": "missing"}, "missing"),
+    ]:
+        with pytest.raises(agentkit.BadInput, match=problem):
+            runtime.bash(command, **{"timeout": 10, **options})
 
 
 def test_values_passed_in_env_are_redacted(runtime: agentkit.LocalRuntime) -> None:
