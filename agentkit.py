@@ -3824,6 +3824,7 @@ def _run_limited(
                         exited = True
                     elif not _take(proc.stdout, out, stream):
                         selector.unregister(proc.stdout)
+        track(proc, False)  # before it is reaped: stop() never signals a reused pid
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet: no reuse
         cap.kill()
@@ -3874,6 +3875,8 @@ class _LineStream:
         lines, _, self.pending = (self.pending + chunk).rpartition(b"\n")
         if lines:
             self._send(lines + b"\n")
+        if len(self.pending) > 65536:  # a very long line goes in parts
+            self.flush()
 
     def flush(self) -> None:
         if self.on_output is not None and self.pending:
@@ -3881,8 +3884,9 @@ class _LineStream:
             self.pending = b""
 
     def _send(self, data: bytes) -> None:
+        assert self.on_output is not None
         try:
-            self.on_output(data.decode("utf-8", "replace"))  # type: ignore[misc]
+            self.on_output(data.decode("utf-8", "replace"))
         except Exception:
             log.exception("on_output raised; the command goes on")
 

@@ -461,6 +461,21 @@ def test_ctx_runtime_passes_a_secret_to_a_command_and_redacts_it(tmp_path: Path)
     assert result == "using [redacted:TOKEN]\n"
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_saved_secret_never_reaches_the_model_through_bash(tmp_path: Path, provider: str) -> None:
+    # local commands are not confined: the value is redacted from the result; bwrap hides it
+    steps = [ToolCall("bash", {"command": "cat .secrets/TOKEN; echo"}), "ok"]
+    options = {"runtime": provider, "workspace_tools": True, "workspace_tools_approval": False}
+    with scripted(tmp_path, steps, **options) as kit:
+        agentkit.write_secret(
+            agentkit.secrets_folder(tmp_path / "workspace", "cli:me"), "TOKEN", "saved-value-5"
+        )
+        assert kit.run_turn("cli:me", "show me").status == "done"
+        [result] = [m["content"] for m in kit.history("cli:me") if m["role"] == "tool"]
+    assert "saved-value-5" not in result
+    assert ("[redacted:TOKEN]" in result) is (provider == "local")
+
+
 @pytest.mark.parametrize(
     ("scope", "shared"),
     [("thread", False), ("actor", True), ("adapter", True), ("kit", True)],
