@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -329,6 +332,51 @@ def test_the_process_limit_holds_for_root(tmp_path: Path, provider: str) -> None
         assert ("Resource temporarily unavailable" in result.output) is refused
         assert result.output.endswith("spawned\n") is not refused
         chosen.stop()
+
+
+NOBODY = 65534
+AS_NOBODY = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import agentkit
+provider = getattr(agentkit, sys.argv[2])(limits=agentkit.RuntimeLimits(processes=int(sys.argv[3])))
+runtime = provider.get(agentkit.RuntimeScope("thread", "cli:me", Path(sys.argv[4])))
+print(runtime.bash("id -u; " + sys.argv[5], timeout=3).output)
+provider.stop()
+"""
+
+
+@pytest.mark.parametrize("provider", ["LocalProvider", "BwrapProvider"])
+def test_a_user_without_a_cgroup_gets_rlimit_nproc(provider: str) -> None:
+    # a user that may not make cgroups falls back to RLIMIT_NPROC, which holds for them
+    with tempfile.TemporaryDirectory(prefix="agentkit-nobody-") as name:
+        folder = Path(name)
+        os.chown(folder, NOBODY, NOBODY)
+        spawn_as_nobody(folder, provider)
+
+
+def spawn_as_nobody(folder: Path, provider: str) -> None:
+    spawn = "for i in $(seq 60); do sleep 30 & done; echo spawned"
+    for processes, refused in [(200, False), (40, True)]:
+        # RLIMIT_NPROC counts all of the user's processes: start from none
+        wait_until(lambda: agentkit._tasks_of(NOBODY) == 0, what="nobody's processes to end")
+        here = str(Path(agentkit.__file__).parent)
+        done = subprocess.run(
+            [
+                *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+                *(sys.executable, "-c", AS_NOBODY, here, provider, str(processes)),
+                *(str(folder / "root"), spawn),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"{NOBODY}\n")
+        assert ("Resource temporarily unavailable" in done.stdout) is refused
+        assert ("spawned" in done.stdout) is not refused
 
 
 def test_a_huge_write_is_stopped_by_the_file_size_limit(runtime: agentkit.LocalRuntime) -> None:
