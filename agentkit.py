@@ -3527,19 +3527,16 @@ class Hooks:
 
 
 # ─────────────────────────────────────── runtimes ───────────────────────────────────────
-# Where workspace tools and commands run: a RuntimeProvider gives each scope a Runtime (a
-# root folder and its operations); local and bwrap ship here, with the workspace tools.
+# Where files are worked on and commands run: a RuntimeProvider gives each scope a Runtime
+# (a root folder and its operations), kept warm per scope; local and bwrap ship here.
 
 RUNTIME_SCOPES = ("thread", "actor", "adapter", "kit")
-WORKSPACE_TOOLS = ("read", "write", "edit", "ls", "grep", "find", "bash")
-UNCONFIRMED_TOOLS = ("read", "ls", "grep", "find")  # need no approval by default
 OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
 OUTPUT_LINES = 2_000
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
 READ_BYTES = 64 << 20  # the largest file read and edit take
 SECRETS = ".secrets"  # the folder at a root that no runtime operation shows
-BASH_TIMEOUT = 600.0  # the longest timeout the bash tool may ask for
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOST_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")  # the only variables commands inherit
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -3762,6 +3759,34 @@ def _command_env(env: dict[str, str] | None, home: str) -> dict[str, str]:
     return made
 
 
+class _LineStream:
+    """Hands a command's output to `on_output` in whole lines."""
+
+    def __init__(self, on_output: Callable[[str], object] | None) -> None:
+        self.on_output, self.pending = on_output, b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.on_output is None:
+            return
+        lines, _, self.pending = (self.pending + chunk).rpartition(b"\n")
+        if lines:
+            self._send(lines + b"\n")
+        if len(self.pending) > 65536:  # a very long line goes in parts
+            self.flush()
+
+    def flush(self) -> None:
+        if self.on_output is not None and self.pending:
+            self._send(self.pending)
+            self.pending = b""
+
+    def _send(self, data: bytes) -> None:
+        assert self.on_output is not None
+        try:
+            self.on_output(data.decode("utf-8", "replace"))
+        except Exception:
+            log.exception("on_output raised; the command goes on")
+
+
 def _run_limited(
     argv: list[str],
     *,
@@ -3848,7 +3873,7 @@ def _run_limited(
     return (None if timed_out else proc.returncode), text, timed_out
 
 
-def _take(pipe: Any, out: bytearray, stream: "_LineStream", wait: float = 0.0) -> bool:
+def _take(pipe: Any, out: bytearray, stream: _LineStream, wait: float = 0.0) -> bool:
     """Read what the pipe has into `out` (up to SAVED_OUTPUT_BYTES) and the stream; False
     at its end (or, with `wait`, when nothing came within that many seconds)."""
     if wait and not select.select([pipe], [], [], wait)[0]:
@@ -3863,32 +3888,36 @@ def _take(pipe: Any, out: bytearray, stream: "_LineStream", wait: float = 0.0) -
     return bool(chunk)
 
 
-class _LineStream:
-    """Hands a command's output to `on_output` in whole lines."""
+def _cut(text: str, keep: str) -> str:
+    """`text` cut to OUTPUT_LINES lines and OUTPUT_BYTES bytes, keeping its head or tail."""
+    lines = text.splitlines(keepends=True)
+    lines = lines[-OUTPUT_LINES:] if keep == "tail" else lines[:OUTPUT_LINES]
+    data = "".join(lines).encode()
+    data = data[-OUTPUT_BYTES:] if keep == "tail" else data[:OUTPUT_BYTES]
+    return data.decode("utf-8", "ignore")
 
-    def __init__(self, on_output: Callable[[str], object] | None) -> None:
-        self.on_output, self.pending = on_output, b""
 
-    def feed(self, chunk: bytes) -> None:
-        if self.on_output is None:
-            return
-        lines, _, self.pending = (self.pending + chunk).rpartition(b"\n")
-        if lines:
-            self._send(lines + b"\n")
-        if len(self.pending) > 65536:  # a very long line goes in parts
-            self.flush()
+def cap_output(
+    runtime: Runtime, text: str, *, keep: str = "head", label: str = "output"
+) -> tuple[str, str | None]:
+    """`(what to show, where the whole text was saved)`: text over OUTPUT_LINES lines or
+    OUTPUT_BYTES bytes is cut (its head, or its tail with keep="tail") and saved whole in
+    the runtime's OUTPUT_FOLDER; short text is shown as it is (and None)."""
+    shown = _cut(text, keep)
+    if shown == text:
+        return text, None
+    path = f"{OUTPUT_FOLDER}/{label}-{os.urandom(6).hex()}.txt"
+    runtime.write(path, text)
+    return shown, path
 
-    def flush(self) -> None:
-        if self.on_output is not None and self.pending:
-            self._send(self.pending)
-            self.pending = b""
 
-    def _send(self, data: bytes) -> None:
-        assert self.on_output is not None
-        try:
-            self.on_output(data.decode("utf-8", "replace"))
-        except Exception:
-            log.exception("on_output raised; the command goes on")
+def truncation_note(path: str, keep: str = "head") -> str:
+    """What the model is told about a cut output: what it sees, and where the rest is."""
+    part = "last" if keep == "tail" else "first"
+    return (
+        f"\n[output truncated to its {part} {OUTPUT_LINES} lines or {OUTPUT_BYTES // 1000} KB; "
+        f"the full output is in {path}: read it with offset and limit]"
+    )
 
 
 def _path_parts(path: str, root: str) -> list[str]:
@@ -3997,6 +4026,11 @@ def _open_file(resolved: _Resolved, path: str) -> int:
         what = "a hard link (refused)" if stat.S_ISREG(info.st_mode) else "not a regular file"
         raise BadInput(f"{path} is {what}")
     return fd
+
+
+def _matches(glob: str, relative: str, name: str) -> bool:
+    """Whether a glob matches: against the relative path when it has '/', else the name."""
+    return fnmatch.fnmatchcase(relative if "/" in glob else name, glob)
 
 
 class LocalRuntime:
@@ -4250,11 +4284,6 @@ class LocalRuntime:
                 self._running.discard(proc)
 
 
-def _matches(glob: str, relative: str, name: str) -> bool:
-    """Whether a glob matches: against the relative path when it has '/', else the name."""
-    return fnmatch.fnmatchcase(relative if "/" in glob else name, glob)
-
-
 _SYSTEM_FOLDERS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # from /etc only what programs need to start (no shadow, no machine keys)
 _ETC_ENTRIES = (
@@ -4427,7 +4456,7 @@ class BwrapProvider(LocalProvider):
         return BwrapRuntime(scope, self.limits, self.executable, self.network)
 
 
-def runtime_provider(spec: "str | RuntimeProvider") -> RuntimeProvider:
+def runtime_provider(spec: str | RuntimeProvider) -> RuntimeProvider:
     """The provider a spec names: "local", "bwrap", or a RuntimeProvider object as is."""
     if spec == "local":
         return LocalProvider()
@@ -4495,36 +4524,13 @@ class Runtimes:
         self.provider.stop(None)
 
 
-def _cut(text: str, keep: str) -> str:
-    """`text` cut to OUTPUT_LINES lines and OUTPUT_BYTES bytes, keeping its head or tail."""
-    lines = text.splitlines(keepends=True)
-    lines = lines[-OUTPUT_LINES:] if keep == "tail" else lines[:OUTPUT_LINES]
-    data = "".join(lines).encode()
-    data = data[-OUTPUT_BYTES:] if keep == "tail" else data[:OUTPUT_BYTES]
-    return data.decode("utf-8", "ignore")
+# ──────────────────────────────────── workspace tools ────────────────────────────────────
+# read, write, edit, ls, grep, find and bash for the model, each an ordinary Tool working on
+# the runtime of the call's scope, with capped output.
 
-
-def cap_output(
-    runtime: Runtime, text: str, *, keep: str = "head", label: str = "output"
-) -> tuple[str, str | None]:
-    """`(what to show, where the whole text was saved)`: text over OUTPUT_LINES lines or
-    OUTPUT_BYTES bytes is cut (its head, or its tail with keep="tail") and saved whole in
-    the runtime's OUTPUT_FOLDER; short text is shown as it is (and None)."""
-    shown = _cut(text, keep)
-    if shown == text:
-        return text, None
-    path = f"{OUTPUT_FOLDER}/{label}-{os.urandom(6).hex()}.txt"
-    runtime.write(path, text)
-    return shown, path
-
-
-def truncation_note(path: str, keep: str = "head") -> str:
-    """What the model is told about a cut output: what it sees, and where the rest is."""
-    part = "last" if keep == "tail" else "first"
-    return (
-        f"\n[output truncated to its {part} {OUTPUT_LINES} lines or {OUTPUT_BYTES // 1000} KB; "
-        f"the full output is in {path}: read it with offset and limit]"
-    )
+WORKSPACE_TOOLS = ("read", "write", "edit", "ls", "grep", "find", "bash")
+UNCONFIRMED_TOOLS = ("read", "ls", "grep", "find")  # need no approval by default
+BASH_TIMEOUT = 600.0  # the longest timeout the bash tool may ask for
 
 
 def _listing(ctx: ToolContext, lines: list[str], label: str, empty: str) -> str:
@@ -6778,7 +6784,7 @@ class AgentKit:
         secret_tool: bool = True,
         lease: float = 30.0,
         synchronous: str = "normal",
-        runtime: "str | RuntimeProvider" = "local",
+        runtime: str | RuntimeProvider = "local",
         runtime_scope: str = "thread",
         runtime_idle: float = 900.0,
         workspace_tools: bool | Sequence[str] = False,
