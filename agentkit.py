@@ -4352,48 +4352,36 @@ class BwrapRuntime(LocalRuntime):
     ) -> tuple[int | None, str, bool]:
         """Run the command in a new bwrap sandbox, bound to the root by its descriptor."""
         with self._root() as root_fd:
-            return self._sandboxed(command, cwd, env, timeout, on_output, root_fd)
-
-    def _sandboxed(
-        self,
-        command: str,
-        cwd: str,
-        env: dict[str, str],
-        timeout: float,
-        on_output: Callable[[str], object] | None,
-        root_fd: int,
-    ) -> tuple[int | None, str, bool]:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(SECRETS, 0o700, dir_fd=root_fd)  # so that it is always there to mask
-        argv = [
-            self.executable,
-            "--die-with-parent",
-            "--new-session",
-            "--unshare-user",
-            "--unshare-ipc",
-            "--unshare-pid",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            *([] if self.network else ["--unshare-net"]),
-            "--cap-drop",
-            "ALL",
-            *_system_binds(),
-            *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
-            *("--bind", f"/proc/self/fd/{root_fd}", self.root),
-            *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
-            *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
-            *("bash", "-c", command),
-        ]
-        return _run_limited(
-            argv,
-            env={**env, "TMPDIR": "/tmp"},
-            cwd="/",
-            timeout=timeout,
-            limits=self.limits,
-            pass_fds=(root_fd,),
-            on_output=on_output,
-            track=self._track,
-        )
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(SECRETS, 0o700, dir_fd=root_fd)  # so that it is always there to mask
+            argv = [
+                self.executable,
+                "--die-with-parent",
+                "--new-session",
+                "--unshare-user",
+                "--unshare-ipc",
+                "--unshare-pid",
+                "--unshare-uts",
+                "--unshare-cgroup-try",
+                *([] if self.network else ["--unshare-net"]),
+                *("--cap-drop", "ALL"),
+                *_system_binds(),
+                *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
+                *("--bind", f"/proc/self/fd/{root_fd}", self.root),
+                *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
+                *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
+                *("bash", "-c", command),
+            ]
+            return _run_limited(
+                argv,
+                env={**env, "TMPDIR": "/tmp"},
+                cwd="/",
+                timeout=timeout,
+                limits=self.limits,
+                pass_fds=(root_fd,),
+                on_output=on_output,
+                track=self._track,
+            )
 
 
 class LocalProvider:
@@ -4529,7 +4517,7 @@ class Runtimes:
 # the runtime of the call's scope, with capped output.
 
 WORKSPACE_TOOLS = ("read", "write", "edit", "ls", "grep", "find", "bash")
-UNCONFIRMED_TOOLS = ("read", "ls", "grep", "find")  # need no approval by default
+READ_ONLY_TOOLS = ("read", "ls", "grep", "find")  # idempotent; no approval by default
 BASH_TIMEOUT = 600.0  # the longest timeout the bash tool may ask for
 
 
@@ -4638,13 +4626,13 @@ def workspace_tools_of(
     def rule(name: str) -> bool | Callable[[dict[str, Any], ToolContext], bool | str]:
         if callable(approval):
             return lambda args, ctx: approval(name, args, ctx)
-        return approval and name not in UNCONFIRMED_TOOLS
+        return approval and name not in READ_ONLY_TOOLS
 
     return [
         Tool(
             _TOOL_FUNCTIONS[name],
             name=name,
-            idempotent=name in UNCONFIRMED_TOOLS,
+            idempotent=name in READ_ONLY_TOOLS,
             approval=rule(name),
         )
         for name in chosen
