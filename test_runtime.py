@@ -453,6 +453,30 @@ def test_a_scripted_model_uses_the_workspace_tools(tmp_path: Path, provider: str
         assert (folder / "notes" / "todo.txt").read_text() == "buy milk\ncall alice\n"
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
+    tmp_path: Path, provider: str
+) -> None:
+    steps = [
+        ToolCall("bash", {"command": "bomb() { bomb | bomb & }; bomb; sleep 3", "timeout": 10}),
+        ToolCall("bash", {"command": "head -c 10G /dev/zero > big"}),
+        "survived",
+        ToolCall("bash", {"command": "ls -s --block-size=1K big; rm big; echo fine"}),
+        "still here",
+    ]
+    options = {"workspace_tools": True, "workspace_tools_approval": False}
+    with scripted(
+        tmp_path, steps, runtime=provider_named(provider, limits=SMALL), **options
+    ) as kit:
+        assert kit.run_turn("cli:me", "misbehave").reply == "survived"
+        assert kit.run_turn("cli:me", "go on").reply == "still here"
+        bomb, write, check = [m["content"] for m in kit.history("cli:me") if m["role"] == "tool"]
+    assert "Resource temporarily unavailable" in bomb
+    assert write.endswith("[exit code 153]")  # SIGXFSZ at the 1 MiB limit
+    assert check == "1024 big\nfine\n\n[exit code 0]"
+    assert agentkit_cgroups() == []
+
+
 def test_workspace_tools_approval_can_be_lifted_or_decided(tmp_path: Path) -> None:
     steps = [ToolCall("bash", {"command": "echo free"}), "ok"]
     with scripted(tmp_path, steps, workspace_tools=["bash"], workspace_tools_approval=False) as kit:
