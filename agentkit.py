@@ -3977,10 +3977,12 @@ def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Re
             if info is not None and stat.S_ISLNK(info.st_mode):
                 links += 1
                 target = os.readlink(name, dir_fd=folder)
-                if target.startswith("/") or links > 40:
+                if target.startswith("/"):
                     raise BadInput(
-                        f"{path} goes through a symlink that leads outside the workspace"
+                        f"{path} goes through a symlink outside the workspace ({target})"
                     )
+                if links > 40:
+                    raise BadInput(f"{path} goes through more than 40 symlinks")
                 todo.extend(reversed(target.split("/")))
                 continue
             if not todo:

@@ -112,8 +112,11 @@ def test_a_symlink_to_etc_is_refused(runtime: agentkit.LocalRuntime) -> None:
 def test_a_symlink_that_stays_inside_is_followed(runtime: agentkit.LocalRuntime) -> None:
     runtime.write("real/file.txt", "inside")
     (root_of(runtime) / "alias").symlink_to("real")
+    (root_of(runtime) / "loop").symlink_to("loop")
     assert runtime.read("alias/file.txt") == "inside"
     assert runtime.ls("alias") == ["file.txt"]
+    with pytest.raises(agentkit.BadInput, match="more than 40 symlinks"):
+        runtime.read("loop")
 
 
 def test_a_symlink_swapped_in_after_the_check_is_not_followed(
