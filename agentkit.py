@@ -3685,6 +3685,7 @@ class _ProcessCap:
         if processes is None:
             return
         for parent in _pids_cgroup_parents():
+            _remove_orphans(parent)
             folder = parent / f"agentkit-{os.getpid()}-{os.urandom(4).hex()}"
             try:
                 folder.mkdir()
@@ -3710,28 +3711,41 @@ class _ProcessCap:
         return str(self.cgroup / "cgroup.procs") if self.cgroup else ""
 
     def kill(self) -> None:
-        """Kill every process left in the cgroup (none may fork meanwhile) and remove it."""
-        if self.cgroup is None:
+        """Kill every process left in the cgroup and remove it."""
+        if self.cgroup is not None:
+            _kill_cgroup(self.cgroup)
+            self.cgroup = None
+
+
+def _kill_cgroup(folder: Path) -> None:
+    """Kill every process in a pids cgroup (none may fork meanwhile) and remove it."""
+    with contextlib.suppress(OSError):
+        (folder / "pids.max").write_text("0")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            pids = (folder / "cgroup.procs").read_text().split()
+        except OSError:
+            return  # removed already
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        try:
+            folder.rmdir()
             return
-        with contextlib.suppress(OSError):
-            (self.cgroup / "pids.max").write_text("0")
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                pids = (self.cgroup / "cgroup.procs").read_text().split()
-            except OSError:
-                self.cgroup = None
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            try:
-                self.cgroup.rmdir()
-                self.cgroup = None
-                return
-            except OSError:
-                time.sleep(0.01)  # killed processes are still being reaped
-        log.warning("could not remove the cgroup %s: processes are left in it", self.cgroup)
+        except OSError:
+            time.sleep(0.01)  # killed processes are still being reaped
+    log.warning("could not remove the cgroup %s: processes are left in it", folder)
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Kill and remove the command cgroups of agentkit processes that died (a crash), so
+    that nothing they ran outlives them."""
+    with contextlib.suppress(OSError):
+        for folder in parent.glob("agentkit-*-*"):
+            pid = folder.name.split("-")[1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _kill_cgroup(folder)
 
 
 def _tasks_of(uid: int) -> int:

@@ -309,6 +309,21 @@ def test_a_timed_out_command_dies_with_all_it_started(runtime: agentkit.LocalRun
     assert runtime.bash("echo still working", timeout=30).output == "still working\n"
 
 
+def test_commands_left_by_a_crashed_process_are_killed(runtime: agentkit.LocalRuntime) -> None:
+    [parent] = [p for p in agentkit._pids_cgroup_parents() if os.access(p, os.W_OK)][:1]
+    orphan = parent / "agentkit-999999999-0badcafe"  # above pid_max: a process that is gone
+    orphan.mkdir()
+    marker = f"1003.{os.getpid()}{id(runtime)}"
+    left = subprocess.Popen(
+        ["bash", "-c", f"echo $$ > {orphan}/cgroup.procs && exec sleep {marker}"],
+        start_new_session=True,
+    )
+    wait_until(lambda: processes_with(marker), what="the orphan")
+    assert runtime.bash("echo next", timeout=30).output == "next\n"
+    assert not orphan.exists() and processes_with(marker) == []
+    left.wait()
+
+
 def test_background_processes_end_with_their_command(runtime: agentkit.LocalRuntime) -> None:
     marker = f"1001.{os.getpid()}{id(runtime)}"
     result = runtime.bash(f"sleep {marker} & echo $!", timeout=30)
