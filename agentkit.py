@@ -3815,6 +3815,8 @@ def _run_limited(
     """Run argv in a new process group under `limits`; `(exit code or None, output,
     timed out)`. When it ends or times out, everything it started is killed (its group
     and its cgroup). `on_output` gets the output in whole lines as it comes."""
+    if not hasattr(os, "pidfd_open"):
+        raise RuntimeUnavailable("commands need Linux 5.3 or newer (pidfd, process groups)")
     cap = _ProcessCap(limits.processes)
     limit_args = [
         cap.procs_file,
