@@ -4502,6 +4502,8 @@ class Runtimes:
         }[self.scope]
         if self.scope == "thread":
             root = self.workspace / workspace_name(thread_id)
+        elif self.scope == "kit":
+            root = self.workspace / ".kit"
         else:
             root = self.workspace / f".{self.scope}" / workspace_name(key)
         return RuntimeScope(self.scope, key, root)

@@ -589,6 +589,13 @@ def test_the_scope_decides_who_shares_a_workspace(tmp_path: Path, scope: str, sh
         )
         with pytest.raises(agentkit.BadInput, match=r"\.secrets"):
             runtime.read(".secrets/K")
+        folders = {
+            "thread": agentkit.workspace_name("cli:two"),
+            "actor": f".actor/{agentkit.workspace_name('cli:me')}",
+            "adapter": ".adapter/cli",
+            "kit": ".kit",
+        }
+        assert Path(runtime.root) == tmp_path / "workspace" / folders[scope]
         if scope != "thread":  # secrets stay in the thread's own folder, outside the scope's
             assert not (Path(runtime.root) / ".secrets" / "K").exists()
 
