@@ -32,6 +32,8 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import errno
+import fnmatch
 import functools
 import getpass
 import hashlib
@@ -45,8 +47,13 @@ import math
 import os
 import random
 import re
+import select
+import selectors
+import shutil
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import threading
 import time
@@ -81,7 +88,10 @@ __all__ = [
     "AnthropicModel",
     "Approval",
     "BadInput",
+    "BashResult",
     "Block",
+    "BwrapProvider",
+    "BwrapRuntime",
     "Delivery",
     "EchoModel",
     "Event",
@@ -94,6 +104,8 @@ __all__ = [
     "Job",
     "JobContext",
     "LeaseLost",
+    "LocalProvider",
+    "LocalRuntime",
     "Lock",
     "LockBusy",
     "Model",
@@ -103,6 +115,11 @@ __all__ = [
     "Outbound",
     "PollingAdapter",
     "Retry",
+    "Runtime",
+    "RuntimeLimits",
+    "RuntimeProvider",
+    "RuntimeScope",
+    "RuntimeUnavailable",
     "Schedule",
     "ScriptedModel",
     "SecretRequest",
@@ -163,6 +180,11 @@ class HookFailed(AgentKitError):
     """A hook raised; the turn it ran for failed."""
 
 
+class RuntimeUnavailable(AgentKitError):
+    """A runtime cannot do this here (bwrap missing, no way to limit processes, stopped);
+    nothing was run, and nothing falls back to the host."""
+
+
 def now() -> float:
     """The current time as Unix seconds (tests may replace it)."""
     return time.time()
@@ -181,6 +203,13 @@ def dumps(value: Any) -> str:
     except RecursionError:
         raise BadInput("not JSON-serialisable: nested too deeply; send flatter data") from None
     return check_utf8("JSON", text)
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Whether `given` equals `expected`, compared in constant time (any characters)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 def iso(ts: float) -> str:
@@ -818,6 +847,10 @@ class Store(ABC):
         """`(thread id, last activity)` of the most recently active threads."""
 
     @abstractmethod
+    def thread_ids(self, prefix: str) -> list[str]:
+        """The ids of the threads that start with `prefix`, sorted."""
+
+    @abstractmethod
     def add_message(
         self, thread: str, turn_id: str, role: str, content: str | None, command: bool
     ) -> int:
@@ -1373,6 +1406,13 @@ class _SQLStore(Store):
             "SELECT DISTINCT thread_id FROM turns WHERE status = 'running' "
             "AND thread_id >= ? AND thread_id < ?",
             (f"{adapter}:", f"{adapter};"),
+        )
+        return [thread for (thread,) in rows]
+
+    def thread_ids(self, prefix: str) -> list[str]:
+        rows = self._rows(
+            "SELECT id FROM threads WHERE id >= ? AND id < ? ORDER BY id",
+            (prefix, prefix + "\U0010ffff"),
         )
         return [thread for (thread,) in rows]
 
@@ -2573,7 +2613,7 @@ class Worker:
     transaction that claims the next: one commit per batch, not two per job. Leases are
     renewed by a heartbeat thread while the worker lives; a job that runs past its task's
     `timeout` is failed (and retried) and its late result is refused. An idle worker waits
-    on `PRAGMA data_version` and in-process wake-ups.
+    for the store's wake-ups (`wait_for_change`).
     """
 
     def __init__(
@@ -3183,6 +3223,27 @@ class Records:
         self.outlets: dict[str, Any] = {}
         self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
         self.may_decide: Callable[[str], bool] = lambda actor: False
+        # thread -> {saved secret value: its name}, redacted with the process-wide values
+        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+
+    def clean(self, thread: str, value: Any) -> Any:
+        """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
+        process-wide redactions replaced. Every text a turn makes passes here on its way
+        to the database and the outbox: messages, calls, approvals, a turn's reply and
+        error, events and deliveries (only the inbound text in `turns.text` is kept as
+        received)."""
+        extra = self.thread_secrets(thread)
+
+        def walk(item: Any) -> Any:
+            if isinstance(item, str):
+                return redactions.redact(item, extra)
+            if isinstance(item, dict):
+                return {key: walk(v) for key, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [walk(v) for v in item]
+            return item
+
+        return walk(value)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -3202,6 +3263,7 @@ class Records:
     def add_event(self, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict) -> None:
         """Append to the events log (who did what, when)."""
         turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
+        data = self.clean(turn.thread_id, data)
         self.store.add_event(kind, actor, turn.thread_id, turn_id, dumps(data))
 
     def seen(self, source: str, source_id: str | None) -> TurnRow | None:
@@ -3242,22 +3304,30 @@ class Records:
         with self.transaction():
             if not self.store.move_turn(turn.id, "queued", "running"):
                 return False
-            self.store.add_message(turn.thread_id, turn.id, "user", turn.text, command)
+            self.add_message(turn.thread_id, turn.id, "user", turn.text, command=command)
             return True
+
+    def add_message(
+        self, thread: str, turn_id: str, role: str, content: str | None, *, command: bool
+    ) -> int:
+        """Append a message to the thread, cleaned; its id."""
+        return self.store.add_message(thread, turn_id, role, self.clean(thread, content), command)
 
     def add_step(
         self,
         turn: TurnRow,
         text: str | None,
-        calls: Sequence[tuple[str, str, str, str, str | None]],
+        calls: Sequence[tuple[str, str, dict[str, Any], str, str | None]],
         usage: dict[str, int],
         approvals: Sequence[tuple[str, str, str | None, float]] = (),
     ) -> list[Approval]:
         """Store one model step in one transaction: the assistant message, its calls
         `(id, tool, args, state, result)`, the approvals they wait for `(approval id,
         call id, reason, expires at)` and the usage. A step without calls ends the turn."""
+        clean = functools.partial(self.clean, turn.thread_id)
+        calls = [(i, tool, dumps(clean(args)), s, clean(r)) for i, tool, args, s, r in calls]
         with self.transaction():
-            message = self.store.add_message(turn.thread_id, turn.id, "assistant", text, False)
+            message = self.add_message(turn.thread_id, turn.id, "assistant", text, command=False)
             self.store.add_calls(turn.id, message, calls)
             self.store.count_step(
                 turn.id, usage.get("input_tokens", 0), usage.get("output_tokens", 0)
@@ -3268,7 +3338,7 @@ class Records:
                 _, tool, args, _, _ = tools[call_id]
                 made.append(
                     self.store.insert_approval(
-                        approval_id, turn, call_id, tool, args, reason, expires_at
+                        approval_id, turn, call_id, tool, args, clean(reason), expires_at
                     )
                 )
                 data = {"approval": approval_id, "tool": tool}
@@ -3284,8 +3354,9 @@ class Records:
         """Set a turn's status (final, or waiting_approval); release the thread's held turns
         once nothing in it waits for an approval."""
         final = self.store.now() if status in FINAL_TURN_STATES else None
+        thread = self.turn(turn_id).thread_id
+        reply, error = self.clean(thread, reply), self.clean(thread, error)
         turn = self.store.end_turn(turn_id, status, reply, error, final)
-        thread = turn.thread_id
         extra = {"meta": turn.meta} if turn.meta else {}
         if status == "done" and reply:
             self.deliver(thread, turn_id, "reply", reply, **extra)
@@ -3313,7 +3384,7 @@ class Records:
     def answer(self, turn: TurnRow, reply: str) -> None:
         """End a command's turn with its reply, kept out of the model's context."""
         with self.transaction():
-            self.store.add_message(turn.thread_id, turn.id, "assistant", reply, True)
+            self.add_message(turn.thread_id, turn.id, "assistant", reply, command=True)
             self.end(turn.id, "done", reply=reply)
 
     def claim_call(self, turn_id: str, call_id: str) -> bool:
@@ -3321,10 +3392,17 @@ class Records:
         with self.transaction():
             return self.store.claim_call(turn_id, call_id)
 
-    def set_result(self, turn_id: str, call_id: str, state: str, result: str, *, was: str) -> None:
+    def set_call(
+        self, turn: Approval | TurnRow, call_id: str, state: str, result: str | None, was: str
+    ) -> None:
+        """Move a call from state `was` (only) to `state`, with its result (cleaned)."""
+        turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
+        self.store.set_call(turn_id, call_id, state, self.clean(turn.thread_id, result), was)
+
+    def set_result(self, turn: TurnRow, call_id: str, state: str, result: str, *, was: str) -> None:
         """Record a call's result if it is still in state `was`."""
         with self.transaction():
-            self.store.set_call(turn_id, call_id, state, result, was)
+            self.set_call(turn, call_id, state, result, was)
 
     def approvals(self, state: str | None, limit: int) -> list[Approval]:
         """The newest `limit` approvals, of one state (or all), for display."""
@@ -3340,6 +3418,7 @@ class Records:
         """Decide a pending approval (inside the caller's transaction): approved calls become
         pending; denied, expired and cancelled ones get an error result the model reads.
         A turn still waiting gets a resume job. False, and nothing done, if it was decided."""
+        reason = self.clean(approval.thread_id, reason)
         if not self.store.settle_approval(approval.id, state, actor, reason):
             return False
         result = {
@@ -3349,7 +3428,7 @@ class Records:
             "cancelled": "not run: the turn was cancelled",
         }[state]
         new = "pending" if state == "approved" else "error"
-        self.store.set_call(approval.turn_id, approval.call_id, new, result, "waiting")
+        self.set_call(approval, approval.call_id, new, result, "waiting")
         data = {"approval": approval.id, "tool": approval.tool, "decision": state, "reason": reason}
         self.add_event("approval_decided", actor, approval, data)
         decided = dataclasses.replace(
@@ -3417,7 +3496,7 @@ class Records:
         if outlet is not None and not outlet.accepts(kind, extra.get("meta") or {}):
             return
         pull = outlet is not None and outlet.pull
-        body = {"text": text, **extra}
+        body = self.clean(thread, {"text": text, **extra})
         rowid = self.store.add_delivery(name, thread, turn_id, kind, body, pull)
         if not pull:
             values = self.queue.job_values(
@@ -4175,13 +4254,29 @@ class ToolContext:
     """
 
     def __init__(
-        self, *, thread_id: str, turn_id: str, actor: str, call_id: str | None, root: Path
+        self,
+        *,
+        thread_id: str,
+        turn_id: str,
+        actor: str,
+        call_id: str | None,
+        root: Path,
+        runtime: Callable[[], Any] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
         self.actor = actor
         self.call_id = call_id
         self._root = root
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> "Runtime":
+        """The runtime of this call's scope (AgentKit's `runtime` and `runtime_scope`),
+        where the workspace tools work too."""
+        if self._runtime is None:
+            raise RuntimeUnavailable("no runtime is configured for this context")
+        return self._runtime()
 
     @property
     def workspace(self) -> Path:
@@ -4204,14 +4299,63 @@ class ToolContext:
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def workspace_name(thread: str) -> str:
-    """A folder name for a thread id: escaped, never a path of its own, hashed when long."""
+def _escaped(thread: str) -> str:
+    """A thread id percent-escaped (`.` first too): only `A-Za-z0-9_.~-` and `%XX` remain."""
     name = urllib.parse.quote(thread, safe="")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    if len(name) > 100:
-        name = name[:60] + "-" + hashlib.sha256(thread.encode()).hexdigest()[:32]
-    return name
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _digest(thread: str) -> str:
+    return hashlib.sha256(thread.encode()).hexdigest()[:32]
+
+
+def workspace_name(thread: str) -> str:
+    """A folder name for a thread id, one per id: escaped, never a path of its own; a long
+    one is cut and hashed behind a `+`, which no escaped id holds."""
+    name = _escaped(thread)
+    return name[:60] + "+" + _digest(thread) if len(name) > 100 else name
+
+
+OLD_HASHED_NAME = re.compile(r"[A-Za-z0-9_.~%-]{60}-[0-9a-f]{32}")
+
+
+def move_old_workspaces(root: Path, store: Store) -> None:
+    """Rename the folders of long thread ids named before `+` (`<60 chars>-<32 hex>`, a
+    name a short id could spell too) when the database says whose they are: the long
+    thread exists and the short id of the same name does not. Others stay, with a warning."""
+    if not root.is_dir():
+        return
+    for entry in os.scandir(root):
+        if not OLD_HASHED_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        cut = re.sub(r"%[0-9A-F]?$", "", entry.name[:60])  # no escape cut in half
+        prefix = urllib.parse.unquote_to_bytes(cut).decode("utf-8", "ignore")
+        names = {t: workspace_name(t) for t in store.thread_ids(prefix)}
+        owners = [t for t, name in names.items() if name.replace("+", "-") == entry.name != name]
+        if not owners:
+            continue
+        owner, spelled = owners[0], urllib.parse.unquote(entry.name)
+        target = root / workspace_name(owner)
+        if spelled in store.thread_ids(spelled):
+            log.warning(
+                "workspace %s was shared by %s and %s (the old naming): it stays the folder "
+                "of %s; move %s's files (its .secrets) to %s by hand",
+                entry.path,
+                owner,
+                spelled,
+                spelled,
+                owner,
+                target,
+            )
+            continue
+        if target.exists():
+            log.warning(
+                "%s has two workspaces: merge %s into %s by hand", owner, entry.path, target
+            )
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.rename(entry.path, target)
+        log.info("workspace of %s moved to %s (the new naming)", owner, target)
 
 
 def secrets_folder(root: Path, thread: str) -> Path:
@@ -4392,6 +4536,1139 @@ class Hooks:
         return results
 
 
+# ─────────────────────────────────────── runtimes ───────────────────────────────────────
+# Where files are worked on and commands run: a RuntimeProvider gives each scope a Runtime
+# (a root folder and its operations), kept warm per scope; local and bwrap ship here.
+
+RUNTIME_SCOPES = ("thread", "actor", "adapter", "kit")
+OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
+OUTPUT_LINES = 2_000
+OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
+SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
+READ_BYTES = 64 << 20  # the largest file read and edit take
+SECRETS = ".secrets"  # the folder at a root that no runtime operation shows
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOST_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")  # the only variables commands inherit
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ulimit, then join the pids cgroup ($1, when there is one), then run the command
+_LIMITS_SCRIPT = (
+    'ulimit -t "$2" -v "$3" -f "$4" ${5:+-u "$5"} || exit 125\n'
+    'if [ -n "$1" ]; then echo $$ > "$1" || exit 125; fi\n'
+    "shift 5\n"
+    'exec "$@"'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeScope:
+    """Which conversations share a runtime: `kind` (thread, actor, adapter or kit), `key`
+    (the id it stands for) and `root`, its folder on this host."""
+
+    kind: str
+    key: str
+    root: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BashResult:
+    """What a command did: its exit code (None when it timed out and was killed), its
+    output (stdout and stderr together, capped), whether that was truncated, and where
+    the full output was saved (relative to the runtime's root)."""
+
+    exit_code: int | None
+    output: str
+    truncated: bool = False
+    full_output_path: str | None = None
+    timed_out: bool = False
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A scope's place to work. Paths are relative to `root` (an absolute path must lie
+    inside it); an operation a runtime cannot do raises, and nothing falls back to the host."""
+
+    name: str
+    root: str
+
+    def bash(
+        self,
+        command: str,
+        *,
+        timeout: float,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_output: Callable[[str], object] | None = None,
+    ) -> BashResult:
+        """Run `command` with bash; `env` values are passed to it and redacted from the output;
+        `on_output(text)` receives the output as it comes, line by line."""
+        ...
+
+    def read(self, path: str, *, offset: int = 0, limit: int | None = None) -> str:
+        """The text of a file, from line `offset` (0-based), at most `limit` lines."""
+        ...
+
+    def write(self, path: str, text: str) -> None:
+        """Create or replace a file (and its missing folders)."""
+        ...
+
+    def edit(self, path: str, edits: Sequence[tuple[str, str]]) -> None:
+        """Replace each `old` by `new`; every `old` must occur exactly once, or nothing changes."""
+        ...
+
+    def ls(self, path: str = ".") -> list[str]:
+        """A folder's entries, sorted, folders ending with '/'."""
+        ...
+
+    def grep(self, pattern: str, path: str = ".", *, glob: str | None = None) -> list[str]:
+        """`file:line: text` for each line matching the regular expression."""
+        ...
+
+    def find(self, glob: str, path: str = ".") -> list[str]:
+        """The files and folders below `path` whose name (or path, with '/') matches `glob`."""
+        ...
+
+
+@runtime_checkable
+class RuntimeProvider(Protocol):
+    """Makes runtimes: one per scope, kept as long as it likes until `stop`."""
+
+    def get(self, scope: RuntimeScope) -> Runtime:
+        """The scope's runtime (started if needed)."""
+        ...
+
+    def stop(self, scope: RuntimeScope | None = None) -> None:
+        """Stop the scope's runtime (every one with None); a later `get` starts it again."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeLimits:
+    """The limits of each command: CPU seconds, address space, the largest file it may
+    write (bytes) and the processes it may have at once; None lifts one."""
+
+    cpu_seconds: int | None = 600
+    memory_bytes: int | None = 8 << 30
+    file_bytes: int | None = 4 << 30
+    processes: int | None = 512
+
+
+def _limit_value(value: int | None, unit: int = 1) -> str:
+    return "unlimited" if value is None else str(max(1, value // unit))
+
+
+def _pids_cgroup_parents() -> list[Path]:
+    """The folders a pids cgroup could be made in: this process's cgroup in the v1 pids
+    hierarchy, and in the v2 one when it delegates pids."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    paths = {}
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path.lstrip("/")
+    parents = []
+    for line in mounts:
+        fields = line.split()
+        tail = fields[fields.index("-") + 1 :]
+        point = Path(fields[4])
+        if tail[0] == "cgroup" and "pids" in tail[2].split(",") and "pids" in paths:
+            parents.append(point / paths["pids"])
+        elif tail[0] == "cgroup2" and "" in paths:
+            folder = point / paths[""]
+            with contextlib.suppress(OSError):
+                if "pids" in (folder / "cgroup.subtree_control").read_text().split():
+                    parents.append(folder)
+    return parents
+
+
+class _ProcessCap:
+    """The process limit of one command: a pids cgroup of its own when one can be made
+    (the only limit that holds for root), else RLIMIT_NPROC above what this user already
+    runs. Root with no cgroup to use gets RuntimeUnavailable, never an unlimited command."""
+
+    def __init__(self, processes: int | None) -> None:
+        self.cgroup: Path | None = None
+        self.nproc = ""  # the ulimit -u value, "" for none
+        if processes is None:
+            return
+        for parent in _pids_cgroup_parents():
+            _remove_orphans(parent)
+            folder = parent / f"agentkit-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                folder.mkdir()
+            except OSError:
+                continue
+            try:
+                (folder / "pids.max").write_text(str(processes))
+            except OSError:
+                folder.rmdir()
+                continue
+            self.cgroup = folder
+            return
+        if os.geteuid() == 0:
+            raise RuntimeUnavailable(
+                "cannot limit a command's processes: root ignores RLIMIT_NPROC and no pids "
+                "cgroup could be made under /sys/fs/cgroup; run agentkit as another user, "
+                "give it a pids cgroup, or pass RuntimeLimits(processes=None)"
+            )
+        self.nproc = str(processes + _tasks_of(os.getuid()))
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.cgroup / "cgroup.procs") if self.cgroup else ""
+
+    def kill(self) -> None:
+        """Kill every process left in the cgroup and remove it."""
+        if self.cgroup is not None:
+            _kill_cgroup(self.cgroup)
+            self.cgroup = None
+
+
+def _kill_cgroup(folder: Path) -> None:
+    """Kill every process in a pids cgroup (none may fork meanwhile) and remove it."""
+    with contextlib.suppress(OSError):
+        (folder / "pids.max").write_text("0")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            pids = (folder / "cgroup.procs").read_text().split()
+        except OSError:
+            return  # removed already
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        try:
+            folder.rmdir()
+            return
+        except OSError:
+            time.sleep(0.01)  # killed processes are still being reaped
+    log.warning("could not remove the cgroup %s: processes are left in it", folder)
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Kill and remove the command cgroups of agentkit processes that died (a crash), so
+    that nothing they ran outlives them."""
+    with contextlib.suppress(OSError):
+        for folder in parent.glob("agentkit-*-*"):
+            pid = folder.name.split("-")[1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _kill_cgroup(folder)
+
+
+def _tasks_of(uid: int) -> int:
+    """How many tasks (threads count, as RLIMIT_NPROC counts them) `uid` runs now."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+    return count
+
+
+def _command_env(env: dict[str, str] | None, home: str) -> dict[str, str]:
+    """The environment of a command: PATH, locale and time zone from this process (nothing
+    else: no AGENTKIT_*, no API keys, no tokens), HOME, and the variables passed."""
+    made = {name: os.environ[name] for name in _HOST_ENV if name in os.environ}
+    made.setdefault("PATH", _DEFAULT_PATH)
+    made.update(HOME=home, TERM="dumb")
+    for name, value in (env or {}).items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise BadInput(f"an environment variable name is a plain identifier, not {name!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise BadInput(f"the value of {name} must be a string without NUL characters")
+        made[name] = value
+    return made
+
+
+class _LineStream:
+    """Hands a command's output to `on_output` in whole lines."""
+
+    def __init__(self, on_output: Callable[[str], object] | None) -> None:
+        self.on_output, self.pending = on_output, b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.on_output is None:
+            return
+        lines, _, self.pending = (self.pending + chunk).rpartition(b"\n")
+        if lines:
+            self._send(lines + b"\n")
+        if len(self.pending) > 65536:  # a very long line goes in parts
+            self.flush()
+
+    def flush(self) -> None:
+        if self.on_output is not None and self.pending:
+            self._send(self.pending)
+            self.pending = b""
+
+    def _send(self, data: bytes) -> None:
+        assert self.on_output is not None
+        try:
+            self.on_output(data.decode("utf-8", "replace"))
+        except Exception:
+            log.exception("on_output raised; the command goes on")
+
+
+def _run_limited(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: str,
+    timeout: float,
+    limits: RuntimeLimits,
+    pass_fds: tuple[int, ...] = (),
+    on_output: Callable[[str], object] | None,
+    track: Callable[[subprocess.Popen, bool], None],
+) -> tuple[int | None, str, bool]:
+    """Run argv in a new process group under `limits`; `(exit code or None, output,
+    timed out)`. When it ends or times out, everything it started is killed (its group
+    and its cgroup). `on_output` gets the output in whole lines as it comes."""
+    if not hasattr(os, "pidfd_open"):
+        raise RuntimeUnavailable("commands need Linux 5.3 or newer (pidfd, process groups)")
+    cap = _ProcessCap(limits.processes)
+    limit_args = [
+        cap.procs_file,
+        _limit_value(limits.cpu_seconds),
+        _limit_value(limits.memory_bytes, 1024),
+        _limit_value(limits.file_bytes, 1024),
+        cap.nproc,
+    ]
+    try:
+        proc = subprocess.Popen(
+            ["bash", "-c", _LIMITS_SCRIPT, "agentkit", *limit_args, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            pass_fds=pass_fds,
+            process_group=0,
+        )
+    except FileNotFoundError:
+        cap.kill()
+        raise RuntimeUnavailable(
+            f"cannot run commands: {argv[0]} or bash is not installed"
+        ) from None
+    except BaseException:
+        cap.kill()
+        raise
+    track(proc, True)
+    assert proc.stdout is not None
+    out, stream = bytearray(), _LineStream(on_output)
+    pidfd = os.pidfd_open(proc.pid)
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(pidfd, selectors.EVENT_READ)
+            exited = False
+            while not exited:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                for key, _ in selector.select(left):
+                    if key.fileobj is pidfd:
+                        exited = True
+                    elif not _take(proc.stdout, out, stream):
+                        selector.unregister(proc.stdout)
+        track(proc, False)  # before it is reaped: stop() never signals a reused pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet: no reuse
+        cap.kill()
+        proc.wait()
+        os.set_blocking(proc.stdout.fileno(), False)
+        drained = time.monotonic() + 1.0  # a process that escaped the kill may hold the pipe
+        while time.monotonic() < drained and _take(proc.stdout, out, stream, wait=0.2):
+            pass
+    finally:
+        os.close(pidfd)
+        proc.stdout.close()
+        track(proc, False)
+        cap.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stream.flush()
+    text = out.decode("utf-8", "replace")
+    if len(out) >= SAVED_OUTPUT_BYTES:
+        text += f"\n[output beyond {SAVED_OUTPUT_BYTES} bytes was dropped]"
+    return (None if timed_out else proc.returncode), text, timed_out
+
+
+def _take(pipe: Any, out: bytearray, stream: _LineStream, wait: float = 0.0) -> bool:
+    """Read what the pipe has into `out` (up to SAVED_OUTPUT_BYTES) and the stream; False
+    at its end (or, with `wait`, when nothing came within that many seconds)."""
+    if wait and not select.select([pipe], [], [], wait)[0]:
+        return False
+    try:
+        chunk = os.read(pipe.fileno(), 65536)
+    except BlockingIOError:
+        return True
+    if chunk:
+        out += chunk[: max(0, SAVED_OUTPUT_BYTES - len(out))]
+        stream.feed(chunk)
+    return bool(chunk)
+
+
+def _cut(text: str, keep: str) -> str:
+    """`text` cut to OUTPUT_LINES lines and OUTPUT_BYTES bytes, keeping its head or tail."""
+    lines = text.splitlines(keepends=True)
+    lines = lines[-OUTPUT_LINES:] if keep == "tail" else lines[:OUTPUT_LINES]
+    data = "".join(lines).encode()
+    data = data[-OUTPUT_BYTES:] if keep == "tail" else data[:OUTPUT_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+def cap_output(
+    runtime: Runtime, text: str, *, keep: str = "head", label: str = "output"
+) -> tuple[str, str | None]:
+    """`(what to show, where the whole text was saved)`: text over OUTPUT_LINES lines or
+    OUTPUT_BYTES bytes is cut (its head, or its tail with keep="tail") and saved whole in
+    the runtime's OUTPUT_FOLDER; short text is shown as it is (and None)."""
+    shown = _cut(text, keep)
+    if shown == text:
+        return text, None
+    path = f"{OUTPUT_FOLDER}/{label}-{os.urandom(6).hex()}.txt"
+    runtime.write(path, text)
+    return shown, path
+
+
+def truncation_note(path: str, keep: str = "head") -> str:
+    """What the model is told about a cut output: what it sees, and where the rest is."""
+    part = "last" if keep == "tail" else "first"
+    return (
+        f"\n[output truncated to its {part} {OUTPUT_LINES} lines or {OUTPUT_BYTES // 1000} KB; "
+        f"the full output is in {path}: read it with offset and limit]"
+    )
+
+
+def _path_parts(path: str, root: str) -> list[str]:
+    """The components of a path relative to `root` (an absolute one must lie inside root)."""
+    if not isinstance(path, str) or "\0" in path:
+        raise BadInput(f"a path is a string without NUL characters, not {path!r}")
+    if path.startswith("/"):
+        normal = os.path.normpath(path)
+        if normal != root and not normal.startswith(root.rstrip("/") + "/"):
+            raise BadInput(f"{path} is outside the workspace ({root}); use a relative path")
+        path = normal[len(root) :]
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+class _Resolved(NamedTuple):
+    folder: int  # a descriptor of the folder holding `name` (the caller closes it)
+    name: str  # "." when the path is the root itself
+    parts: tuple[str, ...]  # the folder's canonical components below the root
+
+
+def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Resolved:
+    """Resolve `path` beneath the root one component at a time, each folder opened with
+    O_NOFOLLOW relative to the one before (never by its path): `..` never climbs above
+    the root, a symlink is followed only while it stays inside (an absolute one is
+    refused), and `.secrets` at the root is refused. `create` makes missing folders.
+    The last component is not opened: open it with O_NOFOLLOW (a symlink swapped in
+    after this check then fails instead of being followed)."""
+    todo = list(reversed(_path_parts(path, root)))
+    stack: list[tuple[int, str]] = [(os.dup(root_fd), "")]
+    links = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name == ".":
+                continue
+            if name == "..":
+                if len(stack) == 1:
+                    raise BadInput(f"{path} leads outside the workspace")
+                os.close(stack.pop()[0])
+                continue
+            if len(stack) == 1 and name == SECRETS:
+                raise BadInput(f"{path}: {SECRETS} is not readable from the workspace")
+            folder = stack[-1][0]
+            try:
+                info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            except FileNotFoundError:
+                if todo and create:
+                    if ".." in todo:
+                        raise BadInput(f"{path} goes through a missing folder and back") from None
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=folder)
+                    todo.append(name)
+                    continue
+                if todo:
+                    raise BadInput(f"{path}: there is no folder {name!r}") from None
+                info = None
+            if info is not None and stat.S_ISLNK(info.st_mode):
+                links += 1
+                target = os.readlink(name, dir_fd=folder)
+                if target.startswith("/"):
+                    raise BadInput(
+                        f"{path} goes through a symlink outside the workspace ({target})"
+                    )
+                if links > 40:
+                    raise BadInput(f"{path} goes through more than 40 symlinks")
+                todo.extend(reversed(target.split("/")))
+                continue
+            if not todo:
+                return _Resolved(stack.pop()[0], name, tuple(n for _, n in stack[1:]))
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            stack.append((os.open(name, flags, dir_fd=folder), name))
+        return _Resolved(stack.pop()[0], ".", tuple(n for _, n in stack[1:]))
+    except OSError as e:
+        raise _os_error(path, e) from None
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+def _os_error(path: str, e: OSError) -> BadInput:
+    """A file system error as BadInput naming the path (ELOOP: a symlink swapped in)."""
+    if e.errno == errno.ELOOP:
+        return BadInput(f"{path} is a symlink (maybe swapped in while it was opened): refused")
+    return BadInput(f"{path}: {e.strerror or e}")
+
+
+def _mode_of(resolved: _Resolved) -> int:
+    """The permissions of the regular file a write replaces (0644 for a new file), so that
+    editing a script keeps it executable."""
+    try:
+        info = os.stat(resolved.name, dir_fd=resolved.folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0o644
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else 0o644
+
+
+def _open_file(resolved: _Resolved, path: str) -> int:
+    """A descriptor of a regular file that has one link only (a hard link could be a way
+    to a file outside the workspace or in .secrets), opened without following symlinks."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(resolved.name, flags, dir_fd=resolved.folder)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "a hard link (refused)" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise BadInput(f"{path} is {what}")
+    return fd
+
+
+def _matches(glob: str, relative: str, name: str) -> bool:
+    """Whether a glob matches: against the relative path when it has '/', else the name."""
+    return fnmatch.fnmatchcase(relative if "/" in glob else name, glob)
+
+
+class LocalRuntime:
+    """A scope's folder on this host. Every path is resolved beneath the root's
+    descriptor (see `_resolve`); commands run with bash in a new process group, with
+    limits, a scrubbed environment and a timeout that kills everything they started.
+    Commands are not confined to the folder: use bwrap for that."""
+
+    name = "local"
+
+    def __init__(self, scope: RuntimeScope, limits: RuntimeLimits) -> None:
+        self.scope, self.limits = scope, limits
+        self.root = str(scope.root)
+        fd = _open_folder(scope.root, create=True)
+        assert fd is not None
+        self._root_fd: int | None = fd
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+
+    @contextlib.contextmanager
+    def _root(self) -> Iterator[int]:
+        """A descriptor of the root of its own, valid while it is used even when stop()
+        runs meanwhile (RuntimeUnavailable once stopped)."""
+        with self._lock:
+            if self._root_fd is None:
+                raise RuntimeUnavailable(f"the {self.name} runtime of {self.scope.key} was stopped")
+            fd = os.dup(self._root_fd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        """Kill the running commands (their groups) and let go of the folder."""
+        with self._lock:
+            for proc in self._running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            if self._root_fd is not None:
+                os.close(self._root_fd)
+                self._root_fd = None
+
+    # files
+
+    @contextlib.contextmanager
+    def _resolved(self, path: str, *, create: bool = False) -> Iterator[_Resolved]:
+        with self._root() as root_fd:
+            resolved = _resolve(root_fd, path, self.root, create=create)
+        try:
+            yield resolved
+        finally:
+            os.close(resolved.folder)
+
+    def _folder(self, path: str) -> tuple[int, list[str]]:
+        """A descriptor of the folder at `path` (the caller closes it) and its canonical
+        components below the root."""
+        with self._resolved(path) as resolved:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            try:
+                fd = os.open(resolved.name, flags, dir_fd=resolved.folder)
+            except OSError as e:
+                raise _os_error(path, e) from None
+            return fd, [*resolved.parts, *([] if resolved.name == "." else [resolved.name])]
+
+    def _text(self, path: str) -> str:
+        with self._resolved(path) as resolved, os.fdopen(_open_file(resolved, path), "rb") as f:
+            data = f.read(READ_BYTES + 1)
+        if len(data) > READ_BYTES:
+            raise BadInput(f"{path} is over {READ_BYTES >> 20} MiB: look at it with bash instead")
+        return data.decode("utf-8", "replace")
+
+    def read(self, path: str, *, offset: int = 0, limit: int | None = None) -> str:
+        """The text of a file, from line `offset` (0-based), at most `limit` lines."""
+        if not isinstance(offset, int) or offset < 0 or (limit is not None and limit < 1):
+            raise BadInput("offset is a line number >= 0 and limit a number of lines >= 1")
+        lines = self._text(path).splitlines(keepends=True)
+        return "".join(lines[offset : None if limit is None else offset + limit])
+
+    def write(self, path: str, text: str) -> None:
+        """Create or replace a file: written beside it (O_EXCL, O_NOFOLLOW), then renamed
+        over it, so a symlink or hard link in its place is replaced, never written through."""
+        if not isinstance(text, str):
+            raise BadInput(f"text must be a string, not {type(text).__name__}")
+        with self._resolved(path, create=True) as resolved:
+            if resolved.name == ".":
+                raise BadInput(f"{path} is the workspace itself, not a file")
+            temporary = f".{resolved.name[:100]}.{os.urandom(6).hex()}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            try:
+                fd = os.open(temporary, flags, 0o600, dir_fd=resolved.folder)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    os.fchmod(fd, _mode_of(resolved))
+                    f.write(text)
+                os.replace(
+                    temporary, resolved.name, src_dir_fd=resolved.folder, dst_dir_fd=resolved.folder
+                )
+            except OSError as e:
+                raise _os_error(path, e) from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary, dir_fd=resolved.folder)
+
+    def edit(self, path: str, edits: Sequence[tuple[str, str]]) -> None:
+        """Replace each `old` by `new` in turn; every `old` must occur exactly once when
+        its turn comes, or the file is left as it was (BadInput names the edit)."""
+        text = self._text(path)
+        if not edits:
+            raise BadInput("edit needs at least one (old, new) pair")
+        for number, (old, new) in enumerate(edits, 1):
+            count = text.count(old) if old else 0
+            if count != 1:
+                found = "does not occur" if count == 0 else f"occurs {count} times"
+                raise BadInput(
+                    f"edit {number}: the text to replace {found} in {path}; nothing was "
+                    "changed (give an exact text that occurs once, with more context)"
+                )
+            text = text.replace(old, new, 1)
+        self.write(path, text)
+
+    def ls(self, path: str = ".") -> list[str]:
+        """A folder's entries, sorted, folders ending with '/' (.secrets never listed)."""
+        fd, parts = self._folder(path)
+        try:
+            entries = []
+            for entry in os.scandir(fd):
+                if not parts and entry.name == SECRETS:
+                    continue
+                entries.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+            return sorted(entries)
+        finally:
+            os.close(fd)
+
+    def _walk(self, path: str) -> Iterator[tuple[str, str, int]]:
+        """`(relative path, name, folder descriptor)` of every file and folder below
+        `path`, walked by descriptors without following symlinks (.secrets skipped)."""
+        top, base = self._folder(path)
+        try:
+            for folder, dirs, files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                below = [*base, *[p for p in folder.split("/") if p != "."]]
+                if not below:
+                    dirs[:] = [d for d in dirs if d != SECRETS]
+                    files = [f for f in files if f != SECRETS]
+                dirs.sort()
+                for name in [*dirs, *sorted(files)]:
+                    yield "/".join([*below, name]), name, fd
+        finally:
+            os.close(top)
+
+    def grep(self, pattern: str, path: str = ".", *, glob: str | None = None) -> list[str]:
+        """`file:line: text` for each line matching the regular expression, in the text
+        files below `path` whose name matches `glob` (symlinks, hard links and the saved
+        outputs of OUTPUT_FOLDER skipped)."""
+        try:
+            regex = re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise BadInput(f"not a regular expression: {pattern!r} ({e})") from None
+        found = []
+        for relative, name, folder in self._walk(path):
+            if relative.startswith(f"{OUTPUT_FOLDER}/") or (
+                glob is not None and not _matches(glob, relative, name)
+            ):
+                continue  # saved outputs would only repeat what was shown
+            try:
+                fd = _open_file(_Resolved(folder, name, ()), relative)
+            except BadInput:
+                continue  # a folder, a symlink, a hard link or a device
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(SAVED_OUTPUT_BYTES)
+            if b"\0" in data[:8192]:
+                continue
+            for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+                if regex.search(line):
+                    found.append(f"{relative}:{number}: {line[:500]}")
+        return found
+
+    def find(self, glob: str, path: str = ".") -> list[str]:
+        """The files and folders below `path` whose name (or, for a glob with '/', whose
+        relative path) matches `glob`; folders end with '/'."""
+        if not isinstance(glob, str) or not glob:
+            raise BadInput("find needs a glob like '*.py' or 'src/*.py'")
+        found = []
+        for relative, name, folder in self._walk(path):
+            if _matches(glob, relative, name):
+                info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                found.append(relative + ("/" if stat.S_ISDIR(info.st_mode) else ""))
+        return found
+
+    # commands
+
+    def bash(
+        self,
+        command: str,
+        *,
+        timeout: float,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_output: Callable[[str], object] | None = None,
+    ) -> BashResult:
+        """Run `command` with bash in `cwd` (the root by default) for up to `timeout`
+        seconds; `env` values are passed to it and redacted from the output, which
+        `on_output(text)` receives line by line as it comes."""
+        if not isinstance(command, str) or not command.strip():
+            raise BadInput("bash needs a command")
+        timeout = check_seconds("timeout", timeout, positive=True)
+        made = _command_env(env, self.root)
+        hide = {value: name for name, value in (env or {}).items() if len(value) >= 4}
+        fd, parts = self._folder(cwd or ".")
+        os.close(fd)
+        shown = (
+            None if on_output is None else (lambda text: on_output(redactions.redact(text, hide)))
+        )
+        exit_code, output, timed_out = self.execute(
+            command, "/".join(parts) or ".", made, timeout, shown
+        )
+        output = redactions.redact(output, hide)
+        if timed_out:
+            output += (
+                f"\n[timed out after {timeout:g} s: the command and all it started were killed]"
+            )
+        kept, saved = cap_output(self, output, keep="tail", label="bash")
+        return BashResult(exit_code, kept, saved is not None, saved, timed_out)
+
+    def execute(
+        self,
+        command: str,
+        cwd: str,
+        env: dict[str, str],
+        timeout: float,
+        on_output: Callable[[str], object] | None,
+    ) -> tuple[int | None, str, bool]:
+        """Run `command` with bash in `cwd` (a checked folder relative to the root) with
+        the environment `env`: `(exit code or None, output, timed out)`. `bash` redacts
+        and caps what this returns; a subclass overrides it to run commands elsewhere (a
+        container, a VM) while the files stay confined here. Here: on the host."""
+        return _run_limited(
+            ["bash", "-c", command],
+            env=env,
+            cwd=os.path.join(self.root, cwd),
+            timeout=timeout,
+            limits=self.limits,
+            on_output=on_output,
+            track=self._track,
+        )
+
+    def _track(self, proc: subprocess.Popen, alive: bool) -> None:
+        """Note a command started (alive) or ended, so that stop() can kill it."""
+        with self._lock:
+            if alive:
+                self._running.add(proc)
+            else:
+                self._running.discard(proc)
+
+
+_SYSTEM_FOLDERS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# from /etc only what programs need to start (no shadow, no machine keys)
+_ETC_ENTRIES = (
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "profile",
+    "protocols",
+    "resolv.conf",
+    "services",
+    "ssl",
+    "timezone",
+)
+
+
+def _system_binds() -> list[str]:
+    """bwrap options that show the system folders read-only (symlinks as symlinks) and the
+    entries of /etc that programs need."""
+    options = []
+    for folder in _SYSTEM_FOLDERS:
+        if os.path.islink(folder):
+            options += ["--symlink", os.readlink(folder), folder]
+        elif os.path.isdir(folder):
+            options += ["--ro-bind", folder, folder]
+    for entry in _ETC_ENTRIES:
+        options += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
+    return options
+
+
+class BwrapRuntime(LocalRuntime):
+    """A scope's folder seen through bubblewrap: commands see it as /workspace (the only
+    writable folder, .secrets masked), the system folders read-only, their own /tmp, /proc
+    and /dev, no network unless allowed, no capabilities; they die with agentkit."""
+
+    name = "bwrap"
+
+    def __init__(
+        self, scope: RuntimeScope, limits: RuntimeLimits, executable: str, network: bool
+    ) -> None:
+        super().__init__(scope, limits)
+        self.root = "/workspace"
+        self.executable, self.network = executable, network
+
+    def execute(
+        self,
+        command: str,
+        cwd: str,
+        env: dict[str, str],
+        timeout: float,
+        on_output: Callable[[str], object] | None,
+    ) -> tuple[int | None, str, bool]:
+        """Run the command in a new bwrap sandbox, bound to the root by its descriptor."""
+        with self._root() as root_fd:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(SECRETS, 0o700, dir_fd=root_fd)  # so that it is always there to mask
+            argv = [
+                self.executable,
+                "--die-with-parent",
+                "--new-session",
+                "--unshare-user",
+                "--unshare-ipc",
+                "--unshare-pid",
+                "--unshare-uts",
+                "--unshare-cgroup-try",
+                *([] if self.network else ["--unshare-net"]),
+                *("--cap-drop", "ALL"),
+                *_system_binds(),
+                *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
+                *("--bind", f"/proc/self/fd/{root_fd}", self.root),
+                *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
+                *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
+                *("bash", "-c", command),
+            ]
+            return _run_limited(
+                argv,
+                env={**env, "TMPDIR": "/tmp"},
+                cwd="/",
+                timeout=timeout,
+                limits=self.limits,
+                pass_fds=(root_fd,),
+                on_output=on_output,
+                track=self._track,
+            )
+
+
+class LocalProvider:
+    """Runtimes in the scopes' folders on this host: one per scope, kept until stopped."""
+
+    name = "local"
+
+    def __init__(self, *, limits: RuntimeLimits | None = None) -> None:
+        if limits is not None and not isinstance(limits, RuntimeLimits):
+            raise BadInput(f"limits is a RuntimeLimits, not {type(limits).__name__}")
+        self.limits = limits or RuntimeLimits()
+        self._runtimes: dict[tuple[str, str], LocalRuntime] = {}
+        self._lock = threading.Lock()
+
+    def make(self, scope: RuntimeScope) -> LocalRuntime:
+        """A new runtime for a scope (a subclass returns its own kind)."""
+        return LocalRuntime(scope, self.limits)
+
+    def get(self, scope: RuntimeScope) -> LocalRuntime:
+        """The scope's runtime, made on first use."""
+        with self._lock:
+            runtime = self._runtimes.get((scope.kind, scope.key))
+            if runtime is None:
+                runtime = self._runtimes[scope.kind, scope.key] = self.make(scope)
+            return runtime
+
+    def stop(self, scope: RuntimeScope | None = None) -> None:
+        """Stop a scope's runtime (all with None): its running commands are killed."""
+        with self._lock:
+            keys = list(self._runtimes) if scope is None else [(scope.kind, scope.key)]
+            stopped = [self._runtimes.pop(key) for key in keys if key in self._runtimes]
+        for runtime in stopped:
+            runtime.stop()
+
+
+class BwrapProvider(LocalProvider):
+    """Runtimes whose commands run in bubblewrap sandboxes (see BwrapRuntime); `network`
+    lets them use the network."""
+
+    name = "bwrap"
+
+    def __init__(
+        self,
+        *,
+        network: bool = False,
+        limits: RuntimeLimits | None = None,
+        executable: str = "bwrap",
+    ) -> None:
+        super().__init__(limits=limits)
+        found = shutil.which(executable)
+        if found is None:
+            raise RuntimeUnavailable(
+                f"bubblewrap ({executable}) is not installed: `apt-get install bubblewrap` on "
+                "Debian and Ubuntu, `dnf install bubblewrap` on Fedora (or use runtime='local')"
+            )
+        self.executable, self.network = found, bool(network)
+
+    def make(self, scope: RuntimeScope) -> BwrapRuntime:
+        """A new bwrap runtime for a scope."""
+        return BwrapRuntime(scope, self.limits, self.executable, self.network)
+
+
+def runtime_provider(spec: str | RuntimeProvider) -> RuntimeProvider:
+    """The provider a spec names: "local", "bwrap", or a RuntimeProvider object as is."""
+    if spec == "local":
+        return LocalProvider()
+    if spec == "bwrap":
+        return BwrapProvider()
+    if not isinstance(spec, str) and isinstance(spec, RuntimeProvider):
+        return spec
+    raise BadInput(
+        f"unknown runtime {spec!r}: use 'local', 'bwrap' or an object with get(scope) and "
+        "stop(scope)"
+    )
+
+
+class Runtimes:
+    """The kit's runtimes: its provider's, one per scope; a scope unused for `idle`
+    seconds is stopped (by `sweep`, which workers call), and all of them on `close`."""
+
+    def __init__(
+        self, provider: RuntimeProvider, *, scope: str, workspace: Path, idle: float
+    ) -> None:
+        if scope not in RUNTIME_SCOPES:
+            raise BadInput(f"runtime_scope is one of {', '.join(RUNTIME_SCOPES)}, not {scope!r}")
+        self.provider, self.scope, self.workspace = provider, scope, workspace
+        self.idle = check_seconds("runtime_idle", idle, positive=True)
+        self._used: dict[tuple[str, str], tuple[RuntimeScope, float]] = {}
+        self._lock = threading.Lock()
+
+    def scope_of(self, thread_id: str, actor: str) -> RuntimeScope:
+        """The scope a call in `thread_id` by `actor` works in. The thread's is its own
+        folder; the others are folders beside the threads' (names that start with '.',
+        which no thread's folder does), with no secrets in them."""
+        key = {
+            "thread": thread_id,
+            "actor": actor,
+            "adapter": thread_id.partition(":")[0],
+            "kit": "kit",
+        }[self.scope]
+        if self.scope == "thread":
+            root = self.workspace / workspace_name(thread_id)
+        elif self.scope == "kit":
+            root = self.workspace / ".kit"
+        else:
+            root = self.workspace / f".{self.scope}" / workspace_name(key)
+        return RuntimeScope(self.scope, key, root)
+
+    def get(self, thread_id: str, actor: str) -> Runtime:
+        """The runtime of the scope of a call (started if needed), marked as used now."""
+        scope = self.scope_of(thread_id, actor)
+        runtime = self.provider.get(scope)
+        with self._lock:
+            self._used[scope.kind, scope.key] = (scope, time.monotonic())
+        return runtime
+
+    def sweep(self) -> None:
+        """Stop the runtimes unused for `idle` seconds."""
+        cutoff = time.monotonic() - self.idle
+        with self._lock:
+            idle = [key for key, (_, used) in self._used.items() if used < cutoff]
+            scopes = [self._used.pop(key)[0] for key in idle]
+        for scope in scopes:
+            self.provider.stop(scope)
+
+    def close(self) -> None:
+        """Stop every runtime of the provider."""
+        with self._lock:
+            self._used.clear()
+        self.provider.stop(None)
+
+
+# ──────────────────────────────────── workspace tools ────────────────────────────────────
+# read, write, edit, ls, grep, find and bash for the model, each an ordinary Tool working on
+# the runtime of the call's scope, with capped output.
+
+WORKSPACE_TOOLS = ("read", "write", "edit", "ls", "grep", "find", "bash")
+READ_ONLY_TOOLS = ("read", "ls", "grep", "find")  # idempotent; no approval by default
+BASH_TIMEOUT = 600.0  # the longest timeout the bash tool may ask for
+
+
+def _listing(ctx: ToolContext, lines: list[str], label: str, empty: str) -> str:
+    """Lines as one capped tool result."""
+    shown, saved = cap_output(ctx.runtime, "\n".join(lines), label=label)
+    return (shown or empty) + (truncation_note(saved) if saved else "")
+
+
+def _read_tool(path: str, ctx: ToolContext, offset: int = 0, limit: int | None = None) -> str:
+    """Read a text file of the workspace (paths are relative to it). A long file is shown
+    in parts: offset is the first line (0-based), limit the number of lines."""
+    text = ctx.runtime.read(path, offset=offset, limit=limit)
+    shown = _cut(text, "head")
+    if shown == text:
+        return text
+    last = offset + max(1, shown.count("\n"))
+    return (
+        shown
+        + f"\n[showing lines {offset}-{last - 1}; the file goes on: read it with offset={last}]"
+    )
+
+
+def _write_tool(path: str, text: str, ctx: ToolContext) -> str:
+    """Create or replace a text file of the workspace (its folders are made as needed)."""
+    ctx.runtime.write(path, text)
+    return f"wrote {len(text.encode())} bytes to {path}"
+
+
+def _edit_tool(path: str, edits: list[dict[str, str]], ctx: ToolContext) -> str:
+    """Edit a text file of the workspace: edits is a list of {"old": exact text, "new":
+    replacement}, applied in order. Each old text must occur exactly once (add context
+    lines to make it unique), or the file is not changed at all."""
+    pairs = []
+    for number, item in enumerate(edits, 1):
+        if set(item) != {"old", "new"}:
+            raise BadInput(f'edit {number} must have exactly the keys "old" and "new"')
+        pairs.append((item["old"], item["new"]))
+    ctx.runtime.edit(path, pairs)
+    return f"applied {len(pairs)} edit(s) to {path}"
+
+
+def _ls_tool(ctx: ToolContext, path: str = ".") -> str:
+    """List a folder of the workspace (folders end with '/')."""
+    return _listing(ctx, ctx.runtime.ls(path), "ls", "(empty folder)")
+
+
+def _grep_tool(pattern: str, ctx: ToolContext, path: str = ".", glob: str | None = None) -> str:
+    """Search the text files of the workspace for a regular expression (Python syntax);
+    glob (like '*.py') limits the files searched. Answers file:line: text."""
+    found = ctx.runtime.grep(pattern, path, glob=glob)
+    return _listing(ctx, found, "grep", "(no match)")
+
+
+def _find_tool(glob: str, ctx: ToolContext, path: str = ".") -> str:
+    """Find files and folders of the workspace by name ('*.py') or by relative path when
+    the glob has a '/' ('src/*/test_*.py')."""
+    return _listing(ctx, ctx.runtime.find(glob, path), "find", "(nothing found)")
+
+
+def _bash_tool(command: str, ctx: ToolContext, timeout: float = 120.0) -> str:
+    """Run a bash command in the workspace folder; stdout and stderr come back together,
+    with the exit code. Long output keeps its end (the full output is saved in the
+    workspace). timeout: seconds (at most 600); a command that takes longer is killed
+    with everything it started, and so are background processes when it ends."""
+    if not 0 < timeout <= BASH_TIMEOUT:
+        raise BadInput(f"timeout is a number of seconds > 0 and <= {BASH_TIMEOUT:g}")
+    result = ctx.runtime.bash(command, timeout=timeout)
+    note = truncation_note(result.full_output_path or "", "tail") if result.truncated else ""
+    status = "" if result.exit_code is None else f"\n[exit code {result.exit_code}]"
+    return f"{result.output}{note}{status}"
+
+
+_TOOL_FUNCTIONS: dict[str, Callable[..., str]] = {
+    "read": _read_tool,
+    "write": _write_tool,
+    "edit": _edit_tool,
+    "ls": _ls_tool,
+    "grep": _grep_tool,
+    "find": _find_tool,
+    "bash": _bash_tool,
+}
+
+
+def workspace_tools_of(
+    names: bool | Sequence[str],
+    approval: bool | Callable[[str, dict[str, Any], ToolContext], bool | str] = True,
+) -> list[Tool]:
+    """The workspace tools to register: all (True), none (False) or those named. With
+    `approval=True` bash, write and edit wait for an approver; False lets all run; a
+    callable `(tool name, args, ctx) -> bool | str` decides for every call of them."""
+    if names is True:
+        chosen: Sequence[str] = WORKSPACE_TOOLS
+    elif names is False:
+        chosen = ()
+    elif isinstance(names, (list, tuple)) and all(n in WORKSPACE_TOOLS for n in names):
+        chosen = names
+    else:
+        raise BadInput(
+            f"workspace_tools is True, False or a list of {', '.join(WORKSPACE_TOOLS)}, "
+            f"not {names!r}"
+        )
+    if not isinstance(approval, bool) and not callable(approval):
+        raise BadInput(f"workspace_tools_approval is a bool or a callable, not {approval!r}")
+
+    def rule(name: str) -> bool | Callable[[dict[str, Any], ToolContext], bool | str]:
+        if callable(approval):
+            return lambda args, ctx: approval(name, args, ctx)
+        return approval and name not in READ_ONLY_TOOLS
+
+    return [
+        Tool(
+            _TOOL_FUNCTIONS[name],
+            name=name,
+            idempotent=name in READ_ONLY_TOOLS,
+            approval=rule(name),
+        )
+        for name in chosen
+    ]
+
+
 # ──────────────────────────────────── the turn engine ────────────────────────────────────
 
 PROMPT_TASK = "agentkit.prompt"
@@ -4464,8 +5741,7 @@ class TurnEngine:
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
-        # (thread, text) -> text with the thread's saved secret values redacted
-        self.redact: Callable[[str, str], str] = lambda thread, text: text
+        self.runtimes: Runtimes | None = None  # where ctx.runtime and the workspace tools work
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
@@ -4497,8 +5773,8 @@ class TurnEngine:
                 for other in active:
                     self.records.cancel(other)
                 reply = f"Cancelled {len(active)} turn(s)." if active else "Nothing to cancel."
-                self.queue.store.add_message(thread, turn_id, "user", text, True)
-                self.queue.store.add_message(thread, turn_id, "assistant", reply, True)
+                self.records.add_message(thread, turn_id, "user", text, command=True)
+                self.records.add_message(thread, turn_id, "assistant", reply, command=True)
                 self.records.end(turn_id, "done", reply=reply)
                 return turn_id
             if command or not self.records.holds_messages(thread, turn_id):
@@ -4580,6 +5856,8 @@ class TurnEngine:
             actor=turn.actor,
             call_id=call_id,
             root=self.workspace,
+            runtime=self.runtimes
+            and functools.partial(self.runtimes.get, turn.thread_id, turn.actor),
         )
 
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
@@ -4623,7 +5901,6 @@ class TurnEngine:
             if isinstance(changed, list):
                 messages = changed
         reply = self.model.complete(self.instructions, messages, tools)
-        text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         used = {call.call_id for call in self.queue.store.calls(turn.id)}
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -4646,9 +5923,8 @@ class TurnEngine:
                         state = "waiting"
                         expires = self.queue.store.now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
-            args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
-            calls.append((call_id, call.name, dumps(args), state, result))
-        for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
+            calls.append((call_id, call.name, call.args, state, result))
+        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
@@ -4661,7 +5937,7 @@ class TurnEngine:
         for call_id, name, args, state in ((c.call_id, c.tool, c.args, c.state) for c in calls):
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
-                self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
+                self.records.set_result(turn, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
                 future = self.start_tool(tool, values, self.context_of(turn, call_id))
@@ -4679,8 +5955,7 @@ class TurnEngine:
             ):
                 if changed is not None:
                     result = as_text(changed)
-            result = self.redact(turn.thread_id, result)
-            self.records.set_result(turn.id, call_id, state, result, was="running")
+            self.records.set_result(turn, call_id, state, result, was="running")
 
     def start_tool(
         self, tool: Tool, args: dict[str, Any], ctx: ToolContext
@@ -5305,7 +6580,9 @@ class Secrets:
         names = [name for name, _ in request.fields]
         try:
             values = self.decrypt(request_id, sealed_key, names, key, iv, sealed)
-        except (InvalidTag, ValueError):
+        except BadInput as e:
+            raise BadInput(f"That secret blob was refused: {e}. Nothing was saved.") from None
+        except (InvalidTag, ValueError, RecursionError):
             raise BadInput(
                 "That secret blob is damaged or was changed; nothing was saved. "
                 "Copy the whole line from the page again."
@@ -5326,7 +6603,9 @@ class Secrets:
         iv: bytes,
         sealed: bytes,
     ) -> dict[str, str]:
-        """The values in a blob: InvalidTag or ValueError when it does not open."""
+        """The values in a blob, all checked before any is used: InvalidTag or ValueError
+        (RecursionError for JSON nested too deep) when it does not open, BadInput when a
+        value could not be stored."""
         scalar = AESGCM(self.key).decrypt(sealed_key[:12], sealed_key[12:], request_id.encode())
         private = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
         peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
@@ -5337,12 +6616,14 @@ class Secrets:
             raise ValueError("the blob does not hold the requested fields")
         if not all(isinstance(v, str) and v for v in values.values()):
             raise ValueError("a value is empty")
+        for name in names:
+            check_utf8(f"the value of {name}", values[name])
         return values
 
-    def redact(self, thread: str, text: str) -> str:
-        """`text` with the thread's saved secret values replaced by `[redacted:NAME]`."""
+    def saved_values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets as `{value: name}`, to redact them."""
         saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return redactions.redact(text, {v: name for name, v in saved.items() if len(v) >= 4})
+        return {value: name for name, value in saved.items() if len(value) >= 4}
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
@@ -5426,13 +6707,17 @@ def json_response(status: int, value: Any, **headers: str) -> HTTPResponse:
 
 
 def json_body(request: HTTPRequest) -> dict[str, Any]:
-    """The request's JSON object; BadInput when it is not one."""
+    """The request's JSON object; BadInput when it is not one, nests too deeply or holds
+    a lone surrogate (an escape like `\\ud800` alone), which could not be stored."""
     try:
         value = json.loads(request.body)
     except ValueError:
         raise BadInput("the body is not JSON") from None
+    except RecursionError:
+        raise BadInput("the body's JSON nests too deeply") from None
     if not isinstance(value, dict):
         raise BadInput("the body is not a JSON object")
+    dumps(value)  # BadInput for a lone surrogate: valid JSON, but UTF-8 cannot store it
     return value
 
 
@@ -5814,11 +7099,40 @@ class Telegram(PollingAdapter):
         self._polling.close()
 
 
+AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@]|%(2[eEfF]|5[cC])")
+
+
+def url_parts(url: object) -> tuple[str, str, int, str, str] | None:
+    """`(scheme, host, port, path, query)` of a plain http(s) URL, or None when it is
+    ambiguous: an `@` (user info), a `#`, a backslash, a space, control or non-ASCII
+    character, an empty, `.` or `..` path segment, or a percent-encoded dot, slash or
+    backslash."""
+    if not isinstance(url, str) or AMBIGUOUS_URL.search(url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    segments = parts.path.split("/")[1:]
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not parts.path.startswith("/")
+        or "" in segments[:-1]
+        or any(segment in (".", "..") for segment in segments)
+    ):
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path, parts.query
+
+
 class Webhook(Adapter):
     """Signed HTTP events in, signed callbacks of the replies out (DESIGN's wire contract).
 
     `POST /webhook/<name>` with `{"id", "thread", "actor", "text"}` (and optionally
-    `"callback"`, a URL that starts with one of `callbacks`) and the header
+    `"callback"`, a URL under one of `callbacks`: same scheme, host and port, its path
+    below the prefix's, nothing ambiguous like `..`; see `url_parts`) and the header
     `X-Agentkit-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
     `GET /webhook/<name>/turns/<turn id>` is signed the same way over `"<t>.<path>"`.
     """
@@ -5831,14 +7145,26 @@ class Webhook(Adapter):
         self.name = check_adapter_name(name)
         self.secret = secret.encode()
         redactions.add(secret, f"{self.name}-secret")
+        self.callbacks: list[tuple[str, str, int, str, str]] = []
         for url in callbacks:
-            if not re.match(r"https?://[^/]+/", url if isinstance(url, str) else ""):
-                raise BadInput(f"a callback prefix is an http(s) URL with a path, not {url!r}")
-        self.callbacks = tuple(callbacks)
+            parts = url_parts(url)
+            if parts is None or not parts[3].endswith("/") or parts[4]:
+                raise BadInput(
+                    "a callback prefix is a plain http(s) URL whose path ends with '/' "
+                    f"(no query, user info or '..'), not {url!r}"
+                )
+            self.callbacks.append(parts)
         self.client = httpx.Client(timeout=10.0)
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
         return kind in ("reply", "error") and "callback" in meta
+
+    def allows(self, callback: object) -> bool:
+        """Whether `callback` is an unambiguous URL under one of the callback prefixes."""
+        parts = url_parts(callback)
+        return parts is not None and any(
+            parts[:3] == prefix[:3] and parts[3].startswith(prefix[3]) for prefix in self.callbacks
+        )
 
     def signature(self, t: int, payload: bytes) -> str:
         return hmac.new(self.secret, f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
@@ -5849,7 +7175,7 @@ class Webhook(Adapter):
         t = fields.get("t", "")
         if not (re.fullmatch(r"[0-9]{1,11}", t) and abs(now() - int(t)) <= self.WINDOW):
             return False
-        return hmac.compare_digest(fields.get("v1", ""), self.signature(int(t), payload))
+        return same_secret(fields.get("v1", ""), self.signature(int(t), payload))
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         base = f"/webhook/{self.name}"
@@ -5868,9 +7194,7 @@ class Webhook(Adapter):
                 if not isinstance(event.get(key), str) or not event[key]:
                     raise BadInput(f"{key!r} must be a non-empty string")
             callback = event.get("callback")
-            if callback is not None and not (
-                isinstance(callback, str) and callback.startswith(self.callbacks or ("\0",))
-            ):
+            if callback is not None and not self.allows(callback):
                 raise BadInput("the callback URL is not allowed")
             digest = hashlib.sha256(request.body).hexdigest()
             meta = {"digest": digest, "event": event["id"]}
@@ -6283,9 +7607,7 @@ class WebChat(Adapter):
             for part in request.headers.get("cookie", "").split(";")
             if "=" in part
         )
-        return bool(self.token) and hmac.compare_digest(
-            cookies.get(self.cookie, ""), self.session()
-        )
+        return bool(self.token) and same_secret(cookies.get(self.cookie, ""), self.session())
 
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         route = (request.method, request.path)
@@ -6298,9 +7620,7 @@ class WebChat(Adapter):
             )
         if route == ("POST", "/api/login"):
             token = json_body(request).get("token")
-            if not (
-                isinstance(token, str) and self.token and hmac.compare_digest(token, self.token)
-            ):
+            if not (isinstance(token, str) and self.token and same_secret(token, self.token)):
                 return json_response(401, {"error": "wrong token"})
             cookie = f"{self.cookie}={self.session()}; Path=/; HttpOnly; SameSite=Strict"
             return HTTPResponse(204, b"", {"Set-Cookie": cookie})
@@ -6385,16 +7705,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.handle_request()
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals, none of them a 5xx: an unknown method is 405, an
+        unknown HTTP version 400."""
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
+
     def handle_request(self) -> None:
+        """Read the request, route it, answer: bad input is a 400, a bug a 500 (logged).
+        A client that goes away is the server's `handle_error`."""
         length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not length.isdigit():
+        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,10}", length):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
         if int(length) > MAX_BODY:
             self.close_connection = True
             return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
         body = self.rfile.read(int(length))
-        parts = urllib.parse.urlsplit(self.path)
+        parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
         request = HTTPRequest(
             self.command,
             parts.path,
@@ -6407,7 +7734,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadInput as e:
             response = json_response(400, {"error": str(e)})
         except Exception:
-            log.exception("%s %s failed", self.command, parts.path)
+            log.exception("%s %s failed", self.command, self.path)
             response = json_response(500, {"error": "internal error"})
         self.reply(response)
 
@@ -6458,6 +7785,15 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closed its socket or stopped sending is dropped quietly; anything
+        else is logged (never printed to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("http: %s went away (%s)", client_address, describe_error(error))
+        else:
+            log.exception("http: the request from %s failed", client_address)
 
     def route(self, request: HTTPRequest) -> HTTPResponse:
         if request.path == "/healthz":
@@ -6514,6 +7850,11 @@ class AgentKit:
         secret_tool: bool = True,
         lease: float = 30.0,
         synchronous: str = "normal",
+        runtime: str | RuntimeProvider = "local",
+        runtime_scope: str = "thread",
+        runtime_idle: float = 900.0,
+        workspace_tools: bool | Sequence[str] = False,
+        workspace_tools_approval: bool | Callable[..., bool | str] = True,
     ) -> None:
         for name, value in [
             ("max_steps", max_steps),
@@ -6531,7 +7872,15 @@ class AgentKit:
             if db == ":memory:":
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
+        runtimes = Runtimes(
+            runtime_provider(runtime),
+            scope=runtime_scope,
+            workspace=Path(workspace),
+            idle=runtime_idle,
+        )
+        tools = workspace_tools_of(workspace_tools, workspace_tools_approval)
         self.store = open_store(db, synchronous=synchronous)
+        move_old_workspaces(Path(workspace), self.store)
         self.queue = Queue(self.store)
         self.scheduler = Scheduler(self.queue)
         self.engine = TurnEngine(
@@ -6556,9 +7905,11 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.engine.redact = self.secrets.redact
+        self.records.thread_secrets = self.secrets.saved_values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
+        self.runtimes = self.engine.runtimes = runtimes
+        self.engine.tools.update((made.name, made) for made in tools)
         self.adapters = self._adapters(adapters)
         self.records.outlets = dict(self.adapters)
         self.records.may_decide = self.gatekeeper.may_decide
@@ -6606,6 +7957,7 @@ class AgentKit:
             self._working.wait_for(lambda: not self._workers, timeout=self.lease)
         for adapter in self.adapters.values():
             adapter.close()
+        self.runtimes.close()
         self.engine.close()
         self.store.close()
 
@@ -7086,6 +8438,7 @@ class AgentKit:
         past their time; workers call it every second. The ids of the jobs it added."""
         self.gatekeeper.expire(at)
         self.store.expire_secret_requests(self.store.now() if at is None else at)
+        self.runtimes.sweep()
         return self.scheduler.tick(at)
 
     def prune(self, older_than: float) -> dict[str, int]:
@@ -7154,6 +8507,7 @@ class AgentKit:
                     server.server_close()
                 for signum, handler in handlers.items():
                     signal.signal(signum, handler)
+                self.runtimes.close()
                 self.stopping.clear()
                 log.info("stopped")
 

@@ -152,6 +152,24 @@ def test_script_runs_a_turn_with_a_tool_call_and_prints_the_history(tmp_path: Pa
     assert history[3]["content"] == "1234 + 5678 = 6912."
 
 
+def test_workspace_agent_writes_and_runs_a_script_in_bwrap_after_approvals(
+    tmp_path: Path,
+) -> None:
+    out = run_script("workspace_agent.py", env_for(tmp_path / "workspace_agent.db"))
+    assert out.splitlines() == [
+        "approving write: {'path': 'hello.py', 'text': \"print('hello from the sandbox')\\n\"}",
+        "approving bash: {'command': 'python3 hello.py; cat /etc/shadow'}",
+        "done: The script said: hello from the sandbox",
+        "[write] wrote 32 bytes to hello.py",
+        "[bash] hello from the sandbox",
+        "cat: /etc/shadow: No such file or directory",
+        "",
+        "[exit code 1]",
+    ]
+    folder = tmp_path / "workspace" / agentkit.workspace_name("cli:me")
+    assert (folder / "hello.py").read_text() == "print('hello from the sandbox')\n"
+
+
 def test_ops_bot_waits_for_approval_runs_the_tool_once_and_reports_a_denial(
     tmp_path: Path,
 ) -> None:

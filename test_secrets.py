@@ -245,6 +245,20 @@ def test_refused_blobs_get_a_clear_reply_and_change_nothing(kit: AgentKit, case:
         assert kit.run_turn(ACTOR, fresh).note == "Saved TOKEN for this conversation."
 
 
+def test_a_blob_with_a_lone_surrogate_is_refused_whole_before_anything_is_written(
+    kit: AgentKit,
+) -> None:
+    url = ask(kit, "FIRST", "SECOND")
+    before = snapshot(kit)
+    result = kit.run_turn(ACTOR, seal(url, {"FIRST": "a fine value", "SECOND": "bad \ud800"}))
+    assert result.status == "rejected" and result.turn_id is None
+    assert "SECOND" in result.error and "surrogate" in result.error
+    assert "nothing was saved" in result.error.lower()
+    assert snapshot(kit) == before
+    fresh = seal(url, {"FIRST": "a fine value", "SECOND": "another value"})
+    assert kit.run_turn(ACTOR, fresh).note == "Saved FIRST, SECOND for this conversation."
+
+
 def mutations(blob: str, rng: random.Random) -> Iterator[str]:
     """Random and mutated blobs: flipped, cut, spliced, re-encoded, garbage."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:=+/ é\n\0"
@@ -441,3 +455,94 @@ def test_ctx_secret_refuses_bad_names_and_symlinks(kit: AgentKit, tmp_path: Path
     (folder / "LINKED").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OSError):
         ctx.secret("LINKED")
+
+
+# ─────────────────────────── redaction of everything that leaves ───────────────────────────
+
+
+def database_bytes(folder: Path) -> bytes:
+    """The raw bytes of the database files (main file, WAL, shared memory)."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("agent.db*")))
+
+
+def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
+    tmp_path: Path,
+) -> None:
+    thread = "web:owner"  # the web chat's deliveries stay in the database
+    value = "sk-" + os.urandom(12).hex()
+    model = ScriptedModel(["Noted.", ToolCall("leak", {})])
+    kit = AgentKit(tmp_path / "agent.db", model=model, workspace=tmp_path / "ws")
+
+    @kit.tool
+    def leak(ctx: ToolContext) -> str:
+        """Return the token (a careless tool)."""
+        return ctx.secret("API_TOKEN")
+
+    @kit.on("tool_result")
+    def fail(event: agentkit.Event) -> None:
+        raise ValueError(event.result)
+
+    @kit.command("token")
+    def token(ctx: ToolContext, args: str) -> str:
+        """Show the token (a careless command)."""
+        return f"the token is {ctx.secret('API_TOKEN')}"
+
+    url = kit.request_secret(thread, fields=["API_TOKEN"], reason="for the test", actor=thread).url
+    assert kit.run_turn(thread, seal(url, {"API_TOKEN": value})).note.startswith("Saved")
+    failed = kit.run_turn(thread, "use the tool")
+    assert failed.status == "failed" and "[redacted:API_TOKEN]" in failed.error
+    answered = kit.run_turn(thread, "/token")
+    assert answered.reply == "the token is [redacted:API_TOKEN]"
+    texts = [d.body["text"] for d in kit.store.deliveries(thread, 0, 200)]
+    assert "Sorry, that failed: " in " ".join(texts) and value not in " ".join(texts)
+    assert value not in " ".join(str(r) for r in kit.store.rows("events"))
+    assert value.encode() not in database_bytes(tmp_path)
+    kit.close()
+    assert value.encode() not in database_bytes(tmp_path)
+
+
+# ──────────────────────────────────── one folder per thread ────────────────────────────────────
+
+LONG = "cli:" + "v" * 196
+
+
+def context(kit: AgentKit, thread: str) -> ToolContext:
+    return ToolContext(
+        thread_id=thread, turn_id="t", actor=thread, call_id=None, root=kit.secrets.workspace
+    )
+
+
+def test_a_short_id_that_spells_a_long_ids_folder_name_gets_its_own_folder(
+    kit: AgentKit,
+) -> None:
+    spelled = urllib.parse.unquote(agentkit.workspace_name(LONG))
+    agentkit.write_secret(secrets_dir(kit, LONG), "API_TOKEN", TOKEN)
+    assert context(kit, LONG).secret("API_TOKEN") == TOKEN
+    assert agentkit.workspace_name(spelled) != agentkit.workspace_name(LONG)
+    with pytest.raises(KeyError):
+        context(kit, spelled).secret("API_TOKEN")
+
+
+def old_folder(root: Path, thread: str) -> Path:
+    """The folder the naming before `+` gave a long thread id."""
+    return root / agentkit.workspace_name(thread).replace("+", "-")
+
+
+def test_old_folders_of_long_ids_move_when_unambiguous_and_stay_with_a_warning_otherwise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = "cli:" + "w" * 196
+    root = tmp_path / "ws"
+    with AgentKit(tmp_path / "agent.db", workspace=root) as kit:
+        for thread in (LONG, shared, urllib.parse.unquote(old_folder(root, shared).name)):
+            kit.run_turn(thread, "hello")
+    for thread in (LONG, shared):
+        agentkit.write_secret(old_folder(root, thread) / ".secrets", "API_TOKEN", thread[-8:])
+    with (
+        caplog.at_level(logging.WARNING, "agentkit"),
+        AgentKit(tmp_path / "agent.db", workspace=root) as kit,
+    ):
+        assert context(kit, LONG).secret("API_TOKEN") == LONG[-8:]
+        assert not old_folder(root, LONG).exists()
+        assert old_folder(root, shared).exists()  # its short twin keeps it, and the log says
+        assert "was shared by" in caplog.text and shared in caplog.text

@@ -9,10 +9,13 @@ import hashlib
 import hmac
 import http.server
 import json
+import logging
 import os
+import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -361,6 +364,245 @@ def test_webhook_turns_route_answers_only_signed_requests_for_known_turns(
         assert client.get(path, headers=signed).status_code == 404
         assert client.post("/webhook/nosuch", content=b"{}").status_code == 404
         assert client.get("/webhook/web").status_code == 404
+
+
+def raw_answer(url: str, data: bytes) -> bytes:
+    """Send `data` as it is on a new connection; the start of the answer."""
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may refuse before the body is sent
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+    return answer
+
+
+def raw_request(url: str, data: bytes) -> int | None:
+    """Send `data` as it is on a new connection; the status of the answer (None if none)."""
+    match = re.match(rb"HTTP/1\.[01] ([0-9]{3}) ", raw_answer(url, data))
+    return int(match.group(1)) if match else None
+
+
+def signed_post(body: bytes, header: bytes | None = None, **headers: bytes) -> bytes:
+    """The bytes of a POST to /webhook/github: signed unless `header` is given."""
+    header = sign(SECRET, body).encode() if header is None else header
+    lines = [
+        b"POST /webhook/github HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"X-Agentkit-Signature: " + header,
+        b"Content-Length: " + headers.pop("length", str(len(body)).encode()),
+        *(name.replace("_", "-").encode() + b": " + value for name, value in headers.items()),
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def quiet(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    """Assert that nothing logged or printed a traceback or an error."""
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed and "Exception occurred" not in printed, printed
+    assert "Traceback" not in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_non_ascii_signature_is_a_401_and_writes_nothing(hook_kit: AgentKit) -> None:
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = hook_kit.store.row_counts()
+        header = f"t={int(time.time())},v1=é".encode()
+        response = post_event(client, event(), header=header)
+        assert response.status_code == 401, (response.status_code, response.text)
+        path = "/webhook/github/turns/turn_x"
+        response = client.get(path, headers={"X-Agentkit-Signature": header})
+        assert response.status_code == 401, (response.status_code, response.text)
+        assert hook_kit.store.row_counts() == before
+
+
+@pytest.mark.parametrize("field", ["id", "thread", "actor", "text", "extra"])
+def test_a_signed_body_with_a_lone_surrogate_is_a_400_and_writes_nothing(
+    hook_kit: AgentKit, field: str
+) -> None:
+    body = event(**{field: "bad \ud800 text"})
+    assert b"\\ud800" in body
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = hook_kit.store.row_counts()
+        response = post_event(client, body)
+        assert response.status_code == 400, (response.status_code, response.text)
+        assert "surrogate" in response.json()["error"]
+        assert hook_kit.store.row_counts() == before
+
+
+def test_a_signed_body_nested_100000_deep_is_a_400_and_writes_nothing(
+    hook_kit: AgentKit,
+) -> None:
+    body = b'{"id": "e", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with served(hook_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = hook_kit.store.row_counts()
+        response = post_event(client, body)
+        assert response.status_code == 400, (response.status_code, response.text)
+        assert "nests too deeply" in response.json()["error"]
+        assert hook_kit.store.row_counts() == before
+
+
+def test_requests_http_server_refuses_itself_are_4xx(hook_kit: AgentKit) -> None:
+    with served(hook_kit) as url:
+        assert raw_request(url, b"PUT /webhook/github HTTP/1.1\r\nHost: x\r\n\r\n") == 405
+        # an answer to a version it does not speak has no status line, only the page
+        answer = raw_answer(url, b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert b"Error code: 400" in answer, answer
+        assert raw_request(url, signed_post(event(), length="\u00b2".encode("latin-1"))) == 411
+
+
+def test_a_client_that_leaves_mid_long_poll_is_dropped_without_a_traceback(
+    web_kit: AgentKit, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    web_kit.adapters["web"].long_poll = 0.5
+    polling = threading.Event()
+    wait_for_change = web_kit.store.wait_for_change
+
+    def noted(seconds: float) -> bool:
+        polling.set()
+        return wait_for_change(seconds)
+
+    web_kit.store.wait_for_change = noted
+    caplog.set_level(logging.DEBUG, "agentkit")
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        cookie = login(client, url, TOKEN)
+        sock = socket.create_connection(("127.0.0.1", port_of(url)))
+        sock.sendall(
+            f"GET /api/feed?after=1 HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode()
+        )
+        assert polling.wait(10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the answer at the end of the poll cannot be written
+        printed: list[str] = []
+
+        def noticed() -> bool:  # the debug line now; before, a traceback on stderr
+            printed.append(capsys.readouterr().err)
+            return "went away" in caplog.text or "Exception occurred" in "".join(printed)
+
+        wait_until(noticed, what="the server to notice")
+        assert client.get("/healthz").status_code == 200
+    assert not "".join(printed), printed
+    quiet(caplog, capsys)
+
+
+def test_a_callback_is_compared_as_a_normalised_url(tmp_path: Path, recorder: Recorder) -> None:
+    prefix = f"{recorder.url}/hooks/agent/"
+    hook = agentkit.Webhook(SECRET, name="github", callbacks=[prefix])
+    kit = AgentKit(tmp_path / "hook.db", model="echo", adapters=[hook])
+    host, port = "127.0.0.1", port_of(recorder.url)
+    escapes = [
+        prefix + "../../admin/delete",
+        prefix + "./x",
+        prefix + "%2e%2e/admin",
+        prefix + "x%2Fy",
+        prefix + "..%5cadmin",
+        prefix + "x\\..\\..\\admin",
+        f"http://user@{host}:{port}/hooks/agent/x",
+        f"http://{host}:{port}@evil.example/hooks/agent/x",
+        f"http://{host}:{port}/hooks/agent//x",
+        f"https://{host}:{port}/hooks/agent/x",
+        f"http://{host}:{port + 1}/hooks/agent/x",
+        f"http://{host}:{port}/hooks/agentx",
+        f"http://{host}:{port}/hooks/agent/x#frag",
+    ]
+    with served(kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        before = kit.store.row_counts()
+        for i, callback in enumerate(escapes):
+            response = post_event(client, event(id=f"e{i}", callback=callback))
+            assert response.status_code == 400, (callback, response.status_code)
+        assert kit.store.row_counts() == before
+        good = post_event(client, event(callback=f"http://{host}:{port}/hooks/agent/reply?x=1"))
+        assert good.status_code == 202, good.text
+        wait_until(lambda: recorder.received, what="the callback")
+        assert [path for path, _, _ in recorder.received] == ["/hooks/agent/reply?x=1"]
+    issue = agentkit.Webhook(SECRET, callbacks=["http://h/hooks/agent/"])
+    assert issue.allows("http://h/hooks/agent/reply")
+    assert not issue.allows("http://h/hooks/agent/../../admin/delete")
+    for bad in (f"{recorder.url}/hooks/../", f"{recorder.url}/hooks", "ftp://h/x/", 5):
+        with pytest.raises(agentkit.BadInput):
+            agentkit.Webhook(SECRET, callbacks=[bad])
+
+
+def mutated_requests(rng: random.Random, url: str) -> Iterator[bytes]:
+    """Requests to the webhook that must all be refused: mutated signatures, timestamps,
+    bodies, headers, sizes and encodings."""
+    good = event(callback=f"{url}/nowhere")
+    t = int(time.time())
+    mac = sign(SECRET, good, t).encode()
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"text"',
+        b"\xff\xfe\x00",
+        "{}".encode("utf-16"),
+        event(text="x \udfff"),
+        event(thread="\ud83d"),
+        event(id=""),
+        event(text=5),
+        event(id="i" * 300),
+        event(thread="t" * 300),
+        event(text="x" * 100_001),
+        event(callback="http://evil.example/"),
+        b'{"id": "e", "x": ' + b"[" * 50_000 + b"}",
+        b'{"id": "e", "x": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_000 + b"}",
+        good[: len(good) // 2],
+    ]
+    for _ in range(1200):
+        kind = rng.randrange(6)
+        if kind == 0:  # a mutated signature over the good body
+            header = bytearray(mac)
+            for _ in range(rng.randint(1, 4)):
+                header[rng.randrange(len(header))] = rng.randrange(256)
+            if header == mac or b"\r" in header or b"\n" in header:
+                continue
+            yield signed_post(good, bytes(header))
+        elif kind == 1:  # a bad timestamp, signed
+            when = rng.choice(
+                [str(t - 301), str(t + 301), "", "-1", "1" * 30, "١٢", "0x10", str(t) + " "]
+            )
+            body_mac = hmac.new(SECRET.encode(), f"{when}.".encode() + good, hashlib.sha256)
+            header = f"t={when},v1={body_mac.hexdigest()}".encode()
+            yield signed_post(good, header)
+        elif kind == 2:  # a bad body, signed
+            yield signed_post(rng.choice(bodies))
+        elif kind == 3:  # a good body, mutated after signing
+            body = bytearray(good)
+            body[rng.randrange(len(body))] = rng.randrange(256)
+            if body != good:
+                yield signed_post(bytes(body), mac)
+        elif kind == 4:  # bad or lying headers
+            length = rng.choice([b"-1", b"abc", b"\xb2", b"99999999999", b"2000000", b"3", b""])
+            extra = rng.choice([{}, {"Transfer_Encoding": b"chunked"}, {"Content_Type": b"\xff"}])
+            yield signed_post(good, length=length, **extra)
+        else:  # random bytes as a body, or as a whole request
+            noise = rng.randbytes(rng.randint(0, 300))
+            yield signed_post(noise, noise[:40].replace(b"\r", b"").replace(b"\n", b""))
+            if rng.random() < 0.2:
+                yield b"POST /webhook/github HTTP/1.1\r\n" + noise + b"\r\n\r\n"
+
+
+def test_a_thousand_mutated_requests_get_no_5xx_write_nothing_and_log_no_traceback(
+    hook_kit: AgentKit, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    rng = random.Random(12)
+    caplog.set_level(logging.WARNING, "agentkit")
+    with served(hook_kit, workers=1) as url:
+        before = hook_kit.store.row_counts()
+        statuses: dict[int | None, int] = {}
+        for data in mutated_requests(rng, url):
+            status = raw_request(url, data)
+            statuses[status] = statuses.get(status, 0) + 1
+        assert sum(statuses.values()) >= 1000, statuses
+        assert all(status is not None and 400 <= status < 500 for status in statuses), statuses
+        assert hook_kit.store.row_counts() == before
+        assert hook_kit.threads() == []
+        quiet(caplog, capsys)
+        with httpx.Client(base_url=url, timeout=10) as client:  # and it still works
+            assert post_event(client, event()).status_code == 202
 
 
 def test_an_adapter_named_web_must_be_a_web_chat(tmp_path: Path) -> None:
