@@ -5,23 +5,27 @@ turns, tool calls, approvals, secret requests, jobs, schedules, locks and adapte
 are rows; every piece of work is claimed in a transaction, so several processes can share
 one database and nothing is done twice or lost. See README.md for the guide.
 
-Sections, each using only those above it:
+Sections, each using only those above it (all SQL is in 3 and 4):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
-2. store contract: `Store`, its operations grouped by table, and the row dataclasses
-3. SQL engines: the shared statements (`_SQLStore`), the SQLite engine (`SQLiteStore`)
-4. locks
-5. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
-6. conversation records: the rules of turns, approvals and the outbox over the store
-7. models: OpenAI, Anthropic, echo, scripted
-8. tools and hooks
-9. the turn engine
-10. approvals
-11. secret requests
-12. adapters: Telegram, Webhook, WebChat, PollingAdapter
-13. HTTP server
-14. the AgentKit facade
-15. CLI
+2. store contract: `Store`, its operations grouped by table, the row dataclasses, and
+   `open_store` with its engines by URL scheme
+3. SQL store: `_SQLStore`, the statements SQLite and PostgreSQL share
+4. SQLite engine: `SQLiteStore` (apsw), its schema and migrations
+5. locks
+6. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
+7. conversation records: the rules of turns, approvals and the outbox, over the store
+8. models: OpenAI, Anthropic, echo, scripted
+9. tools and hooks
+10. runtimes: where commands run (local, bwrap)
+11. workspace tools
+12. the turn engine
+13. approvals
+14. secret requests
+15. adapters: Telegram, Webhook, WebChat, PollingAdapter
+16. HTTP server
+17. the AgentKit facade
+18. CLI
 """
 
 import argparse
@@ -1023,18 +1027,22 @@ def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
     return engine(target, **options)
 
 
-# ─────────────────────────────────────── SQL engines ───────────────────────────────────────
-# All of agentkit's SQL: the statements SQLite and PostgreSQL share (`_SQLStore`), then the
-# SQLite engine (apsw): its schema, connections per thread, PRAGMAs, transactions, wake-ups.
+# ───────────────────────────────────────── SQL store ─────────────────────────────────────────
+# The operations as SQL statements that SQLite and PostgreSQL both run (`_SQLStore`); an
+# engine below supplies connections, transactions and what its dialect does its own way.
 
 
 class _SQLStore(Store):
     """The operations as SQL in the subset SQLite (3.35+) and PostgreSQL (15+) share.
 
-    Statements use `?` placeholders, `ON CONFLICT`, `RETURNING`, `CASE` and `COALESCE`; an
-    engine runs them through `_rows`, `_rows_many` and `_count` (translating placeholders
-    if its driver wants another style), says how a list parameter is matched
-    (`IN_LIST`, `_list`), and writes its own claim, which is where engines differ most.
+    Statements use `?` placeholders, `ON CONFLICT`, `RETURNING`, `CASE`, `COALESCE` and
+    `EXISTS`; never `INSERT OR REPLACE` or numbered parameters; a JSON function only in
+    `IN_LIST`. An engine runs them through `_rows`, `_rows_many`, `_insert_many`, `_count`
+    and `_described` (translating `?` if its driver wants another style) inside `_atomic`,
+    says how a list of ids or names is matched (`IN_LIST` with `_list(values)`), and
+    writes the rest of the contract on its own: `transaction`, `now`, `wait_for_change`,
+    `close`, `release_thread`, `tables`, `integrity`, and `claim_jobs` (with `_lease` and
+    `requeue_expired` from here), which is where engines differ most.
     """
 
     IN_LIST = "IN (SELECT value FROM json_each(?))"  # `x IN_LIST` with `_list(values)`
@@ -1687,6 +1695,10 @@ class _SQLStore(Store):
                 deleted[table] = self._count(f"DELETE FROM {table} WHERE {sql}", (before,))
         return deleted
 
+
+# ─────────────────────────────────────── SQLite engine ───────────────────────────────────────
+# SQLite through apsw: the schema and its migrations, a connection per thread with its
+# PRAGMAs read back, transactions and savepoints, busy retries, data_version wake-ups.
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: locks, jobs and schedules
