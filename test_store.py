@@ -259,6 +259,8 @@ def test_turns_move_only_from_the_status_they_are_in(store: Store) -> None:
     assert (ended_turn.input_tokens, ended_turn.output_tokens) == (3, 4)
     assert ended_turn.cancel_requested and store.active_turns("cli:me") == []
     assert [thread for thread, _ in store.threads(10)] == ["cli:me"]
+    turn(store, "cli:mine")
+    assert store.thread_ids("cli:m") == ["cli:me", "cli:mine"] and store.thread_ids("x") == []
 
 
 def test_messages_and_calls_come_back_in_order_and_a_call_is_claimed_once(store: Store) -> None:
@@ -386,3 +388,19 @@ def test_tables_rows_and_pruning(store: Store) -> None:
     assert store.integrity() == "ok"
     assert store.prune(store.now() + 10)["jobs"] == 1 and store.row_counts()["jobs"] == 0
     assert store.version == store.latest
+
+
+def test_open_store_picks_the_engine_by_url_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(agentkit.BadInput, match=r"no store engine for nope://"):
+        agentkit.open_store("nope://host/db")
+    opened: list[tuple[str, dict]] = []
+    monkeypatch.setitem(
+        agentkit.STORE_ENGINES, "fake", lambda target, **options: opened.append((target, options))
+    )
+    agentkit.open_store("FAKE://host/db", synchronous="full")
+    assert opened == [("FAKE://host/db", {"synchronous": "full"})]
+    plain = agentkit.open_store(tmp_path / "plain.db")  # a path: SQLite
+    assert isinstance(plain, agentkit.SQLiteStore) and plain.path == str(tmp_path / "plain.db")
+    plain.close()
