@@ -275,3 +275,8 @@ def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(tmp_path: P
         assert kit.store.read("SELECT blocked FROM jobs WHERE id = ?", (job,)) == [(0,)]
         kit.work(until_idle=True)
         assert kit.turn(second.turn_id).reply == "second answer"
+
+
+def test_connections_keep_plans_stable_across_binds(kit: AgentKit) -> None:
+    # without it, SQLite re-prepares the claim's statements at every bind
+    assert kit.store.connection().config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1
