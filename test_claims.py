@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def test_a_claim_reads_no_ready_jobs_of_other_tasks(tmp_path: Path) -> None:
             assert kit.store.finish_jobs(OWNER, [again]) == {mine}
             by_name = vm_steps(kit, lambda: claim(kit, ["mine"]))
             assert kit.job(f"job_{mine}").state == "running"
-            costs[foreign] = (by_id, by_name)
+            idle = vm_steps(kit, lambda: claim(kit, ["mine"]))  # an idle worker's poll
+            costs[foreign] = (by_id, by_name, idle)
     for small, big in zip(costs[10], costs[10_000], strict=True):
         assert big <= small * 1.05 + 20, costs  # 10,000 rows read would cost far more
 
@@ -259,3 +261,35 @@ def test_healthz_does_not_count_jobs_and_doctor_says_how_long_counting_took(
     report = kit.doctor()
     assert report["jobs"] == {"queued": 100}
     assert report["counting seconds"] >= 0
+
+
+def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(tmp_path: Path) -> None:
+    entered, release = threading.Event(), threading.Event()
+    model = agentkit.ScriptedModel([agentkit.ToolCall("wait", {}), "second answer"])
+    with AgentKit(tmp_path / "agent.db", model=model) as kit:
+
+        @kit.tool
+        def wait() -> str:
+            entered.set()
+            release.wait(30)
+            return "waited"
+
+        runner = threading.Thread(target=kit.run_turn, args=("cli:me", "first"))
+        runner.start()
+        assert entered.wait(30)
+        second = kit.run_turn("cli:me", "second", wait=False)
+        job = kit.engine.records.turn(second.turn_id).job_id
+        assert kit.store.read("SELECT blocked FROM jobs WHERE id = ?", (job,)) == [(1,)]
+        first = kit.store.read("SELECT id FROM turns WHERE text = 'first'")[0][0]
+        kit.cancel(first)
+        release.set()
+        runner.join()
+        assert kit.turn(first).status == "cancelled"
+        assert kit.store.read("SELECT blocked FROM jobs WHERE id = ?", (job,)) == [(0,)]
+        kit.work(until_idle=True)
+        assert kit.turn(second.turn_id).reply == "second answer"
+
+
+def test_connections_keep_plans_stable_across_binds(kit: AgentKit) -> None:
+    # without it, SQLite re-prepares the claim's statements at every bind
+    assert kit.store.connection().config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1
