@@ -279,13 +279,13 @@ def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(tmp_path: P
         assert entered.wait(30)
         second = kit.run_turn("cli:me", "second", wait=False)
         job = kit.engine.records.turn(second.turn_id).job_id
-        assert kit.store.read("SELECT blocked FROM jobs WHERE id = ?", (job,)) == [(1,)]
-        first = kit.store.read("SELECT id FROM turns WHERE text = 'first'")[0][0]
+        assert rows(kit, "jobs", "blocked", id=job) == [1]
+        [first] = rows(kit, "turns", "id", text="first")
         kit.cancel(first)
         release.set()
         runner.join()
         assert kit.turn(first).status == "cancelled"
-        assert kit.store.read("SELECT blocked FROM jobs WHERE id = ?", (job,)) == [(0,)]
+        assert rows(kit, "jobs", "blocked", id=job) == [0]
         kit.work(until_idle=True)
         assert kit.turn(second.turn_id).reply == "second answer"
 
