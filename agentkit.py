@@ -455,15 +455,15 @@ class NewJob(NamedTuple):
 
 
 class JobEnd(NamedTuple):
-    """How a claimed job ended: its new state and what goes with it."""
+    """How a claimed job ended (its attempt): its new state and what goes with it."""
 
-    rowid: int
-    attempt: int
     state: str  # done | queued (a retry) | failed | dead
     result: str | None  # JSON
     error: str | None
     run_at: float | None  # a retry's time
     finished_at: float | None
+    rowid: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -1211,9 +1211,9 @@ class _SQLStore(Store):
             rows = self._rows_many(
                 "UPDATE jobs SET state = ?, result = ?, last_error = ?, "
                 "run_at = COALESCE(?, run_at), finished_at = ?, owner = NULL, "
-                "lease_until = NULL WHERE id = ? AND owner = ? AND attempts = ? "
+                "lease_until = NULL WHERE id = ? AND attempts = ? AND owner = ? "
                 "AND state = 'running' RETURNING id, target",
-                [(*e[2:], e.rowid, owner, e.attempt) for e in ends],
+                [(*end, owner) for end in ends],
             )
             if targets := [target for _, target in rows if target is not None]:
                 self._unblock(targets)
@@ -2566,7 +2566,7 @@ class Queue:
                 else:
                     state, run_at = "queued", at + retry_delay(job.backoff, job.attempt)
             finished = None if state == "queued" else at
-            ends.append(JobEnd(job.rowid, job.attempt, state, result, error, run_at, finished))
+            ends.append(JobEnd(state, result, error, run_at, finished, job.rowid, job.attempt))
         kept = self.store.finish_jobs(owner, ends)
         return {end.rowid: end.state for end in ends if end.rowid in kept}
 

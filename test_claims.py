@@ -79,7 +79,7 @@ def test_a_claim_reads_no_ready_jobs_of_other_tasks(tmp_path: Path) -> None:
             [mine] = rows(kit, "jobs", "id", name="mine")
             claimed: list[agentkit.Claimed] = []
             by_id = vm_steps(kit, functools.partial(claim_into, claimed, kit, ["mine"], mine))
-            again = agentkit.JobEnd(mine, 1, "queued", None, "again", 0.0, None)  # ready again
+            again = agentkit.JobEnd("queued", None, "again", 0.0, None, mine, 1)  # ready again
             assert kit.store.finish_jobs(OWNER, [again]) == {mine}
             by_name = vm_steps(kit, lambda: claim(kit, ["mine"]))
             assert kit.job(f"job_{mine}").state == "running"

@@ -49,7 +49,7 @@ def lapse(store: Store, claimed: agentkit.Claimed, owner: str) -> None:
 
 
 def ended(claimed: agentkit.Claimed, state: str = "done", result: str = '"ok"') -> agentkit.JobEnd:
-    return agentkit.JobEnd(claimed.rowid, claimed.attempt, state, result, None, None, 1.0)
+    return agentkit.JobEnd(state, result, None, None, 1.0, claimed.rowid, claimed.attempt)
 
 
 # ───────────────────────────────────────── jobs ─────────────────────────────────────────
@@ -62,7 +62,7 @@ def test_a_claimed_job_is_finished_only_by_its_owner_at_its_attempt(store: Store
     assert store.holds_job(rowid, "a", 1) and not store.holds_job(rowid, "b", 1)
     assert not store.extend_lease(rowid, "b", 1, 30)
     assert store.finish_jobs("b", [ended(claimed)]) == set()  # another owner
-    stale = agentkit.JobEnd(rowid, 2, "done", '"late"', None, None, 1.0)
+    stale = agentkit.JobEnd("done", '"late"', None, None, 1.0, rowid, 2)
     assert store.finish_jobs("a", [stale]) == set()  # another attempt
     assert store.job(rowid).state == "running"
     assert store.finish_jobs("a", [ended(claimed)]) == {rowid}
@@ -138,8 +138,8 @@ def test_finishing_a_batch_records_each_outcome(store: Store) -> None:
     retry_at = store.now() + 600
     ends = [
         ended(claimed[0]),
-        agentkit.JobEnd(retried, 1, "queued", None, "boom", retry_at, None),
-        agentkit.JobEnd(failed, 1, "failed", None, "no", None, 1.0),
+        agentkit.JobEnd("queued", None, "boom", retry_at, None, retried, 1),
+        agentkit.JobEnd("failed", None, "no", None, 1.0, failed, 1),
     ]
     assert store.finish_jobs("a", ends) == {ok, retried, failed}
     again = store.job(retried)
