@@ -371,8 +371,9 @@ _BOOL = {"decode": bool}
 
 
 @functools.cache
-def _row_shape(cls: type) -> tuple[str, Callable[[Sequence[Any]], Any]]:
-    """The column list of a row dataclass and the function that builds one from a row."""
+def _row_shape(cls: type) -> tuple[str, Callable[[Sequence[Any]], Any], bool]:
+    """The column list of a row dataclass, the function that builds one from a row, and
+    whether no field is decoded (the row's values go in as they are)."""
     fields = dataclasses.fields(cls)
     names = ", ".join(f.metadata.get("column") or f.name for f in fields)
     decoded = [(i, f.metadata["decode"]) for i, f in enumerate(fields) if "decode" in f.metadata]
@@ -386,7 +387,7 @@ def _row_shape(cls: type) -> tuple[str, Callable[[Sequence[Any]], Any]]:
                 values[i] = decode(values[i])
         return cls(*values)
 
-    return names, build
+    return names, build, not decoded
 
 
 def columns(cls: type) -> str:
@@ -397,6 +398,12 @@ def columns(cls: type) -> str:
 def from_row(cls: type, row: Sequence[Any]) -> Any:
     """A row dataclass from the values of `columns(cls)`, each decoded as its field says."""
     return _row_shape(cls)[1](row)
+
+
+def from_rows(cls: type, rows: Iterable[Sequence[Any]]) -> list[Any]:
+    """`from_row` for many rows (of a dataclass without decoded fields, at C speed)."""
+    _, build, plain = _row_shape(cls)
+    return list(itertools.starmap(cls, rows)) if plain else list(map(build, rows))
 
 
 def _job_id(rowid: int) -> str:
@@ -1087,7 +1094,7 @@ class _SQLStore(Store):
         return from_row(cls, rows[0]) if rows else None
 
     def _fetch_all(self, cls: type, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return [from_row(cls, row) for row in self._rows(sql, params)]
+        return from_rows(cls, self._rows(sql, params))
 
     def row_counts(self) -> dict[str, int]:
         return {t: self._rows(f'SELECT count(*) FROM "{t}"')[0][0] for t in self.tables()}
@@ -1204,7 +1211,7 @@ class _SQLStore(Store):
         if len(rows) > 1:
             rank = {rowid: index for index, rowid in enumerate(picked)}
             rows.sort(key=lambda row: rank[row[0]])
-        return [from_row(Claimed, row) for row in rows]
+        return from_rows(Claimed, rows)
 
     def finish_jobs(self, owner: str, ends: Sequence[JobEnd]) -> set[int]:
         with self._atomic():
