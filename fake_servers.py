@@ -71,7 +71,8 @@ class Reply:
     text: str | None
     tool_calls: list[tuple[str, dict[str, Any] | str]]
     usage: tuple[int, int]  # (input tokens, output tokens)
-    hold: threading.Event | None = None  # streamed: the rest waits after the first delta
+    hold: threading.Event | None = None  # streamed: the rest waits after the first deltas
+    held_deltas: int = 1  # how many text deltas go out before the hold
 
 
 @dataclass
@@ -230,11 +231,11 @@ class _FakeServer(_Loopback, ABC):
         hold, a streamed answer stops after its first text delta until hold is set."""
         self._queue(Reply(text, list(tool_calls or []), usage, hold))
 
-    def hold(self, text: str, usage: tuple[int, int] = (10, 5)) -> threading.Event:
-        """Queue a streamed text answer held open after its first delta; set what this
-        returns to release the rest."""
+    def hold(self, text: str, after: int = 1, usage: tuple[int, int] = (10, 5)) -> threading.Event:
+        """Queue a streamed text answer held open after its first `after` deltas (of 4
+        characters); set what this returns to release the rest."""
         release = threading.Event()
-        self.push(text=text, usage=usage, hold=release)
+        self._queue(Reply(text, [], usage, release, after))
         return release
 
     def push_error(
@@ -276,7 +277,8 @@ class _FakeServer(_Loopback, ABC):
             case Reply():
                 if stream:
                     events = self._events(answer, request.body)
-                    handler.send_events(events, hold=answer.hold, held_after=self.held_after)
+                    held_after = self.held_after + answer.held_deltas - 1
+                    handler.send_events(events, hold=answer.hold, held_after=held_after)
                 else:
                     data = json.dumps(self._message(answer, request.body)).encode()
                     handler.send_body(200, "application/json", data)
