@@ -2688,17 +2688,23 @@ class _Replayed:
     def __init__(self, on_delta: Deltas | None) -> None:
         self.on_delta = on_delta
         self.shown = ""  # all that was passed on
-        self.text = ""  # what this attempt streamed
+        self.text = ""  # what this attempt streamed while it caught up
+        self.caught_up = True  # this attempt went past `shown`, agreeing with it
 
     def attempt(self) -> "_Replayed":
-        self.text = ""
+        self.text, self.caught_up = "", not self.shown
         return self
 
     def __call__(self, delta: str) -> None:
-        self.text += delta
-        if self.on_delta and len(self.text) > len(self.shown) and self.text.startswith(self.shown):
-            new, self.shown = self.text[len(self.shown) :], self.text
-            self.on_delta(new)
+        if self.on_delta is None:
+            return
+        if not self.caught_up:
+            self.text += delta
+            if len(self.text) <= len(self.shown) or not self.text.startswith(self.shown):
+                return
+            delta, self.caught_up = self.text[len(self.shown) :], True
+        self.shown += delta
+        self.on_delta(delta)
 
 
 def _pieces(text: str) -> list[str]:
@@ -3725,10 +3731,11 @@ class _LiveText:
         self.shown = ""
 
     def add(self, delta: str) -> None:
-        self.raw += delta
         if not self.values:
-            self._show(self.raw)
+            self.shown += delta
+            self.emit(delta)
             return
+        self.raw += delta
         text = redactions.redact(self.raw, self.values)
         self._show(text[: len(text) - _secret_start(text, self.values)])
 
@@ -5512,10 +5519,17 @@ class Telegram(PollingAdapter):
         stream = self._streams.get(turn_id)
         if stream is None:
             return None
-        stream.claimed = True
-        if stream.private or stream.gave_up or stream.message_id is None:
-            return None
-        return {"message_id": stream.message_id}
+        # a call in flight may be sending its first message: wait for it a little (this
+        # runs in the transaction that stores the reply); else that message is deleted
+        locked = stream.lock.acquire(timeout=1.0)
+        try:
+            stream.claimed = True
+            if stream.private or stream.gave_up or stream.message_id is None:
+                return None
+            return {"message_id": stream.message_id}
+        finally:
+            if locked:
+                stream.lock.release()
 
     def wake(self) -> None:
         """Have the streaming thread look at the streams again (tests that drive `clock`)."""
@@ -6414,6 +6428,8 @@ class AgentKit:
         if any(not adapter.pull for adapter in self.adapters.values()):
             self.queue.tasks[DELIVER_TASK] = Task(DELIVER_TASK, self._deliver, 8, 2.0)
         self.stopping = threading.Event()  # set while serve() shuts down
+        # the threads that run streamed turns (each keeps its database connection)
+        self._streamers = concurrent.futures.ThreadPoolExecutor(32, "agentkit-stream")
         self._workers: set[Worker] = set()  # those running `work` (or `serve`) now
         self._working = threading.Condition()
 
@@ -6449,6 +6465,7 @@ class AgentKit:
             self._working.wait_for(lambda: not self._workers, timeout=self.lease)
         for adapter in self.adapters.values():
             adapter.close()
+        self._streamers.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
         self.store.close()
 
@@ -6839,11 +6856,9 @@ class AgentKit:
                 feed.put(self._follow(turn_id, job, True, None))
             except BaseException as e:  # the stream raises it
                 feed.put(e)
-            finally:
-                self.store.release_thread()
 
         try:
-            threading.Thread(target=run, name="agentkit-stream", daemon=True).start()
+            self._streamers.submit(run)
             while True:
                 try:
                     item = feed.get(timeout=0.2)

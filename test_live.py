@@ -264,8 +264,11 @@ def test_a_failed_turn_logs_why_redacted(tmp_path: Path, caplog: pytest.LogCaptu
         raise agentkit.ModelError(f"HTTP 401: bad key {token}")
 
     with AgentKit(tmp_path / "a.db", model=ScriptedModel([broken])) as kit:
-        with caplog.at_level(logging.INFO, logger="agentkit"):
-            result = kit.run_turn("cli:me", "hi")
+        try:
+            with caplog.at_level(logging.INFO, logger="agentkit"):
+                result = kit.run_turn("cli:me", "hi")
+        finally:
+            agentkit.redactions.values.pop(token)
         assert result.status == "failed"
         lines = [r.getMessage() for r in caplog.records if "failed after 0 steps" in r.getMessage()]
         assert len(lines) == 1
