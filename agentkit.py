@@ -3640,14 +3640,11 @@ class TurnResult:
     note: str | None = None
 
 
-TURN_EVENT_KINDS = ("text", "tool_start", "tool_end", "progress", "approval", "done")
-
-
 @dataclasses.dataclass(frozen=True)
 class TurnEvent:
     """One thing that happened in a running turn, as `stream_turn` yields it.
 
-    `kind` is one of TURN_EVENT_KINDS: "text" (`.text` is a delta; a step's deltas join
+    `kind` is one of "text" (`.text` is a delta; a step's deltas join
     to its stored text), "tool_start" and "tool_end" (`.tool`, `.call_id`, `.args`; at the
     end `.result` is the tool's result text and `.is_error` says whether it failed),
     "progress" (`.text`, a tool's `ctx.progress` line), "approval" (`.approval`), and last
