@@ -4113,10 +4113,20 @@ class TurnWatch:
         self.turn_id = turn_id
         self.texts: dict[int, str] = {}  # step -> "live" or "stored": where its text came from
         self.shown: set[tuple[str, str]] = set()  # (kind, call or approval id) shown
+        self.live_steps: set[int] = set()  # steps this process ran, seen live
+        self.last_step: int | None = None  # from the live "done": the run ended here
+
+    def seen_live(self) -> bool:
+        """Whether every step of the turn was seen live, up to its end."""
+        return self.last_step is not None and self.live_steps >= set(range(self.last_step + 1))
 
     def live(self, event: TurnEvent) -> TurnEvent | None:
         """The live event, unless it was shown already ("done" is the stream's own, and
         "thinking" is for adapters)."""
+        if event.kind == "done":
+            self.last_step = event.step
+            return None
+        self.live_steps.add(event.step)
         if event.kind == "text":
             if self.texts.setdefault(event.step, "live") != "live":
                 return None
@@ -4125,7 +4135,7 @@ class TurnWatch:
             if key in self.shown:
                 return None
             self.shown.add(key)
-        elif event.kind in ("done", "thinking"):
+        elif event.kind == "thinking":
             return None
         return event
 
@@ -6869,11 +6879,12 @@ class AgentKit:
                 event = watch.live(item)
                 if event is not None:
                     yield event
-            yield from watch.stored()
-            result = self._noted(item, note)
-            yield TurnEvent(
-                "done", turn_id, thread, max(self.records.turn(turn_id).steps - 1, 0), result=result
-            )
+            if not watch.seen_live():
+                yield from watch.stored()
+            step = watch.last_step
+            if step is None:
+                step = max(self.records.turn(turn_id).steps - 1, 0)
+            yield TurnEvent("done", turn_id, thread, step, result=self._noted(item, note))
         finally:
             unwatch()
 

@@ -361,3 +361,21 @@ def test_a_worker_killed_mid_stream_is_taken_over_and_replies_once(
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(20)
+
+
+def test_a_turn_that_fails_deletes_its_streamed_message(tmp_path: Path, tg: FakeTelegram) -> None:
+    class Failing(SteppedModel):
+        def complete(self, instructions, messages, tools, *, on_delta=None):
+            on_delta("w" * 50)
+            tg.wait_for(lambda f: in_chat(f.sent, -100))
+            raise agentkit.ModelError("the model went away")
+
+    with kit_with(tmp_path, Failing([], {}), telegram(tg)) as kit, serving(kit):
+        tg.push_message(-100, 42, "go")
+        tg.wait_for(lambda f: f.deleted and len(in_chat(f.sent, -100)) == 2)
+        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+        partial, error = in_chat(tg.sent, -100)
+        assert tg.deleted == [
+            {"method": "deleteMessage", "chat_id": -100, "message_id": partial["message_id"]}
+        ]
+        assert "the model went away" in error["plain"]

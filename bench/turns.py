@@ -453,26 +453,47 @@ class StreamResult:
     first_delta: float | None
 
 
-def stream_turns(runner: StreamRunner, fake: FakeOpenAI, turns: int, label: str) -> StreamResult:
-    """Run `turns` streamed turns (and, for agentkit, as many unstreamed ones interleaved,
-    returned as `runner.unstreamed_result`); each text checked."""
+def timed_unstreamed(runner: AgentKitStreams, thread: str) -> float:
+    """Seconds of one agentkit `run_turn` on the same reply, its answer checked."""
+    began = time.perf_counter()
+    if runner.unstreamed(thread) != STREAM_REPLY:
+        raise CheckFailed("agentkit's unstreamed turn answered something else")
+    return time.perf_counter() - began
+
+
+def timed_streamed(runner: StreamRunner, thread: str) -> tuple[float, float]:
+    """(seconds, seconds to the first delta) of one streamed turn, its text checked."""
+    began = time.perf_counter()
+    first, text = runner.turn(thread)
+    seconds = time.perf_counter() - began
+    if text != STREAM_REPLY or first is None:
+        raise CheckFailed(f"{runner.name} streamed {text[:40]!r}, not the reply")
+    return seconds, first
+
+
+def stream_turns(
+    runner: StreamRunner, fake: FakeOpenAI, turns: int, label: str
+) -> list[StreamResult]:
+    """Run `turns` streamed turns; for agentkit also as many unstreamed ones, alternating
+    (which goes first alternates too). The results, agentkit's unstreamed first."""
     firsts, seconds, plain = [], 0.0, 0.0
     for i in range(turns):
         fake.push(text=STREAM_REPLY)
         if isinstance(runner, AgentKitStreams):
             fake.push(text=STREAM_REPLY)
-            began = time.perf_counter()
-            if runner.unstreamed(f"{label}-plain:{i}") != STREAM_REPLY:
-                raise CheckFailed("agentkit's unstreamed turn answered something else")
-            plain += time.perf_counter() - began
-        began = time.perf_counter()
-        first, text = runner.turn(f"{label}:{i}")
-        seconds += time.perf_counter() - began
-        if text != STREAM_REPLY or first is None:
-            raise CheckFailed(f"{runner.name} streamed {text[:40]!r}, not the reply")
+            if i % 2:
+                plain += timed_unstreamed(runner, f"{label}-plain:{i}")
+            streamed, first = timed_streamed(runner, f"{label}:{i}")
+            if not i % 2:
+                plain += timed_unstreamed(runner, f"{label}-plain:{i}")
+        else:
+            streamed, first = timed_streamed(runner, f"{label}:{i}")
+        seconds += streamed
         firsts.append(first)
-    runner.unstreamed_result = StreamResult("run_turn", turns, plain, None)  # type: ignore[attr-defined]
-    return StreamResult(runner.api, turns, seconds, sum(firsts) / len(firsts))
+    results = [StreamResult(runner.api, turns, seconds, sum(firsts) / len(firsts))]
+    if isinstance(runner, AgentKitStreams):
+        results.insert(0, StreamResult("run_turn", turns, plain, None))
+    return results
 
 
 def measure_streams(
@@ -484,12 +505,9 @@ def measure_streams(
     try:
         stream_turns(runner, fake, WARMUP_TURNS, "warmup")
         gc.collect()
-        streamed = stream_turns(runner, fake, turns, "bench")
+        return stream_turns(runner, fake, turns, "bench")
     finally:
         runner.close()
-    if isinstance(runner, AgentKitStreams):
-        return [runner.unstreamed_result, streamed]  # type: ignore[attr-defined]
-    return [streamed]
 
 
 STREAM_HEADER = (
