@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import select
@@ -65,7 +66,7 @@ import types
 import typing
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,6 +134,7 @@ __all__ = [
     "ToolCall",
     "ToolContext",
     "ToolUnavailable",
+    "TurnEvent",
     "TurnResult",
     "WebChat",
     "Webhook",
@@ -3520,6 +3522,10 @@ class Records:
             return
         if outlet is not None and not outlet.accepts(kind, extra.get("meta") or {}):
             return
+        if outlet is not None and kind == "reply" and turn_id is not None:
+            stream = outlet.streamed(turn_id)
+            if stream:
+                extra["stream"] = stream
         pull = outlet is not None and outlet.pull
         body = self.clean(thread, {"text": text, **extra})
         rowid = self.store.add_delivery(name, thread, turn_id, kind, body, pull)
@@ -3652,13 +3658,65 @@ class ModelError(AgentKitError):
 
 @runtime_checkable
 class Model(Protocol):
-    """What the turn engine talks to: neutral messages and tools in, a ModelReply out."""
+    """What the turn engine talks to: neutral messages and tools in, a ModelReply out.
+
+    A model whose `can_stream` is true also takes `on_delta=`, a callable it calls with
+    each piece of text as it arrives (the pieces join to the reply's text).
+    """
 
     name: str
 
     def complete(
         self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelReply: ...
+
+
+Deltas = Callable[[str], None]  # receives each piece of a reply's text as it arrives
+
+
+def complete_live(
+    model: Model,
+    instructions: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    on_delta: Deltas,
+) -> ModelReply:
+    """A model's reply, its text passed to `on_delta` as it arrives when the model can
+    stream (its `can_stream` flag), else not at all."""
+    if getattr(model, "can_stream", False):
+        return model.complete(instructions, messages, tools, on_delta=on_delta)  # type: ignore[call-arg]
+    return model.complete(instructions, messages, tools)
+
+
+class _Replayed:
+    """Deltas across attempts: what a retried attempt streams is passed on only past the
+    text earlier attempts passed on, and only while it agrees with it."""
+
+    def __init__(self, on_delta: Deltas | None) -> None:
+        self.on_delta = on_delta
+        self.shown = ""  # all that was passed on
+        self.text = ""  # what this attempt streamed while it caught up
+        self.caught_up = True  # this attempt went past `shown`, agreeing with it
+
+    def attempt(self) -> "_Replayed":
+        self.text, self.caught_up = "", not self.shown
+        return self
+
+    def __call__(self, delta: str) -> None:
+        if self.on_delta is None:
+            return
+        if not self.caught_up:
+            self.text += delta
+            if len(self.text) <= len(self.shown) or not self.text.startswith(self.shown):
+                return
+            delta, self.caught_up = self.text[len(self.shown) :], True
+        self.shown += delta
+        self.on_delta(delta)
+
+
+def _pieces(text: str) -> list[str]:
+    """Text cut into word-sized deltas (each word with the spaces after it)."""
+    return [piece for piece in re.findall(r"\S*\s*", text) if piece]
 
 
 _RETRY_AFTER_CAP = 60.0  # seconds; longest wait between two attempts
@@ -3769,29 +3827,40 @@ class _HTTPModel(ABC):
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client()
 
+    @property
+    def can_stream(self) -> bool:
+        """Whether replies stream (`stream=True`): then `on_delta` hears their text."""
+        return self.stream
+
     def close(self) -> None:
         """Close the HTTP client, unless it was passed in."""
         if self._owns_client:
             self._client.close()
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
-        """Ask the model for its next reply; ModelError when it cannot be had."""
+        """Ask the model for its next reply (its text to `on_delta` as it streams in);
+        ModelError when it cannot be had."""
         body = self._request_body(instructions, messages, tools)
         try:
-            return self._post_with_retries(body)
+            return self._post_with_retries(body, _Replayed(on_delta))
         except ModelError as exc:
             message = f"{self.name}: {exc}"
             if self._api_key:
                 message = message.replace(self._api_key, "[redacted]")
             raise ModelError(message) from exc.__cause__
 
-    def _post_with_retries(self, body: dict[str, Any]) -> ModelReply:
+    def _post_with_retries(self, body: dict[str, Any], on_delta: _Replayed) -> ModelReply:
         attempt = 0
         while True:
             try:
-                return self._attempt(body)
+                return self._attempt(body, on_delta.attempt())
             except _Transient as exc:
                 if attempt >= self.max_retries:
                     message = f"{exc} (gave up after {attempt + 1} attempts)"
@@ -3805,7 +3874,7 @@ class _HTTPModel(ABC):
         backoff = self.backoff_base * 2**attempt * random.uniform(1.0, 1.25)
         return min(backoff, _RETRY_AFTER_CAP)
 
-    def _attempt(self, body: dict[str, Any]) -> ModelReply:
+    def _attempt(self, body: dict[str, Any], on_delta: Deltas) -> ModelReply:
         try:
             with self._client.stream(
                 "POST", self._url, json=body, headers=self._headers, timeout=self.timeout
@@ -3817,7 +3886,7 @@ class _HTTPModel(ABC):
                         raise _Transient(detail, _retry_after(response))
                     raise ModelError(detail)
                 if response.headers.get("content-type", "").startswith("text/event-stream"):
-                    return self._parse_events(_iter_sse(response))
+                    return self._parse_events(_iter_sse(response), on_delta)
                 response.read()
                 try:
                     data = response.json()
@@ -3844,8 +3913,9 @@ class _HTTPModel(ABC):
         """The reply in a non-streamed response body."""
 
     @abstractmethod
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
-        """The reply assembled from a stream of server-sent events."""
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
+        """The reply assembled from a stream of server-sent events, its text told to
+        `on_delta` piece by piece."""
 
 
 class OpenAIModel(_HTTPModel):
@@ -3908,7 +3978,7 @@ class OpenAIModel(_HTTPModel):
             _openai_usage(data.get("usage")),
         )
 
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
         text: list[str] = []
         calls: dict[int, dict[str, Any]] = {}  # by index: {"id", "function": {"name", "arguments"}}
         usage: dict[str, int] = {}
@@ -3927,6 +3997,8 @@ class OpenAIModel(_HTTPModel):
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 text.append(_typed(delta.get("content") or "", str, "content"))
+                if text[-1]:
+                    on_delta(text[-1])
                 for position, part in enumerate(delta.get("tool_calls") or []):
                     call = calls.setdefault(
                         part.get("index", position),
@@ -4050,7 +4122,7 @@ class AnthropicModel(_HTTPModel):
         usage = data.get("usage")
         return _anthropic_reply(data["content"], _anthropic_usage(usage) if usage else {})
 
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
         blocks: dict[int, dict[str, Any]] = {}  # content blocks by index, as they grow
         partial_json: dict[int, str] = {}  # tool inputs by block index, as they grow
         usage: dict[str, int] = {}
@@ -4064,7 +4136,9 @@ class AnthropicModel(_HTTPModel):
             elif kind == "content_block_delta":
                 index, delta = event["index"], event["delta"]
                 if delta["type"] == "text_delta":
-                    blocks[index]["text"] += delta["text"]
+                    blocks[index]["text"] += _typed(delta["text"], str, "text")
+                    if delta["text"]:
+                        on_delta(delta["text"])
                 elif delta["type"] == "input_json_delta":
                     partial_json[index] = partial_json.get(index, "") + delta["partial_json"]
             elif kind == "message_delta" and (event.get("usage") or {}).get("output_tokens"):
@@ -4145,19 +4219,33 @@ def _anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def _streamed(reply: ModelReply, on_delta: Deltas | None) -> ModelReply:
+    """reply, its text first told to `on_delta` word by word (the offline models stream)."""
+    if on_delta is not None:
+        for piece in _pieces(reply.text or ""):
+            on_delta(piece)
+    return reply
+
+
 class EchoModel:
     """Offline model that repeats the last user message; for demos and smoke tests."""
 
     name = "echo"
+    can_stream = True
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
         """'echo: <last user message>', or the content of a trailing tool result."""
         if messages and messages[-1].get("role") == "tool":
-            return ModelReply(messages[-1]["content"], [], {})
+            return _streamed(ModelReply(messages[-1]["content"], [], {}), on_delta)
         said = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-        return ModelReply(f"echo: {said}", [], {})
+        return _streamed(ModelReply(f"echo: {said}", [], {}), on_delta)
 
 
 ScriptStep = (
@@ -4172,10 +4260,12 @@ class ScriptedModel:
     """A model that plays a script, for tests and offline demos.
 
     Each complete() consumes the next step: a final text, one ToolCall, a list of ToolCalls
-    made together, or a callable (messages, tools) -> one of those.
+    made together, or a callable (messages, tools) -> one of those. A text streams word by
+    word to `on_delta`.
     """
 
     name = "scripted"
+    can_stream = True
 
     def __init__(self, steps: list[ScriptStep]) -> None:
         for step in steps:
@@ -4187,7 +4277,12 @@ class ScriptedModel:
         self.calls: list[list[dict[str, Any]]] = []  # the messages of each complete()
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
         """The next step as a reply; ModelError when the script is used up."""
         with self._lock:
@@ -4198,18 +4293,20 @@ class ScriptedModel:
             if callable(step):
                 step = _check_step(step(messages, tools))
             if isinstance(step, str):
-                return ModelReply(step, [], {})
-            calls = [step] if isinstance(step, ToolCall) else step
-            return ModelReply(
-                None,
-                [
-                    replace(
-                        call, args=dict(call.args), id=call.id or f"call_{next(self._call_ids)}"
-                    )
-                    for call in calls
-                ],
-                {},
-            )
+                reply = ModelReply(step, [], {})
+            else:
+                calls = [step] if isinstance(step, ToolCall) else step
+                reply = ModelReply(
+                    None,
+                    [
+                        replace(
+                            call, args=dict(call.args), id=call.id or f"call_{next(self._call_ids)}"
+                        )
+                        for call in calls
+                    ],
+                    {},
+                )
+        return _streamed(reply, on_delta)
 
 
 def _check_step(step: Any) -> Any:
@@ -4269,6 +4366,8 @@ EVENTS = (
     "approval_decided",
     "turn_end",
     "job_failed",
+    "reply_delta",
+    "tool_progress",
 )
 
 
@@ -4287,6 +4386,7 @@ class ToolContext:
         call_id: str | None,
         root: Path,
         runtime: Callable[[], Any] | None = None,
+        on_progress: Callable[[str], None] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
@@ -4294,6 +4394,7 @@ class ToolContext:
         self.call_id = call_id
         self._root = root
         self._runtime = runtime
+        self._on_progress = on_progress
 
     @property
     def runtime(self) -> "Runtime":
@@ -4302,6 +4403,14 @@ class ToolContext:
         if self._runtime is None:
             raise RuntimeUnavailable("no runtime is configured for this context")
         return self._runtime()
+
+    def progress(self, text: str) -> None:
+        """Tell whoever watches the turn how this call is going (a live event, not stored;
+        nothing outside a tool call)."""
+        if not isinstance(text, str):
+            raise BadInput(f"progress is a text, not {type(text).__name__}")
+        if self._on_progress is not None:
+            self._on_progress(clip(text, 500))
 
     @property
     def workspace(self) -> Path:
@@ -5640,7 +5749,7 @@ def _bash_tool(command: str, ctx: ToolContext, timeout: float = 120.0) -> str:
     with everything it started, and so are background processes when it ends."""
     if not 0 < timeout <= BASH_TIMEOUT:
         raise BadInput(f"timeout is a number of seconds > 0 and <= {BASH_TIMEOUT:g}")
-    result = ctx.runtime.bash(command, timeout=timeout)
+    result = ctx.runtime.bash(command, timeout=timeout, on_output=ctx.progress)
     note = truncation_note(result.full_output_path or "", "tail") if result.truncated else ""
     status = "" if result.exit_code is None else f"\n[exit code {result.exit_code}]"
     return f"{result.output}{note}{status}"
@@ -5733,6 +5842,112 @@ class TurnResult:
     note: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnEvent:
+    """One thing that happened in a running turn, as `stream_turn` yields it.
+
+    `kind` is one of "text" (`.text` is a delta; a step's deltas join
+    to its stored text), "tool_start" and "tool_end" (`.tool`, `.call_id`, `.args`; at the
+    end `.result` is the tool's result text and `.is_error` says whether it failed),
+    "progress" (`.text`, a tool's `ctx.progress` line), "approval" (`.approval`), and last
+    "done", whose `.result` is the TurnResult. `.step` counts the turn's model steps from 0.
+    """
+
+    kind: str
+    turn_id: str
+    thread_id: str
+    step: int = 0
+    text: str = ""
+    tool: str | None = None
+    call_id: str | None = None
+    args: dict[str, Any] | None = None
+    result: Any = None
+    is_error: bool = False
+    approval: Approval | None = None
+
+
+class LiveEvents:
+    """The live fan-out of running turns, in this process: events by turn id to whoever
+    watches, then forgotten (never stored; the stored steps stay the truth). Callbacks run
+    in the turn's thread and must be quick (put the event in a queue). Beside the kinds
+    of TurnEvent, watchers hear "thinking" as each model request starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[Callable[[TurnEvent], None]]] = {}
+        self._listeners: list[Callable[[TurnEvent], None]] = []
+
+    def watch(self, turn_id: str, fn: Callable[[TurnEvent], None]) -> Callable[[], None]:
+        """Call `fn` with each event of one turn; returns the function that stops it."""
+        with self._lock:
+            self._watchers.setdefault(turn_id, []).append(fn)
+
+        def unwatch() -> None:
+            with self._lock:
+                watchers = self._watchers.get(turn_id, [])
+                if fn in watchers:
+                    watchers.remove(fn)
+                if not watchers:
+                    self._watchers.pop(turn_id, None)
+
+        return unwatch
+
+    def listen(self, fn: Callable[[TurnEvent], None]) -> None:
+        """Call `fn` with every event of every turn (adapters that stream replies)."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def publish(self, event: TurnEvent) -> None:
+        """Give an event to its turn's watchers and to the listeners (errors are logged)."""
+        with self._lock:
+            targets = [*self._watchers.get(event.turn_id, ()), *self._listeners]
+        for fn in targets:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("a live event watcher of %s raised", event.turn_id)
+
+
+def _secret_start(text: str, values: Iterable[str]) -> int:
+    """How many characters at the end of `text` could begin one of `values`."""
+    held = 0
+    for value in values:
+        for start in range(max(0, len(text) - len(value) + 1), len(text) - held):
+            if value.startswith(text[start:]):
+                held = len(text) - start
+                break
+    return held
+
+
+class _LiveText:
+    """A step's text as it streams, redacted: the last characters wait while they could
+    begin a secret, so no secret reaches a watcher even when cut across deltas."""
+
+    def __init__(self, values: dict[str, str], emit: Callable[[str], None]) -> None:
+        self.values = values  # value -> label, as Redactions.redact takes them
+        self.emit = emit
+        self.raw = ""
+        self.shown = ""
+
+    def add(self, delta: str) -> None:
+        if not self.values:
+            self.shown += delta
+            self.emit(delta)
+            return
+        self.raw += delta
+        text = redactions.redact(self.raw, self.values)
+        self._show(text[: len(text) - _secret_start(text, self.values)])
+
+    def finish(self, stored: str | None) -> None:
+        """Pass on the rest of the step's stored text (all of it when nothing streamed)."""
+        self._show(stored or "")
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            new, self.shown = text[len(self.shown) :], text
+            self.emit(new)
+
+
 class TurnEngine:
     """Runs turns as jobs: the model loop, tool calls, hooks and commands.
 
@@ -5767,6 +5982,7 @@ class TurnEngine:
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
         self.runtimes: Runtimes | None = None  # where ctx.runtime and the workspace tools work
+        self.live = LiveEvents()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
@@ -5865,16 +6081,35 @@ class TurnEngine:
         finally:
             self.records.lease.job = None
         final = self.records.turn(turn.id)
-        log.info("%s in %s: %s after %d steps", turn.id, turn.thread_id, final.status, final.steps)
+        why = f": {final.error}" if final.status == "failed" and final.error else ""
+        log.info(
+            "%s in %s: %s after %d steps%s",
+            turn.id,
+            turn.thread_id,
+            final.status,
+            final.steps,
+            self.redact(turn.thread_id, why),
+        )
         if final.status in FINAL_TURN_STATES:
             with contextlib.suppress(HookFailed):
                 self.emit(
                     final, "turn_end", status=final.status, reply=final.reply, error=final.error
                 )
+        if final.status in (*FINAL_TURN_STATES, "waiting_approval"):
+            self.tell(final, "done", step=max(final.steps - 1, 0), result=self.result(final.id))
         return final.status
 
-    def context_of(self, turn: TurnRow, call_id: str | None) -> ToolContext:
-        """The ToolContext of a call (or of a command, with no call id) in a turn."""
+    def context_of(
+        self, turn: TurnRow, call_id: str | None, tool: str | None = None
+    ) -> ToolContext:
+        """The ToolContext of a call (or of a command, with no call id) in a turn; a running
+        call's `progress` goes to the turn's watchers."""
+
+        def progress(text: str) -> None:
+            text = self.redact(turn.thread_id, text)
+            step = max(turn.steps - 1, 0)
+            self.tell(turn, "progress", step=step, tool=tool, call_id=call_id, text=text)
+
         return ToolContext(
             thread_id=turn.thread_id,
             turn_id=turn.id,
@@ -5883,12 +6118,27 @@ class TurnEngine:
             root=self.workspace,
             runtime=self.runtimes
             and functools.partial(self.runtimes.get, turn.thread_id, turn.actor),
+            on_progress=progress if tool is not None else None,
         )
 
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
         return self.hooks.emit(
             kind, thread_id=turn.thread_id, turn_id=turn.id, actor=turn.actor, **fields
         )
+
+    def redact(self, thread: str, text: str) -> str:
+        """`text` with known tokens and the thread's saved secret values redacted."""
+        return self.records.clean(thread, text)
+
+    def tell(self, turn: TurnRow, kind: str, **fields: Any) -> None:
+        """Publish a live event of the turn; text deltas and tool progress also go to the
+        `reply_delta` and `tool_progress` hooks (a hook that raises is logged, not fatal)."""
+        self.live.publish(TurnEvent(kind, turn.id, turn.thread_id, **fields))
+        hook = {"text": "reply_delta", "progress": "tool_progress"}.get(kind)
+        if hook is not None and self.hooks.handlers[hook]:
+            keys = ("text", "step") if kind == "text" else ("tool", "call_id", "text")
+            with contextlib.suppress(HookFailed):
+                self.emit(turn, hook, **{key: fields.get(key) for key in keys})
 
     def loop(self, turn_id: str) -> None:
         """Model steps and tool calls until a final answer, a cancel, max_steps, or calls
@@ -5925,7 +6175,15 @@ class TurnEngine:
         for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
             if isinstance(changed, list):
                 messages = changed
-        reply = self.model.complete(self.instructions, messages, tools)
+        index = turn.steps
+        live = _LiveText(
+            {**redactions.values, **self.records.thread_secrets(turn.thread_id)},
+            lambda delta: self.tell(turn, "text", step=index, text=delta),
+        )
+        self.tell(turn, "thinking", step=index)
+        reply = complete_live(self.model, self.instructions, messages, tools, live.add)
+        text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
+        live.finish(text)
         used = {call.call_id for call in self.queue.store.calls(turn.id)}
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -5949,7 +6207,8 @@ class TurnEngine:
                         expires = self.queue.store.now() + self.approval_ttl
                         approvals.append((new_id("apr"), call_id, reason, expires))
             calls.append((call_id, call.name, call.args, state, result))
-        for approval in self.records.add_step(turn, reply.text, calls, reply.usage, approvals):
+        for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
+            self.tell(turn, "approval", step=index, tool=approval.tool, approval=approval)
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
@@ -5959,13 +6218,15 @@ class TurnEngine:
         if missing:  # the model saw them in another process: the turn runs on there
             raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
         started = []
+        step = max(turn.steps - 1, 0)
         for call_id, name, args, state in ((c.call_id, c.tool, c.args, c.state) for c in calls):
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
                 self.records.set_result(turn, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
-                future = self.start_tool(tool, values, self.context_of(turn, call_id))
+                self.tell(turn, "tool_start", step=step, tool=name, call_id=call_id, args=values)
+                future = self.start_tool(tool, values, self.context_of(turn, call_id, name))
                 started.append((call_id, tool, values, future))
         for call_id, tool, args, future in started:
             state, result = self.finish_tool(tool, future)
@@ -5980,7 +6241,18 @@ class TurnEngine:
             ):
                 if changed is not None:
                     result = as_text(changed)
+            result = self.redact(turn.thread_id, result)
             self.records.set_result(turn, call_id, state, result, was="running")
+            self.tell(
+                turn,
+                "tool_end",
+                step=step,
+                tool=tool.name,
+                call_id=call_id,
+                args=args,
+                result=result,
+                is_error=state == "error",
+            )
 
     def start_tool(
         self, tool: Tool, args: dict[str, Any], ctx: ToolContext
@@ -6030,6 +6302,88 @@ class TurnEngine:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TurnWatch:
+    """What one watcher of a turn was shown: a live event passes once, and the stored
+    steps fill in what was not seen live (a turn run by another process, or by a worker
+    before a takeover), at step granularity."""
+
+    def __init__(self, records: Records, turn_id: str) -> None:
+        self.records = records
+        self.turn_id = turn_id
+        self.texts: dict[int, str] = {}  # step -> "live" or "stored": where its text came from
+        self.shown: set[tuple[str, str]] = set()  # (kind, call or approval id) shown
+        self.live_steps: set[int] = set()  # steps this process ran, seen live
+        self.last_step: int | None = None  # from the live "done": the run ended here
+
+    def seen_live(self) -> bool:
+        """Whether every step of the turn was seen live, up to its end."""
+        return self.last_step is not None and self.live_steps >= set(range(self.last_step + 1))
+
+    def live(self, event: TurnEvent) -> TurnEvent | None:
+        """The live event, unless it was shown already ("done" is the stream's own, and
+        "thinking" is for adapters)."""
+        if event.kind == "done":
+            self.last_step = event.step
+            return None
+        self.live_steps.add(event.step)
+        if event.kind == "text":
+            if self.texts.setdefault(event.step, "live") != "live":
+                return None
+        elif event.kind in ("tool_start", "tool_end", "approval"):
+            key = (event.kind, event.approval.id if event.approval else event.call_id or "")
+            if key in self.shown:
+                return None
+            self.shown.add(key)
+        elif event.kind == "thinking":
+            return None
+        return event
+
+    def stored(self) -> list[TurnEvent]:
+        """Events of the turn's stored steps, calls and pending approvals not shown yet."""
+        turn = self.records.turn(self.turn_id)
+        events: list[TurnEvent] = []
+        if turn.status != "queued":  # its user message joined the thread: its steps follow
+            messages = self.records.history(turn.thread_id, turn.steps + 100)
+            starts = [
+                i
+                for i, m in enumerate(messages)
+                if m["role"] == "user" and m["content"] == turn.text
+            ]
+            step, calls = -1, {}
+            for message in messages[starts[-1] + 1 :] if starts else []:
+                if message["role"] == "user":
+                    break
+                if message["role"] == "assistant":
+                    step += 1
+                    if message["content"] and step not in self.texts:
+                        self.texts[step] = "stored"
+                        events.append(self._event(turn, "text", step, text=message["content"]))
+                    calls = {call["id"]: call for call in message.get("tool_calls") or []}
+                elif message["call_id"] in calls:
+                    call = calls[message["call_id"]]
+                    fields = {"tool": call["name"], "call_id": call["id"], "args": call["args"]}
+                    end = {"result": message["content"], "is_error": message["is_error"]}
+                    for kind, extra in (("tool_start", {}), ("tool_end", end)):
+                        if (kind, call["id"]) not in self.shown:
+                            self.shown.add((kind, call["id"]))
+                            events.append(self._event(turn, kind, step, **fields, **extra))
+        for approval in reversed(self.records.pending_approvals(turn.id)):
+            if ("approval", approval.id) not in self.shown:
+                self.shown.add(("approval", approval.id))
+                step = max(turn.steps - 1, 0)
+                events.append(
+                    self._event(turn, "approval", step, tool=approval.tool, approval=approval)
+                )
+        if turn.status == "done" and turn.steps == 0 and turn.reply and 0 not in self.texts:
+            self.texts[0] = "stored"  # a command's answer
+            events.append(self._event(turn, "text", 0, text=turn.reply))
+        return events
+
+    @staticmethod
+    def _event(turn: TurnRow, kind: str, step: int, **fields: Any) -> TurnEvent:
+        return TurnEvent(kind, turn.id, turn.thread_id, step, **fields)
 
 
 def first_line(fn: Callable[..., Any]) -> str:
@@ -6692,6 +7046,7 @@ class Outbound:
     delivery: int | None = None  # its row, for `Records.set_progress`
     sent_parts: int = 0  # pieces an earlier attempt sent already (a long text split up)
     ref: str | None = None  # for "decided": what `send` returned for the approval request
+    stream: dict[str, Any] | None = None  # for "reply": what `streamed` returned for it
 
 
 class AdapterError(AgentKitError):
@@ -6796,6 +7151,12 @@ class Adapter:
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         return None
 
+    def streamed(self, turn_id: str) -> dict[str, Any] | None:
+        """Called as a turn's reply is stored: what its delivery needs of the reply this
+        adapter streamed live (a message to edit into the final text), which it stops
+        updating; None when there is nothing (the delivery sends the reply afresh)."""
+        return None
+
 
 class PollingAdapter(Adapter):
     """An adapter that fetches: a subclass writes `poll(cursor, timeout) -> (items, new
@@ -6885,6 +7246,207 @@ def split_text(text: str, limit: int) -> list[str]:
     return [*pieces, text] if text or not pieces else pieces
 
 
+_FENCE = re.compile(r"^ {0,3}(```|~~~)\s*([\w+#.-]*)[^\n]*$")
+_INLINE = re.compile(
+    r"`([^`\n]+)`"  # 1 code
+    r"|\[([^\]\n]+)\]\(([^()\s]+)\)"  # 2 text, 3 url
+    r"|\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__"  # 4, 5 bold
+    r"|~~(?=\S)(.+?)(?<=\S)~~"  # 6 strikethrough
+    r"|(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])"  # 7 italic
+    r"|(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])"  # 8 italic
+)
+_LINK_SCHEMES = ("http://", "https://", "tg://", "mailto:")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _inline_html(text: str) -> str:
+    """One line of markdown as Telegram HTML: code, links, bold, italic, strikethrough;
+    everything else escaped."""
+    out, at = [], 0
+    for match in _INLINE.finditer(text):
+        out.append(_escape(text[at : match.start()]))
+        at = match.end()
+        code, label, url, *styled = match.groups()
+        if code is not None:
+            out.append(f"<code>{_escape(code)}</code>")
+        elif label is not None:
+            if url.startswith(_LINK_SCHEMES):
+                href = _escape(url).replace('"', "&quot;")
+                out.append(f'<a href="{href}">{_inline_html(label)}</a>')
+            else:
+                out.append(_escape(match[0]))
+        else:
+            index = next(i for i, part in enumerate(styled) if part is not None)
+            tag = ("b", "b", "s", "i", "i")[index]
+            out.append(f"<{tag}>{_inline_html(styled[index])}</{tag}>")
+    out.append(_escape(text[at:]))
+    return "".join(out)
+
+
+def markdown_html(text: str) -> str:
+    """A model's markdown as Telegram HTML (parse_mode=HTML): bold, italic, strikethrough,
+    inline code, code blocks with their language, links, lists, quotes, headings as bold;
+    everything else escaped. Unfinished markup (a reply still streaming) stays valid."""
+    out: list[str] = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if fence:
+            end = next(
+                (j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(fence[1])),
+                len(lines),
+            )
+            code = _escape("\n".join(lines[i + 1 : end]))
+            language = f' class="language-{fence[2]}"' if fence[2] else ""
+            out.append(f"<pre><code{language}>{code}</code></pre>")
+            i = end + 1
+            continue
+        if re.match(r" {0,3}>", line):
+            quoted = []
+            while i < len(lines) and re.match(r" {0,3}>", lines[i]):
+                quoted.append(_inline_html(re.sub(r"^ {0,3}> ?", "", lines[i])))
+                i += 1
+            out.append("<blockquote>" + "\n".join(quoted) + "</blockquote>")
+            continue
+        heading = re.match(r" {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        bullet = re.match(r"(\s*)[-*+]\s+(.*)", line)
+        if heading:
+            out.append(f"<b>{_inline_html(heading[1])}</b>")
+        elif bullet and not re.fullmatch(r"\s*([-*_])(\s*\1){2,}\s*", line):
+            out.append(f"{bullet[1]}• {_inline_html(bullet[2])}")
+        else:
+            out.append(_inline_html(line))
+        i += 1
+    return "\n".join(out)
+
+
+_TAG = re.compile(r"(<[^>]*>)")
+_EMPTY_ELEMENT = re.compile(r"<([a-z-]+)[^>]*></\1>")
+
+
+def split_html(html: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters, each valid HTML: a cut falls between tags (at
+    a line break, else a space, where there is one), and the tags open there are closed
+    before it and opened again after it (a long code block goes on in the next piece)."""
+    pieces: list[str] = []
+    piece, opened = "", []  # the piece so far; the open tags, outermost first
+
+    def cut() -> None:
+        nonlocal piece
+        done = piece + "".join(f"</{_tag_name(tag)}>" for tag in reversed(opened))
+        while (emptied := _EMPTY_ELEMENT.sub("", done)) != done:
+            done = emptied
+        if done.strip():
+            pieces.append(done)
+        piece = "".join(opened)
+
+    for token in _TAG.split(html):
+        closing = sum(len(_tag_name(tag)) + 3 for tag in opened)
+        if token.startswith("</"):
+            piece += token
+            opened.pop()
+        elif token.startswith("<"):
+            if len(piece) + len(token) + closing + len(_tag_name(token)) + 3 > limit:
+                cut()
+            piece += token
+            opened.append(token)
+        else:
+            while token and len(piece) + len(token) + closing > limit:
+                room = limit - len(piece) - closing
+                at = max(token.rfind("\n", 0, room), token.rfind(" ", 0, room)) + 1
+                at = _entity_safe(token, at if at > 0 else room)
+                if at <= 0 and piece == "".join(opened):
+                    at = max(room, 1)  # nothing else fits: cut where it must
+                piece, token = piece + token[:at], token[at:]
+                cut()
+            piece += token
+    cut()
+    return pieces or [""]
+
+
+def _tag_name(tag: str) -> str:
+    return re.match(r"</?([a-z-]+)", tag)[1]  # type: ignore[index]
+
+
+def _entity_safe(text: str, cut: int) -> int:
+    """`cut`, moved back so it does not fall inside an entity like `&amp;`."""
+    start = text.rfind("&", max(0, cut - 8), cut)
+    return start if start >= 0 and ";" not in text[start:cut] else cut
+
+
+def html_plain(html: str) -> str:
+    """What Telegram shows of an HTML text: tags dropped, entities decoded."""
+    text = _TAG.sub("", html)
+    return (
+        text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
+    )
+
+
+class _TelegramStream:
+    """A reply streaming into one Telegram chat, as the live events of its turn tell it."""
+
+    def __init__(self, turn_id: str, where: dict[str, int | None]) -> None:
+        self.turn_id = turn_id
+        self.where = where
+        self.private = where["message_thread_id"] is None and (where["chat_id"] or 0) > 0
+        self.draft_id = int(turn_id[-8:], 16) % 2**31 or 1  # non-zero, one per turn
+        self.lock = threading.Lock()  # held while a call shows it (and while it is finished)
+        self.step, self.text, self.status = -1, "", ""
+        self.message_id: int | None = None  # groups: the message it streams into
+        self.shown: str | None = None  # the HTML shown last
+        self.dirty = True  # something new to show (at first: "thinking")
+        self.last = -math.inf  # when it was shown last (Telegram.clock)
+        self.paused_until = -math.inf
+        self.failures = 0
+        self.claimed = False  # the reply's delivery took it over
+        self.gave_up = False
+        self.ended = False
+
+    def hear(self, event: TurnEvent) -> None:
+        if event.kind == "text":
+            if event.step != self.step:
+                self.step, self.text = event.step, ""
+            self.text += event.text
+            self.status = ""
+        elif event.kind == "tool_start":
+            self.status = f"running {event.tool}…"
+        elif event.kind == "progress":
+            self.status = clip(f"{event.tool}: {event.text}", 200)
+        elif event.kind == "tool_end":
+            self.status = ""
+        elif event.kind == "done":
+            self.ended = True
+        self.dirty = True
+
+    def html(self, limit: int) -> str:
+        """What the stream shows: the step's text so far and the status line."""
+        status = f"<i>{_escape(self.status)}</i>" if self.status else ""
+        text = markdown_html(self.text)
+        return split_html("\n\n".join(part for part in (text, status) if part), limit)[0]
+
+    def due(self, at: float, interval: float, first_chars: int) -> bool:
+        """Whether to show it now."""
+        if self.ended:
+            return True
+        if not self.dirty or self.claimed or self.gave_up:
+            return False
+        if at < self.paused_until or at - self.last < interval:
+            return False
+        started = self.private or self.message_id is not None
+        return started or len(self.text) >= first_chars
+
+    def wait(self, at: float, interval: float) -> float | None:
+        """Seconds until it may be shown again, or None when nothing waits."""
+        if not self.dirty or self.claimed or self.gave_up:
+            return None
+        return max(self.paused_until - at, self.last + interval - at, 0.0) or None
+
+
 class Telegram(PollingAdapter):
     """A Telegram bot over the Bot API, with long polling (`getUpdates`).
 
@@ -6892,10 +7454,21 @@ class Telegram(PollingAdapter):
     topics); actors are users, `telegram:<user id>`. Only allowed users and chats are
     served (`allow=`, else AGENTKIT_TELEGRAM_ALLOW: ids, comma-separated, or `*`); others
     are told their id. Approvals come with Approve and Deny buttons; "typing…" shows
-    while a turn runs; long replies are split at Telegram's 4096 characters.
+    while a turn runs; replies are sent as HTML made from the model's markdown, split at
+    Telegram's 4096 characters.
+
+    Replies stream while the turns run in this process: in a private chat as a draft
+    (`sendMessageDraft`, empty for "thinking" at first), then the final message; in
+    groups and topics as a message sent after `first_chars` characters and edited at
+    most every `edit_interval` seconds, which the final delivery edits into the reply.
+    A tool call shows as a status line. A 429 pauses the stream for its retry_after;
+    after `max_failures` failed drafts or edits the stream stops (its message is
+    deleted) and the reply is sent as a message of its own.
     """
 
     LIMIT = 4096
+    first_chars = 40
+    max_failures = 3
 
     def __init__(
         self,
@@ -6906,6 +7479,7 @@ class Telegram(PollingAdapter):
         name: str = "telegram",
         poll_timeout: float = 25.0,
         lease: float = 60.0,
+        edit_interval: float = 1.0,
     ) -> None:
         if not isinstance(token, str) or not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", token):
             raise BadInput("a Telegram bot token looks like 123456:ABC-def (from @BotFather)")
@@ -6919,12 +7493,25 @@ class Telegram(PollingAdapter):
         self.allow = {str(a).strip() for a in allow} - {""}
         self.poll_timeout = check_seconds("poll_timeout", poll_timeout, positive=True)
         self.lease = check_seconds("lease", lease, positive=True)
+        self.edit_interval = check_seconds("edit_interval", edit_interval)
+        self.clock: Callable[[], float] = time.monotonic  # of streams (tests drive it)
         self.client = httpx.Client(timeout=20.0)
         self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
+        self._streams: dict[str, _TelegramStream] = {}  # by turn id
+        self._streams_changed = threading.Condition()
+        self._listening = False
 
-    def call(self, method: str, *, client: httpx.Client | None = None, **params: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        *,
+        client: httpx.Client | None = None,
+        patient: bool = True,
+        **params: Any,
+    ) -> Any:
         """One Bot API call; its result. AdapterError (with no token in it) when it fails;
-        a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s)."""
+        a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s),
+        unless not `patient`."""
         url = f"{self.api_url}/bot{self.token}/{method}"
         params = {key: value for key, value in params.items() if value is not None}
         for attempt in range(4):
@@ -6941,7 +7528,7 @@ class Telegram(PollingAdapter):
             retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
             if not isinstance(retry_after, int) or retry_after < 0:
                 retry_after = None
-            waits = retry_after is not None and retry_after <= 30 and attempt < 3
+            waits = patient and retry_after is not None and retry_after <= 30 and attempt < 3
             if response.status_code == 429 and waits:
                 time.sleep(retry_after)
                 continue
@@ -6962,10 +7549,19 @@ class Telegram(PollingAdapter):
             target=self._type_while_running, name=f"agentkit-typing-{self.name}", daemon=True
         )
         self._typing.start()
+        if not self._listening:
+            kit.engine.live.listen(self._hear)
+            self._listening = True
+        self._streamer = threading.Thread(
+            target=self._stream_replies, name=f"agentkit-stream-{self.name}", daemon=True
+        )
+        self._streamer.start()
 
     def stop(self) -> None:
         super().stop()
+        self.wake()
         self._typing.join(timeout=10)
+        self._streamer.join(timeout=10)
 
     def interrupt(self) -> None:
         self._polling.close()
@@ -7077,15 +7673,170 @@ class Telegram(PollingAdapter):
                 markup = {"inline_keyboard": [row]}
             else:  # decided before it went out: no buttons to press
                 text = approval_text(approval)
-        pieces = split_text(text, self.LIMIT)
+        html = outbound.kind == "reply"
+        pieces = (
+            split_html(markdown_html(text), self.LIMIT) if html else split_text(text, self.LIMIT)
+        )
         sent = None
-        for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
-            last = i == len(pieces) - 1
-            reply_markup = markup if last else None
-            sent = self.call("sendMessage", **where, text=piece, reply_markup=reply_markup)
-            if not last and outbound.delivery is not None:  # a retry goes on from here
-                self.kit.store.update_delivery(outbound.delivery, None, None, sent_parts=i + 1)
+        stream = self._streams.get(outbound.turn_id or "")
+        with stream.lock if stream is not None else contextlib.nullcontext():
+            for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
+                last = i == len(pieces) - 1
+                reply_markup = markup if last else None
+                if i == 0 and outbound.stream and outbound.stream.get("message_id"):
+                    sent = self.finish_stream(where, int(outbound.stream["message_id"]), piece)
+                if sent is None or i > 0:
+                    send = self.send_html if html else self.call
+                    sent = send("sendMessage", **where, text=piece, reply_markup=reply_markup)
+                if not last and outbound.delivery is not None:  # a retry goes on from here
+                    self.kit.store.update_delivery(outbound.delivery, None, None, sent_parts=i + 1)
         return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
+
+    def send_html(self, method: str, *, text: str, **params: Any) -> Any:
+        """sendMessage or editMessageText of an HTML text; when Telegram cannot parse it,
+        the same text once more, plain."""
+        try:
+            return self.call(method, **params, text=text, parse_mode="HTML")
+        except AdapterError as e:
+            if e.status != 400 or "can't parse entities" not in str(e):
+                raise
+            return self.call(method, **params, text=html_plain(text))
+
+    def finish_stream(self, where: dict[str, int | None], message_id: int, html: str) -> Any:
+        """Edit the message a reply streamed into to show (the first piece of) the reply;
+        None when it cannot be edited any more (the reply is then sent afresh)."""
+        try:
+            self.send_html(
+                "editMessageText", chat_id=where["chat_id"], message_id=message_id, text=html
+            )
+        except AdapterError as e:
+            if e.status != 400:
+                raise
+            if "not modified" not in str(e):  # deleted or too old: send it as a new message
+                return None
+        return {"message_id": message_id}
+
+    # streaming replies
+
+    def streamed(self, turn_id: str) -> dict[str, Any] | None:
+        """The message a reply streamed into (its delivery edits it), claimed: the stream
+        stops. A draft needs nothing (the delivery sends the message)."""
+        stream = self._streams.get(turn_id)
+        if stream is None:
+            return None
+        # a call in flight may be sending its first message: wait for it a little (this
+        # runs in the transaction that stores the reply); else that message is deleted
+        locked = stream.lock.acquire(timeout=1.0)
+        try:
+            stream.claimed = True
+            if stream.private or stream.gave_up or stream.message_id is None:
+                return None
+            return {"message_id": stream.message_id}
+        finally:
+            if locked:
+                stream.lock.release()
+
+    def wake(self) -> None:
+        """Have the streaming thread look at the streams again (tests that drive `clock`)."""
+        with self._streams_changed:
+            self._streams_changed.notify_all()
+
+    def _hear(self, event: TurnEvent) -> None:
+        """A live event of a turn run in this process: update its chat's stream."""
+        if not event.thread_id.startswith(f"{self.name}:"):
+            return
+        with self._streams_changed:
+            stream = self._streams.get(event.turn_id)
+            if stream is None:
+                if event.kind == "done":
+                    return
+                where = self.chat(event.thread_id)
+                stream = _TelegramStream(event.turn_id, where)
+                self._streams[event.turn_id] = stream
+            stream.hear(event)
+            self._streams_changed.notify_all()
+
+    def _stream_replies(self) -> None:
+        """The streaming thread: drafts and edits, each stream as often as it may."""
+        try:
+            while not self._stopping.is_set():
+                with self._streams_changed:
+                    at = self.clock()
+                    streams = list(self._streams.values())
+                    due = [s for s in streams if s.due(at, self.edit_interval, self.first_chars)]
+                    if not due:
+                        waits = [s.wait(at, self.edit_interval) for s in streams]
+                        pending = [w for w in waits if w is not None]
+                        self._streams_changed.wait(min(pending, default=1.0))
+                        continue
+                for stream in due:
+                    self._update(stream)
+        except Exception:
+            log.exception("%s: streaming replies stopped", self.name)
+        finally:
+            self.kit.store.release_thread()
+
+    def _update(self, stream: "_TelegramStream") -> None:
+        """Show a stream's current text (a draft, the first message, or an edit); a turn
+        that ended deletes a message the reply did not claim."""
+        with stream.lock:
+            if stream.ended:
+                with self._streams_changed:
+                    self._streams.pop(stream.turn_id, None)
+                if stream.message_id is not None and not stream.claimed:
+                    self._delete(stream)
+                return
+            html, at = stream.html(self.LIMIT), self.clock()
+            stream.last, stream.dirty = at, False
+            try:
+                if stream.private:
+                    self.call(
+                        "sendMessageDraft",
+                        patient=False,
+                        **stream.where,
+                        draft_id=stream.draft_id,
+                        text=html,
+                        parse_mode="HTML" if html else None,
+                    )
+                elif stream.message_id is None:
+                    sent = self.call(
+                        "sendMessage", patient=False, **stream.where, text=html, parse_mode="HTML"
+                    )
+                    stream.message_id = int(sent["message_id"])
+                    if stream.claimed:  # the reply was stored meanwhile and is sent afresh
+                        self._delete(stream)
+                elif html != stream.shown:
+                    self.call(
+                        "editMessageText",
+                        patient=False,
+                        chat_id=stream.where["chat_id"],
+                        message_id=stream.message_id,
+                        text=html,
+                        parse_mode="HTML",
+                    )
+                stream.shown = html
+            except (AdapterError, KeyError, TypeError, ValueError) as e:
+                stream.failures += 1
+                stream.dirty = True
+                retry_after = getattr(e, "retry_after", None)
+                if retry_after:
+                    stream.paused_until = at + retry_after
+                if stream.failures >= self.max_failures:
+                    log.warning("%s: stopped streaming %s: %s", self.name, stream.turn_id, e)
+                    stream.gave_up = True
+                    if stream.message_id is not None:
+                        self._delete(stream)
+
+    def _delete(self, stream: "_TelegramStream") -> None:
+        """Delete a stream's message (best effort: it only ever showed a partial reply)."""
+        message_id, stream.message_id = stream.message_id, None
+        with contextlib.suppress(AdapterError):
+            self.call(
+                "deleteMessage",
+                patient=False,
+                chat_id=stream.where["chat_id"],
+                message_id=message_id,
+            )
 
     def answer_button(self, outbound: Outbound) -> None:
         """Answer a button press with a toast (an alert when nothing was decided; the
@@ -7947,6 +8698,8 @@ class AgentKit:
         if any(not adapter.pull for adapter in self.adapters.values()):
             self.queue.tasks[DELIVER_TASK] = Task(DELIVER_TASK, self._deliver, 8, 2.0)
         self.stopping = threading.Event()  # set while serve() shuts down
+        # the threads that run streamed turns (each keeps its database connection)
+        self._streamers = concurrent.futures.ThreadPoolExecutor(32, "agentkit-stream")
         self._workers: set[Worker] = set()  # those running `work` (or `serve`) now
         self._working = threading.Condition()
 
@@ -7983,6 +8736,7 @@ class AgentKit:
         for adapter in self.adapters.values():
             adapter.close()
         self.runtimes.close()
+        self._streamers.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
         self.store.close()
 
@@ -8127,6 +8881,7 @@ class AgentKit:
             delivery.id,
             body.get("sent_parts", 0),
             request.body.get("ref") if request else None,
+            body.get("stream"),
         )
         try:
             ref = adapter.send(delivery.thread_id, outbound)
@@ -8306,21 +9061,119 @@ class AgentKit:
         or waits for a worker elsewhere, up to `timeout` seconds (then the result says
         `queued` or `running`). The same `source_id` twice starts one turn.
         """
+        limit = None if timeout is None else check_seconds("timeout", timeout)
+        thread, turn_id, note = self._start_turn(thread, text, actor, source_id)
+        if turn_id is None:
+            return TurnResult(None, thread, "rejected", None, note, {}, (), note)
+        result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        return self._noted(result, note)
+
+    def _start_turn(
+        self, thread: str, text: str, actor: str | None, source_id: str | None
+    ) -> tuple[str, str | None, str | None]:
+        """Check and take a message from Python code: `(thread, turn id or None, note)`."""
         thread = check_thread(thread)
         actor = thread if actor is None else check_thread(actor)
         check_text(text)
         if source_id is not None:
             check_name("source_id", source_id)
-        limit = None if timeout is None else check_seconds("timeout", timeout)
         with self.store.transaction():
             turn_id, note = self._accept(thread, actor, text, source_id, None)
         self.queue.store.notify()
-        if turn_id is None:
-            return TurnResult(None, thread, "rejected", None, note, {}, (), note)
-        result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        return thread, turn_id, note
+
+    @staticmethod
+    def _noted(result: TurnResult, note: str | None) -> TurnResult:
+        """result, with the intake's note (a saved secret) before its own."""
         return (
             replace(result, note="\n".join(filter(None, [note, result.note]))) if note else result
         )
+
+    def stream_turn(
+        self,
+        thread: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        source_id: str | None = None,
+    ) -> Iterator[TurnEvent]:
+        """`run_turn`, as the events of the turn while it runs (see TurnEvent); the last is
+        "done", whose `.result` is the TurnResult.
+
+        The message is taken at once (BadInput here); iterating runs the turn in this
+        process like `run_turn`, with text deltas as the model streams them. A turn that a
+        worker elsewhere runs (or ran before a takeover) is followed from its stored
+        steps: one "text" per step. Events are never stored.
+        """
+        thread, turn_id, note = self._start_turn(thread, text, actor, source_id)
+        return self._events(thread, turn_id, note)
+
+    def _events(self, thread: str, turn_id: str | None, note: str | None) -> Iterator[TurnEvent]:
+        if turn_id is None:
+            rejected = TurnResult(None, thread, "rejected", None, note, {}, (), note)
+            yield TurnEvent("done", "", thread, result=rejected)
+            return
+        feed: queue.SimpleQueue[TurnEvent | TurnResult | BaseException] = queue.SimpleQueue()
+        unwatch = self.engine.live.watch(turn_id, feed.put)
+        watch = TurnWatch(self.records, turn_id)
+        job = self.records.turn(turn_id).job_id
+
+        def run() -> None:
+            try:
+                feed.put(self._follow(turn_id, job, True, None))
+            except BaseException as e:  # the stream raises it
+                feed.put(e)
+
+        try:
+            self._streamers.submit(run)
+            while True:
+                try:
+                    item = feed.get(timeout=0.2)
+                except queue.Empty:
+                    yield from watch.stored()  # quiet: a worker elsewhere may have stored steps
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, TurnResult):
+                    break
+                event = watch.live(item)
+                if event is not None:
+                    yield event
+            if not watch.seen_live():
+                yield from watch.stored()
+            step = watch.last_step
+            if step is None:
+                step = max(self.records.turn(turn_id).steps - 1, 0)
+            yield TurnEvent("done", turn_id, thread, step, result=self._noted(item, note))
+        finally:
+            unwatch()
+
+    async def astream_turn(
+        self,
+        thread: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        source_id: str | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        """`stream_turn` for asyncio code: the turn runs in a thread, the loop stays free."""
+        events = self.stream_turn(thread, text, actor=actor, source_id=source_id)
+        loop = asyncio.get_running_loop()
+        feed: asyncio.Queue[TurnEvent | BaseException | None] = asyncio.Queue()
+
+        def pump() -> None:
+            try:
+                for event in events:
+                    loop.call_soon_threadsafe(feed.put_nowait, event)
+                loop.call_soon_threadsafe(feed.put_nowait, None)
+            except BaseException as e:
+                loop.call_soon_threadsafe(feed.put_nowait, e)
+
+        threading.Thread(target=pump, name="agentkit-astream", daemon=True).start()
+        while (item := await feed.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _follow(
         self, turn_id: str, job: int | None, wait: bool, timeout: float | None
