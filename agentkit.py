@@ -201,6 +201,13 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=1024)
+def _written(value: str) -> frozenset[str]:
+    """A value as it stands, and as JSON and a Python repr write it inside their quotes."""
+    as_json = json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]
+    return frozenset((value, *as_json, repr(value)[1:-1]))
+
+
 class Redactions(logging.Filter):
     """Values that must never be logged or stored (tokens, saved secrets), each replaced by
     `[redacted:LABEL]`. As a logging filter it rewrites records, tracebacks included."""
@@ -215,11 +222,13 @@ class Redactions(logging.Filter):
             self.values[value] = label
 
     def redact(self, text: str, extra: dict[str, str] | None = None) -> str:
-        """`text` with every known value (and those of `extra`, value -> label) replaced."""
+        """`text` with every known value (and those of `extra`, value -> label) replaced,
+        as it stands and as JSON or a Python repr would write it (escaped)."""
         values = {**self.values, **(extra or {})}
-        for value in sorted(values, key=len, reverse=True):
-            if value in text:
-                text = text.replace(value, f"[redacted:{values[value]}]")
+        forms = {form: label for value, label in values.items() for form in _written(value)}
+        for form in sorted(forms, key=len, reverse=True):
+            if form in text:
+                text = text.replace(form, f"[redacted:{forms[form]}]")
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -3675,7 +3684,7 @@ class ToolContext:
         if not isinstance(text, str):
             raise BadInput(f"progress is a text, not {type(text).__name__}")
         if self._on_progress is not None:
-            self._on_progress(clip(text, 500))
+            self._on_progress(text)
 
     @property
     def workspace(self) -> Path:
@@ -3945,6 +3954,7 @@ class Hooks:
 RUNTIME_SCOPES = ("thread", "actor", "adapter", "kit")
 OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
 OUTPUT_LINES = 2_000
+FOUND_LINES = 10 * OUTPUT_LINES  # grep and find stop there: memory bounded, far past the cap
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
 READ_BYTES = 64 << 20  # the largest file read and edit take
@@ -4225,8 +4235,9 @@ def _run_limited(
     track: Callable[[subprocess.Popen, bool], None],
 ) -> tuple[int | None, str, bool]:
     """Run argv in a new process group under `limits`; `(exit code or None, output,
-    timed out)`. When it ends or times out, everything it started is killed (its group
-    and its cgroup). `on_output` gets the output in whole lines as it comes."""
+    timed out)`. When it ends or times out, its process group and its cgroup are killed
+    (without a cgroup, a process that left the group with setsid survives). `on_output`
+    gets the output in whole lines as it comes."""
     if not hasattr(os, "pidfd_open"):
         raise RuntimeUnavailable("commands need Linux 5.3 or newer (pidfd, process groups)")
     cap = _ProcessCap(limits.processes)
@@ -4634,6 +4645,8 @@ class LocalRuntime:
             for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
                 if regex.search(line):
                     found.append(f"{relative}:{number}: {line[:500]}")
+                    if len(found) >= FOUND_LINES:
+                        return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
         return found
 
     def find(self, glob: str, path: str = ".") -> list[str]:
@@ -4646,6 +4659,8 @@ class LocalRuntime:
             if _matches(glob, relative, name):
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 found.append(relative + ("/" if stat.S_ISDIR(info.st_mode) else ""))
+                if len(found) >= FOUND_LINES:
+                    return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
         return found
 
     # commands
@@ -4678,7 +4693,7 @@ class LocalRuntime:
         output = redactions.redact(output, hide)
         if timed_out:
             output += (
-                f"\n[timed out after {timeout:g} s: the command and all it started were killed]"
+                f"\n[timed out after {timeout:g} s: the command and its processes were killed]"
             )
         kept, saved = cap_output(self, output, keep="tail", label="bash")
         return BashResult(exit_code, kept, saved is not None, saved, timed_out)
@@ -4797,7 +4812,9 @@ class BwrapRuntime(LocalRuntime):
                 *("--cap-drop", "ALL"),
                 *_system_binds(),
                 *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
-                *("--bind", f"/proc/self/fd/{root_fd}", self.root),
+                # --bind-fd: bwrap closes the descriptor once bound, so the command cannot
+                # reach the host's view of the folder (unmasked .secrets, `..`) through it
+                *("--bind-fd", str(root_fd), self.root),
                 *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
                 *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
                 *("bash", "-c", command),
@@ -5375,7 +5392,7 @@ class TurnEngine:
         call's `progress` goes to the turn's watchers."""
 
         def progress(text: str) -> None:
-            text = self.redact(turn.thread_id, text)
+            text = clip(self.redact(turn.thread_id, text), 500)  # redacted whole, then cut
             step = max(turn.steps - 1, 0)
             self.tell(turn, "progress", step=step, tool=tool, call_id=call_id, text=text)
 
@@ -7157,14 +7174,17 @@ class Telegram(PollingAdapter):
         self._polling.close()
 
 
-AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@]|%(2[eEfF]|5[cC])")
+# What some server or proxy on the way may read differently: user info, fragments, `;` path
+# parameters (Tomcat strips `..;`), backslashes, and escapes of `.`, `/`, `\\`, `;` or `%`
+# itself (double decoding), or a `%` that is no escape at all (IIS's `%u002e`).
+AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@;]|%(?![0-9a-fA-F]{2})|%(2[5eEfF]|5[cC]|3[bB])")
 
 
 def url_parts(url: object) -> tuple[str, str, int, str, str] | None:
     """`(scheme, host, port, path, query)` of a plain http(s) URL, or None when it is
-    ambiguous: an `@` (user info), a `#`, a backslash, a space, control or non-ASCII
-    character, an empty, `.` or `..` path segment, or a percent-encoded dot, slash or
-    backslash."""
+    ambiguous: an `@` (user info), a `#`, a `;`, a backslash, a space, control or
+    non-ASCII character, an empty, `.` or `..` path segment, a percent-encoded dot, slash,
+    backslash, semicolon or percent sign, or a `%` that starts no escape."""
     if not isinstance(url, str) or AMBIGUOUS_URL.search(url):
         return None
     try:
