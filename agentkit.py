@@ -100,6 +100,8 @@ __all__ = [
     "main",
 ]
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here
+
 log = logging.getLogger("agentkit")
 
 # ───────────────────────────── errors and small helpers ─────────────────────────────
