@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import shlex
@@ -37,7 +38,7 @@ import types
 import typing
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import MAXYEAR, MINYEAR, date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,6 +97,7 @@ __all__ = [
     "ToolCall",
     "ToolContext",
     "ToolUnavailable",
+    "TurnEvent",
     "TurnResult",
     "WebChat",
     "Webhook",
@@ -2675,13 +2677,59 @@ class ModelError(AgentKitError):
 
 @runtime_checkable
 class Model(Protocol):
-    """What the turn engine talks to: neutral messages and tools in, a ModelReply out."""
+    """What the turn engine talks to: neutral messages and tools in, a ModelReply out.
+
+    A model whose `can_stream` is true also takes `on_delta=`, a callable it calls with
+    each piece of text as it arrives (the pieces join to the reply's text).
+    """
 
     name: str
 
     def complete(
         self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelReply: ...
+
+
+Deltas = Callable[[str], None]  # receives each piece of a reply's text as it arrives
+
+
+def complete_live(
+    model: Model,
+    instructions: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    on_delta: Deltas,
+) -> ModelReply:
+    """A model's reply, its text passed to `on_delta` as it arrives when the model can
+    stream (its `can_stream` flag), else not at all."""
+    if getattr(model, "can_stream", False):
+        return model.complete(instructions, messages, tools, on_delta=on_delta)  # type: ignore[call-arg]
+    return model.complete(instructions, messages, tools)
+
+
+class _Replayed:
+    """Deltas across attempts: what a retried attempt streams is passed on only past the
+    text earlier attempts passed on, and only while it agrees with it."""
+
+    def __init__(self, on_delta: Deltas | None) -> None:
+        self.on_delta = on_delta
+        self.shown = ""  # all that was passed on
+        self.text = ""  # what this attempt streamed
+
+    def attempt(self) -> "_Replayed":
+        self.text = ""
+        return self
+
+    def __call__(self, delta: str) -> None:
+        self.text += delta
+        if self.on_delta and len(self.text) > len(self.shown) and self.text.startswith(self.shown):
+            new, self.shown = self.text[len(self.shown) :], self.text
+            self.on_delta(new)
+
+
+def _pieces(text: str) -> list[str]:
+    """Text cut into word-sized deltas (each word with the spaces after it)."""
+    return [piece for piece in re.findall(r"\S*\s*", text) if piece]
 
 
 _RETRY_AFTER_CAP = 60.0  # seconds; longest wait between two attempts
@@ -2792,29 +2840,40 @@ class _HTTPModel(ABC):
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client()
 
+    @property
+    def can_stream(self) -> bool:
+        """Whether replies stream (`stream=True`): then `on_delta` hears their text."""
+        return self.stream
+
     def close(self) -> None:
         """Close the HTTP client, unless it was passed in."""
         if self._owns_client:
             self._client.close()
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
-        """Ask the model for its next reply; ModelError when it cannot be had."""
+        """Ask the model for its next reply (its text to `on_delta` as it streams in);
+        ModelError when it cannot be had."""
         body = self._request_body(instructions, messages, tools)
         try:
-            return self._post_with_retries(body)
+            return self._post_with_retries(body, _Replayed(on_delta))
         except ModelError as exc:
             message = f"{self.name}: {exc}"
             if self._api_key:
                 message = message.replace(self._api_key, "[redacted]")
             raise ModelError(message) from exc.__cause__
 
-    def _post_with_retries(self, body: dict[str, Any]) -> ModelReply:
+    def _post_with_retries(self, body: dict[str, Any], on_delta: _Replayed) -> ModelReply:
         attempt = 0
         while True:
             try:
-                return self._attempt(body)
+                return self._attempt(body, on_delta.attempt())
             except _Transient as exc:
                 if attempt >= self.max_retries:
                     message = f"{exc} (gave up after {attempt + 1} attempts)"
@@ -2828,7 +2887,7 @@ class _HTTPModel(ABC):
         backoff = self.backoff_base * 2**attempt * random.uniform(1.0, 1.25)
         return min(backoff, _RETRY_AFTER_CAP)
 
-    def _attempt(self, body: dict[str, Any]) -> ModelReply:
+    def _attempt(self, body: dict[str, Any], on_delta: Deltas) -> ModelReply:
         try:
             with self._client.stream(
                 "POST", self._url, json=body, headers=self._headers, timeout=self.timeout
@@ -2840,7 +2899,7 @@ class _HTTPModel(ABC):
                         raise _Transient(detail, _retry_after(response))
                     raise ModelError(detail)
                 if response.headers.get("content-type", "").startswith("text/event-stream"):
-                    return self._parse_events(_iter_sse(response))
+                    return self._parse_events(_iter_sse(response), on_delta)
                 response.read()
                 try:
                     data = response.json()
@@ -2867,8 +2926,9 @@ class _HTTPModel(ABC):
         """The reply in a non-streamed response body."""
 
     @abstractmethod
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
-        """The reply assembled from a stream of server-sent events."""
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
+        """The reply assembled from a stream of server-sent events, its text told to
+        `on_delta` piece by piece."""
 
 
 class OpenAIModel(_HTTPModel):
@@ -2931,7 +2991,7 @@ class OpenAIModel(_HTTPModel):
             _openai_usage(data.get("usage")),
         )
 
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
         text: list[str] = []
         calls: dict[int, dict[str, Any]] = {}  # by index: {"id", "function": {"name", "arguments"}}
         usage: dict[str, int] = {}
@@ -2950,6 +3010,8 @@ class OpenAIModel(_HTTPModel):
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 text.append(_typed(delta.get("content") or "", str, "content"))
+                if text[-1]:
+                    on_delta(text[-1])
                 for position, part in enumerate(delta.get("tool_calls") or []):
                     call = calls.setdefault(
                         part.get("index", position),
@@ -3073,7 +3135,7 @@ class AnthropicModel(_HTTPModel):
         usage = data.get("usage")
         return _anthropic_reply(data["content"], _anthropic_usage(usage) if usage else {})
 
-    def _parse_events(self, events: Iterator[tuple[str, str]]) -> ModelReply:
+    def _parse_events(self, events: Iterator[tuple[str, str]], on_delta: Deltas) -> ModelReply:
         blocks: dict[int, dict[str, Any]] = {}  # content blocks by index, as they grow
         partial_json: dict[int, str] = {}  # tool inputs by block index, as they grow
         usage: dict[str, int] = {}
@@ -3087,7 +3149,9 @@ class AnthropicModel(_HTTPModel):
             elif kind == "content_block_delta":
                 index, delta = event["index"], event["delta"]
                 if delta["type"] == "text_delta":
-                    blocks[index]["text"] += delta["text"]
+                    blocks[index]["text"] += _typed(delta["text"], str, "text")
+                    if delta["text"]:
+                        on_delta(delta["text"])
                 elif delta["type"] == "input_json_delta":
                     partial_json[index] = partial_json.get(index, "") + delta["partial_json"]
             elif kind == "message_delta" and (event.get("usage") or {}).get("output_tokens"):
@@ -3168,19 +3232,33 @@ def _anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def _streamed(reply: ModelReply, on_delta: Deltas | None) -> ModelReply:
+    """reply, its text first told to `on_delta` word by word (the offline models stream)."""
+    if on_delta is not None:
+        for piece in _pieces(reply.text or ""):
+            on_delta(piece)
+    return reply
+
+
 class EchoModel:
     """Offline model that repeats the last user message; for demos and smoke tests."""
 
     name = "echo"
+    can_stream = True
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
         """'echo: <last user message>', or the content of a trailing tool result."""
         if messages and messages[-1].get("role") == "tool":
-            return ModelReply(messages[-1]["content"], [], {})
+            return _streamed(ModelReply(messages[-1]["content"], [], {}), on_delta)
         said = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-        return ModelReply(f"echo: {said}", [], {})
+        return _streamed(ModelReply(f"echo: {said}", [], {}), on_delta)
 
 
 ScriptStep = (
@@ -3195,10 +3273,12 @@ class ScriptedModel:
     """A model that plays a script, for tests and offline demos.
 
     Each complete() consumes the next step: a final text, one ToolCall, a list of ToolCalls
-    made together, or a callable (messages, tools) -> one of those.
+    made together, or a callable (messages, tools) -> one of those. A text streams word by
+    word to `on_delta`.
     """
 
     name = "scripted"
+    can_stream = True
 
     def __init__(self, steps: list[ScriptStep]) -> None:
         for step in steps:
@@ -3210,7 +3290,12 @@ class ScriptedModel:
         self.calls: list[list[dict[str, Any]]] = []  # the messages of each complete()
 
     def complete(
-        self, instructions: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        instructions: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        on_delta: Deltas | None = None,
     ) -> ModelReply:
         """The next step as a reply; ModelError when the script is used up."""
         with self._lock:
@@ -3221,18 +3306,20 @@ class ScriptedModel:
             if callable(step):
                 step = _check_step(step(messages, tools))
             if isinstance(step, str):
-                return ModelReply(step, [], {})
-            calls = [step] if isinstance(step, ToolCall) else step
-            return ModelReply(
-                None,
-                [
-                    replace(
-                        call, args=dict(call.args), id=call.id or f"call_{next(self._call_ids)}"
-                    )
-                    for call in calls
-                ],
-                {},
-            )
+                reply = ModelReply(step, [], {})
+            else:
+                calls = [step] if isinstance(step, ToolCall) else step
+                reply = ModelReply(
+                    None,
+                    [
+                        replace(
+                            call, args=dict(call.args), id=call.id or f"call_{next(self._call_ids)}"
+                        )
+                        for call in calls
+                    ],
+                    {},
+                )
+        return _streamed(reply, on_delta)
 
 
 def _check_step(step: Any) -> Any:
@@ -3292,6 +3379,8 @@ EVENTS = (
     "approval_decided",
     "turn_end",
     "job_failed",
+    "reply_delta",
+    "tool_progress",
 )
 
 
@@ -3302,13 +3391,29 @@ class ToolContext:
     """
 
     def __init__(
-        self, *, thread_id: str, turn_id: str, actor: str, call_id: str | None, root: Path
+        self,
+        *,
+        thread_id: str,
+        turn_id: str,
+        actor: str,
+        call_id: str | None,
+        root: Path,
+        on_progress: Callable[[str], None] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
         self.actor = actor
         self.call_id = call_id
         self._root = root
+        self._on_progress = on_progress
+
+    def progress(self, text: str) -> None:
+        """Tell whoever watches the turn how this call is going (a live event, not stored;
+        nothing outside a tool call)."""
+        if not isinstance(text, str):
+            raise BadInput(f"progress is a text, not {type(text).__name__}")
+        if self._on_progress is not None:
+            self._on_progress(clip(text, 500))
 
     @property
     def workspace(self) -> Path:
@@ -3555,6 +3660,113 @@ class TurnResult:
     note: str | None = None
 
 
+TURN_EVENT_KINDS = ("text", "tool_start", "tool_end", "progress", "approval", "done")
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnEvent:
+    """One thing that happened in a running turn, as `stream_turn` yields it.
+
+    `kind` is one of TURN_EVENT_KINDS: "text" (`.text` is a delta; a step's deltas join
+    to its stored text), "tool_start" and "tool_end" (`.tool`, `.call_id`, `.args`; at the
+    end `.result` is the tool's result text and `.is_error` says whether it failed),
+    "progress" (`.text`, a tool's `ctx.progress` line), "approval" (`.approval`), and last
+    "done", whose `.result` is the TurnResult. `.step` counts the turn's model steps from 0.
+    """
+
+    kind: str
+    turn_id: str
+    thread_id: str
+    step: int = 0
+    text: str = ""
+    tool: str | None = None
+    call_id: str | None = None
+    args: dict[str, Any] | None = None
+    result: Any = None
+    is_error: bool = False
+    approval: Approval | None = None
+
+
+class LiveEvents:
+    """The live fan-out of running turns, in this process: events by turn id to whoever
+    watches, then forgotten (never stored; the stored steps stay the truth). Callbacks run
+    in the turn's thread and must be quick (put the event in a queue)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[Callable[[TurnEvent], None]]] = {}
+        self._listeners: list[Callable[[TurnEvent], None]] = []
+
+    def watch(self, turn_id: str, fn: Callable[[TurnEvent], None]) -> Callable[[], None]:
+        """Call `fn` with each event of one turn; returns the function that stops it."""
+        with self._lock:
+            self._watchers.setdefault(turn_id, []).append(fn)
+
+        def unwatch() -> None:
+            with self._lock:
+                watchers = self._watchers.get(turn_id, [])
+                if fn in watchers:
+                    watchers.remove(fn)
+                if not watchers:
+                    self._watchers.pop(turn_id, None)
+
+        return unwatch
+
+    def listen(self, fn: Callable[[TurnEvent], None]) -> None:
+        """Call `fn` with every event of every turn (adapters that stream replies)."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def publish(self, event: TurnEvent) -> None:
+        """Give an event to its turn's watchers and to the listeners (errors are logged)."""
+        with self._lock:
+            targets = [*self._watchers.get(event.turn_id, ()), *self._listeners]
+        for fn in targets:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("a live event watcher of %s raised", event.turn_id)
+
+
+def _secret_start(text: str, values: Iterable[str]) -> int:
+    """How many characters at the end of `text` could begin one of `values`."""
+    held = 0
+    for value in values:
+        for start in range(max(0, len(text) - len(value) + 1), len(text) - held):
+            if value.startswith(text[start:]):
+                held = len(text) - start
+                break
+    return held
+
+
+class _LiveText:
+    """A step's text as it streams, redacted: the last characters wait while they could
+    begin a secret, so no secret reaches a watcher even when cut across deltas."""
+
+    def __init__(self, values: dict[str, str], emit: Callable[[str], None]) -> None:
+        self.values = values  # value -> label, as Redactions.redact takes them
+        self.emit = emit
+        self.raw = ""
+        self.shown = ""
+
+    def add(self, delta: str) -> None:
+        self.raw += delta
+        if not self.values:
+            self._show(self.raw)
+            return
+        text = redactions.redact(self.raw, self.values)
+        self._show(text[: len(text) - _secret_start(text, self.values)])
+
+    def finish(self, stored: str | None) -> None:
+        """Pass on the rest of the step's stored text (all of it when nothing streamed)."""
+        self._show(stored or "")
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            new, self.shown = text[len(self.shown) :], text
+            self.emit(new)
+
+
 class TurnEngine:
     """Runs turns as jobs: the model loop, tool calls, hooks and commands.
 
@@ -3588,8 +3800,9 @@ class TurnEngine:
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
-        # (thread, text) -> text with the thread's saved secret values redacted
-        self.redact: Callable[[str, str], str] = lambda thread, text: text
+        # thread -> its saved secret values (value -> name), redacted from what it stores
+        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+        self.live = LiveEvents()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         queue.tasks[TURN_TASK] = Task(TURN_TASK, self.run, retries=5, backoff=1.0)
         queue.tasks[PROMPT_TASK] = Task(PROMPT_TASK, self.prompt, retries=5, backoff=1.0)
@@ -3689,28 +3902,62 @@ class TurnEngine:
         finally:
             self.records.lease.job = None
         final = self.records.turn(turn.id)
-        log.info("%s in %s: %s after %d steps", turn.id, turn.thread_id, final.status, final.steps)
+        why = f": {final.error}" if final.status == "failed" and final.error else ""
+        log.info(
+            "%s in %s: %s after %d steps%s",
+            turn.id,
+            turn.thread_id,
+            final.status,
+            final.steps,
+            redactions.redact(why, self.thread_secrets(turn.thread_id)),
+        )
         if final.status in FINAL_TURN_STATES:
             with contextlib.suppress(HookFailed):
                 self.emit(
                     final, "turn_end", status=final.status, reply=final.reply, error=final.error
                 )
+        if final.status in (*FINAL_TURN_STATES, "waiting_approval"):
+            self.tell(final, "done", step=max(final.steps - 1, 0), result=self.result(final.id))
         return final.status
 
-    def context_of(self, turn: TurnRow, call_id: str | None) -> ToolContext:
-        """The ToolContext of a call (or of a command, with no call id) in a turn."""
+    def context_of(
+        self, turn: TurnRow, call_id: str | None, tool: str | None = None
+    ) -> ToolContext:
+        """The ToolContext of a call (or of a command, with no call id) in a turn; a running
+        call's `progress` goes to the turn's watchers."""
+
+        def progress(text: str) -> None:
+            text = self.redact(turn.thread_id, text)
+            step = max(turn.steps - 1, 0)
+            self.tell(turn, "progress", step=step, tool=tool, call_id=call_id, text=text)
+
         return ToolContext(
             thread_id=turn.thread_id,
             turn_id=turn.id,
             actor=turn.actor,
             call_id=call_id,
             root=self.workspace,
+            on_progress=progress if tool is not None else None,
         )
 
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
         return self.hooks.emit(
             kind, thread_id=turn.thread_id, turn_id=turn.id, actor=turn.actor, **fields
         )
+
+    def redact(self, thread: str, text: str) -> str:
+        """`text` with known tokens and the thread's saved secret values redacted."""
+        return redactions.redact(text, self.thread_secrets(thread))
+
+    def tell(self, turn: TurnRow, kind: str, **fields: Any) -> None:
+        """Publish a live event of the turn; text deltas and tool progress also go to the
+        `reply_delta` and `tool_progress` hooks (a hook that raises is logged, not fatal)."""
+        self.live.publish(TurnEvent(kind, turn.id, turn.thread_id, **fields))
+        hook = {"text": "reply_delta", "progress": "tool_progress"}.get(kind)
+        if hook is not None and self.hooks.handlers[hook]:
+            keys = ("text", "step") if kind == "text" else ("tool", "call_id", "text")
+            with contextlib.suppress(HookFailed):
+                self.emit(turn, hook, **{key: fields.get(key) for key in keys})
 
     def loop(self, turn_id: str) -> None:
         """Model steps and tool calls until a final answer, a cancel, max_steps, or calls
@@ -3747,8 +3994,14 @@ class TurnEngine:
         for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
             if isinstance(changed, list):
                 messages = changed
-        reply = self.model.complete(self.instructions, messages, tools)
+        index = turn.steps
+        live = _LiveText(
+            {**redactions.values, **self.thread_secrets(turn.thread_id)},
+            lambda delta: self.tell(turn, "text", step=index, text=delta),
+        )
+        reply = complete_live(self.model, self.instructions, messages, tools, live.add)
         text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
+        live.finish(text)
         used = self.records.call_ids(turn.id)
         calls, approvals = [], []
         for call in reply.tool_calls:
@@ -3774,6 +4027,7 @@ class TurnEngine:
             args = json.loads(self.redact(turn.thread_id, dumps(call.args)))
             calls.append((call_id, call.name, dumps(args), state, result))
         for approval in self.records.add_step(turn, text, calls, reply.usage, approvals):
+            self.tell(turn, "approval", step=index, tool=approval.tool, approval=approval)
             with contextlib.suppress(HookFailed):  # the request stands; the hook's error is logged
                 self.emit(turn, "approval_requested", approval=approval)
 
@@ -3783,13 +4037,15 @@ class TurnEngine:
         if missing:  # the model saw them in another process: the turn runs on there
             raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
         started = []
+        step = max(turn.steps - 1, 0)
         for call_id, name, args, state in calls:
             tool = self.tools[name]
             if state == "running" and not tool.idempotent:
                 self.records.set_result(turn.id, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
-                future = self.start_tool(tool, values, self.context_of(turn, call_id))
+                self.tell(turn, "tool_start", step=step, tool=name, call_id=call_id, args=values)
+                future = self.start_tool(tool, values, self.context_of(turn, call_id, name))
                 started.append((call_id, tool, values, future))
         for call_id, tool, args, future in started:
             state, result = self.finish_tool(tool, future)
@@ -3806,6 +4062,16 @@ class TurnEngine:
                     result = as_text(changed)
             result = self.redact(turn.thread_id, result)
             self.records.set_result(turn.id, call_id, state, result, was="running")
+            self.tell(
+                turn,
+                "tool_end",
+                step=step,
+                tool=tool.name,
+                call_id=call_id,
+                args=args,
+                result=result,
+                is_error=state == "error",
+            )
 
     def start_tool(
         self, tool: Tool, args: dict[str, Any], ctx: ToolContext
@@ -3855,6 +4121,77 @@ class TurnEngine:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TurnWatch:
+    """What one watcher of a turn was shown: a live event passes once, and the stored
+    steps fill in what was not seen live (a turn run by another process, or by a worker
+    before a takeover), at step granularity."""
+
+    def __init__(self, records: Records, turn_id: str) -> None:
+        self.records = records
+        self.turn_id = turn_id
+        self.texts: dict[int, str] = {}  # step -> "live" or "stored": where its text came from
+        self.shown: set[tuple[str, str]] = set()  # (kind, call or approval id) shown
+
+    def live(self, event: TurnEvent) -> TurnEvent | None:
+        """The live event, unless it was shown already (a "done" is the stream's own)."""
+        if event.kind == "text":
+            if self.texts.setdefault(event.step, "live") != "live":
+                return None
+        elif event.kind in ("tool_start", "tool_end", "approval"):
+            key = (event.kind, event.approval.id if event.approval else event.call_id or "")
+            if key in self.shown:
+                return None
+            self.shown.add(key)
+        elif event.kind == "done":
+            return None
+        return event
+
+    def stored(self) -> list[TurnEvent]:
+        """Events of the turn's stored steps, calls and pending approvals not shown yet."""
+        turn = self.records.turn(self.turn_id)
+        events: list[TurnEvent] = []
+        if turn.status != "queued":  # its user message joined the thread: its steps follow
+            messages = self.records.history(turn.thread_id, turn.steps + 100)
+            starts = [
+                i
+                for i, m in enumerate(messages)
+                if m["role"] == "user" and m["content"] == turn.text
+            ]
+            step, calls = -1, {}
+            for message in messages[starts[-1] + 1 :] if starts else []:
+                if message["role"] == "user":
+                    break
+                if message["role"] == "assistant":
+                    step += 1
+                    if message["content"] and step not in self.texts:
+                        self.texts[step] = "stored"
+                        events.append(self._event(turn, "text", step, text=message["content"]))
+                    calls = {call["id"]: call for call in message.get("tool_calls") or []}
+                elif message["call_id"] in calls:
+                    call = calls[message["call_id"]]
+                    fields = {"tool": call["name"], "call_id": call["id"], "args": call["args"]}
+                    end = {"result": message["content"], "is_error": message["is_error"]}
+                    for kind, extra in (("tool_start", {}), ("tool_end", end)):
+                        if (kind, call["id"]) not in self.shown:
+                            self.shown.add((kind, call["id"]))
+                            events.append(self._event(turn, kind, step, **fields, **extra))
+        for approval in reversed(self.records.approvals(turn_id=turn.id)):
+            if ("approval", approval.id) not in self.shown:
+                self.shown.add(("approval", approval.id))
+                step = max(turn.steps - 1, 0)
+                events.append(
+                    self._event(turn, "approval", step, tool=approval.tool, approval=approval)
+                )
+        if turn.status == "done" and turn.steps == 0 and turn.reply and 0 not in self.texts:
+            self.texts[0] = "stored"  # a command's answer
+            events.append(self._event(turn, "text", 0, text=turn.reply))
+        return events
+
+    @staticmethod
+    def _event(turn: TurnRow, kind: str, step: int, **fields: Any) -> TurnEvent:
+        return TurnEvent(kind, turn.id, turn.thread_id, step, **fields)
 
 
 def first_line(fn: Callable[..., Any]) -> str:
@@ -4473,10 +4810,14 @@ class Secrets:
             raise ValueError("a value is empty")
         return values
 
+    def values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secret values, each with its name (as Redactions takes them)."""
+        saved = saved_secrets(secrets_folder(self.workspace, thread))
+        return {v: name for name, v in saved.items() if len(v) >= 4}
+
     def redact(self, thread: str, text: str) -> str:
         """`text` with the thread's saved secret values replaced by `[redacted:NAME]`."""
-        saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return redactions.redact(text, {v: name for name, v in saved.items() if len(v) >= 4})
+        return redactions.redact(text, self.values(thread))
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
@@ -5707,7 +6048,7 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.engine.redact = self.secrets.redact
+        self.engine.thread_secrets = self.secrets.values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
         self.adapters = self._adapters(adapters)
@@ -6084,21 +6425,120 @@ class AgentKit:
         or waits for a worker elsewhere, up to `timeout` seconds (then the result says
         `queued` or `running`). The same `source_id` twice starts one turn.
         """
+        limit = None if timeout is None else check_seconds("timeout", timeout)
+        thread, turn_id, note = self._start_turn(thread, text, actor, source_id)
+        if turn_id is None:
+            return TurnResult(None, thread, "rejected", None, note, {}, (), note)
+        result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        return self._noted(result, note)
+
+    def _start_turn(
+        self, thread: str, text: str, actor: str | None, source_id: str | None
+    ) -> tuple[str, str | None, str | None]:
+        """Check and take a message from Python code: `(thread, turn id or None, note)`."""
         thread = check_thread(thread)
         actor = thread if actor is None else check_thread(actor)
         check_text(text)
         if source_id is not None:
             check_name("source_id", source_id)
-        limit = None if timeout is None else check_seconds("timeout", timeout)
         with self.store.transaction() as db:
             turn_id, note = self._accept(db, thread, actor, text, source_id, None)
         self.queue.notify()
-        if turn_id is None:
-            return TurnResult(None, thread, "rejected", None, note, {}, (), note)
-        result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
+        return thread, turn_id, note
+
+    @staticmethod
+    def _noted(result: TurnResult, note: str | None) -> TurnResult:
+        """result, with the intake's note (a saved secret) before its own."""
         return (
             replace(result, note="\n".join(filter(None, [note, result.note]))) if note else result
         )
+
+    def stream_turn(
+        self,
+        thread: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        source_id: str | None = None,
+    ) -> Iterator[TurnEvent]:
+        """`run_turn`, as the events of the turn while it runs (see TurnEvent); the last is
+        "done", whose `.result` is the TurnResult.
+
+        The message is taken at once (BadInput here); iterating runs the turn in this
+        process like `run_turn`, with text deltas as the model streams them. A turn that a
+        worker elsewhere runs (or ran before a takeover) is followed from its stored
+        steps: one "text" per step. Events are never stored.
+        """
+        thread, turn_id, note = self._start_turn(thread, text, actor, source_id)
+        return self._events(thread, turn_id, note)
+
+    def _events(self, thread: str, turn_id: str | None, note: str | None) -> Iterator[TurnEvent]:
+        if turn_id is None:
+            rejected = TurnResult(None, thread, "rejected", None, note, {}, (), note)
+            yield TurnEvent("done", "", thread, result=rejected)
+            return
+        feed: queue.SimpleQueue[TurnEvent | TurnResult | BaseException] = queue.SimpleQueue()
+        unwatch = self.engine.live.watch(turn_id, feed.put)
+        watch = TurnWatch(self.records, turn_id)
+        job = self.records.turn(turn_id).job_id
+
+        def run() -> None:
+            try:
+                feed.put(self._follow(turn_id, job, True, None))
+            except BaseException as e:  # the stream raises it
+                feed.put(e)
+            finally:
+                self.store.release_thread()
+
+        try:
+            threading.Thread(target=run, name="agentkit-stream", daemon=True).start()
+            while True:
+                try:
+                    item = feed.get(timeout=0.2)
+                except queue.Empty:
+                    yield from watch.stored()  # quiet: a worker elsewhere may have stored steps
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, TurnResult):
+                    break
+                event = watch.live(item)
+                if event is not None:
+                    yield event
+            yield from watch.stored()
+            result = self._noted(item, note)
+            yield TurnEvent(
+                "done", turn_id, thread, max(self.records.turn(turn_id).steps - 1, 0), result=result
+            )
+        finally:
+            unwatch()
+
+    async def astream_turn(
+        self,
+        thread: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        source_id: str | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        """`stream_turn` for asyncio code: the turn runs in a thread, the loop stays free."""
+        events = self.stream_turn(thread, text, actor=actor, source_id=source_id)
+        loop = asyncio.get_running_loop()
+        feed: asyncio.Queue[TurnEvent | BaseException | None] = asyncio.Queue()
+
+        def pump() -> None:
+            try:
+                for event in events:
+                    loop.call_soon_threadsafe(feed.put_nowait, event)
+                loop.call_soon_threadsafe(feed.put_nowait, None)
+            except BaseException as e:
+                loop.call_soon_threadsafe(feed.put_nowait, e)
+
+        threading.Thread(target=pump, name="agentkit-astream", daemon=True).start()
+        while (item := await feed.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _follow(
         self, turn_id: str, job: int | None, wait: bool, timeout: float | None

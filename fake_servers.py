@@ -69,6 +69,7 @@ class Reply:
     text: str | None
     tool_calls: list[tuple[str, dict[str, Any] | str]]
     usage: tuple[int, int]  # (input tokens, output tokens)
+    hold: threading.Event | None = None  # streamed: the rest waits after the first delta
 
 
 @dataclass
@@ -152,15 +153,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_events(self, events: list[Event], cut: bool = False) -> None:
-        """Stream events; with cut, stop in the middle of one and let the connection close."""
+    def send_events(
+        self,
+        events: list[Event],
+        cut: bool = False,
+        hold: threading.Event | None = None,
+        held_after: int = 0,
+    ) -> None:
+        """Stream events; with cut, stop in the middle of one and let the connection close;
+        with hold, wait for it to be set after the first held_after events."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         if cut:
             events = events[: len(events) // 2]
-        for name, data in events:
+        for i, (name, data) in enumerate(events):
+            if hold is not None and i == held_after:
+                hold.wait(30)
             self.wfile.write(((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode())
             self.wfile.flush()
         if cut:
@@ -196,6 +206,7 @@ class _FakeServer(_Loopback, ABC):
 
     endpoint = ""  # the path clients POST to
     url_path = ""  # what .url adds after host and port
+    held_after = 0  # events of a streamed reply up to its first text delta
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -216,9 +227,18 @@ class _FakeServer(_Loopback, ABC):
         text: str | None = None,
         tool_calls: list[tuple[str, dict[str, Any] | str]] | None = None,
         usage: tuple[int, int] = (10, 5),
+        hold: threading.Event | None = None,
     ) -> None:
-        """Queue a model answer: text, tool calls (name, args) made together, or both."""
-        self._queue(Reply(text, list(tool_calls or []), usage))
+        """Queue a model answer: text, tool calls (name, args) made together, or both; with
+        hold, a streamed answer stops after its first text delta until hold is set."""
+        self._queue(Reply(text, list(tool_calls or []), usage, hold))
+
+    def hold(self, text: str, usage: tuple[int, int] = (10, 5)) -> threading.Event:
+        """Queue a streamed text answer held open after its first delta; set what this
+        returns to release the rest."""
+        release = threading.Event()
+        self.push(text=text, usage=usage, hold=release)
+        return release
 
     def push_error(
         self, status: int, body: str | dict[str, Any] = "", retry_after: float | None = None
@@ -258,7 +278,8 @@ class _FakeServer(_Loopback, ABC):
         match answer:
             case Reply():
                 if stream:
-                    handler.send_events(self._events(answer, request.body))
+                    events = self._events(answer, request.body)
+                    handler.send_events(events, hold=answer.hold, held_after=self.held_after)
                 else:
                     data = json.dumps(self._message(answer, request.body)).encode()
                     handler.send_body(200, "application/json", data)
@@ -310,6 +331,7 @@ class FakeOpenAI(_FakeServer):
 
     endpoint = "/v1/chat/completions"
     url_path = "/v1"
+    held_after = 2  # the role delta, then the first content delta
     models: tuple[str, ...] = ("fake-large", "fake-small")
 
     def _get(self, handler: _Handler, request: Request) -> None:
@@ -406,6 +428,7 @@ class FakeAnthropic(_FakeServer):
     """A fake Messages API server; .url is the base URL, as ANTHROPIC_BASE_URL is."""
 
     endpoint = "/v1/messages"
+    held_after = 4  # message_start, ping, content_block_start, the first text delta
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
