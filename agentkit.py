@@ -2323,10 +2323,12 @@ class Records:
         if state != "cancelled":
             self.enqueue_turn(db, approval.turn_id, f"resume:{approval.id}", approval.thread_id)
 
-    def cancel(self, turn_id: str) -> str:
+    def cancel(self, turn_id: str, *, at_once: bool = False) -> str:
         """Cancel a queued or waiting turn at once (with its pending approvals), or ask a
         running one to stop at its next step (at once when no worker holds its job, as
-        after an interrupted process handed it back)."""
+        after an interrupted process handed it back). `at_once` ends a running turn now
+        and cancels its job: the worker running it loses its lease, so it writes nothing
+        more, and the thread's next message runs right away."""
         with self.store.transaction() as db:
             row = db.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
             if row is None:
@@ -2339,14 +2341,15 @@ class Records:
                 "AND json_extract(payload, '$.turn') = ?",
                 (TURN_TASK, turn_id),
             ).fetchone()
-            if status == "running" and held:  # a worker runs it: it stops at its next step
+            if status == "running" and held and not at_once:  # it stops at its next step
                 db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
                 return "cancelling"
             for approval in self.approvals(turn_id=turn_id):
                 self.settle(db, approval, "cancelled", None, None)
             self.end(db, turn_id, "cancelled", error="cancelled")
             db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE state = 'queued' "
+                "UPDATE jobs SET state = 'cancelled', owner = NULL, lease_until = NULL, "
+                "finished_at = ? WHERE state IN ('queued', 'running') "
                 "AND name = ? AND json_extract(payload, '$.turn') = ?",
                 (now(), TURN_TASK, turn_id),
             )
@@ -6155,11 +6158,13 @@ class AgentKit:
         """The newest jobs, optionally of one state."""
         return self.queue.recent(state, limit)
 
-    def cancel(self, id: str) -> Job | TurnResult:
+    def cancel(self, id: str, *, at_once: bool = False) -> Job | TurnResult:
         """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
-        running one at its next step."""
+        running one at its next step, or with `at_once` now (its worker's later writes are
+        refused, and the thread's next message runs right away; what a tool was doing
+        then goes on unrecorded, as after a crash)."""
         if isinstance(id, str) and id.startswith("turn_"):
-            self.engine.records.cancel(id)
+            self.engine.records.cancel(id, at_once=at_once)
             return self.engine.result(id)
         return self.queue.cancel(id)
 
@@ -7075,32 +7080,33 @@ class TurnPrinter:
         self.note("(cancelled)")
 
 
-def turn_events(kit: AgentKit, thread: str, text: str, actor: str) -> Iterator[Any]:
-    """The live events of a new turn in `thread`, ending with its "done" event."""
-    yield types.SimpleNamespace(kind="done", result=kit.run_turn(thread, text, actor=actor))
-
-
 def result_events(decide: Callable[[], TurnResult]) -> Iterator[Any]:
-    """The events of a turn that `decide` takes on (an approval or a denial)."""
-    yield types.SimpleNamespace(kind="done", result=decide())
+    """The events of a turn that `decide` takes on (an approval or a denial): its end."""
+    result = decide()
+    yield TurnEvent("done", result.turn_id or "", result.thread_id, result=result)
 
 
 def follow_turn(
-    kit: AgentKit, printer: TurnPrinter, events: Iterator[Any], thread: str
+    kit: AgentKit, printer: TurnPrinter, events: Iterator[TurnEvent], thread: str
 ) -> TurnResult | None:
-    """Print a turn's events; its result, or None when Ctrl-C cancelled it (the turn ends
-    at once and its job is handed back, so the thread's next message runs right away)."""
+    """Print a turn's events; its result, or None when Ctrl-C cancelled it. The turn ends
+    at once and frees the thread (its worker's later writes are refused), so the thread's
+    next message runs right away and the cancelled turn never runs after it."""
+    turn_id = None
     try:
         for event in events:
+            turn_id = event.turn_id or turn_id
             result = printer.show(event)
             if result is not None:
                 return result
-        raise AgentKitError("the turn's events ended before it did")
+        raise AgentKitError("the turn's events ended before the turn did")
     except KeyboardInterrupt:
-        for turn_id in kit.engine.records.active_turns(kit.store.connection(), thread, ""):
-            if kit.turn(turn_id).status in ("queued", "running"):
-                with contextlib.suppress(BadInput):  # it ended meanwhile
-                    kit.cancel(turn_id)
+        if turn_id is None:  # interrupted before its first event: the thread's newest turn
+            active = kit.engine.records.active_turns(kit.store.connection(), thread, "")
+            turn_id = active[-1] if active else None
+        if turn_id and kit.turn(turn_id).status in ("queued", "running"):
+            with contextlib.suppress(BadInput):  # it ended meanwhile
+                kit.cancel(turn_id, at_once=True)
         printer.interrupted()
         return None
 
@@ -7121,7 +7127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = read_message(args)
     kit = open_kit(args)
     printer = TurnPrinter(args, as_json=args.json)
-    result = follow_turn(kit, printer, turn_events(kit, args.thread, text, args.actor), args.thread)
+    events = kit.stream_turn(args.thread, text, actor=args.actor)
+    result = follow_turn(kit, printer, events, args.thread)
     return 130 if result is None else exit_status(result)
 
 
@@ -7197,7 +7204,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print()
                 continue
             if text.strip():
-                events = turn_events(kit, args.thread, text, args.actor)
+                events = kit.stream_turn(args.thread, text, actor=args.actor)
                 result = follow_turn(kit, printer, events, args.thread)
                 if interactive and result is not None:
                     ask_decisions(kit, args, printer, result)

@@ -121,6 +121,12 @@ import agentkit
 kit = agentkit.AgentKit("chat.db", model=agentkit.OpenAIModel("fake-large"), lease=600)
 
 
+@kit.tool
+def disk_free(path: str = "/") -> str:
+    """How much disk space is free."""
+    return "12.3 GB free"
+
+
 @kit.tool(approval=lambda args, ctx: f"restarts {args['service']}")
 def restart(service: str) -> str:
     """Restart a service."""
@@ -189,6 +195,59 @@ def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctr
     assert replies == ["nginx is back", "right away"]  # the cancelled turn never ran later
     lines = (tmp_path / "data" / "agentkit" / "chat_history").read_text()
     assert "restart nginx" in lines and "next one" in lines
+
+
+def test_chat_in_a_terminal_shows_tool_calls_and_tokens_as_they_arrive(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    write_app(tmp_path)
+    term = Terminal(
+        ["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, OPENAI_BASE_URL=fake.url)
+    )
+    try:
+        at = term.wait_for("> ")
+        fake.push(tool_calls=[("disk_free", {"path": "/"})])
+        release = fake.hold("The **disk** has `12.3 GB` free.")
+        term.type("disk?\r")
+        at = term.wait_for('→ disk_free({"path": "/"})', at)
+        at = term.wait_for("← 12.3 GB free", at)
+        at = term.wait_for("The ", at)  # the first delta, while the server holds the rest
+        assert "free." not in term.screen[at:]
+        release.set()
+        at = term.wait_for("The disk has 12.3 GB free.", at - 4)
+        assert "\x1b[1mdisk\x1b[22m" in term.raw.decode()  # bold on a terminal, no stars
+        at = term.wait_for("> ", at)
+        term.type("\x04")
+        assert term.wait_exit() == 0
+    finally:
+        term.close()
+
+
+def test_run_streams_plain_text_into_a_pipe(tmp_path: Path, fake: FakeOpenAI) -> None:
+    release = fake.hold("The **disk** is fine.")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "agentkit.py"), "run", "disk?", "-m", "openai:fake-large"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=environment(tmp_path, OPENAI_BASE_URL=fake.url),
+    )
+    try:
+        seen = b""
+        for _ in range(600):  # until the first delta is in the pipe, the rest held
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                seen += os.read(proc.stdout.fileno(), 4096)
+            if seen:
+                break
+        assert seen == b"The "
+        release.set()
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (seen + rest).decode() == "The **disk** is fine.\n"  # plain when piped
+    assert proc.returncode == 0 and errors == b""
 
 
 def test_run_exit_status_says_done_waiting_or_failed_and_prints_how_to_decide(
