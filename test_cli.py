@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a CLI process: no configuration from the shell, a home of its own."""
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    env.pop("AGENTKIT_LOG_LEVEL", None)
     env.update(HOME=str(tmp_path / "home"), XDG_DATA_HOME=str(tmp_path / "data"))
     env.update(PYTHONPATH=str(ROOT), **extra)
     return env
@@ -340,6 +340,10 @@ def test_a_bare_run_takes_the_first_model_of_openai_base_url_and_says_so(
     assert out.returncode == 0 and out.stdout == "hello from the server\n"
     assert "using openai:fake-large" in out.stderr and "/v1/models" in out.stderr
     assert fake.requests[-1].body["model"] == "fake-large"
+    fake.push(text="short")
+    system = cli(tmp_path, "run", "hi", "-q", "-s", "Be terse.", OPENAI_BASE_URL=fake.url)
+    assert (system.stdout, system.stderr) == ("short\n", "")  # -q: no note on the model
+    assert fake.requests[-1].body["messages"][0] == {"role": "system", "content": "Be terse."}
     named = cli(tmp_path, "run", "hi", "-m", "echo", OPENAI_BASE_URL=fake.url)
     assert (named.stdout, named.stderr) == ("echo: hi\n", "")
     gone = cli(tmp_path, "run", "hi", OPENAI_BASE_URL="http://127.0.0.1:9/v1")
@@ -377,3 +381,51 @@ def test_a_turn_interrupted_by_ctrl_c_hands_its_job_back_and_cancels_at_once(
         assert kit.cancel(turn_id).status == "cancelled"
         assert kit.job(job.id).state == "cancelled"
         assert kit.run_turn("cli:me", "second", timeout=0).reply == "the next one"
+
+
+SECRET_APP = """
+import agentkit
+
+ask = agentkit.ToolCall("secret_request", {"reason": "to deploy", "fields": ["API_TOKEN"]})
+kit = agentkit.AgentKit("sec.db", model=agentkit.ScriptedModel([ask, "Use the link."]))
+"""
+
+
+def test_run_prints_the_link_of_a_secret_request(tmp_path: Path) -> None:
+    (tmp_path / "sec.py").write_text(SECRET_APP)
+    out = cli(tmp_path, "run", "--app", "sec:kit", "deploy")
+    assert out.returncode == 0 and out.stdout == "Use the link.\n"
+    assert "Open this link to give API_TOKEN securely" in out.stderr
+    assert re.search(r"http://127\.0\.0\.1:\d+/secret#v=1&id=sec_\w+&key=", out.stderr)
+
+
+def test_cancel_at_once_frees_the_thread_and_fences_the_worker_still_running(
+    tmp_path: Path,
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    class Model:
+        """Holds its answer to "first" until released; answers anything else at once."""
+
+        name = "slow"
+
+        def complete(self, instructions: str, messages: list, tools: list) -> agentkit.ModelReply:
+            if messages[-1]["content"] != "first":
+                return agentkit.ModelReply("the next one", [], {})
+            started.set()
+            release.wait(60)
+            return agentkit.ModelReply("too late", [], {})
+
+    with AgentKit(tmp_path / "k.db", model=Model(), lease=600) as kit:
+        events = kit.stream_turn("cli:me", "first")
+        first = threading.Thread(target=lambda: list(events), daemon=True)
+        first.start()
+        assert started.wait(60)
+        (turn_id,) = [row[0] for row in kit.store.read("SELECT id FROM turns")]
+        assert kit.cancel(turn_id, at_once=True).status == "cancelled"
+        assert kit.run_turn("cli:me", "second", timeout=0).reply == "the next one"
+        release.set()
+        first.join(60)
+        replies = [m["content"] for m in kit.history("cli:me") if m["role"] == "assistant"]
+        assert replies == ["the next one"]  # the cancelled turn's late answer is refused
+        assert kit.turn(turn_id).status == "cancelled"
