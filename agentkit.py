@@ -7080,19 +7080,31 @@ class TurnPrinter:
         self.note("(cancelled)")
 
 
-def result_events(decide: Callable[[], TurnResult]) -> Iterator[Any]:
-    """The events of a turn that `decide` takes on (an approval or a denial): its end."""
-    result = decide()
-    yield TurnEvent("done", result.turn_id or "", result.thread_id, result=result)
+def decision_events(
+    kit: AgentKit, printer: TurnPrinter, approval: Approval, decide: Callable[[], TurnResult]
+) -> Iterator[TurnEvent]:
+    """The end of the turn a decision takes on; while `decide` runs the turn here, its live
+    events are printed as they come (a worker elsewhere shows only the end)."""
+    unwatch = kit.engine.live.watch(
+        approval.turn_id, lambda event: event.kind != "done" and printer.show(event)
+    )
+    try:
+        result = decide()
+    finally:
+        unwatch()
+    yield TurnEvent("done", approval.turn_id, approval.thread_id, result=result)
 
 
 def follow_turn(
-    kit: AgentKit, printer: TurnPrinter, events: Iterator[TurnEvent], thread: str
+    kit: AgentKit,
+    printer: TurnPrinter,
+    events: Iterator[TurnEvent],
+    thread: str,
+    turn_id: str | None = None,
 ) -> TurnResult | None:
     """Print a turn's events; its result, or None when Ctrl-C cancelled it. The turn ends
     at once and frees the thread (its worker's later writes are refused), so the thread's
     next message runs right away and the cancelled turn never runs after it."""
-    turn_id = None
     try:
         for event in events:
             turn_id = event.turn_id or turn_id
@@ -7177,8 +7189,9 @@ def ask_decisions(
             return result
         verb = "approve" if answer.startswith("a") else "deny"
         decide = functools.partial(getattr(kit, verb), approval.id, actor=args.actor)
+        events = decision_events(kit, printer, approval, decide)
         try:
-            result = follow_turn(kit, printer, result_events(decide), args.thread)
+            result = follow_turn(kit, printer, events, args.thread, approval.turn_id)
         except AgentKitError as e:
             printer.note(f"agentkit: {e}")
             return None
@@ -7279,7 +7292,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
     printer = TurnPrinter(args)
     print(f"{done} {args.id}", flush=True)
     approval = kit.gatekeeper.get(args.id)
-    result = follow_turn(kit, printer, result_events(decide), approval.thread_id)
+    events = decision_events(kit, printer, approval, decide)
+    result = follow_turn(kit, printer, events, approval.thread_id, approval.turn_id)
     return 130 if result is None else exit_status(result)
 
 

@@ -158,6 +158,8 @@ def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctr
         at = term.wait_for("restart: [a]pprove / [d]eny? ", at)
         assert not (tmp_path / "restarted.txt").exists()
         term.type("a\r")
+        at = term.wait_for('→ restart({"service": "nginx"})', at)  # the resumed turn, live
+        at = term.wait_for("← nginx restarted", at)
         at = term.wait_for("nginx is back", at)
         assert (tmp_path / "restarted.txt").read_text() == "nginx\n"
         at = term.wait_for("> ", at)
