@@ -6804,11 +6804,13 @@ def say(args: argparse.Namespace, line: str) -> None:
 
 
 def served_model(args: argparse.Namespace) -> str | None:
-    """The model a bare kit runs: `-m`; else, when only OPENAI_BASE_URL is set, the first
-    model that server lists at /models (said on stderr); else None (the usual default)."""
+    """The model a bare kit runs: `-m`; else, for the commands that run turns when only
+    OPENAI_BASE_URL is set, the first model that server lists at /models (said on
+    stderr); else None (the usual default)."""
     named = getattr(args, "model", None)
     base = os.environ.get("OPENAI_BASE_URL")
-    if named or not base or os.environ.get("AGENTKIT_MODEL"):
+    runs_turns = args.command in ("run", "chat", "serve", "work")
+    if named or not base or not runs_turns or os.environ.get("AGENTKIT_MODEL"):
         return named
     key = os.environ.get("OPENAI_API_KEY")
     url = f"{base.rstrip('/')}/models"
@@ -6976,18 +6978,6 @@ class MarkdownPen:
         return "".join(out)
 
 
-def event_json(event: Any) -> dict[str, Any]:
-    """A turn event as a JSON object: its kind and the fields it has."""
-    data: dict[str, Any] = {"kind": event.kind}
-    for name in ("text", "step", "tool", "call_id", "args", "result", "is_error", "approval"):
-        value = getattr(event, name, None)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if value is not None:
-            data[name] = value
-    return data
-
-
 class TurnPrinter:
     """Prints a turn's events: the reply's text to stdout as it arrives (styled on a
     terminal, plain when piped), and on stderr tool calls (`→ tool(args)`), their results
@@ -7002,10 +6992,10 @@ class TurnPrinter:
         self.streamed = False  # text of this turn was printed
         self.mid_line = False  # the last text printed did not end a line
 
-    def show(self, event: Any) -> TurnResult | None:
+    def show(self, event: TurnEvent) -> TurnResult | None:
         """Print one event; the turn's result when it is the last."""
-        if self.as_json:
-            print(json.dumps(event_json(event), ensure_ascii=False), flush=True)
+        if self.as_json:  # every field, the result and approval as objects
+            print(json.dumps(dataclasses.asdict(event), ensure_ascii=False), flush=True)
         elif event.kind == "text":
             self.text(event.text)
         elif event.kind == "tool_start":

@@ -317,6 +317,8 @@ def test_run_reads_stdin_prints_json_lines_and_names_its_version(tmp_path: Path)
     events = [json.loads(line) for line in dash.stdout.splitlines()]
     assert events[-1]["kind"] == "done" and events[-1]["result"]["reply"] == "echo: dash"
     assert events[-1]["result"]["status"] == "done"
+    texts = [e["text"] for e in events if e["kind"] == "text"]
+    assert len(texts) > 1 and "".join(texts) == "echo: dash"  # the deltas, as they came
     version = cli(tmp_path, "--version")
     assert version.stdout == f"agentkit {agentkit.__version__}\n"
     pyproject = (ROOT / "pyproject.toml").read_text()
