@@ -2406,6 +2406,10 @@ class Records:
             return
         if outlet is not None and not outlet.accepts(kind, extra.get("meta") or {}):
             return
+        if outlet is not None and kind == "reply" and turn_id is not None:
+            stream = outlet.streamed(turn_id)
+            if stream:
+                extra["stream"] = stream
         at = now()
         pull = outlet is not None and outlet.pull
         state, sent = ("sent", at) if pull else ("pending", None)
@@ -3693,7 +3697,8 @@ class TurnEvent:
 class LiveEvents:
     """The live fan-out of running turns, in this process: events by turn id to whoever
     watches, then forgotten (never stored; the stored steps stay the truth). Callbacks run
-    in the turn's thread and must be quick (put the event in a queue)."""
+    in the turn's thread and must be quick (put the event in a queue). Beside the kinds
+    of TurnEvent, watchers hear "thinking" as each model request starts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -4002,6 +4007,7 @@ class TurnEngine:
             {**redactions.values, **self.thread_secrets(turn.thread_id)},
             lambda delta: self.tell(turn, "text", step=index, text=delta),
         )
+        self.tell(turn, "thinking", step=index)
         reply = complete_live(self.model, self.instructions, messages, tools, live.add)
         text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         live.finish(text)
@@ -4138,7 +4144,8 @@ class TurnWatch:
         self.shown: set[tuple[str, str]] = set()  # (kind, call or approval id) shown
 
     def live(self, event: TurnEvent) -> TurnEvent | None:
-        """The live event, unless it was shown already (a "done" is the stream's own)."""
+        """The live event, unless it was shown already ("done" is the stream's own, and
+        "thinking" is for adapters)."""
         if event.kind == "text":
             if self.texts.setdefault(event.step, "live") != "live":
                 return None
@@ -4147,7 +4154,7 @@ class TurnWatch:
             if key in self.shown:
                 return None
             self.shown.add(key)
-        elif event.kind == "done":
+        elif event.kind in ("done", "thinking"):
             return None
         return event
 
@@ -4864,6 +4871,7 @@ class Outbound:
     delivery: int | None = None  # its row, for `Records.set_progress`
     sent_parts: int = 0  # pieces an earlier attempt sent already (a long text split up)
     ref: str | None = None  # for "decided": what `send` returned for the approval request
+    stream: dict[str, Any] | None = None  # for "reply": what `streamed` returned for it
 
 
 class AdapterError(AgentKitError):
@@ -4964,6 +4972,12 @@ class Adapter:
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         return None
 
+    def streamed(self, turn_id: str) -> dict[str, Any] | None:
+        """Called as a turn's reply is stored: what its delivery needs of the reply this
+        adapter streamed live (a message to edit into the final text), which it stops
+        updating; None when there is nothing (the delivery sends the reply afresh)."""
+        return None
+
 
 class PollingAdapter(Adapter):
     """An adapter that fetches: a subclass writes `poll(cursor, timeout) -> (items, new
@@ -5053,6 +5067,207 @@ def split_text(text: str, limit: int) -> list[str]:
     return [*pieces, text] if text or not pieces else pieces
 
 
+_FENCE = re.compile(r"^ {0,3}(```|~~~)\s*([\w+#.-]*)[^\n]*$")
+_INLINE = re.compile(
+    r"`([^`\n]+)`"  # 1 code
+    r"|\[([^\]\n]+)\]\(([^()\s]+)\)"  # 2 text, 3 url
+    r"|\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__"  # 4, 5 bold
+    r"|~~(?=\S)(.+?)(?<=\S)~~"  # 6 strikethrough
+    r"|(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])"  # 7 italic
+    r"|(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])"  # 8 italic
+)
+_LINK_SCHEMES = ("http://", "https://", "tg://", "mailto:")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _inline_html(text: str) -> str:
+    """One line of markdown as Telegram HTML: code, links, bold, italic, strikethrough;
+    everything else escaped."""
+    out, at = [], 0
+    for match in _INLINE.finditer(text):
+        out.append(_escape(text[at : match.start()]))
+        at = match.end()
+        code, label, url, *styled = match.groups()
+        if code is not None:
+            out.append(f"<code>{_escape(code)}</code>")
+        elif label is not None:
+            if url.startswith(_LINK_SCHEMES):
+                href = _escape(url).replace('"', "&quot;")
+                out.append(f'<a href="{href}">{_inline_html(label)}</a>')
+            else:
+                out.append(_escape(match[0]))
+        else:
+            index = next(i for i, part in enumerate(styled) if part is not None)
+            tag = ("b", "b", "s", "i", "i")[index]
+            out.append(f"<{tag}>{_inline_html(styled[index])}</{tag}>")
+    out.append(_escape(text[at:]))
+    return "".join(out)
+
+
+def markdown_html(text: str) -> str:
+    """A model's markdown as Telegram HTML (parse_mode=HTML): bold, italic, strikethrough,
+    inline code, code blocks with their language, links, lists, quotes, headings as bold;
+    everything else escaped. Unfinished markup (a reply still streaming) stays valid."""
+    out: list[str] = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if fence:
+            end = next(
+                (j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(fence[1])),
+                len(lines),
+            )
+            code = _escape("\n".join(lines[i + 1 : end]))
+            language = f' class="language-{fence[2]}"' if fence[2] else ""
+            out.append(f"<pre><code{language}>{code}</code></pre>")
+            i = end + 1
+            continue
+        if re.match(r" {0,3}>", line):
+            quoted = []
+            while i < len(lines) and re.match(r" {0,3}>", lines[i]):
+                quoted.append(_inline_html(re.sub(r"^ {0,3}> ?", "", lines[i])))
+                i += 1
+            out.append("<blockquote>" + "\n".join(quoted) + "</blockquote>")
+            continue
+        heading = re.match(r" {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        bullet = re.match(r"(\s*)[-*+]\s+(.*)", line)
+        if heading:
+            out.append(f"<b>{_inline_html(heading[1])}</b>")
+        elif bullet and not re.fullmatch(r"\s*([-*_])(\s*\1){2,}\s*", line):
+            out.append(f"{bullet[1]}• {_inline_html(bullet[2])}")
+        else:
+            out.append(_inline_html(line))
+        i += 1
+    return "\n".join(out)
+
+
+_TAG = re.compile(r"(<[^>]*>)")
+_EMPTY_ELEMENT = re.compile(r"<([a-z-]+)[^>]*></\1>")
+
+
+def split_html(html: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters, each valid HTML: a cut falls between tags (at
+    a line break, else a space, where there is one), and the tags open there are closed
+    before it and opened again after it (a long code block goes on in the next piece)."""
+    pieces: list[str] = []
+    piece, opened = "", []  # the piece so far; the open tags, outermost first
+
+    def cut() -> None:
+        nonlocal piece
+        done = piece + "".join(f"</{_tag_name(tag)}>" for tag in reversed(opened))
+        while (emptied := _EMPTY_ELEMENT.sub("", done)) != done:
+            done = emptied
+        if done.strip():
+            pieces.append(done)
+        piece = "".join(opened)
+
+    for token in _TAG.split(html):
+        closing = sum(len(_tag_name(tag)) + 3 for tag in opened)
+        if token.startswith("</"):
+            piece += token
+            opened.pop()
+        elif token.startswith("<"):
+            if len(piece) + len(token) + closing + len(_tag_name(token)) + 3 > limit:
+                cut()
+            piece += token
+            opened.append(token)
+        else:
+            while token and len(piece) + len(token) + closing > limit:
+                room = limit - len(piece) - closing
+                at = max(token.rfind("\n", 0, room), token.rfind(" ", 0, room)) + 1
+                at = _entity_safe(token, at if at > 0 else room)
+                if at <= 0 and piece == "".join(opened):
+                    at = max(room, 1)  # nothing else fits: cut where it must
+                piece, token = piece + token[:at], token[at:]
+                cut()
+            piece += token
+    cut()
+    return pieces or [""]
+
+
+def _tag_name(tag: str) -> str:
+    return re.match(r"</?([a-z-]+)", tag)[1]  # type: ignore[index]
+
+
+def _entity_safe(text: str, cut: int) -> int:
+    """`cut`, moved back so it does not fall inside an entity like `&amp;`."""
+    start = text.rfind("&", max(0, cut - 8), cut)
+    return start if start >= 0 and ";" not in text[start:cut] else cut
+
+
+def html_plain(html: str) -> str:
+    """What Telegram shows of an HTML text: tags dropped, entities decoded."""
+    text = _TAG.sub("", html)
+    return (
+        text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
+    )
+
+
+class _TelegramStream:
+    """A reply streaming into one Telegram chat, as the live events of its turn tell it."""
+
+    def __init__(self, turn_id: str, where: dict[str, int | None]) -> None:
+        self.turn_id = turn_id
+        self.where = where
+        self.private = where["message_thread_id"] is None and (where["chat_id"] or 0) > 0
+        self.draft_id = int(turn_id[-8:], 16) % 2**31 or 1  # non-zero, one per turn
+        self.lock = threading.Lock()  # held while a call shows it (and while it is finished)
+        self.step, self.text, self.status = -1, "", ""
+        self.message_id: int | None = None  # groups: the message it streams into
+        self.shown: str | None = None  # the HTML shown last
+        self.dirty = True  # something new to show (at first: "thinking")
+        self.last = -math.inf  # when it was shown last (Telegram.clock)
+        self.paused_until = -math.inf
+        self.failures = 0
+        self.claimed = False  # the reply's delivery took it over
+        self.gave_up = False
+        self.ended = False
+
+    def hear(self, event: TurnEvent) -> None:
+        if event.kind == "text":
+            if event.step != self.step:
+                self.step, self.text = event.step, ""
+            self.text += event.text
+            self.status = ""
+        elif event.kind == "tool_start":
+            self.status = f"running {event.tool}…"
+        elif event.kind == "progress":
+            self.status = clip(f"{event.tool}: {event.text}", 200)
+        elif event.kind == "tool_end":
+            self.status = ""
+        elif event.kind == "done":
+            self.ended = True
+        self.dirty = True
+
+    def html(self, limit: int) -> str:
+        """What the stream shows: the step's text so far and the status line."""
+        status = f"<i>{_escape(self.status)}</i>" if self.status else ""
+        text = markdown_html(self.text)
+        return split_html("\n\n".join(part for part in (text, status) if part), limit)[0]
+
+    def due(self, at: float, interval: float, first_chars: int) -> bool:
+        """Whether to show it now."""
+        if self.ended:
+            return True
+        if not self.dirty or self.claimed or self.gave_up:
+            return False
+        if at < self.paused_until or at - self.last < interval:
+            return False
+        started = self.private or self.message_id is not None
+        return started or len(self.text) >= first_chars
+
+    def wait(self, at: float, interval: float) -> float | None:
+        """Seconds until it may be shown again, or None when nothing waits."""
+        if not self.dirty or self.claimed or self.gave_up:
+            return None
+        return max(self.paused_until - at, self.last + interval - at, 0.0) or None
+
+
 class Telegram(PollingAdapter):
     """A Telegram bot over the Bot API, with long polling (`getUpdates`).
 
@@ -5060,10 +5275,21 @@ class Telegram(PollingAdapter):
     topics); actors are users, `telegram:<user id>`. Only allowed users and chats are
     served (`allow=`, else AGENTKIT_TELEGRAM_ALLOW: ids, comma-separated, or `*`); others
     are told their id. Approvals come with Approve and Deny buttons; "typing…" shows
-    while a turn runs; long replies are split at Telegram's 4096 characters.
+    while a turn runs; replies are sent as HTML made from the model's markdown, split at
+    Telegram's 4096 characters.
+
+    Replies stream while the turns run in this process: in a private chat as a draft
+    (`sendMessageDraft`, empty for "thinking" at first), then the final message; in
+    groups and topics as a message sent after `first_chars` characters and edited at
+    most every `edit_interval` seconds, which the final delivery edits into the reply.
+    A tool call shows as a status line. A 429 pauses the stream for its retry_after;
+    after `max_failures` failed drafts or edits the stream stops (its message is
+    deleted) and the reply is sent as a message of its own.
     """
 
     LIMIT = 4096
+    first_chars = 40
+    max_failures = 3
 
     def __init__(
         self,
@@ -5074,6 +5300,7 @@ class Telegram(PollingAdapter):
         name: str = "telegram",
         poll_timeout: float = 25.0,
         lease: float = 60.0,
+        edit_interval: float = 1.0,
     ) -> None:
         if not isinstance(token, str) or not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", token):
             raise BadInput("a Telegram bot token looks like 123456:ABC-def (from @BotFather)")
@@ -5087,12 +5314,25 @@ class Telegram(PollingAdapter):
         self.allow = {str(a).strip() for a in allow} - {""}
         self.poll_timeout = check_seconds("poll_timeout", poll_timeout, positive=True)
         self.lease = check_seconds("lease", lease, positive=True)
+        self.edit_interval = check_seconds("edit_interval", edit_interval)
+        self.clock: Callable[[], float] = time.monotonic  # of streams (tests drive it)
         self.client = httpx.Client(timeout=20.0)
         self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
+        self._streams: dict[str, _TelegramStream] = {}  # by turn id
+        self._streams_changed = threading.Condition()
+        self._listening = False
 
-    def call(self, method: str, *, client: httpx.Client | None = None, **params: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        *,
+        client: httpx.Client | None = None,
+        patient: bool = True,
+        **params: Any,
+    ) -> Any:
         """One Bot API call; its result. AdapterError (with no token in it) when it fails;
-        a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s)."""
+        a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s),
+        unless not `patient`."""
         url = f"{self.api_url}/bot{self.token}/{method}"
         params = {key: value for key, value in params.items() if value is not None}
         for attempt in range(4):
@@ -5109,7 +5349,7 @@ class Telegram(PollingAdapter):
             retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
             if not isinstance(retry_after, int) or retry_after < 0:
                 retry_after = None
-            waits = retry_after is not None and retry_after <= 30 and attempt < 3
+            waits = patient and retry_after is not None and retry_after <= 30 and attempt < 3
             if response.status_code == 429 and waits:
                 time.sleep(retry_after)
                 continue
@@ -5130,10 +5370,19 @@ class Telegram(PollingAdapter):
             target=self._type_while_running, name=f"agentkit-typing-{self.name}", daemon=True
         )
         self._typing.start()
+        if not self._listening:
+            kit.engine.live.listen(self._hear)
+            self._listening = True
+        self._streamer = threading.Thread(
+            target=self._stream_replies, name=f"agentkit-stream-{self.name}", daemon=True
+        )
+        self._streamer.start()
 
     def stop(self) -> None:
         super().stop()
+        self.wake()
         self._typing.join(timeout=10)
+        self._streamer.join(timeout=10)
 
     def interrupt(self) -> None:
         self._polling.close()
@@ -5245,15 +5494,163 @@ class Telegram(PollingAdapter):
                 markup = {"inline_keyboard": [row]}
             else:  # decided before it went out: no buttons to press
                 text = approval_text(approval)
-        pieces = split_text(text, self.LIMIT)
+        html = outbound.kind == "reply"
+        pieces = (
+            split_html(markdown_html(text), self.LIMIT) if html else split_text(text, self.LIMIT)
+        )
         sent = None
-        for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
-            last = i == len(pieces) - 1
-            reply_markup = markup if last else None
-            sent = self.call("sendMessage", **where, text=piece, reply_markup=reply_markup)
-            if not last and outbound.delivery is not None:  # a retry goes on from here
-                self.kit.records.set_progress(outbound.delivery, i + 1)
+        stream = self._streams.get(outbound.turn_id or "")
+        with stream.lock if stream is not None else contextlib.nullcontext():
+            for i, piece in enumerate(pieces[outbound.sent_parts :], outbound.sent_parts):
+                last = i == len(pieces) - 1
+                reply_markup = markup if last else None
+                if i == 0 and outbound.stream and outbound.stream.get("message_id"):
+                    sent = self.finish_stream(where, int(outbound.stream["message_id"]), piece)
+                if sent is None or i > 0:
+                    send = self.send_html if html else self.call
+                    sent = send("sendMessage", **where, text=piece, reply_markup=reply_markup)
+                if not last and outbound.delivery is not None:  # a retry goes on from here
+                    self.kit.records.set_progress(outbound.delivery, i + 1)
         return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
+
+    def send_html(self, method: str, *, text: str, **params: Any) -> Any:
+        """sendMessage or editMessageText of an HTML text; when Telegram cannot parse it,
+        the same text once more, plain."""
+        try:
+            return self.call(method, **params, text=text, parse_mode="HTML")
+        except AdapterError as e:
+            if e.status != 400 or "can't parse entities" not in str(e):
+                raise
+            return self.call(method, **params, text=html_plain(text))
+
+    def finish_stream(self, where: dict[str, int | None], message_id: int, html: str) -> Any:
+        """Edit the message a reply streamed into to show (the first piece of) the reply;
+        None when it cannot be edited any more (the reply is then sent afresh)."""
+        try:
+            self.send_html(
+                "editMessageText", chat_id=where["chat_id"], message_id=message_id, text=html
+            )
+        except AdapterError as e:
+            if e.status != 400:
+                raise
+            if "not modified" not in str(e):  # deleted or too old: send it as a new message
+                return None
+        return {"message_id": message_id}
+
+    # streaming replies
+
+    def streamed(self, turn_id: str) -> dict[str, Any] | None:
+        """The message a reply streamed into (its delivery edits it), claimed: the stream
+        stops. A draft needs nothing (the delivery sends the message)."""
+        stream = self._streams.get(turn_id)
+        if stream is None:
+            return None
+        stream.claimed = True
+        if stream.private or stream.gave_up or stream.message_id is None:
+            return None
+        return {"message_id": stream.message_id}
+
+    def wake(self) -> None:
+        """Have the streaming thread look at the streams again (tests that drive `clock`)."""
+        with self._streams_changed:
+            self._streams_changed.notify_all()
+
+    def _hear(self, event: TurnEvent) -> None:
+        """A live event of a turn run in this process: update its chat's stream."""
+        if not event.thread_id.startswith(f"{self.name}:"):
+            return
+        with self._streams_changed:
+            stream = self._streams.get(event.turn_id)
+            if stream is None:
+                if event.kind == "done":
+                    return
+                where = self.chat(event.thread_id)
+                stream = _TelegramStream(event.turn_id, where)
+                self._streams[event.turn_id] = stream
+            stream.hear(event)
+            self._streams_changed.notify_all()
+
+    def _stream_replies(self) -> None:
+        """The streaming thread: drafts and edits, each stream as often as it may."""
+        try:
+            while not self._stopping.is_set():
+                with self._streams_changed:
+                    at = self.clock()
+                    streams = list(self._streams.values())
+                    due = [s for s in streams if s.due(at, self.edit_interval, self.first_chars)]
+                    if not due:
+                        waits = [s.wait(at, self.edit_interval) for s in streams]
+                        pending = [w for w in waits if w is not None]
+                        self._streams_changed.wait(min(pending, default=1.0))
+                        continue
+                for stream in due:
+                    self._update(stream)
+        except Exception:
+            log.exception("%s: streaming replies stopped", self.name)
+        finally:
+            self.kit.store.release_thread()
+
+    def _update(self, stream: "_TelegramStream") -> None:
+        """Show a stream's current text (a draft, the first message, or an edit); a turn
+        that ended deletes a message the reply did not claim."""
+        with stream.lock:
+            if stream.ended:
+                with self._streams_changed:
+                    self._streams.pop(stream.turn_id, None)
+                if stream.message_id is not None and not stream.claimed:
+                    self._delete(stream)
+                return
+            html, at = stream.html(self.LIMIT), self.clock()
+            stream.last, stream.dirty = at, False
+            try:
+                if stream.private:
+                    self.call(
+                        "sendMessageDraft",
+                        patient=False,
+                        **stream.where,
+                        draft_id=stream.draft_id,
+                        text=html,
+                        parse_mode="HTML" if html else None,
+                    )
+                elif stream.message_id is None:
+                    sent = self.call(
+                        "sendMessage", patient=False, **stream.where, text=html, parse_mode="HTML"
+                    )
+                    stream.message_id = int(sent["message_id"])
+                    if stream.claimed:  # the reply was stored meanwhile and is sent afresh
+                        self._delete(stream)
+                elif html != stream.shown:
+                    self.call(
+                        "editMessageText",
+                        patient=False,
+                        chat_id=stream.where["chat_id"],
+                        message_id=stream.message_id,
+                        text=html,
+                        parse_mode="HTML",
+                    )
+                stream.shown = html
+            except (AdapterError, KeyError, TypeError, ValueError) as e:
+                stream.failures += 1
+                stream.dirty = True
+                retry_after = getattr(e, "retry_after", None)
+                if retry_after:
+                    stream.paused_until = at + retry_after
+                if stream.failures >= self.max_failures:
+                    log.warning("%s: stopped streaming %s: %s", self.name, stream.turn_id, e)
+                    stream.gave_up = True
+                    if stream.message_id is not None:
+                        self._delete(stream)
+
+    def _delete(self, stream: "_TelegramStream") -> None:
+        """Delete a stream's message (best effort: it only ever showed a partial reply)."""
+        message_id, stream.message_id = stream.message_id, None
+        with contextlib.suppress(AdapterError):
+            self.call(
+                "deleteMessage",
+                patient=False,
+                chat_id=stream.where["chat_id"],
+                message_id=message_id,
+            )
 
     def answer_button(self, outbound: Outbound) -> None:
         """Answer a button press with a toast (an alert when nothing was decided; the
@@ -6250,6 +6647,7 @@ class AgentKit:
             delivery.id,
             body.get("sent_parts", 0),
             request.body.get("ref") if request else None,
+            body.get("stream"),
         )
         try:
             ref = adapter.send(delivery.thread_id, outbound)

@@ -37,11 +37,13 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -69,7 +71,8 @@ class Reply:
     text: str | None
     tool_calls: list[tuple[str, dict[str, Any] | str]]
     usage: tuple[int, int]  # (input tokens, output tokens)
-    hold: threading.Event | None = None  # streamed: the rest waits after the first delta
+    hold: threading.Event | None = None  # streamed: the rest waits after the first deltas
+    held_deltas: int = 1  # how many text deltas go out before the hold
 
 
 @dataclass
@@ -233,11 +236,11 @@ class _FakeServer(_Loopback, ABC):
         hold, a streamed answer stops after its first text delta until hold is set."""
         self._queue(Reply(text, list(tool_calls or []), usage, hold))
 
-    def hold(self, text: str, usage: tuple[int, int] = (10, 5)) -> threading.Event:
-        """Queue a streamed text answer held open after its first delta; set what this
-        returns to release the rest."""
+    def hold(self, text: str, after: int = 1, usage: tuple[int, int] = (10, 5)) -> threading.Event:
+        """Queue a streamed text answer held open after its first `after` deltas (of 4
+        characters); set what this returns to release the rest."""
         release = threading.Event()
-        self.push(text=text, usage=usage, hold=release)
+        self._queue(Reply(text, [], usage, release, after))
         return release
 
     def push_error(
@@ -279,7 +282,8 @@ class _FakeServer(_Loopback, ABC):
             case Reply():
                 if stream:
                     events = self._events(answer, request.body)
-                    handler.send_events(events, hold=answer.hold, held_after=self.held_after)
+                    held_after = self.held_after + answer.held_deltas - 1
+                    handler.send_events(events, hold=answer.hold, held_after=held_after)
                 else:
                     data = json.dumps(self._message(answer, request.body)).encode()
                     handler.send_body(200, "application/json", data)
@@ -615,14 +619,64 @@ def _chat_param(params: dict[str, Any]) -> int | str:
         raise _TelegramError(400, "Bad Request: chat not found") from None
 
 
-def _checked_text(params: dict[str, Any]) -> str:
+_HTML_TAGS = frozenset(
+    {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span", "tg-spoiler", "a"}
+    | {"code", "pre", "blockquote", "tg-emoji"}
+)
+
+
+class _EntityParser(HTMLParser):
+    """Telegram's HTML parse mode: the supported tags, properly nested; the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.text: list[str] = []
+        self.problem: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _HTML_TAGS:
+            self.problem = self.problem or f'unsupported start tag "{tag}"'
+        self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.open or self.open[-1] != tag:
+            self.problem = self.problem or f'unexpected end tag "{tag}"'
+        else:
+            self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _visible(text: str, parse_mode: Any) -> str:
+    """What a text shows once its entities are parsed; 400 "can't parse entities" when
+    its HTML is not what Telegram takes."""
+    if parse_mode is None:
+        return text
+    if parse_mode != "HTML":
+        raise _TelegramError(400, f"Bad Request: unsupported parse_mode {parse_mode!r}")
+    parser = _EntityParser()
+    if re.search(r"<(?![a-zA-Z/])", text) or re.search(r"&(?!#?\w+;)", text):
+        parser.problem = "a bare < or & (escape it)"
+    parser.feed(text)
+    parser.close()
+    problem = parser.problem or (f'unclosed tag "{parser.open[-1]}"' if parser.open else None)
+    if problem:
+        raise _TelegramError(400, f"Bad Request: can't parse entities: {problem}")
+    return "".join(parser.text)
+
+
+def _checked_text(params: dict[str, Any], *, empty: bool = False) -> tuple[str, str]:
+    """(the text as sent, what it shows) of a message text (empty only when allowed)."""
     text = params.get("text")
     text = "" if text is None else str(text)
-    if not text.strip():
+    visible = _visible(text, _param(params, "parse_mode"))
+    if not visible.strip() and not empty:
         raise _TelegramError(400, "Bad Request: message text is empty")
-    if len(text) > _MAX_TEXT:
+    if len(visible) > _MAX_TEXT:
         raise _TelegramError(400, "Bad Request: message is too long")
-    return text
+    return text, visible
 
 
 def _kind(update: dict[str, Any]) -> str | None:
@@ -688,13 +742,18 @@ class FakeTelegram(_Loopback):
     """A fake Telegram Bot API server: updates pushed by the test, the bot's calls recorded.
 
     Clients call {url}/bot{token}/{method} with a JSON body, a form or a query string. Known
-    methods: getMe, getUpdates, sendMessage, editMessageText, editMessageReplyMarkup,
-    deleteMessage, answerCallbackQuery, sendChatAction (names are case-insensitive, as
-    Telegram's are). Every answer is {"ok": true, "result": ...} or {"ok": false,
-    "error_code": N, "description": ..., "parameters"?: {...}} with N as the HTTP status.
+    methods: getMe, getUpdates, sendMessage, sendMessageDraft (private chats only),
+    editMessageText, editMessageReplyMarkup, deleteMessage, answerCallbackQuery,
+    sendChatAction (names are case-insensitive, as Telegram's are). Every answer is
+    {"ok": true, "result": ...} or {"ok": false, "error_code": N, "description": ...,
+    "parameters"?: {...}} with N as the HTTP status. parse_mode=HTML is checked as Telegram
+    does (supported tags, properly nested, < and & escaped; else 400 "can't parse
+    entities"), and a message's text is what it shows; .sent, .drafts and .edits keep the
+    text as sent in "text" and what it shows in "plain".
 
     What the bot did: .calls (every request, as (method, params)), .sent (sendMessage),
-    .edits (editMessageText and editMessageReplyMarkup), .answers (answerCallbackQuery),
+    .drafts (sendMessageDraft), .edits (editMessageText and editMessageReplyMarkup),
+    .answers (answerCallbackQuery),
     .actions (sendChatAction), .deleted (deleteMessage), .polls (getUpdates); only calls that
     succeeded land in the lists other than .calls. Read them from the test's thread once
     wait_for has seen what it waits for.
@@ -704,6 +763,7 @@ class FakeTelegram(_Loopback):
         "getMe",
         "getUpdates",
         "sendMessage",
+        "sendMessageDraft",
         "editMessageText",
         "editMessageReplyMarkup",
         "deleteMessage",
@@ -715,6 +775,7 @@ class FakeTelegram(_Loopback):
         self.token = token
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.sent: list[dict[str, Any]] = []
+        self.drafts: list[dict[str, Any]] = []
         self.edits: list[dict[str, Any]] = []
         self.answers: list[dict[str, Any]] = []
         self.actions: list[dict[str, Any]] = []
@@ -739,6 +800,7 @@ class FakeTelegram(_Loopback):
             "getMe": self._get_me,
             "getUpdates": self._get_updates,
             "sendMessage": self._send_message,
+            "sendMessageDraft": self._send_message_draft,
             "editMessageText": self._edit_message_text,
             "editMessageReplyMarkup": self._edit_message_reply_markup,
             "deleteMessage": self._delete_message,
@@ -1044,7 +1106,7 @@ class FakeTelegram(_Loopback):
 
     def _send_message(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = _chat_param(params)
-        text = _checked_text(params)
+        text, visible = _checked_text(params)
         thread = _int_param(params, "message_thread_id")
         markup = _json_param(params, "reply_markup")
         with self._cond:
@@ -1056,7 +1118,7 @@ class FakeTelegram(_Loopback):
                 "from": dict(self.bot),
                 "chat": dict(self._chat(chat_id, forum=thread is not None)),
                 "date": int(time.time()),
-                "text": text,
+                "text": visible,
             }
             if thread is not None:
                 message["is_topic_message"] = True
@@ -1070,6 +1132,7 @@ class FakeTelegram(_Loopback):
                     **params,
                     "chat_id": chat_id,
                     "text": text,
+                    "plain": visible,
                     "message_id": message_id,
                     "message_thread_id": thread,
                     "reply_markup": markup,
@@ -1078,6 +1141,30 @@ class FakeTelegram(_Loopback):
             )
             self._cond.notify_all()
             return copy.deepcopy(message)
+
+    def _send_message_draft(self, params: dict[str, Any]) -> bool:
+        chat_id = _chat_param(params)
+        draft_id = _int_param(params, "draft_id")
+        if not draft_id:
+            raise _TelegramError(400, "Bad Request: draft_id must be non-zero")
+        if not isinstance(chat_id, int) or chat_id <= 0:
+            raise _TelegramError(400, "Bad Request: drafts can be sent only to private chats")
+        text, visible = _checked_text(params, empty=True)
+        with self._cond:
+            self.drafts.append(
+                {
+                    "method": "sendMessageDraft",
+                    **params,
+                    "chat_id": chat_id,
+                    "draft_id": draft_id,
+                    "text": text,
+                    "plain": visible,
+                    "message_thread_id": _int_param(params, "message_thread_id"),
+                    "parse_mode": _param(params, "parse_mode"),
+                }
+            )
+            self._cond.notify_all()
+            return True
 
     def _editable(self, params: dict[str, Any]) -> tuple[int | str, int, dict[str, Any]]:
         """(chat_id, message_id, the stored message) of a message the bot may edit."""
@@ -1095,11 +1182,13 @@ class FakeTelegram(_Loopback):
         return chat_id, message_id, message
 
     def _edit_message_text(self, params: dict[str, Any]) -> dict[str, Any]:
-        text = _checked_text(params)
+        _, visible = _checked_text(params)
         markup = _json_param(params, "reply_markup")
         with self._cond:
             chat_id, message_id, message = self._editable(params)
-            return self._edit(params, "editMessageText", chat_id, message_id, message, text, markup)
+            return self._edit(
+                params, "editMessageText", chat_id, message_id, message, visible, markup
+            )
 
     def _edit_message_reply_markup(self, params: dict[str, Any]) -> dict[str, Any]:
         markup = _json_param(params, "reply_markup")
@@ -1136,7 +1225,8 @@ class FakeTelegram(_Loopback):
                 **params,
                 "chat_id": chat_id,
                 "message_id": message_id,
-                "text": text,
+                "text": params.get("text", text),
+                "plain": text,
                 "reply_markup": markup,
                 "parse_mode": _param(params, "parse_mode"),
             }
