@@ -1864,6 +1864,7 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
 TURN_TASK = "agentkit.turn"
+CANCELLED_RUNNING = "interrupted: the turn was cancelled while this call ran; its effect is unknown"
 DELIVER_TASK = "agentkit.deliver"
 
 
@@ -2346,6 +2347,13 @@ class Records:
                 return "cancelling"
             for approval in self.approvals(turn_id=turn_id):
                 self.settle(db, approval, "cancelled", None, None)
+            # calls left open get a result, so the model always reads one for each call
+            db.execute(
+                "UPDATE calls SET state = 'error', finished_at = ?3, result = CASE state "
+                "WHEN 'running' THEN ?1 ELSE ?2 END "
+                "WHERE turn_id = ?4 AND state IN ('pending', 'running')",
+                (CANCELLED_RUNNING, "not run: the turn was cancelled", now(), turn_id),
+            )
             self.end(db, turn_id, "cancelled", error="cancelled")
             db.execute(
                 "UPDATE jobs SET state = 'cancelled', owner = NULL, lease_until = NULL, "
@@ -6558,8 +6566,8 @@ class AgentKit:
     def cancel(self, id: str, *, at_once: bool = False) -> Job | TurnResult:
         """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
         running one at its next step, or with `at_once` now (its worker's later writes are
-        refused, and the thread's next message runs right away; what a tool was doing
-        then goes on unrecorded, as after a crash)."""
+        refused, and the thread's next message runs right away; a call it was running is
+        recorded as interrupted, its effect unknown)."""
         if isinstance(id, str) and id.startswith("turn_"):
             self.engine.records.cancel(id, at_once=at_once)
             return self.engine.result(id)
