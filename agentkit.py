@@ -7567,14 +7567,14 @@ def line_editing() -> Iterator[None]:
 
 
 def ask_decisions(
-    kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter, result: TurnResult
-) -> TurnResult | None:
-    """Ask `[a]pprove / [d]eny` for each pending approval of a turn, while the user may
-    decide; the turn's result after the decisions (None when left pending or cancelled)."""
+    kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter, result: TurnResult | None
+) -> None:
+    """Ask `[a]pprove / [d]eny` for each pending approval of a turn while the user may
+    decide, and print the turn going on after each decision."""
     while result is not None and result.status == "waiting_approval":
         pending = [a for a in result.approvals if a.state == "pending"]
         if not pending or not kit.gatekeeper.may_decide(args.actor):
-            return result
+            return
         approval = pending[-1]
         try:
             answer = input(f"{approval.tool}: [a]pprove / [d]eny? ").strip().lower()
@@ -7582,16 +7582,11 @@ def ask_decisions(
             answer = ""
         if answer not in ("a", "approve", "d", "deny"):
             printer.note(f"left pending: {printer.decide_command('approve', approval.id)}")
-            return result
+            return
         verb = "approve" if answer.startswith("a") else "deny"
         decide = functools.partial(getattr(kit, verb), approval.id, actor=args.actor)
         events = decision_events(kit, printer, approval, decide)
-        try:
-            result = follow_turn(kit, printer, events, args.thread, approval.turn_id)
-        except AgentKitError as e:
-            printer.note(f"agentkit: {e}")
-            return None
-    return result
+        result = follow_turn(kit, printer, events, args.thread, approval.turn_id)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -7612,11 +7607,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:  # a fresh line, as in a shell
                 print()
                 continue
-            if text.strip():
+            if not text.strip():
+                continue
+            try:
                 events = kit.stream_turn(args.thread, text, actor=args.actor)
                 result = follow_turn(kit, printer, events, args.thread)
-                if interactive and result is not None:
+                if interactive:
                     ask_decisions(kit, args, printer, result)
+            except AgentKitError as e:  # say it and go on with the conversation
+                printer.note(f"agentkit: {e}")
 
 
 def cmd_threads(args: argparse.Namespace) -> int:

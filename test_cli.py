@@ -433,3 +433,9 @@ def test_cancel_at_once_frees_the_thread_and_fences_the_worker_still_running(
     assert len(calls) == len(results) == 1  # the call the model made keeps a result
     assert results[0]["content"] == agentkit.CANCELLED_RUNNING  # not the late "too late"
     assert history[-1] == {"role": "assistant", "content": "the next one"}
+
+
+def test_chat_says_what_was_wrong_with_a_message_and_goes_on(tmp_path: Path) -> None:
+    out = cli(tmp_path, "chat", stdin="x" * 100_001 + "\nstill here\n")
+    assert out.returncode == 0
+    assert "at most 100,000 characters" in out.stderr and out.stdout == "echo: still here\n"
