@@ -7566,16 +7566,15 @@ def line_editing() -> Iterator[None]:
             readline.write_history_file(path)
 
 
-def ask_decisions(
-    kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter, result: TurnResult | None
-) -> None:
-    """Ask `[a]pprove / [d]eny` for each pending approval of a turn while the user may
+def ask_decisions(kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter) -> None:
+    """Ask `[a]pprove / [d]eny` for each approval the thread waits for while the user may
     decide, and print the turn going on after each decision."""
-    while result is not None and result.status == "waiting_approval":
-        pending = [a for a in result.approvals if a.state == "pending"]
-        if not pending or not kit.gatekeeper.may_decide(args.actor):
+    while kit.gatekeeper.may_decide(args.actor):
+        waiting = kit.engine.records.waiting_in(kit.store.connection(), args.thread)
+        if not waiting:
             return
-        approval = pending[-1]
+        approval = waiting[0]
+        printer.approval(approval)  # unless this turn printed it already
         try:
             answer = input(f"{approval.tool}: [a]pprove / [d]eny? ").strip().lower()
         except (EOFError, KeyboardInterrupt):
@@ -7586,7 +7585,12 @@ def ask_decisions(
         verb = "approve" if answer.startswith("a") else "deny"
         decide = functools.partial(getattr(kit, verb), approval.id, actor=args.actor)
         events = decision_events(kit, printer, approval, decide)
-        result = follow_turn(kit, printer, events, args.thread, approval.turn_id)
+        try:
+            if follow_turn(kit, printer, events, args.thread, approval.turn_id) is None:
+                return  # Ctrl-C cancelled it
+        except AgentKitError as e:  # not allowed, or decided meanwhile: say so
+            printer.note(f"agentkit: {e}")
+            return
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -7597,6 +7601,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"agentkit chat: model {kit.engine.model.name}, thread {args.thread}")
         print("Ctrl-C cancels a reply, Ctrl-D exits.")
     with line_editing() if interactive else contextlib.nullcontext():
+        if interactive:  # what an earlier conversation left waiting comes first
+            ask_decisions(kit, args, printer)
         while True:
             try:
                 text = input("> " if interactive else "")
@@ -7611,9 +7617,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             try:
                 events = kit.stream_turn(args.thread, text, actor=args.actor)
-                result = follow_turn(kit, printer, events, args.thread)
-                if interactive:
-                    ask_decisions(kit, args, printer, result)
+                if follow_turn(kit, printer, events, args.thread) and interactive:
+                    ask_decisions(kit, args, printer)
             except AgentKitError as e:  # say it and go on with the conversation
                 printer.note(f"agentkit: {e}")
 

@@ -439,3 +439,24 @@ def test_chat_says_what_was_wrong_with_a_message_and_goes_on(tmp_path: Path) -> 
     out = cli(tmp_path, "chat", stdin="x" * 100_001 + "\nstill here\n")
     assert out.returncode == 0
     assert "at most 100,000 characters" in out.stderr and out.stdout == "echo: still here\n"
+
+
+def test_chat_starts_with_what_the_thread_waits_for(tmp_path: Path, fake: FakeOpenAI) -> None:
+    write_app(tmp_path)
+    env = {"OPENAI_BASE_URL": fake.url}
+    fake.push(tool_calls=[("restart", {"service": "nginx"})])
+    assert cli(tmp_path, "run", "restart nginx", "--app", "app:kit", **env).returncode == 3
+    fake.push(text="fine, I leave it")
+    term = Terminal(["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, **env))
+    try:
+        at = term.wait_for("approval apr_")
+        at = term.wait_for("restart: [a]pprove / [d]eny? ", at)
+        term.type("d\r")
+        at = term.wait_for("fine, I leave it", at)
+        at = term.wait_for("> ", at)
+        term.type("\x04")
+        assert term.wait_exit() == 0
+    finally:
+        term.close()
+    assert not (tmp_path / "restarted.txt").exists()
+    assert "denied by cli:" in fake.requests[-1].body["messages"][-1]["content"]
