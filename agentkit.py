@@ -7394,6 +7394,7 @@ class TurnPrinter:
         self.args = args
         self.as_json = as_json
         self.pen = MarkdownPen() if sys.stdout.isatty() and not as_json else None
+        self.dim = sys.stderr.isatty()  # tool lines are dimmed on a terminal
         self.shown: set[str] = set()  # approval ids already printed
         self.streamed = False  # text of this turn was printed
         self.mid_line = False  # the last text printed did not end a line
@@ -7405,11 +7406,13 @@ class TurnPrinter:
         elif event.kind == "text":
             self.text(event.text)
         elif event.kind == "tool_start":
-            self.note(f"→ {event.tool}({shorten(json.dumps(event.args, ensure_ascii=False))})")
+            args = shorten(json.dumps(event.args, ensure_ascii=False))
+            self.note(f"→ {event.tool}({args})", dim=True)
         elif event.kind == "tool_end":
-            self.note(("← error: " if event.is_error else "← ") + shorten(str(event.result)))
+            mark = "← error: " if event.is_error else "← "
+            self.note(mark + shorten(str(event.result)), dim=True)
         elif event.kind == "progress":
-            self.note(f"  {shorten(event.text)}")
+            self.note(f"  {shorten(event.text)}", dim=True)
         elif event.kind == "approval":
             self.approval(event.approval)
         if event.kind != "done":
@@ -7437,9 +7440,11 @@ class TurnPrinter:
             self.mid_line = False
         sys.stdout.flush()
 
-    def note(self, line: str) -> None:
+    def note(self, line: str, *, dim: bool = False) -> None:
         """A line on stderr, after the text so far."""
         self.end_text()
+        if dim and self.dim:
+            line = STYLES["dim"][0] + line + STYLES["dim"][1]
         print(line, file=sys.stderr, flush=True)
 
     def decide_command(self, verb: str, approval_id: str) -> str:

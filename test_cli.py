@@ -218,6 +218,7 @@ def test_chat_in_a_terminal_shows_tool_calls_and_tokens_as_they_arrive(
         release.set()
         at = term.wait_for("The disk has 12.3 GB free.", at - 4)
         assert "\x1b[1mdisk\x1b[22m" in term.raw.decode()  # bold on a terminal, no stars
+        assert "\x1b[2m→ disk_free(" in term.raw.decode()  # tool lines dimmed
         at = term.wait_for("> ", at)
         term.type("\x04")
         assert term.wait_exit() == 0
