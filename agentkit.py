@@ -2729,17 +2729,23 @@ class _Replayed:
     def __init__(self, on_delta: Deltas | None) -> None:
         self.on_delta = on_delta
         self.shown = ""  # all that was passed on
-        self.text = ""  # what this attempt streamed
+        self.text = ""  # what this attempt streamed while it caught up
+        self.caught_up = True  # this attempt went past `shown`, agreeing with it
 
     def attempt(self) -> "_Replayed":
-        self.text = ""
+        self.text, self.caught_up = "", not self.shown
         return self
 
     def __call__(self, delta: str) -> None:
-        self.text += delta
-        if self.on_delta and len(self.text) > len(self.shown) and self.text.startswith(self.shown):
-            new, self.shown = self.text[len(self.shown) :], self.text
-            self.on_delta(new)
+        if self.on_delta is None:
+            return
+        if not self.caught_up:
+            self.text += delta
+            if len(self.text) <= len(self.shown) or not self.text.startswith(self.shown):
+                return
+            delta, self.caught_up = self.text[len(self.shown) :], True
+        self.shown += delta
+        self.on_delta(delta)
 
 
 def _pieces(text: str) -> list[str]:
@@ -3675,14 +3681,11 @@ class TurnResult:
     note: str | None = None
 
 
-TURN_EVENT_KINDS = ("text", "tool_start", "tool_end", "progress", "approval", "done")
-
-
 @dataclasses.dataclass(frozen=True)
 class TurnEvent:
     """One thing that happened in a running turn, as `stream_turn` yields it.
 
-    `kind` is one of TURN_EVENT_KINDS: "text" (`.text` is a delta; a step's deltas join
+    `kind` is one of "text" (`.text` is a delta; a step's deltas join
     to its stored text), "tool_start" and "tool_end" (`.tool`, `.call_id`, `.args`; at the
     end `.result` is the tool's result text and `.is_error` says whether it failed),
     "progress" (`.text`, a tool's `ctx.progress` line), "approval" (`.approval`), and last
@@ -3766,10 +3769,11 @@ class _LiveText:
         self.shown = ""
 
     def add(self, delta: str) -> None:
-        self.raw += delta
         if not self.values:
-            self._show(self.raw)
+            self.shown += delta
+            self.emit(delta)
             return
+        self.raw += delta
         text = redactions.redact(self.raw, self.values)
         self._show(text[: len(text) - _secret_start(text, self.values)])
 
@@ -4150,10 +4154,20 @@ class TurnWatch:
         self.turn_id = turn_id
         self.texts: dict[int, str] = {}  # step -> "live" or "stored": where its text came from
         self.shown: set[tuple[str, str]] = set()  # (kind, call or approval id) shown
+        self.live_steps: set[int] = set()  # steps this process ran, seen live
+        self.last_step: int | None = None  # from the live "done": the run ended here
+
+    def seen_live(self) -> bool:
+        """Whether every step of the turn was seen live, up to its end."""
+        return self.last_step is not None and self.live_steps >= set(range(self.last_step + 1))
 
     def live(self, event: TurnEvent) -> TurnEvent | None:
         """The live event, unless it was shown already ("done" is the stream's own, and
         "thinking" is for adapters)."""
+        if event.kind == "done":
+            self.last_step = event.step
+            return None
+        self.live_steps.add(event.step)
         if event.kind == "text":
             if self.texts.setdefault(event.step, "live") != "live":
                 return None
@@ -4162,7 +4176,7 @@ class TurnWatch:
             if key in self.shown:
                 return None
             self.shown.add(key)
-        elif event.kind in ("done", "thinking"):
+        elif event.kind == "thinking":
             return None
         return event
 
@@ -5553,10 +5567,17 @@ class Telegram(PollingAdapter):
         stream = self._streams.get(turn_id)
         if stream is None:
             return None
-        stream.claimed = True
-        if stream.private or stream.gave_up or stream.message_id is None:
-            return None
-        return {"message_id": stream.message_id}
+        # a call in flight may be sending its first message: wait for it a little (this
+        # runs in the transaction that stores the reply); else that message is deleted
+        locked = stream.lock.acquire(timeout=1.0)
+        try:
+            stream.claimed = True
+            if stream.private or stream.gave_up or stream.message_id is None:
+                return None
+            return {"message_id": stream.message_id}
+        finally:
+            if locked:
+                stream.lock.release()
 
     def wake(self) -> None:
         """Have the streaming thread look at the streams again (tests that drive `clock`)."""
@@ -6471,6 +6492,8 @@ class AgentKit:
         if any(not adapter.pull for adapter in self.adapters.values()):
             self.queue.tasks[DELIVER_TASK] = Task(DELIVER_TASK, self._deliver, 8, 2.0)
         self.stopping = threading.Event()  # set while serve() shuts down
+        # the threads that run streamed turns (each keeps its database connection)
+        self._streamers = concurrent.futures.ThreadPoolExecutor(32, "agentkit-stream")
         self._workers: set[Worker] = set()  # those running `work` (or `serve`) now
         self._working = threading.Condition()
 
@@ -6506,6 +6529,7 @@ class AgentKit:
             self._working.wait_for(lambda: not self._workers, timeout=self.lease)
         for adapter in self.adapters.values():
             adapter.close()
+        self._streamers.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
         self.store.close()
 
@@ -6898,11 +6922,9 @@ class AgentKit:
                 feed.put(self._follow(turn_id, job, True, None))
             except BaseException as e:  # the stream raises it
                 feed.put(e)
-            finally:
-                self.store.release_thread()
 
         try:
-            threading.Thread(target=run, name="agentkit-stream", daemon=True).start()
+            self._streamers.submit(run)
             while True:
                 try:
                     item = feed.get(timeout=0.2)
@@ -6916,11 +6938,12 @@ class AgentKit:
                 event = watch.live(item)
                 if event is not None:
                     yield event
-            yield from watch.stored()
-            result = self._noted(item, note)
-            yield TurnEvent(
-                "done", turn_id, thread, max(self.records.turn(turn_id).steps - 1, 0), result=result
-            )
+            if not watch.seen_live():
+                yield from watch.stored()
+            step = watch.last_step
+            if step is None:
+                step = max(self.records.turn(turn_id).steps - 1, 0)
+            yield TurnEvent("done", turn_id, thread, step, result=self._noted(item, note))
         finally:
             unwatch()
 

@@ -18,7 +18,16 @@ Rows: a new thread per turn, and one thread whose history grows. Each row report
 second (wall clock, after a short warm-up on a throwaway file) and database bytes per turn
 (the file plus its -wal after `PRAGMA wal_checkpoint(TRUNCATE)`). Every answer and the
 number of tool calls are checked: a wrong answer or a crash makes the exit status non-zero;
-a missed target is only reported. An audit hook refuses any network connection.
+a missed target is only reported. An audit hook refuses any network connection but to
+127.0.0.1.
+
+A second table streams: the same fake OpenAI-compatible server (fake_servers.FakeOpenAI,
+over loopback, Chat Completions with server-sent events) answers every framework's turn
+with one text reply. agentkit runs the turn with `run_turn` and with `stream_turn`,
+alternating, side by side (target: streamed at most 1.10× the unstreamed time); the peers
+run theirs with pydantic-ai's `agent.run_stream` (`stream_text(delta=True)`) and the
+Agents SDK's `Runner.run_streamed` (`stream_events()`, text delta events). Each row gives
+turns per second and the mean time to the first text delta; every streamed text is checked.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ if os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(
 os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import platform
@@ -69,6 +79,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"missing benchmark dependency ({missing}); run: pip install -e '.[bench]'")
 
 import agentkit
+from fake_servers import FakeOpenAI
 
 PROMPT = "add 1 and 2"
 ANSWER = "The sum is 3."
@@ -83,10 +94,11 @@ class Config:
 
     new_thread_turns: int  # row 1: every turn in a thread of its own
     one_thread_turns: int  # row 2: every turn in the same thread
+    streamed_turns: int  # the streaming table: turns per API
 
 
-FULL_RUN = Config(new_thread_turns=1000, one_thread_turns=200)
-QUICK_RUN = Config(new_thread_turns=30, one_thread_turns=15)
+FULL_RUN = Config(new_thread_turns=1000, one_thread_turns=200, streamed_turns=200)
+QUICK_RUN = Config(new_thread_turns=30, one_thread_turns=15, streamed_turns=15)
 
 
 class CheckFailed(Exception):
@@ -94,9 +106,14 @@ class CheckFailed(Exception):
 
 
 def refuse_network(event: str, args: tuple[Any, ...]) -> None:
-    """Audit hook: no socket may connect or resolve a name (local socket pairs may)."""
-    if event == "socket.getaddrinfo" or (
-        event == "socket.connect" and args[0].family != socket.AF_UNIX
+    """Audit hook: no socket may connect or resolve a name but local socket pairs and
+    127.0.0.1 (the fake streaming server)."""
+    if event == "socket.getaddrinfo" and args[0] != "127.0.0.1":
+        raise RuntimeError(f"the benchmark must not use the network ({event} {args})")
+    if (
+        event == "socket.connect"
+        and args[0].family != socket.AF_UNIX
+        and not (isinstance(args[1], tuple) and args[1][0] == "127.0.0.1")
     ):
         raise RuntimeError(f"the benchmark must not use the network ({event} {args[1:]})")
 
@@ -301,6 +318,250 @@ def measure(kind: type[Runner], scenario: Scenario, folder: Path) -> Result:
     return Result(scenario.turns, seconds, stored_bytes(path))
 
 
+# ──────────────────────── streaming: one fake streaming server ────────────────────────
+
+STREAM_PROMPT = "say something long"
+STREAM_REPLY = " ".join(["Streaming replies arrive piece by piece."] * 8)  # 4-char deltas
+STREAM_TARGET = 1.10  # agentkit: streamed turn time ÷ the same turn unstreamed, at most
+
+
+class StreamRunner(ABC):
+    """One framework's streaming API against the fake server: one turn at a time."""
+
+    name: ClassVar[str]
+    api: ClassVar[str]
+
+    def __init__(self, url: str, path: Path) -> None:
+        self.url = url
+
+    @abstractmethod
+    def turn(self, thread: str) -> tuple[float | None, str]:
+        """Run one turn; (seconds to its first text delta, or None unstreamed; the text)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the runner holds."""
+
+
+class AgentKitStreams(StreamRunner):
+    """agentkit over the fake: `run_turn` and `stream_turn`, side by side in one kit."""
+
+    name = "agentkit"
+    api = "stream_turn"
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url, path)
+        self.model = agentkit.OpenAIModel("fake", base_url=url, api_key="k")
+        self.kit = agentkit.AgentKit(path, model=self.model)
+
+    def unstreamed(self, thread: str) -> str:
+        return self.kit.run_turn(thread, STREAM_PROMPT).reply or ""
+
+    def turn(self, thread: str) -> tuple[float | None, str]:
+        began, first, text = time.perf_counter(), None, []
+        for event in self.kit.stream_turn(thread, STREAM_PROMPT):
+            if event.kind == "text":
+                first = first if first is not None else time.perf_counter() - began
+                text.append(event.text)
+        return first, "".join(text)
+
+    def close(self) -> None:
+        self.kit.close()
+        self.model.close()
+
+
+class PydanticAIStreams(StreamRunner):
+    """pydantic-ai: `agent.run_stream` with its OpenAI chat model, text deltas."""
+
+    name = "pydantic-ai"
+    api = "run_stream"
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url, path)
+        from pydantic_ai.models.openai import OpenAIChatModel
+        from pydantic_ai.providers.openai import OpenAIProvider
+
+        model = OpenAIChatModel("fake", provider=OpenAIProvider(base_url=url, api_key="k"))
+        self.agent = pydantic_ai.Agent(model, instructions=INSTRUCTIONS)
+        self.loop = asyncio.new_event_loop()
+
+    async def _turn(self) -> tuple[float | None, str]:
+        began, first, text = time.perf_counter(), None, []
+        async with self.agent.run_stream(STREAM_PROMPT) as result:
+            async for delta in result.stream_text(delta=True):
+                first = first if first is not None else time.perf_counter() - began
+                text.append(delta)
+        return first, "".join(text)
+
+    def turn(self, thread: str) -> tuple[float | None, str]:
+        return self.loop.run_until_complete(self._turn())
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+class AgentsStreams(StreamRunner):
+    """OpenAI Agents SDK: `Runner.run_streamed` over Chat Completions, text delta events."""
+
+    name = "openai-agents"
+    api = "Runner.run_streamed"
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url, path)
+        from openai import AsyncOpenAI
+
+        self.loop = asyncio.new_event_loop()
+        self.client = AsyncOpenAI(base_url=url, api_key="k")
+        model = agents.OpenAIChatCompletionsModel(model="fake", openai_client=self.client)
+        self.agent = agents.Agent(name="bench", instructions=INSTRUCTIONS, model=model)
+
+    async def _turn(self) -> tuple[float | None, str]:
+        from openai.types.responses import ResponseTextDeltaEvent
+
+        began, first, text = time.perf_counter(), None, []
+        result = agents.Runner.run_streamed(self.agent, STREAM_PROMPT)
+        async for event in result.stream_events():
+            if event.type == "raw_response_event" and isinstance(
+                event.data, ResponseTextDeltaEvent
+            ):
+                first = first if first is not None else time.perf_counter() - began
+                text.append(event.data.delta)
+        return first, "".join(text)
+
+    def turn(self, thread: str) -> tuple[float | None, str]:
+        return self.loop.run_until_complete(self._turn())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
+
+
+STREAM_RUNNERS: tuple[type[StreamRunner], ...] = (
+    AgentKitStreams,
+    PydanticAIStreams,
+    AgentsStreams,
+)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One streaming API's numbers: turns, total seconds, mean seconds to the first delta."""
+
+    api: str
+    turns: int
+    seconds: float
+    first_delta: float | None
+
+
+def timed_unstreamed(runner: AgentKitStreams, thread: str) -> float:
+    """Seconds of one agentkit `run_turn` on the same reply, its answer checked."""
+    began = time.perf_counter()
+    if runner.unstreamed(thread) != STREAM_REPLY:
+        raise CheckFailed("agentkit's unstreamed turn answered something else")
+    return time.perf_counter() - began
+
+
+def timed_streamed(runner: StreamRunner, thread: str) -> tuple[float, float]:
+    """(seconds, seconds to the first delta) of one streamed turn, its text checked."""
+    began = time.perf_counter()
+    first, text = runner.turn(thread)
+    seconds = time.perf_counter() - began
+    if text != STREAM_REPLY or first is None:
+        raise CheckFailed(f"{runner.name} streamed {text[:40]!r}, not the reply")
+    return seconds, first
+
+
+def stream_turns(
+    runner: StreamRunner, fake: FakeOpenAI, turns: int, label: str
+) -> list[StreamResult]:
+    """Run `turns` streamed turns; for agentkit also as many unstreamed ones, alternating
+    (which goes first alternates too). The results, agentkit's unstreamed first."""
+    firsts, seconds, plain = [], 0.0, 0.0
+    for i in range(turns):
+        fake.push(text=STREAM_REPLY)
+        if isinstance(runner, AgentKitStreams):
+            fake.push(text=STREAM_REPLY)
+            if i % 2:
+                plain += timed_unstreamed(runner, f"{label}-plain:{i}")
+            streamed, first = timed_streamed(runner, f"{label}:{i}")
+            if not i % 2:
+                plain += timed_unstreamed(runner, f"{label}-plain:{i}")
+        else:
+            streamed, first = timed_streamed(runner, f"{label}:{i}")
+        seconds += streamed
+        firsts.append(first)
+    results = [StreamResult(runner.api, turns, seconds, sum(firsts) / len(firsts))]
+    if isinstance(runner, AgentKitStreams):
+        results.insert(0, StreamResult("run_turn", turns, plain, None))
+    return results
+
+
+def measure_streams(
+    kind: type[StreamRunner], fake: FakeOpenAI, turns: int, folder: Path
+) -> list[StreamResult]:
+    """Warm up, then time a framework's streaming API (agentkit: also unstreamed)."""
+    folder.mkdir()
+    runner = kind(fake.url, folder / "bench.db")
+    try:
+        stream_turns(runner, fake, WARMUP_TURNS, "warmup")
+        gc.collect()
+        return stream_turns(runner, fake, turns, "bench")
+    finally:
+        runner.close()
+
+
+STREAM_HEADER = (
+    "framework",
+    "API",
+    "turns",
+    "turns/s",
+    "ms/turn",
+    "first delta ms",
+    "streamed ÷ unstreamed",
+    "target",
+    "ok",
+)
+
+
+def stream_rows(results: dict[str, list[StreamResult] | str]) -> list[tuple[str, ...]]:
+    """The streaming table: a row per API, agentkit's two side by side, then the target."""
+    rows: list[tuple[str, ...]] = []
+    for name, measured in results.items():
+        if isinstance(measured, str):
+            rows.append((name, "", "", measured, *[""] * 4, "FAIL"))
+            continue
+        for result in measured:
+            first = "" if result.first_delta is None else f"{1000 * result.first_delta:.2f}"
+            rate = result.turns / result.seconds
+            rows.append(
+                (
+                    name,
+                    result.api,
+                    f"{result.turns:,}",
+                    f"{rate:,.0f}",
+                    f"{1000 / rate:.2f}",
+                    first,
+                    *[""] * 3,
+                )
+            )
+    ours = results.get(AgentKitStreams.name)
+    if isinstance(ours, list):
+        plain, streamed = ours
+        cost = streamed.seconds / plain.seconds
+        met = "yes" if cost <= STREAM_TARGET else "NO"
+        rows.append(
+            (
+                "agentkit",
+                "streamed ÷ unstreamed",
+                *[""] * 4,
+                ratio(cost),
+                f"≤ {STREAM_TARGET:g}×",
+                met,
+            )
+        )
+    return rows
+
+
 # ───────────────────────────────────────── table ─────────────────────────────────────────
 
 
@@ -366,9 +627,9 @@ def scenario_rows(scenario: Scenario, results: dict[str, Result | str]) -> list[
     return rows
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    lines = [HEADER, *rows]
-    widths = [max(len(line[col]) for line in lines) for col in range(len(HEADER))]
+def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) -> None:
+    lines = [header, *rows]
+    widths = [max(len(line[col]) for line in lines) for col in range(len(header))]
     for index, line in enumerate(lines):
         print(" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if index == 0:
@@ -420,6 +681,17 @@ def main(argv: list[str] | None = None) -> int:
                         traceback.print_exc()
                     results[kind.name] = f"FAIL {type(exc).__name__}: {exc}"[:100]
             rows += scenario_rows(scenario, results)
+        streams: dict[str, list[StreamResult] | str] = {}
+        with FakeOpenAI() as fake:
+            for kind in STREAM_RUNNERS:
+                try:
+                    folder = Path(workdir, f"stream-{kind.name}")
+                    streams[kind.name] = measure_streams(kind, fake, config.streamed_turns, folder)
+                except Exception as exc:  # reported in the table and the exit status
+                    failed = True
+                    if not isinstance(exc, CheckFailed):
+                        traceback.print_exc()
+                    streams[kind.name] = f"FAIL {type(exc).__name__}: {exc}"[:100]
     print(
         f"run took {time.perf_counter() - began:.0f} s; turns/s is wall clock; a ratio > 1 "
         "in the speed column, or < 1 in the bytes column, favours agentkit. In one thread the "
@@ -428,6 +700,14 @@ def main(argv: list[str] | None = None) -> int:
         "agentkit and the pydantic-ai store use NORMAL.\n"
     )
     print_table(rows)
+    print(
+        f"\nStreaming: one turn answers a {len(STREAM_REPLY)}-character reply streamed by a fake "
+        "OpenAI-compatible server over loopback (Chat Completions SSE, 4-character deltas), the "
+        "same for every framework. agentkit's turns are stored (run_turn and stream_turn "
+        "alternate, side by side); the peers' runs keep nothing. first delta: mean time from "
+        "the call to the first text delta.\n"
+    )
+    print_table(stream_rows(streams), STREAM_HEADER)
     return 1 if failed else 0
 
 
