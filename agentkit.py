@@ -7420,6 +7420,7 @@ class TurnPrinter:
         self.dim = sys.stderr.isatty()  # tool lines are dimmed on a terminal
         self.shown: set[str] = set()  # approval ids already printed
         self.streamed = False  # text of this turn was printed
+        self.abandoned = False  # a turn was cancelled while its model may still answer
         self.mid_line = False  # the last text printed did not end a line
 
     def show(self, event: TurnEvent) -> TurnResult | None:
@@ -7501,7 +7502,18 @@ class TurnPrinter:
             self.note(f"agentkit: turn {result.turn_id} {result.status}{error}")
 
     def interrupted(self) -> None:
+        self.abandoned = True
         self.note("(cancelled)")
+
+    def leave(self, status: int) -> int:
+        """`status`; after a turn was cancelled, the process exits at once with it, not
+        waiting for the thread that may still wait for that turn's model (Python joins
+        it at exit; the turn's rows are settled, so nothing is lost)."""
+        if self.abandoned:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
 
 
 def decision_events(
@@ -7565,7 +7577,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     printer = TurnPrinter(args, as_json=args.json)
     events = kit.stream_turn(args.thread, text, actor=args.actor)
     result = follow_turn(kit, printer, events, args.thread)
-    return 130 if result is None else exit_status(result)
+    return printer.leave(130 if result is None else exit_status(result))
 
 
 def history_file() -> Path:
@@ -7637,7 +7649,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except EOFError:
                 if interactive:
                     print()
-                return 0
+                break
             except KeyboardInterrupt:  # a fresh line, as in a shell
                 print()
                 continue
@@ -7649,6 +7661,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     ask_decisions(kit, args, printer)
             except AgentKitError as e:  # say it and go on with the conversation
                 printer.note(f"agentkit: {e}")
+    return printer.leave(0)
 
 
 def cmd_threads(args: argparse.Namespace) -> int:
@@ -7722,7 +7735,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     approval = kit.gatekeeper.get(args.id)
     events = decision_events(kit, printer, approval, decide)
     result = follow_turn(kit, printer, events, approval.thread_id, approval.turn_id)
-    return 130 if result is None else exit_status(result)
+    return printer.leave(130 if result is None else exit_status(result))
 
 
 def cmd_work(args: argparse.Namespace) -> int:

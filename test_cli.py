@@ -461,3 +461,26 @@ def test_chat_starts_with_what_the_thread_waits_for(tmp_path: Path, fake: FakeOp
         term.close()
     assert not (tmp_path / "restarted.txt").exists()
     assert "denied by cli:" in fake.requests[-1].body["messages"][-1]["content"]
+
+
+def test_ctrl_c_in_run_cancels_the_turn_and_exits_130_at_once(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    write_app(tmp_path)
+    fake.push_hang(600)  # the model never answers
+    env = environment(tmp_path, OPENAI_BASE_URL=fake.url)
+    term = Terminal(["run", "--app", "app:kit", "slow"], tmp_path, env)
+    try:
+        for _ in range(600):  # until the request reached the model
+            if fake.requests:
+                break
+            term.read(0.1)
+        term.type("\x03")
+        term.wait_for("(cancelled)")
+        # it does not wait for the model's timeout (120 s) to exit
+        assert term.wait_exit(timeout=60) == 130
+    finally:
+        term.close()
+    with AgentKit(tmp_path / "chat.db") as kit:
+        (status,) = [row[0] for row in kit.store.read("SELECT status FROM turns")]
+    assert status == "cancelled"
