@@ -32,6 +32,7 @@ import random
 import re
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -94,6 +95,7 @@ __all__ = [
     "Model",
     "ModelError",
     "ModelReply",
+    "NotFound",
     "OpenAIModel",
     "Outbound",
     "PollingAdapter",
@@ -119,6 +121,8 @@ __all__ = [
     "main",
 ]
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here
+
 log = logging.getLogger("agentkit")
 
 # ───────────────────────────── errors and small helpers ─────────────────────────────
@@ -130,6 +134,10 @@ class AgentKitError(Exception):
 
 class BadInput(AgentKitError, ValueError):
     """Input that agentkit refuses; nothing was changed."""
+
+
+class NotFound(BadInput):
+    """The job, turn, approval or schedule named does not exist; nothing was changed."""
 
 
 class StoreError(AgentKitError):
@@ -1423,12 +1431,24 @@ class Queue:
                 (now() + lease, owner),
             )
 
+    def release(self, owner: str, jobs: Sequence[Claimed]) -> None:
+        """Hand jobs this worker holds back to the queue at once (its process is being
+        interrupted), instead of leaving them leased until the lease runs out."""
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL, "
+                "last_error = 'interrupted: its worker stopped before finishing' "
+                "WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running'",
+                [(job.rowid, owner, job.attempt) for job in jobs],
+            )
+        self.notify()
+
     # inspection and control
 
     def get(self, job_id: str) -> Job:
         rows = self.store.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_rowid(job_id),))
         if not rows:
-            raise BadInput(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         return job_from_row(rows[0])
 
     def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
@@ -1449,7 +1469,7 @@ class Queue:
         with self.store.transaction() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (rowid,)).fetchone()
             if row is None:
-                raise BadInput(f"no job {job_id}")
+                raise NotFound(f"no job {job_id}")
             if row[0] not in allowed:
                 raise BadInput(f"{job_id} is {row[0]}, not {' or '.join(allowed)}")
             db.execute(sql, (now(), rowid))
@@ -1602,6 +1622,10 @@ class Worker:
                 with self._guard:
                     self._running[job.rowid, job.attempt] = (job, time.monotonic())
                 outcomes.append(self._run(job))
+        except BaseException:  # Ctrl-C or exit: record what ran, hand the rest back at once
+            self._finish(outcomes)
+            self.queue.release(self.owner, jobs[len(outcomes) :])
+            raise
         finally:
             with self._guard:
                 for job in jobs:
@@ -2012,7 +2036,7 @@ class Scheduler:
     def get(self, name: str) -> Schedule:
         rows = self.store.read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?", (name,))
         if not rows:
-            raise BadInput(f"no schedule named {name!r}")
+            raise NotFound(f"no schedule named {name!r}")
         return schedule_from_row(rows[0])
 
     def all(self) -> list[Schedule]:
@@ -2038,7 +2062,7 @@ class Scheduler:
         with self.store.transaction() as db:
             db.execute("DELETE FROM schedules WHERE name = ?", (name,))
             if not db.changes():
-                raise BadInput(f"no schedule named {name!r}")
+                raise NotFound(f"no schedule named {name!r}")
 
     def tick(self, at: float | None = None) -> list[str]:
         """Enqueue every run due at `at` (default: now); the ids of the jobs it added."""
@@ -2072,6 +2096,7 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
 TURN_TASK = "agentkit.turn"
+CANCELLED_RUNNING = "interrupted: the turn was cancelled while this call ran; its effect is unknown"
 DELIVER_TASK = "agentkit.deliver"
 
 
@@ -2340,7 +2365,7 @@ class Records:
     def turn(self, turn_id: str) -> TurnRow:
         rows = self.store.read(f"SELECT {TURN_COLUMNS} FROM turns WHERE id = ?", (turn_id,))
         if not rows:
-            raise BadInput(f"no turn {turn_id}")
+            raise NotFound(f"no turn {turn_id}")
         return TurnRow(*rows[0][:10], bool(rows[0][10]), rows[0][11])
 
     def start(self, turn: TurnRow, *, command: bool) -> bool:
@@ -2579,26 +2604,42 @@ class Records:
         if state != "cancelled":
             self.enqueue_turn(db, approval.turn_id, f"resume:{approval.id}", approval.thread_id)
 
-    def cancel(self, turn_id: str) -> str:
+    def cancel(self, turn_id: str, *, at_once: bool = False) -> str:
         """Cancel a queued or waiting turn at once (with its pending approvals), or ask a
-        running one to stop at its next step."""
+        running one to stop at its next step (at once when no worker holds its job, as
+        after an interrupted process handed it back). `at_once` ends a running turn now
+        and cancels its job: the worker running it loses its lease, so it writes nothing
+        more, and the thread's next message runs right away."""
         with self.store.transaction() as db:
-            row = db.execute("SELECT status, job_id FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            row = db.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
             if row is None:
-                raise BadInput(f"no turn {turn_id}")
-            status, job = row
+                raise NotFound(f"no turn {turn_id}")
+            status = row[0]
             if status in FINAL_TURN_STATES:
                 raise BadInput(f"{turn_id} is {status} already")
-            if status == "running":
+            held = db.execute(
+                "SELECT 1 FROM jobs WHERE state = 'running' AND name = ? "
+                "AND json_extract(payload, '$.turn') = ?",
+                (TURN_TASK, turn_id),
+            ).fetchone()
+            if status == "running" and held and not at_once:  # it stops at its next step
                 db.execute("UPDATE turns SET cancel_requested = 1 WHERE id = ?", (turn_id,))
                 return "cancelling"
             for approval in self.pending_approvals(turn_id):
                 self.settle(db, approval, "cancelled", None, None)
+            # calls left open get a result, so the model always reads one for each call
+            db.execute(
+                "UPDATE calls SET state = 'error', finished_at = ?3, result = CASE state "
+                "WHEN 'running' THEN ?1 ELSE ?2 END "
+                "WHERE turn_id = ?4 AND state IN ('pending', 'running')",
+                (CANCELLED_RUNNING, "not run: the turn was cancelled", now(), turn_id),
+            )
             self.end(db, turn_id, "cancelled", error="cancelled")
             db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ? "
-                "WHERE id = ? AND state = 'queued'",
-                (now(), job),
+                "UPDATE jobs SET state = 'cancelled', owner = NULL, lease_until = NULL, "
+                "finished_at = ? WHERE state IN ('queued', 'running') "
+                "AND name = ? AND json_extract(payload, '$.turn') = ?",
+                (now(), TURN_TASK, turn_id),
             )
             return "cancelled"
 
@@ -2710,7 +2751,7 @@ class Records:
     def delivery(self, rowid: int) -> Delivery:
         rows = self.store.read(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (rowid,))
         if not rows:
-            raise BadInput(f"no delivery {rowid}")
+            raise NotFound(f"no delivery {rowid}")
         return delivery_from_row(rows[0])
 
     def feed(self, thread: str, after: int, limit: int = 200) -> list[Delivery]:
@@ -5712,7 +5753,7 @@ class Approvals:
             f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
         )
         if not rows:
-            raise BadInput(f"no approval {approval_id}")
+            raise NotFound(f"no approval {approval_id}")
         return approval_from_row(rows[0])
 
     def decide(self, approval_id: str, actor: str, decision: str, reason: str | None) -> Approval:
@@ -7902,6 +7943,22 @@ class WebServer(ThreadingHTTPServer):
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
 
 
+@contextlib.contextmanager
+def stopping_on_signals(stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """An event that SIGINT and SIGTERM set while the block runs (in the main thread; in
+    another thread only the event), the previous handlers restored after."""
+    stop = stop or threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 class AgentKit:
     """An agent kit over one SQLite database: the object users configure and run.
 
@@ -8095,11 +8152,13 @@ class AgentKit:
         """The newest jobs, optionally of one state."""
         return self.queue.recent(state, limit)
 
-    def cancel(self, id: str) -> Job | TurnResult:
+    def cancel(self, id: str, *, at_once: bool = False) -> Job | TurnResult:
         """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
-        running one at its next step."""
+        running one at its next step, or with `at_once` now (its worker's later writes are
+        refused, and the thread's next message runs right away; a call it was running is
+        recorded as interrupted, its effect unknown)."""
         if isinstance(id, str) and id.startswith("turn_"):
-            self.engine.records.cancel(id)
+            self.engine.records.cancel(id, at_once=at_once)
             return self.engine.result(id)
         return self.queue.cancel(id)
 
@@ -8649,7 +8708,6 @@ class AgentKit:
         `ready(url)` is called once everything runs. Several processes may serve one
         database."""
         check_int("workers", workers, low=1)
-        stop = stop or threading.Event()
         server = None
         if http:
             host, port = parse_address(http)
@@ -8661,12 +8719,11 @@ class AgentKit:
                 self.secrets.public_url = f"http://127.0.0.1:{server.server_address[1]}"
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
             self.adapters["web"].choose_token(self.store.path, server.url)
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handlers[signum] = signal.signal(signum, lambda *_: stop.set())
         # close() halts the worker and waits for this block, adapters and server stopped
-        with self._working_with(workers, tick=self.tick) as worker:
+        with (
+            stopping_on_signals(stop) as stop,
+            self._working_with(workers, tick=self.tick) as worker,
+        ):
             started = []
             try:
                 for adapter in self.adapters.values():
@@ -8691,8 +8748,6 @@ class AgentKit:
                 if server:
                     server.shutdown()
                     server.server_close()
-                for signum, handler in handlers.items():
-                    signal.signal(signum, handler)
                 self.runtimes.close()
                 self.stopping.clear()
                 log.info("stopped")
@@ -8747,13 +8802,55 @@ def load_app(spec: str) -> AgentKit:
     return app
 
 
+def say(args: argparse.Namespace, line: str) -> None:
+    """A note to the user on stderr, unless `-q`."""
+    if not getattr(args, "quiet", 0):
+        print(f"agentkit: {line}", file=sys.stderr, flush=True)
+
+
+def served_model(args: argparse.Namespace) -> str | None:
+    """The model a bare kit runs: `-m`; else, for the commands that run turns when only
+    OPENAI_BASE_URL is set, the first model that server lists at /models (said on
+    stderr); else None (the usual default)."""
+    named = getattr(args, "model", None)
+    base = os.environ.get("OPENAI_BASE_URL")
+    runs_turns = args.command in ("run", "chat", "serve", "work")
+    if named or not base or not runs_turns or os.environ.get("AGENTKIT_MODEL"):
+        return named
+    key = os.environ.get("OPENAI_API_KEY")
+    url = f"{base.rstrip('/')}/models"
+    try:
+        answer = httpx.get(
+            url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10
+        )
+        answer.raise_for_status()
+        ids = [str(m["id"]) for m in answer.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        reason = redactions.redact(describe_error(e))
+        fallback = model_from_spec(None).name
+        say(args, f"OPENAI_BASE_URL is set but {url} lists no model ({reason}); using {fallback}")
+        return None
+    if not ids:
+        say(args, f"{url} lists no model; using {model_from_spec(None).name}")
+        return None
+    say(args, f"using openai:{ids[0]}, the first model {url} lists (-m or AGENTKIT_MODEL picks)")
+    return f"openai:{ids[0]}"
+
+
 def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
-    """The kit the command works on: `--app`, or a bare one over `--db`."""
+    """The kit the command works on: `--app`, or a bare one over `--db`; `-m` and `-s`
+    set the model and instructions of the turns this process runs."""
     if args.app:
-        return load_app(args.app)
-    if must_exist and args.db != ":memory:" and not os.path.exists(args.db):
+        kit = load_app(args.app)
+        if getattr(args, "model", None):
+            kit.engine.model = model_from_spec(args.model)
+    elif must_exist and args.db != ":memory:" and not os.path.exists(args.db):
         raise StoreError(f"no database at {args.db}")
-    return AgentKit(args.db)
+    else:
+        kit = AgentKit(args.db, model=served_model(args))
+    if getattr(args, "system", None):
+        kit.engine.instructions = args.system
+    return kit
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -8799,30 +8896,349 @@ def cli_user() -> str:
     return f"cli:{name}"
 
 
-def print_result(result: TurnResult) -> int:
-    """Print a turn's reply (or its error); the exit status."""
-    if result.status == "done":
-        print(result.reply or "")
-        return 0
-    print(f"agentkit: turn {result.turn_id} {result.status}: {result.error or ''}", file=sys.stderr)
-    return 1
+def exit_status(result: TurnResult) -> int:
+    """What `run` exits with: 0 for done, 3 while it waits for an approval (or is held
+    until the thread's approval is decided), 1 otherwise."""
+    return {"done": 0, "waiting_approval": 3, "queued": 3}.get(result.status, 1)
+
+
+def shorten(text: str, width: int = 100) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+STYLES = {  # ANSI on and off sequences of what MarkdownPen renders
+    "bold": ("\x1b[1m", "\x1b[22m"),
+    "code": ("\x1b[36m", "\x1b[39m"),
+    "heading": ("\x1b[1;4m", "\x1b[22;24m"),
+    "dim": ("\x1b[2m", "\x1b[22m"),
+}
+
+
+class MarkdownPen:
+    """Light markdown for a terminal, fed text as it arrives: **bold**, `code`, # headings
+    and fenced code blocks get ANSI styles and lose their markers. A marker that may be cut
+    between two pieces (a lone `*`, a line that starts with `#` or a backtick) is held until
+    the next piece decides it."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.line_start = True
+        self.open: set[str] = set()  # the styles now on: bold, code, heading, fence
+
+    def _toggle(self, style: str, out: list[str]) -> None:
+        on, off = STYLES["code" if style == "fence" else style]
+        out.append(off if style in self.open else on)
+        self.open ^= {style}
+
+    def feed(self, text: str) -> str:
+        """The terminal text for the next piece of markdown."""
+        text, self.held, out, i = self.held + text, "", [], 0
+        while i < len(text):
+            rest = text[i:]
+            if self.line_start:
+                line = rest.partition("\n")[0]
+                marker = rest.startswith("```") or "```".startswith(rest)
+                if "\n" not in rest and (marker or re.fullmatch(r"#{1,6}", rest)):
+                    self.held = rest  # a fence or a heading marker may be coming
+                    break
+                self.line_start = False
+                if line.startswith("```"):  # a fence line: its style starts or ends, unseen
+                    self._toggle("fence", out)
+                    i += len(line) + 1
+                    self.line_start = True
+                    continue
+                heading = re.match(r"#{1,6} ", line)
+                if heading and "fence" not in self.open:
+                    self._toggle("heading", out)
+                    i += heading.end()
+                    continue
+            char = text[i]
+            if char == "\n":
+                if "heading" in self.open:
+                    self._toggle("heading", out)
+                out.append(char)
+                self.line_start = True
+            elif "fence" in self.open:
+                out.append(char)
+            elif char == "`":
+                self._toggle("code", out)
+            elif "code" in self.open:
+                out.append(char)
+            elif rest.startswith("**"):
+                self._toggle("bold", out)
+                i += 1
+            elif rest == "*":
+                self.held = rest  # the first half of ** or a lone star: the next piece says
+            else:
+                out.append(char)
+            i += 1
+        return "".join(out)
+
+    def end(self) -> str:
+        """What is still held, and every style turned off."""
+        out, self.held, self.line_start = [self.held], "", True
+        out += [STYLES["code" if s == "fence" else s][1] for s in sorted(self.open)]
+        self.open.clear()
+        return "".join(out)
+
+
+class TurnPrinter:
+    """Prints a turn's events: the reply's text to stdout as it arrives (styled on a
+    terminal, plain when piped), and on stderr tool calls (`→ tool(args)`), their results
+    (`← result`), progress, approvals with the commands that decide them, notes and errors.
+    With `as_json`, each event is one JSON line on stdout instead."""
+
+    def __init__(self, args: argparse.Namespace, *, as_json: bool = False) -> None:
+        self.args = args
+        self.as_json = as_json
+        self.pen = MarkdownPen() if sys.stdout.isatty() and not as_json else None
+        self.dim = sys.stderr.isatty()  # tool lines are dimmed on a terminal
+        self.shown: set[str] = set()  # approval ids already printed
+        self.streamed = False  # text of this turn was printed
+        self.abandoned = False  # a turn was cancelled while its model may still answer
+        self.mid_line = False  # the last text printed did not end a line
+
+    def show(self, event: TurnEvent) -> TurnResult | None:
+        """Print one event; the turn's result when it is the last."""
+        if self.as_json:  # every field, the result and approval as objects
+            print(json.dumps(dataclasses.asdict(event), ensure_ascii=False), flush=True)
+        elif event.kind == "text":
+            self.text(event.text)
+        elif event.kind == "tool_start":
+            args = shorten(json.dumps(event.args, ensure_ascii=False))
+            self.note(f"→ {event.tool}({args})", dim=True)
+        elif event.kind == "tool_end":
+            mark = "← error: " if event.is_error else "← "
+            self.note(mark + shorten(str(event.result)), dim=True)
+        elif event.kind == "progress":
+            self.note(f"  {shorten(event.text)}", dim=True)
+        elif event.kind == "approval":
+            self.approval(event.approval)
+        if event.kind != "done":
+            return None
+        if not self.as_json:
+            self.result(event.result)
+        self.streamed = False
+        return event.result
+
+    def text(self, text: str) -> None:
+        self.streamed = True
+        out = self.pen.feed(text) if self.pen else text
+        if out:
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            self.mid_line = not out.endswith("\n")
+
+    def end_text(self) -> None:
+        """Close the styles and the line of the text printed so far."""
+        if self.pen:
+            self.mid_line = self.mid_line or bool(self.pen.held)  # held text has no newline
+            sys.stdout.write(self.pen.end())
+        if self.mid_line:
+            sys.stdout.write("\n")
+            self.mid_line = False
+        sys.stdout.flush()
+
+    def note(self, line: str, *, dim: bool = False) -> None:
+        """A line on stderr, after the text so far."""
+        self.end_text()
+        if dim and self.dim:
+            line = STYLES["dim"][0] + line + STYLES["dim"][1]
+        print(line, file=sys.stderr, flush=True)
+
+    def decide_command(self, verb: str, approval_id: str) -> str:
+        """The exact command that decides an approval on this database."""
+        where = ["--app", self.args.app] if self.args.app else []
+        if not where and self.args.db != "agentkit.db":
+            where = ["--db", self.args.db]
+        return shlex.join(["agentkit", verb, approval_id, *where])
+
+    def approval(self, approval: Approval) -> None:
+        if approval.id in self.shown or approval.state != "pending":
+            return
+        self.shown.add(approval.id)
+        why = f" ({approval.reason})" if approval.reason else ""
+        args = json.dumps(approval.args, ensure_ascii=False)
+        self.note(f"approval {approval.id}: {approval.tool}({args}) waits for a decision{why}")
+        approve, deny = (self.decide_command(v, approval.id) for v in ("approve", "deny"))
+        self.note(f"  decide with: {approve}  or  {deny} --reason TEXT")
+
+    def result(self, result: TurnResult) -> None:
+        """The end of a turn: the reply when none was streamed, approvals, notes, errors."""
+        if not self.streamed and result.status == "done" and result.reply:
+            self.text(result.reply)
+        self.end_text()
+        for approval in result.approvals:
+            self.approval(approval)
+        if result.note:
+            self.note(result.note)
+        if result.status in ("failed", "cancelled", "running"):
+            error = f": {result.error}" if result.error else ""
+            self.note(f"agentkit: turn {result.turn_id} {result.status}{error}")
+
+    def interrupted(self) -> None:
+        self.abandoned = True
+        self.note("(cancelled)")
+
+    def leave(self, status: int) -> int:
+        """`status`; after a turn was cancelled, the process exits at once with it, not
+        waiting for the thread that may still wait for that turn's model (Python joins
+        it at exit; the turn's rows are settled, so nothing is lost)."""
+        if self.abandoned:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
+
+
+def decision_events(
+    kit: AgentKit, printer: TurnPrinter, approval: Approval, decide: Callable[[], TurnResult]
+) -> Iterator[TurnEvent]:
+    """The end of the turn a decision takes on; while `decide` runs the turn here, its live
+    events are printed as they come (a worker elsewhere shows only the end)."""
+    unwatch = kit.engine.live.watch(
+        approval.turn_id, lambda event: event.kind != "done" and printer.show(event)
+    )
+    try:
+        result = decide()
+    finally:
+        unwatch()
+    yield TurnEvent("done", approval.turn_id, approval.thread_id, result=result)
+
+
+def follow_turn(
+    kit: AgentKit,
+    printer: TurnPrinter,
+    events: Iterator[TurnEvent],
+    thread: str,
+    turn_id: str | None = None,
+) -> TurnResult | None:
+    """Print a turn's events; its result, or None when Ctrl-C cancelled it. The turn ends
+    at once and frees the thread (its worker's later writes are refused), so the thread's
+    next message runs right away and the cancelled turn never runs after it."""
+    try:
+        for event in events:
+            turn_id = event.turn_id or turn_id
+            result = printer.show(event)
+            if result is not None:
+                return result
+        raise AgentKitError("the turn's events ended before the turn did")
+    except KeyboardInterrupt:
+        if turn_id is None:  # interrupted before its first event: the thread's newest turn
+            active = kit.engine.records.active_turns(kit.store.connection(), thread, "")
+            turn_id = active[-1] if active else None
+        if turn_id and kit.turn(turn_id).status in ("queued", "running"):
+            with contextlib.suppress(BadInput):  # it ended meanwhile
+                kit.cancel(turn_id, at_once=True)
+        printer.interrupted()
+        return None
+
+
+def read_message(args: argparse.Namespace) -> str:
+    """The message of `run`: its argument, or standard input for `-` or none."""
+    if args.text not in (None, "-"):
+        return args.text
+    if args.text is None and sys.stdin.isatty():
+        raise BadInput("run needs a message: agentkit run TEXT, or text on standard input")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise BadInput("the message on standard input is empty")
+    return text
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    text = read_message(args)
     kit = open_kit(args)
-    return print_result(kit.run_turn(args.thread, args.text, actor=args.actor))
+    printer = TurnPrinter(args, as_json=args.json)
+    events = kit.stream_turn(args.thread, text, actor=args.actor)
+    result = follow_turn(kit, printer, events, args.thread)
+    return printer.leave(130 if result is None else exit_status(result))
+
+
+def history_file() -> Path:
+    """Where `chat` keeps its line history: the user's data folder, never a project's."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(data) / "agentkit" / "chat_history"
+
+
+@contextlib.contextmanager
+def line_editing() -> Iterator[None]:
+    """readline's line editing and the history file, while the block runs."""
+    try:
+        import readline  # line editing for input(); absent on some platforms
+    except ImportError:
+        yield
+        return
+    path = history_file()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+
+def ask_decisions(kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter) -> None:
+    """Ask `[a]pprove / [d]eny` for each approval the thread waits for while the user may
+    decide, and print the turn going on after each decision."""
+    while kit.gatekeeper.may_decide(args.actor):
+        waiting = kit.engine.records.waiting_in(kit.store.connection(), args.thread)
+        if not waiting:
+            return
+        approval = waiting[0]
+        printer.approval(approval)  # unless this turn printed it already
+        try:
+            answer = input(f"{approval.tool}: [a]pprove / [d]eny? ").strip().lower()
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer not in ("a", "approve", "d", "deny"):
+            printer.note(f"left pending: {printer.decide_command('approve', approval.id)}")
+            return
+        verb = "approve" if answer.startswith("a") else "deny"
+        decide = functools.partial(getattr(kit, verb), approval.id, actor=args.actor)
+        events = decision_events(kit, printer, approval, decide)
+        try:
+            if follow_turn(kit, printer, events, args.thread, approval.turn_id) is None:
+                return  # Ctrl-C cancelled it
+        except AgentKitError as e:  # not allowed, or decided meanwhile: say so
+            printer.note(f"agentkit: {e}")
+            return
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     kit = open_kit(args)
-    prompt = "you> " if sys.stdin.isatty() else ""
-    while True:
-        try:
-            text = input(prompt)
-        except EOFError:
-            return 0
-        if text.strip():
-            print_result(kit.run_turn(args.thread, text, actor=args.actor))
+    printer = TurnPrinter(args, as_json=args.json)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"agentkit chat: model {kit.engine.model.name}, thread {args.thread}")
+        print("Ctrl-C cancels a reply, Ctrl-D exits.")
+    with line_editing() if interactive else contextlib.nullcontext():
+        if interactive:  # what an earlier conversation left waiting comes first
+            ask_decisions(kit, args, printer)
+        while True:
+            try:
+                text = input("> " if interactive else "")
+            except EOFError:
+                if interactive:
+                    print()
+                break
+            except KeyboardInterrupt:  # a fresh line, as in a shell
+                print()
+                continue
+            if not text.strip():
+                continue
+            try:
+                events = kit.stream_turn(args.thread, text, actor=args.actor)
+                if follow_turn(kit, printer, events, args.thread) and interactive:
+                    ask_decisions(kit, args, printer)
+            except AgentKitError as e:  # say it and go on with the conversation
+                printer.note(f"agentkit: {e}")
+    return printer.leave(0)
 
 
 def cmd_threads(args: argparse.Namespace) -> int:
@@ -8877,24 +9293,73 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_decide(args: argparse.Namespace) -> int:
     kit = open_kit(args, must_exist=True)
-    if args.command == "approve":
-        result = kit.approve(args.id, actor=args.actor, wait=False)
-    else:
-        result = kit.deny(args.id, actor=args.actor, reason=args.reason, wait=False)
+    decide = functools.partial(
+        kit.approve if args.command == "approve" else kit.deny, args.id, actor=args.actor
+    )
+    if args.command == "deny":
+        decide = functools.partial(decide, reason=args.reason)
     done = {"approve": "approved", "deny": "denied"}[args.command]
-    print(f"{done} {args.id}; turn {result.turn_id} goes on")
+    if not args.app:  # a bare kit has neither the app's tools nor its model
+        result = decide(wait=False)
+        print(
+            f"{done} {args.id}; turn {result.turn_id} goes on in a process that runs this "
+            f"database with its app (agentkit serve or agentkit work --app MODULE:ATTR); "
+            f"without --app, nothing here runs it"
+        )
+        return 0
+    printer = TurnPrinter(args)
+    print(f"{done} {args.id}", flush=True)
+    approval = kit.gatekeeper.get(args.id)
+    events = decision_events(kit, printer, approval, decide)
+    result = follow_turn(kit, printer, events, approval.thread_id, approval.turn_id)
+    return printer.leave(130 if result is None else exit_status(result))
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    kit = open_kit(args)
+    log.info("working on %s with %d workers", kit.store.path, args.workers)
+    with stopping_on_signals() as stop:
+        ran = kit.work(concurrency=args.workers, until_idle=args.until_idle, stop=stop)
+    log.info("stopped after %d jobs", ran)
     return 0
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The log level: `-v` (INFO; `-vv` DEBUG) or `-q` (errors only; `-qq` none), else
+    AGENTKIT_LOG_LEVEL, else INFO for `serve` and `work`, none in `chat` (its screen is
+    the conversation), warnings for the other commands."""
+    steps = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+    if steps:
+        return max(logging.DEBUG, min(logging.CRITICAL + 10, logging.WARNING - 10 * steps))
+    named = os.environ.get("AGENTKIT_LOG_LEVEL", "").strip().upper()
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if named:
+        if named not in levels:
+            raise BadInput(f"AGENTKIT_LOG_LEVEL is one of {', '.join(levels)}, not {named!r}")
+        return logging.getLevelName(named)
+    defaults = {"serve": logging.INFO, "work": logging.INFO, "chat": logging.CRITICAL + 10}
+    return defaults.get(args.command, logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database file (agentkit.db)")
     common.add_argument("--app", default=argparse.SUPPRESS, help="module:attribute of an AgentKit")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="count", default=argparse.SUPPRESS, help="log only errors"
+    )
     parser = argparse.ArgumentParser(
         prog="agentkit",
         description="Chat agents whose whole state lives in SQLite.",
+        epilog="run, chat and approve exit 0 when the turn is done, 3 when it waits for an "
+        "approval, 1 when it failed or was cancelled (130 after Ctrl-C); usage errors exit "
+        "2; not found and other failures exit 1. AGENTKIT_LOG_LEVEL sets the log level.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"agentkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     doctor = commands.add_parser(
         "doctor", parents=[common], help="check the database: schema, integrity, row counts"
@@ -8911,12 +9376,20 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (50)")
     jobs.set_defaults(run=cmd_jobs)
     me = cli_user()
-    run = commands.add_parser("run", parents=[common], help="send one message, print the reply")
-    run.add_argument("text", help="the message")
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="send one message, print the reply as it comes",
+        epilog="exit status: 0 done, 3 waiting for an approval, 1 failed or cancelled",
+    )
+    run.add_argument("text", nargs="?", help="the message (none or -: standard input)")
     chat = commands.add_parser("chat", parents=[common], help="talk to the agent in the terminal")
     for command, fn in ((run, cmd_run), (chat, cmd_chat)):
         command.add_argument("--thread", default=me, help=f"thread id ({me})")
         command.add_argument("--as", dest="actor", default=me, help=f"actor id ({me})")
+        command.add_argument("-m", "--model", help="echo, openai:<model> or anthropic:<model>")
+        command.add_argument("-s", "--system", help="instructions for the turns run here")
+        command.add_argument("--json", action="store_true", help="the events as JSON lines")
         command.set_defaults(run=fn)
     threads = commands.add_parser("threads", parents=[common], help="list recent threads")
     threads.add_argument("--limit", type=int, default=50, help="at most this many (50)")
@@ -8943,6 +9416,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", default="127.0.0.1:8765", help="address (127.0.0.1:8765)")
     serve.add_argument("--workers", type=int, default=2, help="worker threads (2)")
     serve.set_defaults(run=cmd_serve)
+    work = commands.add_parser(
+        "work", parents=[common], help="run the workers and the scheduler, without serving"
+    )
+    work.add_argument("--workers", type=int, default=2, help="worker threads (2)")
+    work.add_argument("--until-idle", action="store_true", help="stop when no job is ready")
+    work.set_defaults(run=cmd_work)
     prune = commands.add_parser(
         "prune", parents=[common], help="delete old finished jobs, events and deliveries"
     )
@@ -8959,14 +9438,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.app = getattr(args, "app", None)
     if args.app and args.db != "agentkit.db":
         parser.error("give --db or --app, not both (the app names its own database)")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
+    try:
+        level = log_level(args)
+    except BadInput as e:
+        parser.error(str(e))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # a line per request
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactions)  # tokens and secrets, whoever logs them
     try:
         return args.run(args)
+    except NotFound as e:
+        print(f"agentkit: {e}", file=sys.stderr)
+        return 1
     except BadInput as e:
         print(f"agentkit: {e}", file=sys.stderr)
         return 2
