@@ -54,6 +54,7 @@ import random
 import re
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -116,6 +117,7 @@ __all__ = [
     "Model",
     "ModelError",
     "ModelReply",
+    "NotFound",
     "OpenAIModel",
     "Outbound",
     "PollingAdapter",
@@ -141,6 +143,8 @@ __all__ = [
     "main",
 ]
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here
+
 log = logging.getLogger("agentkit")
 
 # ───────────────────────────── errors and small helpers ─────────────────────────────
@@ -152,6 +156,10 @@ class AgentKitError(Exception):
 
 class BadInput(AgentKitError, ValueError):
     """Input that agentkit refuses; nothing was changed."""
+
+
+class NotFound(BadInput):
+    """The job, turn, approval or schedule named does not exist; nothing was changed."""
 
 
 class StoreError(AgentKitError):
@@ -223,6 +231,13 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=1024)
+def _written(value: str) -> frozenset[str]:
+    """A value as it stands, and as JSON and a Python repr write it inside their quotes."""
+    as_json = json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]
+    return frozenset((value, *as_json, repr(value)[1:-1]))
+
+
 class Redactions(logging.Filter):
     """Values that must never be logged or stored (tokens, saved secrets), each replaced by
     `[redacted:LABEL]`. As a logging filter it rewrites records, tracebacks included."""
@@ -237,11 +252,13 @@ class Redactions(logging.Filter):
             self.values[value] = label
 
     def redact(self, text: str, extra: dict[str, str] | None = None) -> str:
-        """`text` with every known value (and those of `extra`, value -> label) replaced."""
+        """`text` with every known value (and those of `extra`, value -> label) replaced,
+        as it stands and as JSON or a Python repr would write it (escaped)."""
         values = {**self.values, **(extra or {})}
-        for value in sorted(values, key=len, reverse=True):
-            if value in text:
-                text = text.replace(value, f"[redacted:{values[value]}]")
+        forms = {form: label for value, label in values.items() for form in _written(value)}
+        for form in sorted(forms, key=len, reverse=True):
+            if form in text:
+                text = text.replace(form, f"[redacted:{forms[form]}]")
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -755,6 +772,20 @@ class Store(ABC):
         """Queue a dead or failed job again, attempts from zero; the state it was in (None:
         no such job). Only a dead or failed job changes."""
 
+    @abstractmethod
+    def release_jobs(self, owner: str, held: Sequence[tuple[int, int]]) -> None:
+        """Queue again at once the `(rowid, attempt)` jobs that `owner` holds (its process
+        is being interrupted); jobs it no longer holds do not change."""
+
+    @abstractmethod
+    def job_running_with(self, name: str, payload: str) -> bool:
+        """Whether a job of task `name` with exactly this JSON payload is running."""
+
+    @abstractmethod
+    def cancel_jobs_with(self, name: str, payload: str) -> int:
+        """Cancel the queued and running jobs of task `name` with exactly this JSON payload
+        (the worker of a running one loses its lease: its writes are refused); how many."""
+
     # schedules
 
     @abstractmethod
@@ -886,6 +917,11 @@ class Store(ABC):
     @abstractmethod
     def calls_of(self, message_ids: Sequence[int]) -> list[CallRow]:
         """The calls of these messages, by message and position."""
+
+    @abstractmethod
+    def close_calls(self, turn_id: str, running: str, pending: str) -> None:
+        """End a turn's open calls as errors, a running one's result `running`, a pending
+        one's `pending`."""
 
     @abstractmethod
     def claim_call(self, turn_id: str, call_id: str) -> bool:
@@ -1281,6 +1317,36 @@ class _SQLStore(Store):
             "state = 'queued', attempts = 0, run_at = ?, finished_at = NULL",
         )
 
+    def release_jobs(self, owner: str, held: Sequence[tuple[int, int]]) -> None:
+        with self._atomic():
+            rows = self._rows_many(
+                "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL, "
+                "last_error = 'interrupted: its worker stopped before finishing' "
+                "WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running' "
+                "RETURNING target",
+                [(rowid, owner, attempt) for rowid, attempt in held],
+            )
+            self._unblock(target for (target,) in rows)
+
+    def job_running_with(self, name: str, payload: str) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM jobs WHERE state = 'running' AND name = ? AND payload = ?",
+                (name, payload),
+            )
+        )
+
+    def cancel_jobs_with(self, name: str, payload: str) -> int:
+        with self._atomic():
+            rows = self._rows(
+                "UPDATE jobs SET state = 'cancelled', owner = NULL, lease_until = NULL, "
+                "finished_at = ? WHERE (state = 'queued' OR state = 'running') AND name = ? "
+                "AND payload = ? RETURNING target",
+                (self.now(), name, payload),
+            )
+            self._unblock(target for (target,) in rows)
+        return len(rows)
+
     # schedules
 
     def schedule(self, name: str) -> Schedule | None:
@@ -1482,6 +1548,14 @@ class _SQLStore(Store):
             f"SELECT {columns(CallRow)} FROM calls WHERE message_id {self.IN_LIST} "
             "ORDER BY message_id, position",
             (self._list(message_ids),),
+        )
+
+    def close_calls(self, turn_id: str, running: str, pending: str) -> None:
+        self._count(
+            "UPDATE calls SET state = 'error', finished_at = ?, "
+            "result = CASE state WHEN 'running' THEN ? ELSE ? END "
+            "WHERE turn_id = ? AND (state = 'pending' OR state = 'running')",
+            (self.now(), running, pending, turn_id),
         )
 
     def claim_call(self, turn_id: str, call_id: str) -> bool:
@@ -2596,12 +2670,18 @@ class Queue:
         """Extend one job's lease; False when this worker no longer holds it."""
         return self.store.extend_lease(job.rowid, owner, job.attempt, lease)
 
+    def release(self, owner: str, jobs: Sequence[Claimed]) -> None:
+        """Hand jobs this worker holds back to the queue at once (its process is being
+        interrupted), instead of leaving them leased until the lease runs out."""
+        self.store.release_jobs(owner, [(job.rowid, job.attempt) for job in jobs])
+        self.store.notify()
+
     # inspection and control
 
     def get(self, job_id: str) -> Job:
         job = self.store.job(job_rowid(job_id))
         if job is None:
-            raise BadInput(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         return job
 
     def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
@@ -2613,7 +2693,7 @@ class Queue:
     def _moved(self, job_id: str, allowed: tuple[str, ...], was: str | None) -> Job:
         """The job after a state change from one of the `allowed` states, or BadInput."""
         if was is None:
-            raise BadInput(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         if was not in allowed:
             raise BadInput(f"{job_id} is {was}, not {' or '.join(allowed)}")
         self.store.notify()
@@ -2752,6 +2832,10 @@ class Worker:
                 with self._guard:
                     self._running[job.rowid, job.attempt] = (job, time.monotonic())
                 outcomes.append(self._run(job))
+        except BaseException:  # Ctrl-C or exit: record what ran, hand the rest back at once
+            self._finish(outcomes)
+            self.queue.release(self.owner, jobs[len(outcomes) :])
+            raise
         finally:
             with self._guard:
                 for job in jobs:
@@ -3128,7 +3212,7 @@ class Scheduler:
     def get(self, name: str) -> Schedule:
         found = self.store.schedule(name)
         if found is None:
-            raise BadInput(f"no schedule named {name!r}")
+            raise NotFound(f"no schedule named {name!r}")
         return found
 
     def all(self) -> list[Schedule]:
@@ -3150,7 +3234,7 @@ class Scheduler:
     def remove(self, name: str) -> None:
         """Delete a schedule (its jobs already enqueued stay)."""
         if not self.store.delete_schedule(name):
-            raise BadInput(f"no schedule named {name!r}")
+            raise NotFound(f"no schedule named {name!r}")
 
     def tick(self, at: float | None = None) -> list[str]:
         """Enqueue every run due at `at` (default: now); the ids of the jobs it added."""
@@ -3180,6 +3264,7 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
 TURN_TASK = "agentkit.turn"
+CANCELLED_RUNNING = "interrupted: the turn was cancelled while this call ran; its effect is unknown"
 DELIVER_TASK = "agentkit.deliver"
 
 
@@ -3322,7 +3407,7 @@ class Records:
     def turn(self, turn_id: str) -> TurnRow:
         found = self.store.turn(turn_id)
         if found is None:
-            raise BadInput(f"no turn {turn_id}")
+            raise NotFound(f"no turn {turn_id}")
         return found
 
     def start(self, turn: TurnRow, *, command: bool) -> bool:
@@ -3470,21 +3555,27 @@ class Records:
             self.enqueue_turn(approval.turn_id, f"resume:{approval.id}", approval.thread_id)
         return True
 
-    def cancel(self, turn_id: str) -> str:
+    def cancel(self, turn_id: str, *, at_once: bool = False) -> str:
         """Cancel a queued or waiting turn at once (with its pending approvals), or ask a
-        running one to stop at its next step."""
+        running one to stop at its next step (at once when no worker holds its job, as
+        after an interrupted process handed it back). `at_once` ends a running turn now
+        and cancels its job: the worker running it loses its lease, so it writes nothing
+        more, and the thread's next message runs right away."""
+        job = dumps({"turn": turn_id})  # the payload of the turn's jobs (enqueue_turn)
         with self.store.transaction():
             turn = self.turn(turn_id)
             if turn.status in FINAL_TURN_STATES:
                 raise BadInput(f"{turn_id} is {turn.status} already")
-            if turn.status == "running":
+            held = self.store.job_running_with(TURN_TASK, job)
+            if turn.status == "running" and held and not at_once:  # it stops at its next step
                 self.store.request_cancel(turn_id)
                 return "cancelling"
             for approval in self.pending_approvals(turn_id):
                 self.settle(approval, "cancelled", None, None)
+            # calls left open get a result, so the model always reads one for each call
+            self.store.close_calls(turn_id, CANCELLED_RUNNING, "not run: the turn was cancelled")
             self.end(turn_id, "cancelled", error="cancelled")
-            if turn.job_id is not None:
-                self.store.cancel_job(turn.job_id)
+            self.store.cancel_jobs_with(TURN_TASK, job)
             return "cancelled"
 
     def holds_messages(self, thread: str, but: str) -> bool:
@@ -3572,7 +3663,7 @@ class Records:
     def delivery(self, rowid: int) -> Delivery:
         found = self.store.delivery(rowid)
         if found is None:
-            raise BadInput(f"no delivery {rowid}")
+            raise NotFound(f"no delivery {rowid}")
         return found
 
     # reading threads
@@ -4410,7 +4501,7 @@ class ToolContext:
         if not isinstance(text, str):
             raise BadInput(f"progress is a text, not {type(text).__name__}")
         if self._on_progress is not None:
-            self._on_progress(clip(text, 500))
+            self._on_progress(text)
 
     @property
     def workspace(self) -> Path:
@@ -4677,6 +4768,7 @@ class Hooks:
 RUNTIME_SCOPES = ("thread", "actor", "adapter", "kit")
 OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
 OUTPUT_LINES = 2_000
+FOUND_LINES = 10 * OUTPUT_LINES  # grep and find stop there: memory bounded, far past the cap
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
 READ_BYTES = 64 << 20  # the largest file read and edit take
@@ -4957,8 +5049,9 @@ def _run_limited(
     track: Callable[[subprocess.Popen, bool], None],
 ) -> tuple[int | None, str, bool]:
     """Run argv in a new process group under `limits`; `(exit code or None, output,
-    timed out)`. When it ends or times out, everything it started is killed (its group
-    and its cgroup). `on_output` gets the output in whole lines as it comes."""
+    timed out)`. When it ends or times out, its process group and its cgroup are killed
+    (without a cgroup, a process that left the group with setsid survives). `on_output`
+    gets the output in whole lines as it comes."""
     if not hasattr(os, "pidfd_open"):
         raise RuntimeUnavailable("commands need Linux 5.3 or newer (pidfd, process groups)")
     cap = _ProcessCap(limits.processes)
@@ -5366,6 +5459,8 @@ class LocalRuntime:
             for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
                 if regex.search(line):
                     found.append(f"{relative}:{number}: {line[:500]}")
+                    if len(found) >= FOUND_LINES:
+                        return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
         return found
 
     def find(self, glob: str, path: str = ".") -> list[str]:
@@ -5378,6 +5473,8 @@ class LocalRuntime:
             if _matches(glob, relative, name):
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 found.append(relative + ("/" if stat.S_ISDIR(info.st_mode) else ""))
+                if len(found) >= FOUND_LINES:
+                    return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
         return found
 
     # commands
@@ -5410,7 +5507,7 @@ class LocalRuntime:
         output = redactions.redact(output, hide)
         if timed_out:
             output += (
-                f"\n[timed out after {timeout:g} s: the command and all it started were killed]"
+                f"\n[timed out after {timeout:g} s: the command and its processes were killed]"
             )
         kept, saved = cap_output(self, output, keep="tail", label="bash")
         return BashResult(exit_code, kept, saved is not None, saved, timed_out)
@@ -5529,7 +5626,9 @@ class BwrapRuntime(LocalRuntime):
                 *("--cap-drop", "ALL"),
                 *_system_binds(),
                 *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
-                *("--bind", f"/proc/self/fd/{root_fd}", self.root),
+                # --bind-fd: bwrap closes the descriptor once bound, so the command cannot
+                # reach the host's view of the folder (unmasked .secrets, `..`) through it
+                *("--bind-fd", str(root_fd), self.root),
                 *("--tmpfs", f"{self.root}/{SECRETS}", "--remount-ro", f"{self.root}/{SECRETS}"),
                 *("--chdir", os.path.normpath(f"{self.root}/{cwd}")),
                 *("bash", "-c", command),
@@ -6106,7 +6205,7 @@ class TurnEngine:
         call's `progress` goes to the turn's watchers."""
 
         def progress(text: str) -> None:
-            text = self.redact(turn.thread_id, text)
+            text = clip(self.redact(turn.thread_id, text), 500)  # redacted whole, then cut
             step = max(turn.steps - 1, 0)
             self.tell(turn, "progress", step=step, tool=tool, call_id=call_id, text=text)
 
@@ -6424,7 +6523,7 @@ class Approvals:
             raise BadInput(f"not an approval id: {approval_id!r}")
         found = self.store.approval(approval_id)
         if found is None:
-            raise BadInput(f"no approval {approval_id}")
+            raise NotFound(f"no approval {approval_id}")
         return found
 
     def decide(self, approval_id: str, actor: str, decision: str, reason: str | None) -> Approval:
@@ -7875,14 +7974,17 @@ class Telegram(PollingAdapter):
         self._polling.close()
 
 
-AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@]|%(2[eEfF]|5[cC])")
+# What some server or proxy on the way may read differently: user info, fragments, `;` path
+# parameters (Tomcat strips `..;`), backslashes, and escapes of `.`, `/`, `\\`, `;` or `%`
+# itself (double decoding), or a `%` that is no escape at all (IIS's `%u002e`).
+AMBIGUOUS_URL = re.compile(r"[^\x21-\x7e]|[\\#@;]|%(?![0-9a-fA-F]{2})|%(2[5eEfF]|5[cC]|3[bB])")
 
 
 def url_parts(url: object) -> tuple[str, str, int, str, str] | None:
     """`(scheme, host, port, path, query)` of a plain http(s) URL, or None when it is
-    ambiguous: an `@` (user info), a `#`, a backslash, a space, control or non-ASCII
-    character, an empty, `.` or `..` path segment, or a percent-encoded dot, slash or
-    backslash."""
+    ambiguous: an `@` (user info), a `#`, a `;`, a backslash, a space, control or
+    non-ASCII character, an empty, `.` or `..` path segment, a percent-encoded dot, slash,
+    backslash, semicolon or percent sign, or a `%` that starts no escape."""
     if not isinstance(url, str) or AMBIGUOUS_URL.search(url):
         return None
     try:
@@ -8600,6 +8702,22 @@ class WebServer(ThreadingHTTPServer):
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
 
 
+@contextlib.contextmanager
+def stopping_on_signals(stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """An event that SIGINT and SIGTERM set while the block runs (in the main thread; in
+    another thread only the event), the previous handlers restored after."""
+    stop = stop or threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 class AgentKit:
     """An agent kit over one SQLite database: the object users configure and run.
 
@@ -8793,11 +8911,13 @@ class AgentKit:
         """The newest jobs, optionally of one state."""
         return self.queue.recent(state, limit)
 
-    def cancel(self, id: str) -> Job | TurnResult:
+    def cancel(self, id: str, *, at_once: bool = False) -> Job | TurnResult:
         """Cancel a queued job (`job_…`), or a turn (`turn_…`): a queued one at once, a
-        running one at its next step."""
+        running one at its next step, or with `at_once` now (its worker's later writes are
+        refused, and the thread's next message runs right away; a call it was running is
+        recorded as interrupted, its effect unknown)."""
         if isinstance(id, str) and id.startswith("turn_"):
-            self.engine.records.cancel(id)
+            self.engine.records.cancel(id, at_once=at_once)
             return self.engine.result(id)
         return self.queue.cancel(id)
 
@@ -9341,7 +9461,6 @@ class AgentKit:
         `ready(url)` is called once everything runs. Several processes may serve one
         database."""
         check_int("workers", workers, low=1)
-        stop = stop or threading.Event()
         server = None
         if http:
             host, port = parse_address(http)
@@ -9353,12 +9472,11 @@ class AgentKit:
                 self.secrets.public_url = f"http://127.0.0.1:{server.server_address[1]}"
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
             self.adapters["web"].choose_token(self.store.path, server.url)
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handlers[signum] = signal.signal(signum, lambda *_: stop.set())
         # close() halts the worker and waits for this block, adapters and server stopped
-        with self._working_with(workers, tick=self.tick) as worker:
+        with (
+            stopping_on_signals(stop) as stop,
+            self._working_with(workers, tick=self.tick) as worker,
+        ):
             started = []
             try:
                 for adapter in self.adapters.values():
@@ -9383,8 +9501,6 @@ class AgentKit:
                 if server:
                     server.shutdown()
                     server.server_close()
-                for signum, handler in handlers.items():
-                    signal.signal(signum, handler)
                 self.runtimes.close()
                 self.stopping.clear()
                 log.info("stopped")
@@ -9437,13 +9553,55 @@ def load_app(spec: str) -> AgentKit:
     return app
 
 
+def say(args: argparse.Namespace, line: str) -> None:
+    """A note to the user on stderr, unless `-q`."""
+    if not getattr(args, "quiet", 0):
+        print(f"agentkit: {line}", file=sys.stderr, flush=True)
+
+
+def served_model(args: argparse.Namespace) -> str | None:
+    """The model a bare kit runs: `-m`; else, for the commands that run turns when only
+    OPENAI_BASE_URL is set, the first model that server lists at /models (said on
+    stderr); else None (the usual default)."""
+    named = getattr(args, "model", None)
+    base = os.environ.get("OPENAI_BASE_URL")
+    runs_turns = args.command in ("run", "chat", "serve", "work")
+    if named or not base or not runs_turns or os.environ.get("AGENTKIT_MODEL"):
+        return named
+    key = os.environ.get("OPENAI_API_KEY")
+    url = f"{base.rstrip('/')}/models"
+    try:
+        answer = httpx.get(
+            url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10
+        )
+        answer.raise_for_status()
+        ids = [str(m["id"]) for m in answer.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        reason = redactions.redact(describe_error(e))
+        fallback = model_from_spec(None).name
+        say(args, f"OPENAI_BASE_URL is set but {url} lists no model ({reason}); using {fallback}")
+        return None
+    if not ids:
+        say(args, f"{url} lists no model; using {model_from_spec(None).name}")
+        return None
+    say(args, f"using openai:{ids[0]}, the first model {url} lists (-m or AGENTKIT_MODEL picks)")
+    return f"openai:{ids[0]}"
+
+
 def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
-    """The kit the command works on: `--app`, or a bare one over `--db`."""
+    """The kit the command works on: `--app`, or a bare one over `--db`; `-m` and `-s`
+    set the model and instructions of the turns this process runs."""
     if args.app:
-        return load_app(args.app)
-    if must_exist and args.db != ":memory:" and not os.path.exists(args.db):
+        kit = load_app(args.app)
+        if getattr(args, "model", None):
+            kit.engine.model = model_from_spec(args.model)
+    elif must_exist and args.db != ":memory:" and not os.path.exists(args.db):
         raise StoreError(f"no database at {args.db}")
-    return AgentKit(args.db)
+    else:
+        kit = AgentKit(args.db, model=served_model(args))
+    if getattr(args, "system", None):
+        kit.engine.instructions = args.system
+    return kit
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -9489,30 +9647,349 @@ def cli_user() -> str:
     return f"cli:{name}"
 
 
-def print_result(result: TurnResult) -> int:
-    """Print a turn's reply (or its error); the exit status."""
-    if result.status == "done":
-        print(result.reply or "")
-        return 0
-    print(f"agentkit: turn {result.turn_id} {result.status}: {result.error or ''}", file=sys.stderr)
-    return 1
+def exit_status(result: TurnResult) -> int:
+    """What `run` exits with: 0 for done, 3 while it waits for an approval (or is held
+    until the thread's approval is decided), 1 otherwise."""
+    return {"done": 0, "waiting_approval": 3, "queued": 3}.get(result.status, 1)
+
+
+def shorten(text: str, width: int = 100) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+STYLES = {  # ANSI on and off sequences of what MarkdownPen renders
+    "bold": ("\x1b[1m", "\x1b[22m"),
+    "code": ("\x1b[36m", "\x1b[39m"),
+    "heading": ("\x1b[1;4m", "\x1b[22;24m"),
+    "dim": ("\x1b[2m", "\x1b[22m"),
+}
+
+
+class MarkdownPen:
+    """Light markdown for a terminal, fed text as it arrives: **bold**, `code`, # headings
+    and fenced code blocks get ANSI styles and lose their markers. A marker that may be cut
+    between two pieces (a lone `*`, a line that starts with `#` or a backtick) is held until
+    the next piece decides it."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.line_start = True
+        self.open: set[str] = set()  # the styles now on: bold, code, heading, fence
+
+    def _toggle(self, style: str, out: list[str]) -> None:
+        on, off = STYLES["code" if style == "fence" else style]
+        out.append(off if style in self.open else on)
+        self.open ^= {style}
+
+    def feed(self, text: str) -> str:
+        """The terminal text for the next piece of markdown."""
+        text, self.held, out, i = self.held + text, "", [], 0
+        while i < len(text):
+            rest = text[i:]
+            if self.line_start:
+                line = rest.partition("\n")[0]
+                marker = rest.startswith("```") or "```".startswith(rest)
+                if "\n" not in rest and (marker or re.fullmatch(r"#{1,6}", rest)):
+                    self.held = rest  # a fence or a heading marker may be coming
+                    break
+                self.line_start = False
+                if line.startswith("```"):  # a fence line: its style starts or ends, unseen
+                    self._toggle("fence", out)
+                    i += len(line) + 1
+                    self.line_start = True
+                    continue
+                heading = re.match(r"#{1,6} ", line)
+                if heading and "fence" not in self.open:
+                    self._toggle("heading", out)
+                    i += heading.end()
+                    continue
+            char = text[i]
+            if char == "\n":
+                if "heading" in self.open:
+                    self._toggle("heading", out)
+                out.append(char)
+                self.line_start = True
+            elif "fence" in self.open:
+                out.append(char)
+            elif char == "`":
+                self._toggle("code", out)
+            elif "code" in self.open:
+                out.append(char)
+            elif rest.startswith("**"):
+                self._toggle("bold", out)
+                i += 1
+            elif rest == "*":
+                self.held = rest  # the first half of ** or a lone star: the next piece says
+            else:
+                out.append(char)
+            i += 1
+        return "".join(out)
+
+    def end(self) -> str:
+        """What is still held, and every style turned off."""
+        out, self.held, self.line_start = [self.held], "", True
+        out += [STYLES["code" if s == "fence" else s][1] for s in sorted(self.open)]
+        self.open.clear()
+        return "".join(out)
+
+
+class TurnPrinter:
+    """Prints a turn's events: the reply's text to stdout as it arrives (styled on a
+    terminal, plain when piped), and on stderr tool calls (`→ tool(args)`), their results
+    (`← result`), progress, approvals with the commands that decide them, notes and errors.
+    With `as_json`, each event is one JSON line on stdout instead."""
+
+    def __init__(self, args: argparse.Namespace, *, as_json: bool = False) -> None:
+        self.args = args
+        self.as_json = as_json
+        self.pen = MarkdownPen() if sys.stdout.isatty() and not as_json else None
+        self.dim = sys.stderr.isatty()  # tool lines are dimmed on a terminal
+        self.shown: set[str] = set()  # approval ids already printed
+        self.streamed = False  # text of this turn was printed
+        self.abandoned = False  # a turn was cancelled while its model may still answer
+        self.mid_line = False  # the last text printed did not end a line
+
+    def show(self, event: TurnEvent) -> TurnResult | None:
+        """Print one event; the turn's result when it is the last."""
+        if self.as_json:  # every field, the result and approval as objects
+            print(json.dumps(dataclasses.asdict(event), ensure_ascii=False), flush=True)
+        elif event.kind == "text":
+            self.text(event.text)
+        elif event.kind == "tool_start":
+            args = shorten(json.dumps(event.args, ensure_ascii=False))
+            self.note(f"→ {event.tool}({args})", dim=True)
+        elif event.kind == "tool_end":
+            mark = "← error: " if event.is_error else "← "
+            self.note(mark + shorten(str(event.result)), dim=True)
+        elif event.kind == "progress":
+            self.note(f"  {shorten(event.text)}", dim=True)
+        elif event.kind == "approval":
+            self.approval(event.approval)
+        if event.kind != "done":
+            return None
+        if not self.as_json:
+            self.result(event.result)
+        self.streamed = False
+        return event.result
+
+    def text(self, text: str) -> None:
+        self.streamed = True
+        out = self.pen.feed(text) if self.pen else text
+        if out:
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            self.mid_line = not out.endswith("\n")
+
+    def end_text(self) -> None:
+        """Close the styles and the line of the text printed so far."""
+        if self.pen:
+            self.mid_line = self.mid_line or bool(self.pen.held)  # held text has no newline
+            sys.stdout.write(self.pen.end())
+        if self.mid_line:
+            sys.stdout.write("\n")
+            self.mid_line = False
+        sys.stdout.flush()
+
+    def note(self, line: str, *, dim: bool = False) -> None:
+        """A line on stderr, after the text so far."""
+        self.end_text()
+        if dim and self.dim:
+            line = STYLES["dim"][0] + line + STYLES["dim"][1]
+        print(line, file=sys.stderr, flush=True)
+
+    def decide_command(self, verb: str, approval_id: str) -> str:
+        """The exact command that decides an approval on this database."""
+        where = ["--app", self.args.app] if self.args.app else []
+        if not where and self.args.db != "agentkit.db":
+            where = ["--db", self.args.db]
+        return shlex.join(["agentkit", verb, approval_id, *where])
+
+    def approval(self, approval: Approval) -> None:
+        if approval.id in self.shown or approval.state != "pending":
+            return
+        self.shown.add(approval.id)
+        why = f" ({approval.reason})" if approval.reason else ""
+        args = json.dumps(approval.args, ensure_ascii=False)
+        self.note(f"approval {approval.id}: {approval.tool}({args}) waits for a decision{why}")
+        approve, deny = (self.decide_command(v, approval.id) for v in ("approve", "deny"))
+        self.note(f"  decide with: {approve}  or  {deny} --reason TEXT")
+
+    def result(self, result: TurnResult) -> None:
+        """The end of a turn: the reply when none was streamed, approvals, notes, errors."""
+        if not self.streamed and result.status == "done" and result.reply:
+            self.text(result.reply)
+        self.end_text()
+        for approval in result.approvals:
+            self.approval(approval)
+        if result.note:
+            self.note(result.note)
+        if result.status in ("failed", "cancelled", "running"):
+            error = f": {result.error}" if result.error else ""
+            self.note(f"agentkit: turn {result.turn_id} {result.status}{error}")
+
+    def interrupted(self) -> None:
+        self.abandoned = True
+        self.note("(cancelled)")
+
+    def leave(self, status: int) -> int:
+        """`status`; after a turn was cancelled, the process exits at once with it, not
+        waiting for the thread that may still wait for that turn's model (Python joins
+        it at exit; the turn's rows are settled, so nothing is lost)."""
+        if self.abandoned:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
+
+
+def decision_events(
+    kit: AgentKit, printer: TurnPrinter, approval: Approval, decide: Callable[[], TurnResult]
+) -> Iterator[TurnEvent]:
+    """The end of the turn a decision takes on; while `decide` runs the turn here, its live
+    events are printed as they come (a worker elsewhere shows only the end)."""
+    unwatch = kit.engine.live.watch(
+        approval.turn_id, lambda event: event.kind != "done" and printer.show(event)
+    )
+    try:
+        result = decide()
+    finally:
+        unwatch()
+    yield TurnEvent("done", approval.turn_id, approval.thread_id, result=result)
+
+
+def follow_turn(
+    kit: AgentKit,
+    printer: TurnPrinter,
+    events: Iterator[TurnEvent],
+    thread: str,
+    turn_id: str | None = None,
+) -> TurnResult | None:
+    """Print a turn's events; its result, or None when Ctrl-C cancelled it. The turn ends
+    at once and frees the thread (its worker's later writes are refused), so the thread's
+    next message runs right away and the cancelled turn never runs after it."""
+    try:
+        for event in events:
+            turn_id = event.turn_id or turn_id
+            result = printer.show(event)
+            if result is not None:
+                return result
+        raise AgentKitError("the turn's events ended before the turn did")
+    except KeyboardInterrupt:
+        if turn_id is None:  # interrupted before its first event: the thread's newest turn
+            active = kit.engine.records.active_turns(kit.store.connection(), thread, "")
+            turn_id = active[-1] if active else None
+        if turn_id and kit.turn(turn_id).status in ("queued", "running"):
+            with contextlib.suppress(BadInput):  # it ended meanwhile
+                kit.cancel(turn_id, at_once=True)
+        printer.interrupted()
+        return None
+
+
+def read_message(args: argparse.Namespace) -> str:
+    """The message of `run`: its argument, or standard input for `-` or none."""
+    if args.text not in (None, "-"):
+        return args.text
+    if args.text is None and sys.stdin.isatty():
+        raise BadInput("run needs a message: agentkit run TEXT, or text on standard input")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise BadInput("the message on standard input is empty")
+    return text
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    text = read_message(args)
     kit = open_kit(args)
-    return print_result(kit.run_turn(args.thread, args.text, actor=args.actor))
+    printer = TurnPrinter(args, as_json=args.json)
+    events = kit.stream_turn(args.thread, text, actor=args.actor)
+    result = follow_turn(kit, printer, events, args.thread)
+    return printer.leave(130 if result is None else exit_status(result))
+
+
+def history_file() -> Path:
+    """Where `chat` keeps its line history: the user's data folder, never a project's."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(data) / "agentkit" / "chat_history"
+
+
+@contextlib.contextmanager
+def line_editing() -> Iterator[None]:
+    """readline's line editing and the history file, while the block runs."""
+    try:
+        import readline  # line editing for input(); absent on some platforms
+    except ImportError:
+        yield
+        return
+    path = history_file()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+
+def ask_decisions(kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter) -> None:
+    """Ask `[a]pprove / [d]eny` for each approval the thread waits for while the user may
+    decide, and print the turn going on after each decision."""
+    while kit.gatekeeper.may_decide(args.actor):
+        waiting = kit.engine.records.waiting_in(kit.store.connection(), args.thread)
+        if not waiting:
+            return
+        approval = waiting[0]
+        printer.approval(approval)  # unless this turn printed it already
+        try:
+            answer = input(f"{approval.tool}: [a]pprove / [d]eny? ").strip().lower()
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer not in ("a", "approve", "d", "deny"):
+            printer.note(f"left pending: {printer.decide_command('approve', approval.id)}")
+            return
+        verb = "approve" if answer.startswith("a") else "deny"
+        decide = functools.partial(getattr(kit, verb), approval.id, actor=args.actor)
+        events = decision_events(kit, printer, approval, decide)
+        try:
+            if follow_turn(kit, printer, events, args.thread, approval.turn_id) is None:
+                return  # Ctrl-C cancelled it
+        except AgentKitError as e:  # not allowed, or decided meanwhile: say so
+            printer.note(f"agentkit: {e}")
+            return
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     kit = open_kit(args)
-    prompt = "you> " if sys.stdin.isatty() else ""
-    while True:
-        try:
-            text = input(prompt)
-        except EOFError:
-            return 0
-        if text.strip():
-            print_result(kit.run_turn(args.thread, text, actor=args.actor))
+    printer = TurnPrinter(args, as_json=args.json)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"agentkit chat: model {kit.engine.model.name}, thread {args.thread}")
+        print("Ctrl-C cancels a reply, Ctrl-D exits.")
+    with line_editing() if interactive else contextlib.nullcontext():
+        if interactive:  # what an earlier conversation left waiting comes first
+            ask_decisions(kit, args, printer)
+        while True:
+            try:
+                text = input("> " if interactive else "")
+            except EOFError:
+                if interactive:
+                    print()
+                break
+            except KeyboardInterrupt:  # a fresh line, as in a shell
+                print()
+                continue
+            if not text.strip():
+                continue
+            try:
+                events = kit.stream_turn(args.thread, text, actor=args.actor)
+                if follow_turn(kit, printer, events, args.thread) and interactive:
+                    ask_decisions(kit, args, printer)
+            except AgentKitError as e:  # say it and go on with the conversation
+                printer.note(f"agentkit: {e}")
+    return printer.leave(0)
 
 
 def cmd_threads(args: argparse.Namespace) -> int:
@@ -9567,24 +10044,73 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_decide(args: argparse.Namespace) -> int:
     kit = open_kit(args, must_exist=True)
-    if args.command == "approve":
-        result = kit.approve(args.id, actor=args.actor, wait=False)
-    else:
-        result = kit.deny(args.id, actor=args.actor, reason=args.reason, wait=False)
+    decide = functools.partial(
+        kit.approve if args.command == "approve" else kit.deny, args.id, actor=args.actor
+    )
+    if args.command == "deny":
+        decide = functools.partial(decide, reason=args.reason)
     done = {"approve": "approved", "deny": "denied"}[args.command]
-    print(f"{done} {args.id}; turn {result.turn_id} goes on")
+    if not args.app:  # a bare kit has neither the app's tools nor its model
+        result = decide(wait=False)
+        print(
+            f"{done} {args.id}; turn {result.turn_id} goes on in a process that runs this "
+            f"database with its app (agentkit serve or agentkit work --app MODULE:ATTR); "
+            f"without --app, nothing here runs it"
+        )
+        return 0
+    printer = TurnPrinter(args)
+    print(f"{done} {args.id}", flush=True)
+    approval = kit.gatekeeper.get(args.id)
+    events = decision_events(kit, printer, approval, decide)
+    result = follow_turn(kit, printer, events, approval.thread_id, approval.turn_id)
+    return printer.leave(130 if result is None else exit_status(result))
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    kit = open_kit(args)
+    log.info("working on %s with %d workers", kit.store.path, args.workers)
+    with stopping_on_signals() as stop:
+        ran = kit.work(concurrency=args.workers, until_idle=args.until_idle, stop=stop)
+    log.info("stopped after %d jobs", ran)
     return 0
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The log level: `-v` (INFO; `-vv` DEBUG) or `-q` (errors only; `-qq` none), else
+    AGENTKIT_LOG_LEVEL, else INFO for `serve` and `work`, none in `chat` (its screen is
+    the conversation), warnings for the other commands."""
+    steps = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+    if steps:
+        return max(logging.DEBUG, min(logging.CRITICAL + 10, logging.WARNING - 10 * steps))
+    named = os.environ.get("AGENTKIT_LOG_LEVEL", "").strip().upper()
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if named:
+        if named not in levels:
+            raise BadInput(f"AGENTKIT_LOG_LEVEL is one of {', '.join(levels)}, not {named!r}")
+        return logging.getLevelName(named)
+    defaults = {"serve": logging.INFO, "work": logging.INFO, "chat": logging.CRITICAL + 10}
+    return defaults.get(args.command, logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database file (agentkit.db)")
     common.add_argument("--app", default=argparse.SUPPRESS, help="module:attribute of an AgentKit")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="count", default=argparse.SUPPRESS, help="log only errors"
+    )
     parser = argparse.ArgumentParser(
         prog="agentkit",
         description="Chat agents whose whole state lives in SQLite.",
+        epilog="run, chat and approve exit 0 when the turn is done, 3 when it waits for an "
+        "approval, 1 when it failed or was cancelled (130 after Ctrl-C); usage errors exit "
+        "2; not found and other failures exit 1. AGENTKIT_LOG_LEVEL sets the log level.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"agentkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     doctor = commands.add_parser(
         "doctor", parents=[common], help="check the database: schema, integrity, row counts"
@@ -9601,12 +10127,20 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=50, help="at most this many (50)")
     jobs.set_defaults(run=cmd_jobs)
     me = cli_user()
-    run = commands.add_parser("run", parents=[common], help="send one message, print the reply")
-    run.add_argument("text", help="the message")
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="send one message, print the reply as it comes",
+        epilog="exit status: 0 done, 3 waiting for an approval, 1 failed or cancelled",
+    )
+    run.add_argument("text", nargs="?", help="the message (none or -: standard input)")
     chat = commands.add_parser("chat", parents=[common], help="talk to the agent in the terminal")
     for command, fn in ((run, cmd_run), (chat, cmd_chat)):
         command.add_argument("--thread", default=me, help=f"thread id ({me})")
         command.add_argument("--as", dest="actor", default=me, help=f"actor id ({me})")
+        command.add_argument("-m", "--model", help="echo, openai:<model> or anthropic:<model>")
+        command.add_argument("-s", "--system", help="instructions for the turns run here")
+        command.add_argument("--json", action="store_true", help="the events as JSON lines")
         command.set_defaults(run=fn)
     threads = commands.add_parser("threads", parents=[common], help="list recent threads")
     threads.add_argument("--limit", type=int, default=50, help="at most this many (50)")
@@ -9633,6 +10167,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", default="127.0.0.1:8765", help="address (127.0.0.1:8765)")
     serve.add_argument("--workers", type=int, default=2, help="worker threads (2)")
     serve.set_defaults(run=cmd_serve)
+    work = commands.add_parser(
+        "work", parents=[common], help="run the workers and the scheduler, without serving"
+    )
+    work.add_argument("--workers", type=int, default=2, help="worker threads (2)")
+    work.add_argument("--until-idle", action="store_true", help="stop when no job is ready")
+    work.set_defaults(run=cmd_work)
     prune = commands.add_parser(
         "prune", parents=[common], help="delete old finished jobs, events and deliveries"
     )
@@ -9649,14 +10189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.app = getattr(args, "app", None)
     if args.app and args.db != "agentkit.db":
         parser.error("give --db or --app, not both (the app names its own database)")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
+    try:
+        level = log_level(args)
+    except BadInput as e:
+        parser.error(str(e))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # a line per request
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactions)  # tokens and secrets, whoever logs them
     try:
         return args.run(args)
+    except NotFound as e:
+        print(f"agentkit: {e}", file=sys.stderr)
+        return 1
     except BadInput as e:
         print(f"agentkit: {e}", file=sys.stderr)
         return 2

@@ -130,6 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client gave up
             self.server.fake._serve(self, Request(self.path, headers, body))
 
+    def do_GET(self) -> None:
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.server.fake._get(self, Request(self.path, headers, None))
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
 
@@ -305,6 +310,12 @@ class _FakeServer(_Loopback, ABC):
             case _Hang(seconds):
                 self._closing.wait(seconds)
 
+    def _get(self, handler: _Handler, request: Request) -> None:
+        """Answer a GET: no such path, unless a fake serves one."""
+        with self._lock:
+            self.requests.append(request)
+        handler.send_body(404, "text/plain", f"no such path: {request.path}".encode())
+
     def _next_id(self, prefix: str) -> str:
         with self._lock:
             return f"{prefix}{next(self._ids)}"
@@ -319,11 +330,23 @@ class _FakeServer(_Loopback, ABC):
 
 
 class FakeOpenAI(_FakeServer):
-    """A fake Chat Completions server; .url ends in /v1, as OPENAI_BASE_URL does."""
+    """A fake Chat Completions server; .url ends in /v1, as OPENAI_BASE_URL does.
+    GET /v1/models lists .models (set it to change the list)."""
 
     endpoint = "/v1/chat/completions"
     url_path = "/v1"
     held_after = 2  # the role delta, then the first content delta
+    models: tuple[str, ...] = ("fake-large", "fake-small")
+
+    def _get(self, handler: _Handler, request: Request) -> None:
+        if request.path != "/v1/models":
+            super()._get(handler, request)
+            return
+        with self._lock:
+            self.requests.append(request)
+        listed = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
+        data = json.dumps({"object": "list", "data": listed}).encode()
+        handler.send_body(200, "application/json", data)
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}

@@ -1657,7 +1657,7 @@ def test_approvals_cli(db: Path) -> None:
     assert denied.returncode == 0 and denied.stdout.startswith(f"denied {second.id}")
     assert cli("approvals", "--db", str(db)).stdout == ""
     assert "denied by cli:" in cli("approvals", "--all", "--db", str(db)).stdout
-    assert cli("approve", "apr_missing", "--db", str(db)).returncode == 2
+    assert cli("approve", "apr_missing", "--db", str(db)).returncode == 1  # not found
 
 
 # ─────────────────────────────────────── benchmarks ───────────────────────────────────────

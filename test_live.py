@@ -316,3 +316,25 @@ def test_progress_takes_text_and_is_nothing_outside_a_call(tmp_path: Path) -> No
         events = list(kit.stream_turn("cli:me", "go"))
         assert refused and [e.kind for e in events].count("progress") == 0
         assert [e.kind for e in kit.stream_turn("cli:me", "/quiet")] == ["text", "done"]
+
+
+CLIPPED_SECRET = "AAAAsecretvalueOFthreadA"
+
+
+def test_clipped_progress_does_not_show_part_of_a_secret(tmp_path):
+    model = agentkit.ScriptedModel([agentkit.ToolCall("prog", {}), "done"])
+    kit = agentkit.AgentKit(str(tmp_path / "a.db"), model=model)
+    agentkit.write_secret(
+        agentkit.secrets_folder(kit.engine.workspace, "cli:a"), "API_TOKEN", CLIPPED_SECRET
+    )
+
+    @kit.tool()
+    def prog(ctx: agentkit.ToolContext) -> str:
+        """Report progress."""
+        ctx.progress("x" * 480 + ctx.secret("API_TOKEN"))
+        return "ok"
+
+    texts = [e.text for e in kit.stream_turn("cli:a", "go") if e.kind == "progress"]
+    kit.close()
+    assert texts
+    assert not any(CLIPPED_SECRET[:12] in text for text in texts)

@@ -657,3 +657,22 @@ def test_bad_runtime_options_are_refused(tmp_path: Path) -> None:
         with pytest.raises(agentkit.BadInput, match=problem):
             scripted(tmp_path, [], **options)
     assert not (tmp_path / "agent.db").exists()
+
+
+def test_bwrap_command_cannot_reach_host_files_through_inherited_descriptor(tmp_path):
+    root = tmp_path / "ws"
+    agentkit.write_secret(root / ".secrets", "API_TOKEN", "own-thread-secret-value")
+    agentkit.write_secret(tmp_path / "other" / ".secrets", "API_TOKEN", "other-thread-secret")
+    provider = agentkit.BwrapProvider()
+    try:
+        runtime = provider.get(agentkit.RuntimeScope("thread", "t", root))
+        result = runtime.bash(
+            "cat /proc/self/fd/*/.secrets/API_TOKEN /proc/self/fd/*/../other/.secrets/API_TOKEN;"
+            " for f in /proc/self/fd/*; do touch $f/../escaped; done",
+            timeout=30,
+        )
+    finally:
+        provider.stop()
+    assert "own-thread-secret-value" not in result.output
+    assert "other-thread-secret" not in result.output
+    assert not (tmp_path / "escaped").exists()

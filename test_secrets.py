@@ -546,3 +546,26 @@ def test_old_folders_of_long_ids_move_when_unambiguous_and_stay_with_a_warning_o
         assert not old_folder(root, LONG).exists()
         assert old_folder(root, shared).exists()  # its short twin keeps it, and the log says
         assert "was shared by" in caplog.text and shared in caplog.text
+
+
+ESCAPED_SECRET = 'pa"ss\\word99\tZ'
+
+
+def test_secret_returned_inside_a_dict_is_redacted(tmp_path):
+    model = agentkit.ScriptedModel([agentkit.ToolCall("leak", {}), "done"])
+    kit = agentkit.AgentKit(str(tmp_path / "a.db"), model=model)
+    agentkit.write_secret(
+        agentkit.secrets_folder(kit.engine.workspace, "cli:a"), "API_TOKEN", ESCAPED_SECRET
+    )
+
+    @kit.tool()
+    def leak(ctx: agentkit.ToolContext) -> dict:
+        """Return the token in a dict."""
+        return {"token": ctx.secret("API_TOKEN")}
+
+    assert kit.run_turn("cli:a", "go").status == "done"
+    tool_message = next(m for m in model.calls[1] if m["role"] == "tool")["content"]
+    kit.close()
+    escaped = '\\"ss\\\\word99'  # how JSON writes the middle of the secret
+    assert escaped not in tool_message
+    assert escaped.encode() not in (tmp_path / "a.db").read_bytes()

@@ -953,3 +953,16 @@ def test_help_exits_0(tmp_path: Path) -> None:
     serve = cli("serve", "--help", cwd=tmp_path)
     assert serve.returncode == 0 and "--http" in serve.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_callbacks_that_a_server_on_the_way_may_resolve_elsewhere_are_refused():
+    hook = agentkit.Webhook("s" * 20, callbacks=["http://h/hooks/agent/"])
+    for url in (
+        "http://h/hooks/agent/..;/admin",
+        "http://h/hooks/agent/x/..;/..;/admin",
+        "http://h/hooks/agent/..%3b/admin",
+        "http://h/hooks/agent/%252e%252e/admin",
+        "http://h/hooks/agent/%u002e%u002e/admin",
+    ):
+        assert not hook.allows(url), url
+    assert hook.allows("http://h/hooks/agent/reply?x=%41")

@@ -3,7 +3,9 @@
 The first turn asks to restart nginx: it stops at "waiting_approval", an approver says yes,
 and the tool runs exactly once. The second asks for postgres and is denied; the model is
 told why. A ScriptedModel plays the model offline. Approvals are rows, so they can also be
-decided later, from another process: `agentkit approvals` / `agentkit approve ID`.
+decided later, from another process: `agentkit approvals --app ops_bot:kit`, then
+`agentkit approve ID --app ops_bot:kit --as cli:oncall`, which runs the call and prints
+the rest of the turn.
 
     python ops_bot.py
 """
