@@ -9878,7 +9878,7 @@ def follow_turn(
         raise AgentKitError("the turn's events ended before the turn did")
     except KeyboardInterrupt:
         if turn_id is None:  # interrupted before its first event: the thread's newest turn
-            active = kit.engine.records.active_turns(kit.store.connection(), thread, "")
+            active = kit.engine.records.active_turns(thread, "")
             turn_id = active[-1] if active else None
         if turn_id and kit.turn(turn_id).status in ("queued", "running"):
             with contextlib.suppress(BadInput):  # it ended meanwhile
@@ -9938,7 +9938,7 @@ def ask_decisions(kit: AgentKit, args: argparse.Namespace, printer: TurnPrinter)
     """Ask `[a]pprove / [d]eny` for each approval the thread waits for while the user may
     decide, and print the turn going on after each decision."""
     while kit.gatekeeper.may_decide(args.actor):
-        waiting = kit.engine.records.waiting_in(kit.store.connection(), args.thread)
+        waiting = kit.engine.records.waiting_in(args.thread)
         if not waiting:
             return
         approval = waiting[0]

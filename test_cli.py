@@ -20,7 +20,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit
 from fake_servers import FakeOpenAI
-from testkit import CONFIG_VARS
+from testkit import CONFIG_VARS, rows
 
 ROOT = Path(__file__).resolve().parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -187,7 +187,7 @@ def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctr
     assert "Traceback" not in term.screen and " INFO " not in term.screen
     with AgentKit(tmp_path / "chat.db") as kit:
         history = kit.history(agentkit.cli_user())
-        statuses = [row[0] for row in kit.store.read("SELECT status FROM turns ORDER BY rowid")]
+        statuses = rows(kit, "turns", "status")
         jobs = kit.jobs()
     assert statuses == ["done", "cancelled", "done"]
     assert "running" not in {job.state for job in jobs}
@@ -382,7 +382,7 @@ def test_a_turn_interrupted_by_ctrl_c_hands_its_job_back_and_cancels_at_once(
             "queued",
             "interrupted: its worker stopped before finishing",
         )
-        (turn_id,) = [row[0] for row in kit.store.read("SELECT id FROM turns")]
+        (turn_id,) = rows(kit, "turns", "id")
         assert kit.cancel(turn_id).status == "cancelled"
         assert kit.job(job.id).state == "cancelled"
         assert kit.run_turn("cli:me", "second", timeout=0).reply == "the next one"
@@ -422,7 +422,7 @@ def test_cancel_at_once_frees_the_thread_and_fences_the_worker_still_running(
         first = threading.Thread(target=lambda: list(events), daemon=True)
         first.start()
         assert started.wait(60)
-        (turn_id,) = [row[0] for row in kit.store.read("SELECT id FROM turns")]
+        (turn_id,) = rows(kit, "turns", "id")
         assert kit.cancel(turn_id, at_once=True).status == "cancelled"
         assert kit.run_turn("cli:me", "second", timeout=0).reply == "the next one"
         release.set()
@@ -482,5 +482,5 @@ def test_ctrl_c_in_run_cancels_the_turn_and_exits_130_at_once(
     finally:
         term.close()
     with AgentKit(tmp_path / "chat.db") as kit:
-        (status,) = [row[0] for row in kit.store.read("SELECT status FROM turns")]
+        (status,) = rows(kit, "turns", "status")
     assert status == "cancelled"
