@@ -1,0 +1,165 @@
+"""What only the PostgreSQL engine has to prove: migrations applied once however many
+processes start together, the database's clock for leases on hosts whose clocks are off,
+LISTEN/NOTIFY wake-ups, and one running job per target refused by the database itself."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import agentkit
+from testkit import wait_until
+
+
+@pytest.fixture
+def url(postgres_url: str) -> Iterator[str]:
+    """A fresh schema of the test server, as a URL whose search_path selects it."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_postgresql_url_opens_the_postgresql_engine(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        assert isinstance(kit.store, agentkit.PostgresStore)
+        assert kit.store.version == kit.store.latest
+        assert "password" not in kit.store.path
+        assert kit.run_turn("cli:me", "hello").reply == "echo: hello"
+
+
+def test_eight_processes_starting_at_once_migrate_once(url: str, tmp_path) -> None:
+    go = tmp_path / "go"
+    code = """
+        import os, sys, time, agentkit
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.001)
+        store = agentkit.open_store(sys.argv[1])
+        print(store.version, len(store.tables()))
+        store.close()
+    """
+    procs = [run_python(code, url, str(go)) for _ in range(8)]
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outputs]
+    latest = agentkit.PostgresStore.latest
+    answers = {out.strip() for out, _ in outputs}
+    assert len(answers) == 1 and answers.pop().startswith(f"{latest} ")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT version FROM agentkit_schema").fetchall() == [(latest,)]
+
+
+def test_leases_follow_the_database_clock_on_a_host_ten_minutes_ahead(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        job = kit.enqueue("slow", strict=False)
+        skewed = """
+            import sys, time, agentkit
+            agentkit.now = lambda: time.time() + 600  # this host's clock runs 10 minutes ahead
+            store = agentkit.open_store(sys.argv[1])
+            [claimed] = store.claim_jobs("skewed", ["slow"], 1, 30)
+            print(claimed.rowid)
+            store.close()
+        """
+        out, err = run_python(skewed, url).communicate(timeout=60)
+        assert out.strip() == job[4:], err
+        [row] = [r for r in kit.store.rows("jobs") if r["id"] == int(job[4:])]
+        # The lease runs 30 s on the database's clock (this host's), not 630 s.
+        assert row["lease_until"] - kit.store.now() == pytest.approx(30, abs=10)
+        # And a host whose clock is right cannot take the job over while the lease lasts.
+        assert kit.store.claim_jobs("honest", ["slow"], 1, 30, sweep=True) == []
+
+
+def test_a_host_ten_minutes_behind_does_not_take_over_a_live_lease(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        kit.enqueue("slow", strict=False)
+        assert kit.store.claim_jobs("first", ["slow"], 1, 60)
+        behind = """
+            import sys, time, agentkit
+            agentkit.now = lambda: time.time() - 600
+            store = agentkit.open_store(sys.argv[1])
+            store.requeue_expired()
+            print(len(store.claim_jobs("late", ["slow"], 1, 30)))
+            store.close()
+        """
+        out, err = run_python(behind, url).communicate(timeout=60)
+        assert out.strip() == "0", err
+        assert [r["owner"] for r in kit.store.rows("jobs")] == ["first"]
+
+
+def test_a_notify_from_another_process_wakes_an_idle_waiter(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        kit.store.wait_for_change(0.01)  # the listener is up
+        heard = kit.store._signals
+        woke = threading.Event()
+
+        def waiter() -> None:
+            kit.store.wait_for_change(600)
+            woke.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        out, err = run_python(
+            "import sys, agentkit; s = agentkit.open_store(sys.argv[1]); s.notify(); s.close()",
+            url,
+        ).communicate(timeout=60)
+        assert woke.wait(120), err
+        assert kit.store._signals > heard
+
+
+def test_the_database_refuses_a_second_running_job_of_a_target(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        first = kit.enqueue("t", target="cli:me", strict=False)
+        second = kit.enqueue("t", target="cli:me", strict=False)
+        assert len(kit.store.claim_jobs("w", ["t"], 2, 30)) == 1
+        with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("UPDATE jobs SET state = 'running' WHERE id = %s", (int(second[4:]),))
+        assert kit.job(first).state == "running" and kit.job(second).state == "queued"
+
+
+def test_four_processes_drain_two_thousand_jobs_each_once(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        ids = kit.enqueue_many("count", list(range(2000)), strict=False)
+        worker = """
+            import sys, agentkit
+            kit = agentkit.AgentKit(sys.argv[1])
+            kit.task(name="count")(lambda n: n)
+            kit.work(until_idle=True)
+            kit.close()
+        """
+        procs = [run_python(worker, url) for _ in range(4)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors
+        jobs = [kit.job(i) for i in ids]
+        assert {j.state for j in jobs} == {"done"}
+        assert [j.attempts for j in jobs] == [1] * 2000
+        assert [j.result for j in jobs] == list(range(2000))
+
+
+def test_a_worker_that_loses_its_connection_reconnects(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        kit.enqueue("t", 1, strict=False)
+        pid = kit.store.connection().info.backend_pid
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            gone = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+            wait_until(lambda: conn.execute(gone, (pid,)).fetchone() == (0,), what="the cut")
+        with pytest.raises(agentkit.StoreError):
+            kit.store.claim_jobs("w", ["t"], 1, 30)
+        assert len(kit.store.claim_jobs("w", ["t"], 1, 30)) == 1  # on a new connection
