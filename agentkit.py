@@ -2502,7 +2502,7 @@ class PostgresStore(_SQLStore):
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[None]:
-        """Run driver calls, turning a lost connection into StoreError (the next call reconnects)."""
+        """Driver calls, a lost connection raised as StoreError (the next call reconnects)."""
         try:
             yield
         except self._driver.OperationalError as e:

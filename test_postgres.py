@@ -115,7 +115,7 @@ def test_a_notify_from_another_process_wakes_an_idle_waiter(url: str) -> None:
             woke.set()
 
         threading.Thread(target=waiter, daemon=True).start()
-        out, err = run_python(
+        _, err = run_python(
             "import sys, agentkit; s = agentkit.open_store(sys.argv[1]); s.notify(); s.close()",
             url,
         ).communicate(timeout=60)
