@@ -673,6 +673,10 @@ class Store(ABC):
         """Every row of one of `tables()`, as column -> value (for tools, copies, tests)."""
 
     @abstractmethod
+    def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows as `rows(table)` gives them, ids included (for copies)."""
+
+    @abstractmethod
     def integrity(self) -> str:
         """The engine's own consistency check: "ok", or what is wrong."""
 
@@ -1073,6 +1077,39 @@ def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
     return engine(target, **options)
 
 
+# The tables other rows refer to, in the order a copy fills them; the rest follow by name.
+_PARENT_TABLES = ("threads", "turns", "messages")
+
+
+def _copy_order(table: str) -> tuple[int, str]:
+    return (_PARENT_TABLES.index(table) if table in _PARENT_TABLES else 3, table)
+
+
+def copy_store(source: Store, target: Store) -> dict[str, int]:
+    """Copy every row of `source` into an empty `target` of the same schema, whatever their
+    engines, in one transaction of `target`; how many rows each table got. BadInput, with
+    nothing written, when `target` already holds rows or the schemas differ; StoreError
+    when the counts copied do not match (and the copy is rolled back)."""
+    if source.version != target.version:
+        raise BadInput(
+            f"{source.path} has schema {source.version} and {target.path} {target.version}: "
+            "open both with the same agentkit first"
+        )
+    tables = sorted(source.tables(), key=_copy_order)
+    if tables != sorted(target.tables(), key=_copy_order):
+        raise BadInput(f"{source.path} and {target.path} do not have the same tables")
+    if any(target.row_counts().values()):
+        raise BadInput(f"{target.path} is not empty: copy into a new database")
+    expected = source.row_counts()
+    with target.transaction():
+        for table in tables:
+            target.load_rows(table, source.rows(table))
+        copied = target.row_counts()
+        if copied != expected:
+            raise StoreError(f"copied {copied}, but {source.path} holds {expected}")
+    return copied
+
+
 # ───────────────────────────────────────── SQL store ─────────────────────────────────────────
 # The operations as SQL statements that SQLite and PostgreSQL both run (`_SQLStore`); an
 # engine below supplies connections, transactions and what its dialect does its own way.
@@ -1143,6 +1180,17 @@ class _SQLStore(Store):
             raise BadInput(f"no table {table!r} (tables: {', '.join(self.tables())})")
         names, rows = self._described(f'SELECT * FROM "{table}"')
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        if table not in self.tables():
+            raise BadInput(f"no table {table!r} (tables: {', '.join(self.tables())})")
+        if rows:
+            names = list(rows[0])
+            self._rows_many(
+                f'INSERT INTO "{table}" ({", ".join(names)}) '
+                f"VALUES ({', '.join('?' * len(names))})",
+                [[row[name] for name in names] for row in rows],
+            )
 
     # locks
 
@@ -2510,16 +2558,24 @@ class PostgresStore(_SQLStore):
                 self.release_thread()
             raise StoreError(f"{self.path}: {e}") from None
 
+    def transaction(self, *, durable: bool = False) -> contextlib.AbstractContextManager[None]:
+        """`BEGIN` and a transaction-scoped advisory lock, so transactions serialise as on
+        SQLite; committed on success, rolled back on error; nested, a savepoint. Every
+        commit is durable (`synchronous_commit` as the server sets it: `on` by default), so
+        `durable` adds nothing here."""
+        if durable and self._local.depth:
+            raise BadInput("durable=True applies to an outermost transaction only")
+        return self._transaction(serial=True)
+
+    def _atomic(self) -> contextlib.AbstractContextManager[None]:
+        # One operation's statements need no lock of all writers: each is fenced or
+        # conditional on its own, and claims skip the rows that others hold.
+        return _JOINED if self._local.depth else self._transaction(serial=False)
+
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = False) -> Iterator[None]:
-        """`BEGIN` and an advisory lock that serialises transactions, committed on success,
-        rolled back on error; nested, a savepoint. Every commit is durable
-        (`synchronous_commit` as the server sets it, `on` by default), so `durable` adds
-        nothing here."""
+    def _transaction(self, *, serial: bool) -> Iterator[None]:
         conn = self.connection()
         depth = self._local.depth
-        if depth and durable:
-            raise BadInput("durable=True applies to an outermost transaction only")
         with self._statement():
             if depth:
                 name = f"sp{depth}"
@@ -2537,15 +2593,15 @@ class PostgresStore(_SQLStore):
             conn.execute("BEGIN")
             self._local.depth = 1
             try:
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._channel,))
+                if serial:
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._channel,))
                 yield
             except BaseException:
                 self._local.depth = 0
                 if not conn.closed:
                     conn.execute("ROLLBACK")
                 raise
-            finally:
-                self._local.depth = 0
+            self._local.depth = 0
             conn.execute("COMMIT")
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
@@ -2554,23 +2610,18 @@ class PostgresStore(_SQLStore):
             return cursor.fetchall() if cursor.description else []
 
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
-        conn = self.connection()
-        with self._statement():
-            if not self._local.depth:
-                with conn.transaction():
-                    return self._many(conn, sql, params)
-            return self._many(conn, sql, params)
+        with self._atomic(), self._statement():
+            cursor = self.connection().cursor()
+            cursor.executemany(_pg_sql(sql), params, returning=True)
+            rows: list[tuple] = []
+            while True:
+                if cursor.description:
+                    rows += cursor.fetchall()
+                if not cursor.nextset():
+                    return rows
 
-    @staticmethod
-    def _many(conn: Any, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
-        cursor = conn.cursor()
-        cursor.executemany(_pg_sql(sql), params, returning=True)
-        rows: list[tuple] = []
-        while True:
-            if cursor.description:
-                rows += cursor.fetchall()
-            if not cursor.nextset():
-                return rows
+    def _insert_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
+        return [rowid for (rowid,) in self._rows_many(f"{sql} RETURNING id", params)]
 
     def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._statement():
@@ -2629,6 +2680,14 @@ class PostgresStore(_SQLStore):
     def integrity(self) -> str:
         return "ok" if self._rows("SELECT 1") == [(1,)] else "the server did not answer"
 
+    def load_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        super().load_rows(table, rows)
+        if rows and "id" in rows[0] and isinstance(rows[0]["id"], int):
+            # the identity column goes on after the ids copied in
+            self._rows(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM \"{table}\""
+            )
+
     def holds_job(self, rowid: int, owner: str, attempt: int) -> bool:
         # FOR SHARE: a claim (which skips locked rows) cannot take the job over until the
         # fenced transaction that asked has committed.
@@ -2652,30 +2711,30 @@ class PostgresStore(_SQLStore):
     ) -> list[Claimed]:
         if sweep:
             self.requeue_expired()
-        conn = self.connection()
-        for _ in range(5):  # another host took a job of one of the targets first: again
+        which = "id = ? AND " if only is not None else ""
+        sql = (
+            f"SELECT id, target FROM jobs WHERE {which}state = 'queued' AND run_at <= ? "
+            f"AND name {self.IN_LIST} AND (target IS NULL OR NOT {self._RUNNING}) "
+            "ORDER BY priority DESC, run_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+        )
+        for _ in range(5):  # another host started a job of one of the targets first: again
             try:
-                with self._statement(), conn.transaction():
-                    candidates = conn.execute(
-                        _pg_sql(
-                            "SELECT id, target FROM jobs WHERE state = 'queued' AND run_at <= ? "
-                            "AND name = ANY(?) "
-                            + ("AND id = ? " if only else "")
-                            + "AND (target IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r "
-                            "WHERE r.state = 'running' AND r.target = jobs.target)) "
-                            "ORDER BY priority DESC, run_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
-                        ),
-                        (self.now(), list(names), *([only] if only else []), limit),
-                    ).fetchall()
+                with self._transaction(serial=False):
+                    at = self.now()
+                    params = (*([] if only is None else [only]), at, list(names), limit)
                     picked, targets = [], set()
-                    for rowid, target in candidates:
+                    for rowid, target in self._rows(sql, params):
                         if target is None or target not in targets:
                             picked.append(rowid)
                             targets.add(target)
-                    return self._lease(picked, owner, lease) if picked else []
+                    return self._lease(picked, owner, lease, at) if picked else []
             except self._driver.errors.UniqueViolation:
                 continue
         return []
+
+    _RUNNING = (
+        "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = jobs.target)"
+    )
 
 
 STORE_ENGINES["postgresql"] = STORE_ENGINES["postgres"] = PostgresStore

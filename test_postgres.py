@@ -163,3 +163,57 @@ def test_a_worker_that_loses_its_connection_reconnects(url: str) -> None:
         with pytest.raises(agentkit.StoreError):
             kit.store.claim_jobs("w", ["t"], 1, 30)
         assert len(kit.store.claim_jobs("w", ["t"], 1, 30)) == 1  # on a new connection
+
+
+def populate(db: object) -> None:
+    """A little of everything: a turn with an approved call, jobs, a schedule, a lock."""
+    model = agentkit.ScriptedModel([agentkit.ToolCall("restart", {"service": "web"}), "ok"])
+    kit = agentkit.AgentKit(db, model=model)
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        return f"restarted {service}"
+
+    waiting = kit.run_turn("cli:me", "restart web")
+    kit.approve(waiting.approvals[0].id, actor="cli:ops")
+    kit.enqueue_many("later", [1, 2, 3], delay=3600, strict=False)
+    kit.schedule("morning", cron="0 9 * * 1-5", tz="Europe/Paris", thread="cli:me", prompt="hi")
+    kit.store.acquire_lock("deploy", "me", 30)
+    kit.close()
+
+
+def contents(store: agentkit.Store) -> dict[str, list[dict]]:
+    return {table: store.rows(table) for table in store.tables()}
+
+
+def test_copy_moves_a_database_to_postgresql_and_back_row_for_row(url: str, tmp_path) -> None:
+    populate(tmp_path / "a.db")
+    with agentkit.AgentKit(tmp_path / "a.db") as kit:
+        original = contents(kit.store)
+    assert all(original[t] for t in ("turns", "messages", "calls", "approvals", "jobs"))
+    source = agentkit.open_store(tmp_path / "a.db")
+    target = agentkit.open_store(url)
+    copied = agentkit.copy_store(source, target)
+    assert copied == {t: len(rows) for t, rows in original.items()}
+    assert contents(target) == original
+    back = agentkit.open_store(tmp_path / "b.db")
+    agentkit.copy_store(target, back)
+    assert contents(back) == original
+    # the copy goes on working: new rows get new ids after the copied ones
+    new = target.insert_job(agentkit.NewJob("x", 0, 0.0, 0.0, 3, 1.0, None, None), "{}", None)
+    assert new > max(r["id"] for r in original["jobs"])
+    for store in (source, target, back):
+        store.close()
+
+
+def test_copy_refuses_a_database_that_is_not_empty_and_writes_nothing(url: str, tmp_path) -> None:
+    populate(tmp_path / "a.db")
+    with agentkit.AgentKit(url) as kit:
+        kit.run_turn("cli:other", "hello")
+        before = contents(kit.store)
+        source = agentkit.open_store(tmp_path / "a.db")
+        with pytest.raises(agentkit.BadInput, match="is not empty"):
+            agentkit.copy_store(source, kit.store)
+        assert contents(kit.store) == before
+        source.close()
