@@ -7,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -18,14 +16,8 @@ from testkit import wait_until
 
 
 @pytest.fixture
-def url(postgres_url: str) -> Iterator[str]:
-    """A fresh schema of the test server, as a URL whose search_path selects it."""
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+def url(postgres_db: str) -> str:
+    return postgres_db
 
 
 def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -1,8 +1,8 @@
 """The store contract, exercised directly: what every engine must do, table by table.
 
-The `store` fixture opens a fresh store through `testkit.open_test_store`, which picks the
-engine (SQLite today; AGENTKIT_TEST_DATABASE selects another), so these tests run
-unchanged against any engine that implements `agentkit.Store`.
+The `store` fixture gives each test a fresh store of every engine (an SQLite file, and a
+schema of the PostgreSQL server of conftest.py), so each test runs against both, and
+against any engine that implements `agentkit.Store` when it is added to the fixture.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from agentkit import NewJob, Store
 from testkit import open_test_store, rows
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_test_store(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store of each engine."""
+    where = request.getfixturevalue("postgres_db") if request.param != "sqlite" else tmp_path
+    opened = open_test_store(where)
     yield opened
     opened.close()
 

@@ -52,13 +52,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-def open_test_store(folder: os.PathLike[str] | str) -> agentkit.Store:
-    """A fresh store for a test, in `folder`: SQLite, or the engine AGENTKIT_TEST_DATABASE
-    names (only "sqlite" is known yet; another engine adds its branch here)."""
-    chosen = os.environ.get("AGENTKIT_TEST_DATABASE", "sqlite")
-    if chosen != "sqlite":
-        raise pytest.UsageError(f"AGENTKIT_TEST_DATABASE={chosen!r}: this suite knows 'sqlite'")
-    return agentkit.open_store(os.path.join(folder, "agent.db"))
+def open_test_store(where: os.PathLike[str] | str) -> agentkit.Store:
+    """A fresh store for a test: a postgresql:// URL as it is, else an SQLite file in the
+    folder `where`."""
+    where = os.fspath(where)
+    return agentkit.open_store(where if "://" in where else os.path.join(where, "agent.db"))
 
 
 Source = agentkit.AgentKit | agentkit.Store | os.PathLike[str] | str
