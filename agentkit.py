@@ -7062,6 +7062,12 @@ def kit_key(db_path: str) -> bytes:
         return hashlib.sha256(configured.encode()).digest()
     if db_path == ":memory:":
         return os.urandom(32)
+    if "://" in db_path:
+        raise StoreError(
+            f"{db_path} is shared by every host that uses it, and so must be the key that "
+            "seals its secret requests: set AGENTKIT_SECRET_KEY (a random string of 32 "
+            "characters or more, the same on every host)"
+        )
     path = db_path + ".key"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -8870,12 +8876,18 @@ class WebChat(Adapter):
         return actor if actor == self.owner else None
 
     def choose_token(self, db_path: str, url: str) -> None:
-        """The token: given, AGENTKIT_WEB_TOKEN, or random: printed if stdout is a
-        terminal, else kept in `<database>.token` (mode 0600). Never logged."""
+        """The token: given, AGENTKIT_WEB_TOKEN (required for a database URL), or random:
+        printed if stdout is a terminal, else kept in `<database>.token` (mode 0600). Never
+        logged."""
         self.cookie = f"agentkit_web_{urllib.parse.urlsplit(url).port}"  # a bot per port
         self.token = self.token or os.environ.get("AGENTKIT_WEB_TOKEN")
         if self.token:
             return
+        if "://" in db_path:
+            raise StoreError(
+                f"{db_path} is shared by every host that serves it, and so must be the web "
+                "chat's token: set AGENTKIT_WEB_TOKEN (the same on every host)"
+            )
         self.token = b64url(os.urandom(24))
         if sys.stdout.isatty():
             print(f"agentkit web chat: {url}/#token={self.token}", flush=True)

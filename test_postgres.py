@@ -209,3 +209,19 @@ def test_copy_refuses_a_database_that_is_not_empty_and_writes_nothing(url: str, 
             agentkit.copy_store(source, kit.store)
         assert contents(kit.store) == before
         source.close()
+
+
+def test_a_shared_database_needs_the_secret_key_and_web_token_from_the_environment(
+    url: str, monkeypatch
+) -> None:
+    monkeypatch.delenv("AGENTKIT_SECRET_KEY", raising=False)
+    monkeypatch.delenv("AGENTKIT_WEB_TOKEN", raising=False)
+    with agentkit.AgentKit(url) as kit:
+        with pytest.raises(agentkit.StoreError, match="set AGENTKIT_SECRET_KEY"):
+            kit.request_secret("cli:me", fields=["TOKEN"], reason="deploy", actor="cli:me")
+        assert kit.store.row_counts()["secret_requests"] == 0
+        with pytest.raises(agentkit.StoreError, match="set AGENTKIT_WEB_TOKEN"):
+            agentkit.WebChat().choose_token(kit.store.path, "http://127.0.0.1:8765")
+        monkeypatch.setenv("AGENTKIT_SECRET_KEY", "k" * 40)
+        kit.request_secret("cli:me", fields=["TOKEN"], reason="deploy", actor="cli:me")
+        assert kit.store.row_counts()["secret_requests"] == 1
