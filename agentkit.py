@@ -1240,7 +1240,9 @@ class _SQLStore(Store):
         rows = self._rows(
             "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries, "
             "backoff, timeout, key, target, blocked) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, "
-            f"?, ?, CASE WHEN ? IS NOT NULL AND {self.TARGET_RUNNING} THEN 1 ELSE 0 END) "
+            # (a NULL parameter needs a type where PostgreSQL cannot infer one)
+            f"?, ?, CASE WHEN CAST(? AS TEXT) IS NOT NULL AND {self.TARGET_RUNNING} "
+            "THEN 1 ELSE 0 END) "
             "ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
             (job.name, payload, *job[1:7], key, job.target, job.target, job.target),
         )
