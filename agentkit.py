@@ -2412,7 +2412,7 @@ def _pg_driver() -> types.ModuleType:
     except ImportError:
         raise StoreError(
             "a postgresql:// database needs psycopg 3.2 or newer: "
-            "pip install 'agentkit[postgres]' (or: pip install 'psycopg[binary]')"
+            "pip install 'agentkit-db[postgres]' (or: pip install 'psycopg[binary]')"
         ) from None
     return psycopg
 
@@ -9194,7 +9194,7 @@ class AgentKit:
         db = os.fspath(db)
         if workspace is None:
             workspace = os.path.join(os.path.dirname(os.path.abspath(db)), "workspace")
-            if db == ":memory:":
+            if db == ":memory:" or "://" in db:  # no folder of its own: this one's
                 workspace = os.path.abspath("workspace")
         chosen = model_from_spec(model)
         runtimes = Runtimes(
@@ -10019,6 +10019,12 @@ def served_model(args: argparse.Namespace) -> str | None:
     return f"openai:{ids[0]}"
 
 
+def _database_exists(db: str) -> bool:
+    """Whether `db` names a database that may hold rows: a URL or `:memory:` (asked when
+    opened), or a file that is there."""
+    return "://" in db or db == ":memory:" or os.path.exists(db)
+
+
 def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
     """The kit the command works on: `--app`, or a bare one over `--db`; `-m` and `-s`
     set the model and instructions of the turns this process runs."""
@@ -10026,7 +10032,7 @@ def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
         kit = load_app(args.app)
         if getattr(args, "model", None):
             kit.engine.model = model_from_spec(args.model)
-    elif must_exist and args.db != ":memory:" and not os.path.exists(args.db):
+    elif must_exist and not _database_exists(args.db):
         raise StoreError(f"no database at {args.db}")
     else:
         kit = AgentKit(args.db, model=served_model(args))
@@ -10473,6 +10479,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    if not _database_exists(args.source):
+        raise StoreError(f"no database at {args.source}")
+    source = open_store(args.source)
+    try:
+        target = open_store(args.target)
+        try:
+            copied = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    rows = ", ".join(f"{table} {count}" for table, count in copied.items())
+    print(f"copied {args.source} to {args.target}: {rows}")
+    return 0
+
+
 def cmd_decide(args: argparse.Namespace) -> int:
     kit = open_kit(args, must_exist=True)
     decide = functools.partial(
@@ -10525,7 +10548,11 @@ def log_level(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=argparse.SUPPRESS, help="database file (agentkit.db)")
+    common.add_argument(
+        "--db",
+        default=argparse.SUPPRESS,
+        help="database file or postgresql:// URL (AGENTKIT_DB, else agentkit.db)",
+    )
     common.add_argument("--app", default=argparse.SUPPRESS, help="module:attribute of an AgentKit")
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
@@ -10609,6 +10636,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--older-than", required=True, help="an age like 30d, 12h or 90m")
     prune.set_defaults(run=cmd_prune)
+    copy = commands.add_parser(
+        "copy",
+        help="copy a whole database into an empty one (SQLite and PostgreSQL, either way)",
+        epilog="run it while nothing uses SOURCE; it checks the row counts and refuses a "
+        "TARGET that holds rows",
+    )
+    copy.add_argument("source", help="a database file or postgresql:// URL")
+    copy.add_argument("target", help="a new database file or an empty postgresql:// database")
+    copy.set_defaults(run=cmd_copy)
     return parser
 
 
@@ -10616,10 +10652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `agentkit COMMAND`, or `python agentkit.py COMMAND`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.db = getattr(args, "db", "agentkit.db")
     args.app = getattr(args, "app", None)
-    if args.app and args.db != "agentkit.db":
+    if args.app and hasattr(args, "db"):
         parser.error("give --db or --app, not both (the app names its own database)")
+    args.db = getattr(args, "db", None) or os.environ.get("AGENTKIT_DB") or "agentkit.db"
     try:
         level = log_level(args)
     except BadInput as e:

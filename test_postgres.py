@@ -225,3 +225,23 @@ def test_a_shared_database_needs_the_secret_key_and_web_token_from_the_environme
         monkeypatch.setenv("AGENTKIT_SECRET_KEY", "k" * 40)
         kit.request_secret("cli:me", fields=["TOKEN"], reason="deploy", actor="cli:me")
         assert kit.store.row_counts()["secret_requests"] == 1
+
+
+def test_the_cli_copies_a_file_into_postgresql_and_reads_it_through_agentkit_db(
+    url: str, tmp_path
+) -> None:
+    populate(tmp_path / "a.db")
+    cli = [sys.executable, "-m", "agentkit"]
+    copied = subprocess.run(
+        [*cli, "copy", str(tmp_path / "a.db"), url], capture_output=True, text=True
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert "turns 1" in copied.stdout and "password" not in copied.stdout
+    again = subprocess.run(
+        [*cli, "copy", str(tmp_path / "a.db"), url], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    listed = subprocess.run(
+        [*cli, "threads"], capture_output=True, text=True, env={**os.environ, "AGENTKIT_DB": url}
+    )
+    assert listed.returncode == 0 and "cli:me" in listed.stdout, listed.stderr
