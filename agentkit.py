@@ -1122,10 +1122,11 @@ class _SQLStore(Store):
     `EXISTS`; never `INSERT OR REPLACE` or numbered parameters; a JSON function only in
     `IN_LIST`. An engine runs them through `_rows`, `_rows_many`, `_insert_many`, `_count`
     and `_described` (translating `?` if its driver wants another style) inside `_atomic`,
-    says how a list of ids or names is matched (`IN_LIST` with `_list(values)`), and
+    says how a list of ids or names is matched (`IN_LIST` with `_list(values)`), opens
+    the connection of each thread (`_open`; the bookkeeping and savepoints are here), and
     writes the rest of the contract on its own: `transaction`, `now`, `wait_for_change`,
-    `close`, `release_thread`, `tables`, `integrity`, and `claim_jobs` (with `_lease` and
-    `requeue_expired` from here), which is where engines differ most.
+    `tables`, `integrity`, and `claim_jobs` (with `_lease` and `requeue_expired` from
+    here), which is where engines differ most.
     """
 
     IN_LIST = "IN (SELECT value FROM json_each(?))"  # `x IN_LIST` with `_list(values)`
@@ -1134,6 +1135,70 @@ class _SQLStore(Store):
     def _list(values: Sequence[int | str]) -> Any:
         """The parameter that `IN_LIST` matches against (ids and names: plain JSON)."""
         return _encoder.encode(list(values))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()  # .conn, and .depth: how many transactions are open
+        self._all: list[Any] = []
+        self._guard = threading.Lock()
+        self.closed = False
+
+    # connections: one per thread, opened by the engine
+
+    @abstractmethod
+    def _open(self) -> Any:
+        """A new connection of the engine's driver, configured."""
+
+    def _usable(self, conn: Any) -> bool:
+        """Whether a thread's connection still works (an engine may know that it broke)."""
+        return True
+
+    def connection(self) -> Any:
+        """This thread's connection, opened on first use (and again after it broke)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not self._usable(conn):
+            if self.closed:
+                raise StoreError("the store is closed")
+            conn = self._open()
+            self._local.conn = conn
+            self._local.depth = 0
+            with self._guard:
+                self._all.append(conn)
+        return conn
+
+    def release_thread(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._guard:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    def close(self) -> None:
+        with self._guard:
+            self.closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _savepoint(self, conn: Any) -> Iterator[None]:
+        """A transaction inside this thread's open one, undone alone on an error."""
+        depth = self._local.depth
+        name = f"sp{depth}"
+        conn.execute(f"SAVEPOINT {name}")
+        self._local.depth = depth + 1
+        try:
+            yield
+        except BaseException:
+            conn.execute(f"ROLLBACK TO {name}")
+            raise
+        finally:
+            conn.execute(f"RELEASE {name}")
+            self._local.depth = depth
 
     @abstractmethod
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
@@ -2050,10 +2115,6 @@ class SQLiteStore(_SQLStore):
         self.synchronous = synchronous
         self.busy_timeout = check_seconds("busy_timeout", busy_timeout, positive=True)
         self._uri = f"file:/agentkit-{os.getpid()}-{id(self)}?vfs=memdb" if self.memory else ""
-        self._local = threading.local()
-        self._all: list[apsw.Connection] = []
-        self._guard = threading.Lock()
-        self.closed = False
         self._keepalive = self.connection()  # opens, checks and migrates
         self.version = self._migrate()
 
@@ -2061,19 +2122,6 @@ class SQLiteStore(_SQLStore):
         return now()  # the module's clock, looked up at each call (tests replace it)
 
     # connections
-
-    def connection(self) -> apsw.Connection:
-        """This thread's connection, opened and configured on first use."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.closed:
-                raise StoreError("the store is closed")
-            conn = self._open()
-            self._local.conn = conn
-            self._local.depth = 0
-            with self._guard:
-                self._all.append(conn)
-        return conn
 
     def _open(self) -> apsw.Connection:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
@@ -2128,24 +2176,6 @@ class SQLiteStore(_SQLStore):
                     conn.execute(f"PRAGMA user_version={target}")
         return self._pragma(conn, "user_version")
 
-    def release_thread(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            return
-        self._local.conn = None
-        with self._guard:
-            if conn in self._all:
-                self._all.remove(conn)
-        conn.close()
-
-    def close(self) -> None:
-        with self._guard:
-            self.closed = True
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
-
     # transactions
 
     @contextlib.contextmanager
@@ -2161,17 +2191,8 @@ class SQLiteStore(_SQLStore):
         if depth and durable:
             raise BadInput("durable=True applies to an outermost transaction only")
         if depth:
-            name = f"sp{depth}"
-            conn.execute(f"SAVEPOINT {name}")
-            self._local.depth = depth + 1
-            try:
+            with self._savepoint(conn):
                 yield
-            except BaseException:
-                conn.execute(f"ROLLBACK TO {name}")
-                raise
-            finally:
-                conn.execute(f"RELEASE {name}")
-                self._local.depth = depth
             return
         if durable:
             conn.execute("PRAGMA synchronous=FULL")
@@ -2444,10 +2465,6 @@ class PostgresStore(_SQLStore):
         self.path = urllib.parse.urlunsplit(
             (parts.scheme, f"{user}@{netloc}" if user else netloc, parts.path, "", "")
         )
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._guard = threading.Lock()
-        self.closed = False
         self._offset = 0.0
         self._signals = 0  # NOTIFYs heard by the listener thread
         self._listener: threading.Thread | None = None
@@ -2463,18 +2480,11 @@ class PostgresStore(_SQLStore):
 
     # connections
 
-    def connection(self) -> Any:
-        """This thread's connection (autocommit: transactions are explicit), opened on first use."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            if self.closed:
-                raise StoreError("the store is closed")
-            conn = self._connect(self._url)
-            self._local.conn = conn
-            self._local.depth = 0
-            with self._guard:
-                self._all.append(conn)
-        return conn
+    def _open(self) -> Any:
+        return self._connect(self._url)  # autocommit: transactions are explicit
+
+    def _usable(self, conn: Any) -> bool:
+        return not conn.closed
 
     def _connect(self, url: str) -> Any:
         try:
@@ -2528,23 +2538,8 @@ class PostgresStore(_SQLStore):
                 raise
         return max(version, len(MIGRATIONS))
 
-    def release_thread(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            return
-        self._local.conn = None
-        with self._guard:
-            if conn in self._all:
-                self._all.remove(conn)
-        conn.close()
-
     def close(self) -> None:
-        with self._guard:
-            self.closed = True
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
+        super().close()
         if self._listener is not None:
             self._listener.join(timeout=5)
 
@@ -2580,17 +2575,8 @@ class PostgresStore(_SQLStore):
         depth = self._local.depth
         with self._statement():
             if depth:
-                name = f"sp{depth}"
-                conn.execute(f"SAVEPOINT {name}")
-                self._local.depth = depth + 1
-                try:
+                with self._savepoint(conn):
                     yield
-                except BaseException:
-                    conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
-                    raise
-                finally:
-                    conn.execute(f"RELEASE SAVEPOINT {name}")
-                    self._local.depth = depth
                 return
             conn.execute("BEGIN")
             self._local.depth = 1
