@@ -1,31 +1,34 @@
-"""agentkit: chat agents whose whole state lives in one SQLite file.
+"""agentkit: chat agents whose whole state lives in one database (SQLite, or PostgreSQL).
 
 One module to vendor, import, or run (`python agentkit.py serve`). Threads, messages,
 turns, tool calls, approvals, secret requests, jobs, schedules, locks and adapter cursors
-are rows; every piece of work is claimed in a transaction, so several processes can share
-one database and nothing is done twice or lost. See README.md for the guide.
+are rows; every piece of work is claimed in a transaction, so several processes (and, on
+PostgreSQL, several hosts) share one database and nothing is done twice or lost. See
+README.md for the guide.
 
-Sections, each using only those above it (all SQL is in 3 and 4):
+Sections, each using only those above it (all SQL is in 3 to 5):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
-2. store contract: `Store`, its operations grouped by table, the row dataclasses, and
-   `open_store` with its engines by URL scheme
-3. SQL store: `_SQLStore`, the statements SQLite and PostgreSQL share
+2. store contract: `Store`, its operations grouped by table, the row dataclasses,
+   `open_store` with its engines by URL scheme, and `copy_store`
+3. SQL store: `_SQLStore`, the statements SQLite and PostgreSQL share, and the
+   connections per thread
 4. SQLite engine: `SQLiteStore` (apsw), its schema and migrations
-5. locks
-6. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
-7. conversation records: the rules of turns, approvals and the outbox, over the store
-8. models: OpenAI, Anthropic, echo, scripted
-9. tools and hooks
-10. runtimes: where commands run (local, bwrap)
-11. workspace tools
-12. the turn engine
-13. approvals
-14. secret requests
-15. adapters: Telegram, Webhook, WebChat, PollingAdapter
-16. HTTP server
-17. the AgentKit facade
-18. CLI
+5. PostgreSQL engine: `PostgresStore` (psycopg, imported when used)
+6. locks
+7. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
+8. conversation records: the rules of turns, approvals and the outbox, over the store
+9. models: OpenAI, Anthropic, echo, scripted
+10. tools and hooks
+11. runtimes: where commands run (local, bwrap)
+12. workspace tools
+13. the turn engine
+14. approvals
+15. secret requests
+16. adapters: Telegram, Webhook, WebChat, PollingAdapter
+17. HTTP server
+18. the AgentKit facade
+19. CLI
 """
 
 import argparse
@@ -128,9 +131,11 @@ __all__ = [
     "RuntimeProvider",
     "RuntimeScope",
     "RuntimeUnavailable",
+    "SQLiteStore",
     "Schedule",
     "ScriptedModel",
     "SecretRequest",
+    "Store",
     "StoreError",
     "Telegram",
     "Tool",
@@ -141,7 +146,9 @@ __all__ = [
     "TurnResult",
     "WebChat",
     "Webhook",
+    "copy_store",
     "main",
+    "open_store",
 ]
 
 __version__ = "0.1.0"  # pyproject.toml reads it from here
