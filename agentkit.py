@@ -1237,6 +1237,10 @@ class _SQLStore(Store):
         """Run one write statement like `_rows`; whether it changed exactly one row."""
         return self._count(sql, params) == 1
 
+    def _column(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The first column of each row of one statement."""
+        return [row[0] for row in self._rows(sql, params)]
+
     def _fetch_one(self, cls: type, sql: str, params: Sequence[Any]) -> Any:
         rows = self._rows(sql, params)
         return from_row(cls, rows[0]) if rows else None
@@ -1592,35 +1596,31 @@ class _SQLStore(Store):
         )
 
     def held_turns(self, thread: str) -> list[str]:
-        rows = self._rows(
+        return self._column(
             "SELECT id FROM turns WHERE thread_id = ? AND status = 'queued' AND job_id IS NULL "
             "ORDER BY created_at",
             (thread,),
         )
-        return [turn_id for (turn_id,) in rows]
 
     def active_turns(self, thread: str) -> list[str]:
-        rows = self._rows(
+        return self._column(
             "SELECT id FROM turns WHERE thread_id = ? "
             "AND status IN ('queued', 'running', 'waiting_approval') ORDER BY created_at",
             (thread,),
         )
-        return [turn_id for (turn_id,) in rows]
 
     def running_threads(self, adapter: str) -> list[str]:
-        rows = self._rows(
+        return self._column(
             "SELECT DISTINCT thread_id FROM turns WHERE status = 'running' "
             "AND thread_id >= ? AND thread_id < ?",
             (f"{adapter}:", f"{adapter};"),
         )
-        return [thread for (thread,) in rows]
 
     def thread_ids(self, prefix: str) -> list[str]:
-        rows = self._rows(
+        return self._column(
             "SELECT id FROM threads WHERE id >= ? AND id < ? ORDER BY id",
             (prefix, prefix + "\U0010ffff"),
         )
-        return [thread for (thread,) in rows]
 
     def threads(self, limit: int) -> list[tuple[str, float]]:
         return self._rows(
@@ -2666,11 +2666,10 @@ class PostgresStore(_SQLStore):
                 pause = min(pause * 2, 5.0)
 
     def tables(self) -> list[str]:
-        rows = self._rows(
+        return self._column(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
             "AND tablename <> 'agentkit_schema' ORDER BY tablename"
         )
-        return [name for (name,) in rows]
 
     def integrity(self) -> str:
         return "ok" if self._rows("SELECT 1") == [(1,)] else "the server did not answer"
