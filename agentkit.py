@@ -2461,8 +2461,12 @@ class PostgresStore(_SQLStore):
     latest = len(MIGRATIONS)
     IN_LIST = "= ANY(?)"
 
-    def __init__(self, url: str, *, listen_url: str | None = None, **_: Any) -> None:
+    def __init__(
+        self, url: str, *, listen_url: str | None = None, synchronous: str = "normal"
+    ) -> None:
         super().__init__()
+        if synchronous not in SYNCHRONOUS:  # either way: every commit waits for the WAL
+            raise BadInput(f"synchronous must be one of {sorted(SYNCHRONOUS)}")
         self._driver = _pg_driver()
         self._url = url
         self._listen_url = listen_url or os.environ.get("AGENTKIT_LISTEN_URL") or url
