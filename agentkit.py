@@ -6,7 +6,8 @@ are rows; every piece of work is claimed in a transaction, so several processes 
 PostgreSQL, several hosts) share one database and nothing is done twice or lost. See
 README.md for the guide.
 
-Sections, each using only those above it (all SQL is in 3 to 5):
+Sections, each using only those above it (all SQL is in 3 to 5; the pages of 20 are
+constants the sections above read at call time):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
 2. store contract: `Store`, its operations grouped by table, the row dataclasses,
@@ -29,6 +30,7 @@ Sections, each using only those above it (all SQL is in 3 to 5):
 17. HTTP server
 18. the AgentKit facade
 19. CLI
+20. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -7141,230 +7143,6 @@ def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
     return html.replace("__CSP__", policy), policy + "; frame-ancestors 'none'"
 
 
-SECRET_PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<meta http-equiv="Content-Security-Policy" content="__CSP__">
-<title>agentkit: share a secret</title>
-<link rel="icon" href="data:,">
-<style>
-:root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --muted: #666; --card: #fff;
-  --line: #d0d0d5; --accent: #2457c5; --err: #b3261e; --ok: #1e7b34; }
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #151517; --fg: #e8e8ea; --muted: #a0a0a8; --card: #1f1f23;
-    --line: #3a3a42; --accent: #7ea6ff; --err: #ff8a80; --ok: #7bd88f; }
-}
-* { box-sizing: border-box; }
-[hidden] { display: none !important; }
-body { margin: 0; background: var(--bg); color: var(--fg);
-  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-main { max-width: 34rem; margin: 2rem auto; padding: 1.5rem; background: var(--card);
-  border: 1px solid var(--line); border-radius: 12px; }
-h1 { font-size: 1.3rem; margin: 0 0 1rem; }
-#message:empty { display: none; }
-#message { padding: .6rem .8rem; border-radius: 8px; border: 1px solid var(--line); }
-#message.err { color: var(--err); border-color: var(--err); }
-#message.ok { color: var(--ok); border-color: var(--ok); }
-#reason { white-space: pre-wrap; overflow-wrap: anywhere; }
-.muted { color: var(--muted); font-size: .9rem; }
-#fields label { display: block; margin: .8rem 0; font-weight: 600; overflow-wrap: anywhere; }
-input[name], textarea { display: block; width: 100%; margin-top: .3rem; padding: .55rem .6rem;
-  font: inherit; font-weight: 400; color: inherit; background: var(--bg);
-  border: 1px solid var(--line); border-radius: 8px; }
-textarea { font: .85rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  resize: vertical; word-break: break-all; }
-.row { display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; margin: 1rem 0; }
-button { font: inherit; padding: .5rem 1.2rem; border: 0; border-radius: 8px; cursor: pointer;
-  background: var(--accent); color: var(--card); font-weight: 600; }
-@media (max-width: 36rem) { main { margin: 0; border: 0; border-radius: 0; } }
-</style>
-</head>
-<body>
-<main>
-<h1>Share a secret with your agent</h1>
-<p id="message" role="status"
-   aria-live="polite">This page needs JavaScript to encrypt your secret.</p>
-<section id="request" hidden>
-  <p id="reason"></p>
-  <p id="expires" class="muted"></p>
-  <div id="fields"></div>
-  <div class="row">
-    <button id="encrypt" type="button">Encrypt</button>
-    <label class="muted"><input id="show" type="checkbox"> Show values</label>
-  </div>
-  <p class="muted">Values are encrypted in this browser; nothing is sent anywhere by this
-    page.</p>
-  <div id="result" hidden>
-    <p>Paste this line into the chat. Only the agentkit that asked for it can read it;
-      it works once.</p>
-    <textarea id="blob" readonly rows="5" spellcheck="false"></textarea>
-    <div class="row">
-      <button id="copy" type="button">Copy</button>
-      <span id="copied" class="muted"></span>
-    </div>
-  </div>
-</section>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const utf8 = (s) => new TextEncoder().encode(s);
-const DAMAGED = "This link is incomplete or damaged. Ask the agent for a new one.";
-const INSECURE = "This page needs a secure context: open it over https, " +
-  "on localhost / 127.0.0.1, or as a file on disk.";
-const ECDH_P256 = { name: "ECDH", namedCurve: "P-256" };
-const NAME_RE = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
-
-function say(text, kind) {
-  const m = $("message");
-  m.textContent = text;
-  m.className = kind || "";
-}
-function stop(text) { $("request").remove(); say(text, "err"); }  // no form at all
-function localTime(exp) { return new Date(exp * 1000).toLocaleString(); }
-function expiredText(exp) {
-  return "This request expired at " + localTime(exp) + ". Ask the agent for a new link.";
-}
-
-// base64url without padding <-> bytes (strict alphabet)
-function unb64(s) {
-  if (!/^[A-Za-z0-9_-]*$/.test(s) || s.length % 4 === 1) throw new Error("bad base64url");
-  const bin = atob(s.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((s.length + 3) % 4));
-  return Uint8Array.from(bin, (c) => c.charCodeAt(0));
-}
-function b64(buf) {
-  let bin = "";
-  for (const b of new Uint8Array(buf)) bin += String.fromCharCode(b);
-  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-}
-
-// Parse and validate the fragment; throws on anything wrong.
-async function parseRequest() {
-  const p = new URLSearchParams(location.hash.slice(1));
-  const one = (k) => {
-    const v = p.getAll(k);
-    if (v.length !== 1) throw new Error("missing " + k);
-    return v[0];
-  };
-  if (one("v") !== "1") throw new Error("version");
-  const id = one("id");
-  if (!/^sec_[0-9a-f]{16}$/.test(id)) throw new Error("id");
-  const raw = unb64(one("key"));
-  if (raw.length !== 65 || raw[0] !== 4) throw new Error("key length");
-  const key = await crypto.subtle.importKey("raw", raw, ECDH_P256, false, []);
-  const fields = JSON.parse(one("fields"));
-  if (!Array.isArray(fields) || fields.length < 1 || fields.length > 8) {
-    throw new Error("fields");
-  }
-  const seen = new Set();
-  for (const f of fields) {
-    if (!f || typeof f !== "object" || Array.isArray(f)) throw new Error("field");
-    if (typeof f.name !== "string" || !NAME_RE.test(f.name) || seen.has(f.name)) {
-      throw new Error("name");
-    }
-    if (f.label !== undefined && (typeof f.label !== "string" || f.label.length > 200)) {
-      throw new Error("label");
-    }
-    seen.add(f.name);
-  }
-  const reason = p.getAll("reason").length ? one("reason") : "";
-  if (reason.length > 2000) throw new Error("reason");
-  const expText = one("exp");
-  if (!/^-?[0-9]{1,15}$/.test(expText)) throw new Error("exp");
-  return { id, key, fields, reason, exp: Number(expText) };
-}
-
-// ECDH(ephemeral, request key) -> HKDF-SHA256 -> AES-256-GCM; returns the one-line blob.
-async function encrypt(req, values) {
-  const eph = await crypto.subtle.generateKey(ECDH_P256, true, ["deriveBits"]);
-  const shared = await crypto.subtle.deriveBits(
-    { name: "ECDH", public: req.key }, eph.privateKey, 256);
-  const hkdf = await crypto.subtle.importKey("raw", shared, "HKDF", false, ["deriveKey"]);
-  const aes = await crypto.subtle.deriveKey(
-    { name: "HKDF", hash: "SHA-256", salt: utf8(req.id), info: utf8("agentkit-secret v1") },
-    hkdf, { name: "AES-GCM", length: 256 }, false, ["encrypt"]);
-  const iv = crypto.getRandomValues(new Uint8Array(12));
-  const names = req.fields.map((f) => f.name);
-  const aad = utf8("agentkit-secret:v1:" + req.id + ":" + names.join(","));
-  const plain = utf8(JSON.stringify(Object.fromEntries(names.map((n, i) => [n, values[i]]))));
-  const ct = await crypto.subtle.encrypt(
-    { name: "AES-GCM", iv, additionalData: aad }, aes, plain);
-  const pub = await crypto.subtle.exportKey("raw", eph.publicKey);
-  return ["agentkit-secret:v1", req.id, b64(pub), b64(iv), b64(ct)].join(".");
-}
-
-function showForm(req) {
-  $("reason").textContent = req.reason;
-  $("reason").hidden = !req.reason;
-  $("expires").textContent = "This link expires at " + localTime(req.exp) + ".";
-  const inputs = req.fields.map((f) => {
-    const label = document.createElement("label");
-    label.textContent = f.label || f.name;
-    const input = document.createElement("input");
-    Object.assign(input, {
-      type: "password", name: f.name, autocomplete: "off", spellcheck: false,
-    });
-    input.setAttribute("autocapitalize", "off");
-    input.addEventListener("keydown", (e) => { if (e.key === "Enter") $("encrypt").click(); });
-    label.appendChild(input);
-    $("fields").appendChild(label);
-    return input;
-  });
-  $("show").addEventListener("change", () => {
-    for (const i of inputs) i.type = $("show").checked ? "text" : "password";
-  });
-  $("encrypt").addEventListener("click", async () => {
-    if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
-    const empty = inputs.filter((i) => i.value === "");
-    if (empty.length) {
-      say("Please fill in every field before encrypting.", "err");
-      empty[0].focus();
-      return;
-    }
-    $("encrypt").disabled = true;
-    try {
-      $("blob").value = await encrypt(req, inputs.map((i) => i.value));
-      for (const i of inputs) i.value = "";
-      $("result").hidden = false;
-      $("copied").textContent = "";
-      say("Encrypted. Copy the line below into the chat.", "ok");
-    } catch (e) {
-      say("Encryption failed in this browser: " + e, "err");
-    } finally { $("encrypt").disabled = false; }
-  });
-  $("copy").addEventListener("click", async () => {
-    const blob = $("blob");
-    let ok = false;
-    try { await navigator.clipboard.writeText(blob.value); ok = true; } catch (e) {
-      blob.focus(); blob.select();
-      try { ok = document.execCommand("copy"); } catch (e2) { ok = false; }
-    }
-    $("copied").textContent = ok
-      ? "Copied"
-      : "Copy failed: select the text and copy it by hand.";
-  });
-  inputs[0].focus();
-  $("request").hidden = false;
-  say("");
-}
-
-async function main() {
-  if (!window.isSecureContext || !(window.crypto && crypto.subtle)) return stop(INSECURE);
-  let req;
-  try { req = await parseRequest(); } catch (e) { return stop(DAMAGED); }
-  if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
-  showForm(req);
-}
-main();
-</script>
-</body>
-</html>
-"""
-
-
 def secret_page() -> tuple[str, str]:
     """The secret page and its policy, as `serve` answers `/secret`; the page carries its
     policy in a meta tag, so the HTML saved to a file also works opened from disk."""
@@ -8549,308 +8327,6 @@ class Webhook(Adapter):
 
     def close(self) -> None:
         self.client.close()
-
-
-WEBCHAT_PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<link rel="icon" href="data:,">
-<title>agentkit</title>
-<style>
-:root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1d2127; --muted: #6b7280;
-  --card: #fff; --line: #dde1e6; --me: #2563eb; --me-fg: #fff; --err: #b91c1c;
-  --ok: #15803d; --code: #eef0f3; }
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #111418; --fg: #e6e8eb; --muted: #9aa3ad; --card: #1c2127;
-    --line: #2c333b; --me: #2f5fd0; --err: #f87171; --ok: #4ade80; --code: #15191e; }
-}
-* { box-sizing: border-box; }
-html, body { height: 100%; margin: 0; }
-body { display: flex; flex-direction: column; height: 100vh; height: 100dvh;
-  background: var(--bg); color: var(--fg);
-  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1rem;
-  padding: .5rem max(1rem, calc((100% - 52rem) / 2));
-  border-bottom: 1px solid var(--line); }
-h1 { font-size: 1rem; margin: 0; }
-#status { flex: 1; text-align: right; font-size: .8rem; color: var(--muted); }
-#status::before { content: ""; display: inline-block; width: .5rem; height: .5rem;
-  margin-right: .35rem; border-radius: 50%; background: var(--muted); }
-#status.on::before { background: var(--ok); }
-#status.err { color: var(--err); }
-#status.err::before { background: var(--err); }
-#log { flex: 1; overflow-y: auto; padding: 1rem max(1rem, calc((100% - 52rem) / 2));
-  display: flex; flex-direction: column; gap: .5rem; }
-.item { display: flex; }
-.bubble { max-width: min(44rem, 88%); padding: .5rem .75rem; border-radius: .9rem;
-  background: var(--card); border: 1px solid var(--line); white-space: pre-wrap;
-  overflow-wrap: anywhere; }
-.kind-user { justify-content: flex-end; }
-.kind-user .bubble { background: var(--me); color: var(--me-fg); border-color: transparent;
-  border-bottom-right-radius: .25rem; }
-.kind-user a { color: inherit; }
-.kind-reply .bubble, .kind-approval .bubble, .kind-error .bubble {
-  border-bottom-left-radius: .25rem; }
-.kind-notice { justify-content: center; }
-.kind-notice .bubble { background: none; border: 0; padding: .1rem .5rem; color: var(--muted);
-  font-size: .85rem; text-align: center; }
-.kind-error .bubble { border-color: var(--err); color: var(--err); }
-.meta { margin-top: .35rem; font-size: .85rem; color: var(--muted); }
-code, pre { font: .8rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-pre { margin: .35rem 0 0; padding: .4rem .55rem; background: var(--code); border-radius: .4rem;
-  max-height: 16rem; overflow: auto; white-space: pre-wrap; }
-.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .5rem; }
-.note, .state { font-size: .85rem; color: var(--muted); }
-.note.err { color: var(--err); }
-footer { display: flex; gap: .5rem; border-top: 1px solid var(--line);
-  padding: .5rem max(.5rem, calc((100% - 52rem) / 2)) max(.5rem, env(safe-area-inset-bottom)); }
-#text { flex: 1; resize: none; min-height: 2.5rem; max-height: 10rem; padding: .5rem .65rem;
-  font: inherit; font-size: 16px; color: var(--fg); background: var(--card);
-  border: 1px solid var(--line); border-radius: .6rem; }
-button { font: inherit; padding: .4rem .9rem; border-radius: .6rem;
-  border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
-button:disabled { opacity: .5; cursor: default; }
-#send, button.approve { background: var(--me); color: #fff; border-color: transparent; }
-button.deny { color: var(--err); border-color: var(--err); }
-</style>
-</head>
-<body>
-<header><h1>agentkit</h1><span id="status" role="status"></span></header>
-<main id="log" role="log"></main>
-<footer>
-<textarea id="text" rows="1" placeholder="Message"
-  aria-label="Message (Enter sends, Shift+Enter new line)"
-  title="Enter sends, Shift+Enter new line"></textarea>
-<button id="send" type="button">Send</button>
-</footer>
-<script>
-"use strict";
-// agentkit web chat: log in with the #token=... fragment, long-poll /api/feed,
-// post messages and decisions.
-const $ = (id) => document.getElementById(id);
-const log = $("log"), statusEl = $("status"), box = $("text"), sendBtn = $("send");
-const LOGIN_MSG = "The token is wrong or old. Open the link that `agentkit serve` printed " +
-  "(or use the token in the file <database>.token).";
-const shown = new Map();  // feed item id -> element
-let last = 0, conn = "", scrollNext = true;
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function h(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text != null) e.textContent = text;
-  return e;
-}
-
-function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
-// Connection indicator: only rewrite #status when the state changes,
-// so an error stays readable.
-function setConn(state) {
-  if (state === conn || conn === "login") return;
-  conn = state;
-  if (state === "on") setStatus("connected", "on");
-  else setStatus("reconnecting…", "");
-}
-function showError(text) { setStatus(text, "err"); if (conn !== "login") conn = ""; }
-function loginNeeded() { setStatus(LOGIN_MSG, "err"); conn = "login"; }
-
-// fetch wrapper: same-origin credentials, JSON in and out; throws only on network errors.
-async function api(method, path, body) {
-  const opt = { method, credentials: "same-origin", cache: "no-store", headers: {} };
-  if (body !== undefined) {
-    opt.headers["Content-Type"] = "application/json";
-    opt.body = JSON.stringify(body);
-  }
-  const r = await fetch(path, opt);
-  let data = null;
-  try { data = await r.json(); } catch (e) { /* 204 or not JSON */ }
-  return { status: r.status, ok: r.ok, data: data && typeof data === "object" ? data : {} };
-}
-const errText = (res) =>
-  (typeof res.data.error === "string" && res.data.error) || "HTTP error " + res.status;
-
-// Append text to el, turning http(s) URLs into safe links (text nodes + <a>, never HTML).
-const URL_RE = /https?:\/\/[^\s<>"'`]+/g;
-function addText(el, text) {
-  let i = 0;
-  for (const m of text.matchAll(URL_RE)) {
-    let url = m[0];
-    // Drop trailing punctuation, but keep a ")" that closes a "(" inside the URL.
-    while (/[.,;:!?)\]}]$/.test(url) && !(url.endsWith(")") && url.includes("("))) {
-      url = url.slice(0, -1);
-    }
-    el.append(text.slice(i, m.index));
-    const a = h("a", "", url);
-    a.href = url;
-    a.target = "_blank";
-    a.rel = "noopener noreferrer";
-    el.append(a);
-    i = m.index + url.length;
-  }
-  el.append(text.slice(i));
-}
-
-function renderApproval(b, ap) {
-  const tool = h("div", "meta", "Tool: ");
-  tool.append(h("code", "", String(ap.tool)));
-  b.append(tool, h("pre", "args", JSON.stringify(ap.args ?? {}, null, 2)));
-  if (ap.reason) b.append(h("div", "meta", "Reason: " + ap.reason));
-  const act = h("div", "actions");
-  if (ap.state === "pending") {
-    for (const [cls, label] of [["approve", "Approve"], ["deny", "Deny"]]) {
-      const btn = h("button", cls, label);
-      btn.type = "button";
-      btn.dataset.approval = ap.id;
-      act.append(btn);
-    }
-  } else {
-    act.append(h("span", "state", "Status: " + ap.state));
-    // Already decided: disable any buttons still shown for it.
-    for (const btn of log.querySelectorAll("button[data-approval]")) {
-      if (btn.dataset.approval === ap.id) btn.disabled = true;
-    }
-  }
-  act.append(h("span", "note"));
-  b.append(act);
-}
-
-function render(it) {
-  const kind = String(it.kind || "notice").replace(/[^a-z]/g, "");
-  const el = h("div", "item kind-" + kind);
-  el.dataset.id = it.id;
-  if (it.turn_id) el.dataset.turn = it.turn_id;
-  const b = h("div", "bubble");
-  addText(b, String(it.text ?? ""));
-  if (kind === "approval" && it.approval) renderApproval(b, it.approval);
-  el.append(b);
-  const old = shown.get(it.id);
-  if (old) old.replaceWith(el); else log.append(el);
-  shown.set(it.id, el);
-}
-
-const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
-
-// Long-poll loop: runs forever, stops only on 401.
-async function poll() {
-  for (;;) {
-    const t0 = Date.now();
-    let res;
-    try { res = await api("GET", "/api/feed?after=" + last); }
-    catch (e) { setConn("off"); await sleep(2000); continue; }
-    if (res.status === 401) { loginNeeded(); return; }
-    const items = res.data.items;
-    if (!res.ok || !Array.isArray(items)) {
-      if (res.status >= 400 && res.status < 500) {
-        showError(errText(res));
-        await sleep(10000);
-      } else {
-        setConn("off");
-        await sleep(2000);
-      }
-      continue;
-    }
-    setConn("on");
-    if (items.length) {
-      const stick = scrollNext || nearBottom();
-      items.forEach(render);
-      if (stick) log.scrollTop = log.scrollHeight;
-      scrollNext = false;
-    }
-    if (Number.isInteger(res.data.last)) last = res.data.last;
-    else for (const it of items) last = Math.max(last, Number(it.id) || 0);
-    // Guard against a server that answers at once without holding the request.
-    if (!items.length && Date.now() - t0 < 1000) await sleep(1000);
-  }
-}
-
-async function sendMessage() {
-  const text = box.value;
-  if (!text.trim() || sendBtn.disabled) return;
-  sendBtn.disabled = true;
-  try {
-    const res = await api("POST", "/api/messages", { text });
-    if (res.status === 202) { box.value = ""; grow(); scrollNext = true; }
-    else if (res.status === 401) loginNeeded();
-    else showError(errText(res));
-  } catch (e) {
-    showError("Could not send: the server is not reachable.");
-  } finally {
-    sendBtn.disabled = false;
-  }
-}
-
-async function decide(btn) {
-  const id = btn.dataset.approval;
-  const decision = btn.classList.contains("approve") ? "approve" : "deny";
-  const body = { decision };
-  if (decision === "deny") {
-    const reason = window.prompt("Deny: reason (optional)", "");
-    if (reason === null) return;  // cancelled
-    if (reason.trim()) body.reason = reason.trim();
-  }
-  const act = btn.parentElement, note = act.querySelector(".note");
-  const btns = act.querySelectorAll("button");
-  btns.forEach((b) => { b.disabled = true; });
-  note.className = "note";
-  note.textContent = "…";
-  let res;
-  try { res = await api("POST", "/api/approvals/" + encodeURIComponent(id), body); }
-  catch (e) { res = { status: 0, ok: false, data: { error: "The server is not reachable." } }; }
-  if (res.ok) { note.textContent = res.data.message || String(res.data.state); return; }
-  if (res.status === 401) loginNeeded();
-  note.textContent = errText(res);
-  note.classList.add("err");
-  // 409: already decided or expired, keep the buttons off;
-  // otherwise (403, 400, ...) allow another try.
-  if (res.status !== 409) btns.forEach((b) => { b.disabled = false; });
-}
-
-// Textarea grows with its content (CSSOM, allowed by the CSP).
-function grow() {
-  box.style.height = "auto";
-  box.style.height = Math.min(box.scrollHeight + 2, 160) + "px";
-}
-
-box.addEventListener("input", grow);
-box.addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
-    ev.preventDefault();
-    sendMessage();
-  }
-});
-sendBtn.addEventListener("click", sendMessage);
-log.addEventListener("click", (ev) => {
-  const btn = ev.target.closest("button[data-approval]");
-  if (btn && !btn.disabled) decide(btn);
-});
-
-// Log in with the token from the URL fragment (if any), then start polling.
-async function login() {
-  const token = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (token === null) return true;
-  history.replaceState(null, "", location.pathname);  // the token leaves the URL at once
-  for (;;) {
-    try {
-      const res = await api("POST", "/api/login", { token });
-      if (res.ok) { setConn("on"); return true; }
-      if (res.status === 401) { loginNeeded(); return false; }
-      if (res.status < 500) { showError("Login failed: " + errText(res)); return false; }
-    } catch (e) { /* network error: retry */ }
-    setConn("off");
-    await sleep(2000);
-  }
-}
-
-setStatus("connecting…", "");
-login().then((ok) => { if (ok) poll(); });
-</script>
-</body>
-</html>
-"""
 
 
 class WebChat(Adapter):
@@ -10671,6 +10147,537 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentKitError as e:
         print(f"agentkit: {e}", file=sys.stderr)
         return 1
+
+
+# ────────────────────────── pages: the secret form and the web chat ──────────────────────────
+# Self-contained pages (inline script and style under a hash-pinned CSP, no requests
+# beyond their own origin), kept last as bottle keeps its templates; the sections above
+# read them at call time.
+
+SECRET_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
+<title>agentkit: share a secret</title>
+<link rel="icon" href="data:,">
+<style>
+:root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --muted: #666; --card: #fff;
+  --line: #d0d0d5; --accent: #2457c5; --err: #b3261e; --ok: #1e7b34; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #151517; --fg: #e8e8ea; --muted: #a0a0a8; --card: #1f1f23;
+    --line: #3a3a42; --accent: #7ea6ff; --err: #ff8a80; --ok: #7bd88f; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { max-width: 34rem; margin: 2rem auto; padding: 1.5rem; background: var(--card);
+  border: 1px solid var(--line); border-radius: 12px; }
+h1 { font-size: 1.3rem; margin: 0 0 1rem; }
+#message:empty { display: none; }
+#message { padding: .6rem .8rem; border-radius: 8px; border: 1px solid var(--line); }
+#message.err { color: var(--err); border-color: var(--err); }
+#message.ok { color: var(--ok); border-color: var(--ok); }
+#reason { white-space: pre-wrap; overflow-wrap: anywhere; }
+.muted { color: var(--muted); font-size: .9rem; }
+#fields label { display: block; margin: .8rem 0; font-weight: 600; overflow-wrap: anywhere; }
+input[name], textarea { display: block; width: 100%; margin-top: .3rem; padding: .55rem .6rem;
+  font: inherit; font-weight: 400; color: inherit; background: var(--bg);
+  border: 1px solid var(--line); border-radius: 8px; }
+textarea { font: .85rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  resize: vertical; word-break: break-all; }
+.row { display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; margin: 1rem 0; }
+button { font: inherit; padding: .5rem 1.2rem; border: 0; border-radius: 8px; cursor: pointer;
+  background: var(--accent); color: var(--card); font-weight: 600; }
+@media (max-width: 36rem) { main { margin: 0; border: 0; border-radius: 0; } }
+</style>
+</head>
+<body>
+<main>
+<h1>Share a secret with your agent</h1>
+<p id="message" role="status"
+   aria-live="polite">This page needs JavaScript to encrypt your secret.</p>
+<section id="request" hidden>
+  <p id="reason"></p>
+  <p id="expires" class="muted"></p>
+  <div id="fields"></div>
+  <div class="row">
+    <button id="encrypt" type="button">Encrypt</button>
+    <label class="muted"><input id="show" type="checkbox"> Show values</label>
+  </div>
+  <p class="muted">Values are encrypted in this browser; nothing is sent anywhere by this
+    page.</p>
+  <div id="result" hidden>
+    <p>Paste this line into the chat. Only the agentkit that asked for it can read it;
+      it works once.</p>
+    <textarea id="blob" readonly rows="5" spellcheck="false"></textarea>
+    <div class="row">
+      <button id="copy" type="button">Copy</button>
+      <span id="copied" class="muted"></span>
+    </div>
+  </div>
+</section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const utf8 = (s) => new TextEncoder().encode(s);
+const DAMAGED = "This link is incomplete or damaged. Ask the agent for a new one.";
+const INSECURE = "This page needs a secure context: open it over https, " +
+  "on localhost / 127.0.0.1, or as a file on disk.";
+const ECDH_P256 = { name: "ECDH", namedCurve: "P-256" };
+const NAME_RE = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
+
+function say(text, kind) {
+  const m = $("message");
+  m.textContent = text;
+  m.className = kind || "";
+}
+function stop(text) { $("request").remove(); say(text, "err"); }  // no form at all
+function localTime(exp) { return new Date(exp * 1000).toLocaleString(); }
+function expiredText(exp) {
+  return "This request expired at " + localTime(exp) + ". Ask the agent for a new link.";
+}
+
+// base64url without padding <-> bytes (strict alphabet)
+function unb64(s) {
+  if (!/^[A-Za-z0-9_-]*$/.test(s) || s.length % 4 === 1) throw new Error("bad base64url");
+  const bin = atob(s.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((s.length + 3) % 4));
+  return Uint8Array.from(bin, (c) => c.charCodeAt(0));
+}
+function b64(buf) {
+  let bin = "";
+  for (const b of new Uint8Array(buf)) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+// Parse and validate the fragment; throws on anything wrong.
+async function parseRequest() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  const one = (k) => {
+    const v = p.getAll(k);
+    if (v.length !== 1) throw new Error("missing " + k);
+    return v[0];
+  };
+  if (one("v") !== "1") throw new Error("version");
+  const id = one("id");
+  if (!/^sec_[0-9a-f]{16}$/.test(id)) throw new Error("id");
+  const raw = unb64(one("key"));
+  if (raw.length !== 65 || raw[0] !== 4) throw new Error("key length");
+  const key = await crypto.subtle.importKey("raw", raw, ECDH_P256, false, []);
+  const fields = JSON.parse(one("fields"));
+  if (!Array.isArray(fields) || fields.length < 1 || fields.length > 8) {
+    throw new Error("fields");
+  }
+  const seen = new Set();
+  for (const f of fields) {
+    if (!f || typeof f !== "object" || Array.isArray(f)) throw new Error("field");
+    if (typeof f.name !== "string" || !NAME_RE.test(f.name) || seen.has(f.name)) {
+      throw new Error("name");
+    }
+    if (f.label !== undefined && (typeof f.label !== "string" || f.label.length > 200)) {
+      throw new Error("label");
+    }
+    seen.add(f.name);
+  }
+  const reason = p.getAll("reason").length ? one("reason") : "";
+  if (reason.length > 2000) throw new Error("reason");
+  const expText = one("exp");
+  if (!/^-?[0-9]{1,15}$/.test(expText)) throw new Error("exp");
+  return { id, key, fields, reason, exp: Number(expText) };
+}
+
+// ECDH(ephemeral, request key) -> HKDF-SHA256 -> AES-256-GCM; returns the one-line blob.
+async function encrypt(req, values) {
+  const eph = await crypto.subtle.generateKey(ECDH_P256, true, ["deriveBits"]);
+  const shared = await crypto.subtle.deriveBits(
+    { name: "ECDH", public: req.key }, eph.privateKey, 256);
+  const hkdf = await crypto.subtle.importKey("raw", shared, "HKDF", false, ["deriveKey"]);
+  const aes = await crypto.subtle.deriveKey(
+    { name: "HKDF", hash: "SHA-256", salt: utf8(req.id), info: utf8("agentkit-secret v1") },
+    hkdf, { name: "AES-GCM", length: 256 }, false, ["encrypt"]);
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const names = req.fields.map((f) => f.name);
+  const aad = utf8("agentkit-secret:v1:" + req.id + ":" + names.join(","));
+  const plain = utf8(JSON.stringify(Object.fromEntries(names.map((n, i) => [n, values[i]]))));
+  const ct = await crypto.subtle.encrypt(
+    { name: "AES-GCM", iv, additionalData: aad }, aes, plain);
+  const pub = await crypto.subtle.exportKey("raw", eph.publicKey);
+  return ["agentkit-secret:v1", req.id, b64(pub), b64(iv), b64(ct)].join(".");
+}
+
+function showForm(req) {
+  $("reason").textContent = req.reason;
+  $("reason").hidden = !req.reason;
+  $("expires").textContent = "This link expires at " + localTime(req.exp) + ".";
+  const inputs = req.fields.map((f) => {
+    const label = document.createElement("label");
+    label.textContent = f.label || f.name;
+    const input = document.createElement("input");
+    Object.assign(input, {
+      type: "password", name: f.name, autocomplete: "off", spellcheck: false,
+    });
+    input.setAttribute("autocapitalize", "off");
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") $("encrypt").click(); });
+    label.appendChild(input);
+    $("fields").appendChild(label);
+    return input;
+  });
+  $("show").addEventListener("change", () => {
+    for (const i of inputs) i.type = $("show").checked ? "text" : "password";
+  });
+  $("encrypt").addEventListener("click", async () => {
+    if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
+    const empty = inputs.filter((i) => i.value === "");
+    if (empty.length) {
+      say("Please fill in every field before encrypting.", "err");
+      empty[0].focus();
+      return;
+    }
+    $("encrypt").disabled = true;
+    try {
+      $("blob").value = await encrypt(req, inputs.map((i) => i.value));
+      for (const i of inputs) i.value = "";
+      $("result").hidden = false;
+      $("copied").textContent = "";
+      say("Encrypted. Copy the line below into the chat.", "ok");
+    } catch (e) {
+      say("Encryption failed in this browser: " + e, "err");
+    } finally { $("encrypt").disabled = false; }
+  });
+  $("copy").addEventListener("click", async () => {
+    const blob = $("blob");
+    let ok = false;
+    try { await navigator.clipboard.writeText(blob.value); ok = true; } catch (e) {
+      blob.focus(); blob.select();
+      try { ok = document.execCommand("copy"); } catch (e2) { ok = false; }
+    }
+    $("copied").textContent = ok
+      ? "Copied"
+      : "Copy failed: select the text and copy it by hand.";
+  });
+  inputs[0].focus();
+  $("request").hidden = false;
+  say("");
+}
+
+async function main() {
+  if (!window.isSecureContext || !(window.crypto && crypto.subtle)) return stop(INSECURE);
+  let req;
+  try { req = await parseRequest(); } catch (e) { return stop(DAMAGED); }
+  if (req.exp <= Date.now() / 1000) return stop(expiredText(req.exp));
+  showForm(req);
+}
+main();
+</script>
+</body>
+</html>
+"""
+
+
+WEBCHAT_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>agentkit</title>
+<style>
+:root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1d2127; --muted: #6b7280;
+  --card: #fff; --line: #dde1e6; --me: #2563eb; --me-fg: #fff; --err: #b91c1c;
+  --ok: #15803d; --code: #eef0f3; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #111418; --fg: #e6e8eb; --muted: #9aa3ad; --card: #1c2127;
+    --line: #2c333b; --me: #2f5fd0; --err: #f87171; --ok: #4ade80; --code: #15191e; }
+}
+* { box-sizing: border-box; }
+html, body { height: 100%; margin: 0; }
+body { display: flex; flex-direction: column; height: 100vh; height: 100dvh;
+  background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1rem;
+  padding: .5rem max(1rem, calc((100% - 52rem) / 2));
+  border-bottom: 1px solid var(--line); }
+h1 { font-size: 1rem; margin: 0; }
+#status { flex: 1; text-align: right; font-size: .8rem; color: var(--muted); }
+#status::before { content: ""; display: inline-block; width: .5rem; height: .5rem;
+  margin-right: .35rem; border-radius: 50%; background: var(--muted); }
+#status.on::before { background: var(--ok); }
+#status.err { color: var(--err); }
+#status.err::before { background: var(--err); }
+#log { flex: 1; overflow-y: auto; padding: 1rem max(1rem, calc((100% - 52rem) / 2));
+  display: flex; flex-direction: column; gap: .5rem; }
+.item { display: flex; }
+.bubble { max-width: min(44rem, 88%); padding: .5rem .75rem; border-radius: .9rem;
+  background: var(--card); border: 1px solid var(--line); white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+.kind-user { justify-content: flex-end; }
+.kind-user .bubble { background: var(--me); color: var(--me-fg); border-color: transparent;
+  border-bottom-right-radius: .25rem; }
+.kind-user a { color: inherit; }
+.kind-reply .bubble, .kind-approval .bubble, .kind-error .bubble {
+  border-bottom-left-radius: .25rem; }
+.kind-notice { justify-content: center; }
+.kind-notice .bubble { background: none; border: 0; padding: .1rem .5rem; color: var(--muted);
+  font-size: .85rem; text-align: center; }
+.kind-error .bubble { border-color: var(--err); color: var(--err); }
+.meta { margin-top: .35rem; font-size: .85rem; color: var(--muted); }
+code, pre { font: .8rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+pre { margin: .35rem 0 0; padding: .4rem .55rem; background: var(--code); border-radius: .4rem;
+  max-height: 16rem; overflow: auto; white-space: pre-wrap; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .5rem; }
+.note, .state { font-size: .85rem; color: var(--muted); }
+.note.err { color: var(--err); }
+footer { display: flex; gap: .5rem; border-top: 1px solid var(--line);
+  padding: .5rem max(.5rem, calc((100% - 52rem) / 2)) max(.5rem, env(safe-area-inset-bottom)); }
+#text { flex: 1; resize: none; min-height: 2.5rem; max-height: 10rem; padding: .5rem .65rem;
+  font: inherit; font-size: 16px; color: var(--fg); background: var(--card);
+  border: 1px solid var(--line); border-radius: .6rem; }
+button { font: inherit; padding: .4rem .9rem; border-radius: .6rem;
+  border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
+button:disabled { opacity: .5; cursor: default; }
+#send, button.approve { background: var(--me); color: #fff; border-color: transparent; }
+button.deny { color: var(--err); border-color: var(--err); }
+</style>
+</head>
+<body>
+<header><h1>agentkit</h1><span id="status" role="status"></span></header>
+<main id="log" role="log"></main>
+<footer>
+<textarea id="text" rows="1" placeholder="Message"
+  aria-label="Message (Enter sends, Shift+Enter new line)"
+  title="Enter sends, Shift+Enter new line"></textarea>
+<button id="send" type="button">Send</button>
+</footer>
+<script>
+"use strict";
+// agentkit web chat: log in with the #token=... fragment, long-poll /api/feed,
+// post messages and decisions.
+const $ = (id) => document.getElementById(id);
+const log = $("log"), statusEl = $("status"), box = $("text"), sendBtn = $("send");
+const LOGIN_MSG = "The token is wrong or old. Open the link that `agentkit serve` printed " +
+  "(or use the token in the file <database>.token).";
+const shown = new Map();  // feed item id -> element
+let last = 0, conn = "", scrollNext = true;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function h(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
+// Connection indicator: only rewrite #status when the state changes,
+// so an error stays readable.
+function setConn(state) {
+  if (state === conn || conn === "login") return;
+  conn = state;
+  if (state === "on") setStatus("connected", "on");
+  else setStatus("reconnecting…", "");
+}
+function showError(text) { setStatus(text, "err"); if (conn !== "login") conn = ""; }
+function loginNeeded() { setStatus(LOGIN_MSG, "err"); conn = "login"; }
+
+// fetch wrapper: same-origin credentials, JSON in and out; throws only on network errors.
+async function api(method, path, body) {
+  const opt = { method, credentials: "same-origin", cache: "no-store", headers: {} };
+  if (body !== undefined) {
+    opt.headers["Content-Type"] = "application/json";
+    opt.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opt);
+  let data = null;
+  try { data = await r.json(); } catch (e) { /* 204 or not JSON */ }
+  return { status: r.status, ok: r.ok, data: data && typeof data === "object" ? data : {} };
+}
+const errText = (res) =>
+  (typeof res.data.error === "string" && res.data.error) || "HTTP error " + res.status;
+
+// Append text to el, turning http(s) URLs into safe links (text nodes + <a>, never HTML).
+const URL_RE = /https?:\/\/[^\s<>"'`]+/g;
+function addText(el, text) {
+  let i = 0;
+  for (const m of text.matchAll(URL_RE)) {
+    let url = m[0];
+    // Drop trailing punctuation, but keep a ")" that closes a "(" inside the URL.
+    while (/[.,;:!?)\]}]$/.test(url) && !(url.endsWith(")") && url.includes("("))) {
+      url = url.slice(0, -1);
+    }
+    el.append(text.slice(i, m.index));
+    const a = h("a", "", url);
+    a.href = url;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    el.append(a);
+    i = m.index + url.length;
+  }
+  el.append(text.slice(i));
+}
+
+function renderApproval(b, ap) {
+  const tool = h("div", "meta", "Tool: ");
+  tool.append(h("code", "", String(ap.tool)));
+  b.append(tool, h("pre", "args", JSON.stringify(ap.args ?? {}, null, 2)));
+  if (ap.reason) b.append(h("div", "meta", "Reason: " + ap.reason));
+  const act = h("div", "actions");
+  if (ap.state === "pending") {
+    for (const [cls, label] of [["approve", "Approve"], ["deny", "Deny"]]) {
+      const btn = h("button", cls, label);
+      btn.type = "button";
+      btn.dataset.approval = ap.id;
+      act.append(btn);
+    }
+  } else {
+    act.append(h("span", "state", "Status: " + ap.state));
+    // Already decided: disable any buttons still shown for it.
+    for (const btn of log.querySelectorAll("button[data-approval]")) {
+      if (btn.dataset.approval === ap.id) btn.disabled = true;
+    }
+  }
+  act.append(h("span", "note"));
+  b.append(act);
+}
+
+function render(it) {
+  const kind = String(it.kind || "notice").replace(/[^a-z]/g, "");
+  const el = h("div", "item kind-" + kind);
+  el.dataset.id = it.id;
+  if (it.turn_id) el.dataset.turn = it.turn_id;
+  const b = h("div", "bubble");
+  addText(b, String(it.text ?? ""));
+  if (kind === "approval" && it.approval) renderApproval(b, it.approval);
+  el.append(b);
+  const old = shown.get(it.id);
+  if (old) old.replaceWith(el); else log.append(el);
+  shown.set(it.id, el);
+}
+
+const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+
+// Long-poll loop: runs forever, stops only on 401.
+async function poll() {
+  for (;;) {
+    const t0 = Date.now();
+    let res;
+    try { res = await api("GET", "/api/feed?after=" + last); }
+    catch (e) { setConn("off"); await sleep(2000); continue; }
+    if (res.status === 401) { loginNeeded(); return; }
+    const items = res.data.items;
+    if (!res.ok || !Array.isArray(items)) {
+      if (res.status >= 400 && res.status < 500) {
+        showError(errText(res));
+        await sleep(10000);
+      } else {
+        setConn("off");
+        await sleep(2000);
+      }
+      continue;
+    }
+    setConn("on");
+    if (items.length) {
+      const stick = scrollNext || nearBottom();
+      items.forEach(render);
+      if (stick) log.scrollTop = log.scrollHeight;
+      scrollNext = false;
+    }
+    if (Number.isInteger(res.data.last)) last = res.data.last;
+    else for (const it of items) last = Math.max(last, Number(it.id) || 0);
+    // Guard against a server that answers at once without holding the request.
+    if (!items.length && Date.now() - t0 < 1000) await sleep(1000);
+  }
+}
+
+async function sendMessage() {
+  const text = box.value;
+  if (!text.trim() || sendBtn.disabled) return;
+  sendBtn.disabled = true;
+  try {
+    const res = await api("POST", "/api/messages", { text });
+    if (res.status === 202) { box.value = ""; grow(); scrollNext = true; }
+    else if (res.status === 401) loginNeeded();
+    else showError(errText(res));
+  } catch (e) {
+    showError("Could not send: the server is not reachable.");
+  } finally {
+    sendBtn.disabled = false;
+  }
+}
+
+async function decide(btn) {
+  const id = btn.dataset.approval;
+  const decision = btn.classList.contains("approve") ? "approve" : "deny";
+  const body = { decision };
+  if (decision === "deny") {
+    const reason = window.prompt("Deny: reason (optional)", "");
+    if (reason === null) return;  // cancelled
+    if (reason.trim()) body.reason = reason.trim();
+  }
+  const act = btn.parentElement, note = act.querySelector(".note");
+  const btns = act.querySelectorAll("button");
+  btns.forEach((b) => { b.disabled = true; });
+  note.className = "note";
+  note.textContent = "…";
+  let res;
+  try { res = await api("POST", "/api/approvals/" + encodeURIComponent(id), body); }
+  catch (e) { res = { status: 0, ok: false, data: { error: "The server is not reachable." } }; }
+  if (res.ok) { note.textContent = res.data.message || String(res.data.state); return; }
+  if (res.status === 401) loginNeeded();
+  note.textContent = errText(res);
+  note.classList.add("err");
+  // 409: already decided or expired, keep the buttons off;
+  // otherwise (403, 400, ...) allow another try.
+  if (res.status !== 409) btns.forEach((b) => { b.disabled = false; });
+}
+
+// Textarea grows with its content (CSSOM, allowed by the CSP).
+function grow() {
+  box.style.height = "auto";
+  box.style.height = Math.min(box.scrollHeight + 2, 160) + "px";
+}
+
+box.addEventListener("input", grow);
+box.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    sendMessage();
+  }
+});
+sendBtn.addEventListener("click", sendMessage);
+log.addEventListener("click", (ev) => {
+  const btn = ev.target.closest("button[data-approval]");
+  if (btn && !btn.disabled) decide(btn);
+});
+
+// Log in with the token from the URL fragment (if any), then start polling.
+async function login() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token === null) return true;
+  history.replaceState(null, "", location.pathname);  // the token leaves the URL at once
+  for (;;) {
+    try {
+      const res = await api("POST", "/api/login", { token });
+      if (res.ok) { setConn("on"); return true; }
+      if (res.status === 401) { loginNeeded(); return false; }
+      if (res.status < 500) { showError("Login failed: " + errText(res)); return false; }
+    } catch (e) { /* network error: retry */ }
+    setConn("off");
+    await sleep(2000);
+  }
+}
+
+setStatus("connecting…", "");
+login().then((ok) => { if (ok) poll(); });
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":
