@@ -5186,6 +5186,7 @@ RUNTIME_SCOPES = ("thread", "actor", "adapter", "kit")
 OUTPUT_BYTES = 50_000  # what a tool result shows at most, with OUTPUT_LINES
 OUTPUT_LINES = 2_000
 FOUND_LINES = 10 * OUTPUT_LINES  # grep and find stop there: memory bounded, far past the cap
+WALK_DEPTH = 100  # grep and find look this many folders deep: one descriptor and frame each
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
 READ_BYTES = 64 << 20  # the largest file read and edit take
@@ -5604,8 +5605,15 @@ def _path_parts(path: str, root: str) -> list[str]:
 
 class _Resolved(NamedTuple):
     folder: int  # a descriptor of the folder holding `name` (the caller closes it)
-    name: str  # "." when the path is the root itself
     parts: tuple[str, ...]  # the folder's canonical components below the root
+    name: str  # "." when the path is the root itself
+
+
+def _taken(stack: list[tuple[int, str]]) -> tuple[int, tuple[str, ...]]:
+    """The innermost folder of a resolution stack, taken off it (the caller closes its
+    descriptor), and its components below the root, the innermost included."""
+    parts = tuple(name for _, name in stack[1:])
+    return stack.pop()[0], parts
 
 
 def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Resolved:
@@ -5656,10 +5664,10 @@ def _resolve(root_fd: int, path: str, root: str, *, create: bool = False) -> _Re
                 todo.extend(reversed(target.split("/")))
                 continue
             if not todo:
-                return _Resolved(stack.pop()[0], name, tuple(n for _, n in stack[1:]))
+                return _Resolved(*_taken(stack), name)
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
             stack.append((os.open(name, flags, dir_fd=folder), name))
-        return _Resolved(stack.pop()[0], ".", tuple(n for _, n in stack[1:]))
+        return _Resolved(*_taken(stack), ".")
     except OSError as e:
         raise _os_error(path, e) from None
     finally:
@@ -5835,21 +5843,36 @@ class LocalRuntime:
         finally:
             os.close(fd)
 
-    def _walk(self, path: str) -> Iterator[tuple[str, str, int]]:
+    def _walk(self, path: str, deeper: list[str]) -> Iterator[tuple[str, str, int]]:
         """`(relative path, name, folder descriptor)` of every file and folder below
-        `path`, walked by descriptors without following symlinks (.secrets skipped)."""
+        `path` down to WALK_DEPTH levels, walked by descriptors without following symlinks
+        (.secrets skipped); the folders not entered for depth are added to `deeper`."""
         top, base = self._folder(path)
         try:
             for folder, dirs, files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-                below = [*base, *[p for p in folder.split("/") if p != "."]]
+                inside = [p for p in folder.split("/") if p != "."]
+                below = [*base, *inside]
                 if not below:
                     dirs[:] = [d for d in dirs if d != SECRETS]
                     files = [f for f in files if f != SECRETS]
                 dirs.sort()
                 for name in [*dirs, *sorted(files)]:
                     yield "/".join([*below, name]), name, fd
+                if len(inside) + 1 >= WALK_DEPTH:
+                    deeper.extend("/".join([*below, name]) for name in dirs)
+                    dirs[:] = []  # os.fwalk recurses: a deeper tree would end in RecursionError
         finally:
             os.close(top)
+
+    @staticmethod
+    def _found(found: list[str], deeper: list[str]) -> list[str]:
+        """grep's or find's lines, with a last line naming what depth or count cut off."""
+        if len(found) >= FOUND_LINES:
+            return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
+        if deeper:
+            more = f" and {len(deeper) - 1:,} more" if len(deeper) > 1 else ""
+            return [*found, f"[not searched, over {WALK_DEPTH} folders deep: {deeper[0]}/{more}]"]
+        return found
 
     def grep(self, pattern: str, path: str = ".", *, glob: str | None = None) -> list[str]:
         """`file:line: text` for each line matching the regular expression, in the text
@@ -5859,14 +5882,15 @@ class LocalRuntime:
             regex = re.compile(pattern)
         except (re.error, TypeError) as e:
             raise BadInput(f"not a regular expression: {pattern!r} ({e})") from None
-        found = []
-        for relative, name, folder in self._walk(path):
+        found: list[str] = []
+        deeper: list[str] = []
+        for relative, name, folder in self._walk(path, deeper):
             if relative.startswith(f"{OUTPUT_FOLDER}/") or (
                 glob is not None and not _matches(glob, relative, name)
             ):
                 continue  # saved outputs would only repeat what was shown
             try:
-                fd = _open_file(_Resolved(folder, name, ()), relative)
+                fd = _open_file(_Resolved(folder, (), name), relative)
             except BadInput:
                 continue  # a folder, a symlink, a hard link or a device
             with os.fdopen(fd, "rb") as f:
@@ -5877,22 +5901,23 @@ class LocalRuntime:
                 if regex.search(line):
                     found.append(f"{relative}:{number}: {line[:500]}")
                     if len(found) >= FOUND_LINES:
-                        return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
-        return found
+                        return self._found(found, deeper)
+        return self._found(found, deeper)
 
     def find(self, glob: str, path: str = ".") -> list[str]:
         """The files and folders below `path` whose name (or, for a glob with '/', whose
         relative path) matches `glob`; folders end with '/'."""
         if not isinstance(glob, str) or not glob:
             raise BadInput("find needs a glob like '*.py' or 'src/*.py'")
-        found = []
-        for relative, name, folder in self._walk(path):
+        found: list[str] = []
+        deeper: list[str] = []
+        for relative, name, folder in self._walk(path, deeper):
             if _matches(glob, relative, name):
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 found.append(relative + ("/" if stat.S_ISDIR(info.st_mode) else ""))
                 if len(found) >= FOUND_LINES:
-                    return [*found, f"[stopped after {FOUND_LINES:,} matches]"]
-        return found
+                    return self._found(found, deeper)
+        return self._found(found, deeper)
 
     # commands
 

@@ -62,6 +62,22 @@ def agentkit_cgroups() -> list[Path]:
 # ─────────────────────────────── paths stay inside the root ───────────────────────────────
 
 
+def test_grep_and_find_stop_at_a_depth_and_say_so(runtime: agentkit.LocalRuntime) -> None:
+    # os.fwalk recurses once per level: a 1,000-deep tree ended in RecursionError.
+    deep, near = "/".join(["d"] * 1000), "/".join(["d"] * 50)
+    runtime.write(f"{near}/near.txt", "needle\n")
+    runtime.write(f"{deep}/far.txt", "needle\n")
+    cut = "/".join(["d"] * agentkit.WALK_DEPTH) + "/"
+    note = f"[not searched, over {agentkit.WALK_DEPTH} folders deep: {cut}]"
+    try:
+        assert runtime.grep("needle", ".") == [f"{near}/near.txt:1: needle", note]
+        assert runtime.find("*.txt") == [f"{near}/near.txt", note]
+        assert runtime.find("far.txt", "/".join(["d"] * 950)) == [f"{deep}/far.txt"]
+    finally:
+        for level in range(900, 0, -100):  # shutil.rmtree recurses too: cut the tree for it
+            os.rename(Path(root_of(runtime), *["d"] * level), root_of(runtime) / f"cut{level}")
+
+
 def test_files_are_written_read_listed_and_searched(runtime: agentkit.LocalRuntime) -> None:
     runtime.write("src/app.py", "import os\nprint('hi')\n")
     runtime.write("notes.txt", "one\ntwo\nthree\n")
@@ -72,6 +88,9 @@ def test_files_are_written_read_listed_and_searched(runtime: agentkit.LocalRunti
     assert runtime.grep("o", ".", glob="*.txt") == ["notes.txt:1: one", "notes.txt:2: two"]
     assert runtime.find("*.py") == ["src/app.py"]
     assert runtime.find("src") == ["src/"]
+    runtime.write("src/lib/util.py", "print('lib')\n")
+    assert runtime.find("*.py", "src/lib") == ["src/lib/util.py"]  # was "lib/util.py"
+    assert runtime.grep("lib", "src/lib") == ["src/lib/util.py:1: print('lib')"]
 
 
 @pytest.mark.parametrize("path", ["../escape.txt", "src/../../escape.txt", "/etc/passwd", "/tmp"])
