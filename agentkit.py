@@ -5188,6 +5188,7 @@ OUTPUT_LINES = 2_000
 FOUND_LINES = 10 * OUTPUT_LINES  # grep and find stop there: memory bounded, far past the cap
 WALK_DEPTH = 100  # grep and find look this many folders deep: one descriptor and frame each
 OUTPUT_FOLDER = ".agentkit/output"  # where the full output of a truncated result is saved
+OUTPUT_KEPT = 100  # saved outputs a runtime keeps: saving one more removes the oldest
 SAVED_OUTPUT_BYTES = 16 << 20  # what one command's output is kept of; the rest is dropped
 READ_BYTES = 64 << 20  # the largest file read and edit take
 SECRETS = ".secrets"  # the folder at a root that no runtime operation shows
@@ -5269,6 +5270,10 @@ class Runtime(Protocol):
 
     def find(self, glob: str, path: str = ".") -> list[str]:
         """The files and folders below `path` whose name (or path, with '/') matches `glob`."""
+        ...
+
+    def remove(self, path: str) -> None:
+        """Delete a file (never a folder); a missing file is BadInput."""
         ...
 
 
@@ -5568,17 +5573,26 @@ def _cut(text: str, keep: str) -> str:
     return data.decode("utf-8", "ignore")
 
 
+_SAVED_OUTPUT = re.compile(r".+-[0-9a-f]{22}\.txt")  # the names cap_output gives
+
+
 def cap_output(
     runtime: Runtime, text: str, *, keep: str = "head", label: str = "output"
 ) -> tuple[str, str | None]:
     """`(what to show, where the whole text was saved)`: text over OUTPUT_LINES lines or
     OUTPUT_BYTES bytes is cut (its head, or its tail with keep="tail") and saved whole in
-    the runtime's OUTPUT_FOLDER; short text is shown as it is (and None)."""
+    the runtime's OUTPUT_FOLDER, which keeps the newest OUTPUT_KEPT; short text is shown as
+    it is (and None)."""
     shown = _cut(text, keep)
     if shown == text:
         return text, None
-    path = f"{OUTPUT_FOLDER}/{label}-{os.urandom(6).hex()}.txt"
+    path = f"{OUTPUT_FOLDER}/{label}-{time.time_ns():016x}{os.urandom(3).hex()}.txt"
     runtime.write(path, text)
+    saved = [name for name in runtime.ls(OUTPUT_FOLDER) if _SAVED_OUTPUT.fullmatch(name)]
+    saved.sort(key=lambda name: name.rsplit("-", 1)[1])  # by the nanoseconds of its save
+    for name in saved[:-OUTPUT_KEPT]:
+        with contextlib.suppress(BadInput):  # another call removed it first
+            runtime.remove(f"{OUTPUT_FOLDER}/{name}")
     return shown, path
 
 
@@ -5829,6 +5843,17 @@ class LocalRuntime:
                 )
             text = text.replace(old, new, 1)
         self.write(path, text)
+
+    def remove(self, path: str) -> None:
+        """Delete a file (never a folder); a missing file is BadInput."""
+        with self._resolved(path) as resolved:
+            try:
+                info = os.stat(resolved.name, dir_fd=resolved.folder, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    raise BadInput(f"{path} is a folder: remove it with bash")
+                os.unlink(resolved.name, dir_fd=resolved.folder)
+            except OSError as e:
+                raise _os_error(path, e) from None
 
     def ls(self, path: str = ".") -> list[str]:
         """A folder's entries, sorted, folders ending with '/' (.secrets never listed)."""

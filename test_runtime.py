@@ -435,6 +435,28 @@ def test_long_output_is_cut_and_saved_whole(runtime: agentkit.LocalRuntime) -> N
     assert len(runtime.read(wide.full_output_path or "")) == 200000
 
 
+def test_saved_outputs_keep_the_newest_only(
+    runtime: agentkit.LocalRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every cut output was kept forever: a busy thread's workspace only grew.
+    monkeypatch.setattr(agentkit, "OUTPUT_KEPT", 3)
+    runtime.write(".agentkit/output/notes.txt", "mine\n")
+    long = "x\n" * (agentkit.OUTPUT_LINES + 1)
+    paths = [agentkit.cap_output(runtime, long, label="grep")[1] for _ in range(5)]
+    kept = [p.split("/")[-1] for p in paths[2:] if p]
+    assert runtime.ls(".agentkit/output") == sorted([*kept, "notes.txt"])
+
+
+def test_remove_deletes_a_file_and_nothing_else(runtime: agentkit.LocalRuntime) -> None:
+    runtime.write("keep/target.txt", "kept\n")
+    runtime.write("gone.txt", "gone\n")
+    runtime.remove("gone.txt")
+    for path, error in [("keep", "is a folder"), ("gone.txt", "No such file"), (".secrets/x", "not readable")]:
+        with pytest.raises(agentkit.BadInput, match=error):
+            runtime.remove(path)
+    assert runtime.ls(".") == ["keep/"] and runtime.ls("keep") == ["target.txt"]
+
+
 def test_a_stopped_runtime_refuses_to_run(runtime: agentkit.LocalRuntime) -> None:
     runtime.stop()
     with pytest.raises(agentkit.RuntimeUnavailable, match="stopped"):
