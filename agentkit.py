@@ -7118,10 +7118,11 @@ class TurnEngine:
         command = parse_command(text)
         with self.queue.store.transaction():
             if group is not None:
-                source_id = f"group:{group[0]}"
-                joined = self.join_group(thread, source_id, text, files, group[1])
-                if joined is not None:
-                    return joined
+                first = self.records.seen(thread.partition(":")[0], f"group:{group[0]}")
+                if first is None:
+                    source_id = f"group:{group[0]}"  # the first part: the group's turn
+                elif self.join_group(first, text, files, group[1]):
+                    return first.id
             turn_id, created = self.records.add_turn(thread, actor, text, source_id, meta)
             if not created:
                 return turn_id
@@ -7149,27 +7150,18 @@ class TurnEngine:
         return turn_id
 
     def join_group(
-        self,
-        thread: str,
-        source_id: str,
-        text: str,
-        files: Sequence[File | Attachment],
-        wait: float,
-    ) -> str | None:
+        self, turn: TurnRow, text: str, files: Sequence[File | Attachment], wait: float
+    ) -> bool:
         """Add a part of a group to the group's turn while it is queued (its text joins
-        the turn's, its start moves `wait` seconds on); the turn id, or None when there
-        is no such turn any more."""
-        turn = self.records.seen(thread.partition(":")[0], source_id)
-        if turn is None:
-            return None
+        the turn's, its start moves `wait` seconds on); False when it started already
+        (a part that late makes a turn of its own)."""
         joined = "\n".join(part for part in (turn.text, text) if part)
-        if turn.status != "queued" or not self.queue.store.postpone_turn(
-            turn.id, joined, self.queue.store.now() + wait
-        ):
-            raise BadInput(f"the rest of {source_id} came after its turn started")
-        saved = self.records.save_files(thread, turn.id, files)
-        self.records.deliver(thread, turn.id, "user", text, files=[file_info(a) for a in saved])
-        return turn.id
+        if not self.queue.store.postpone_turn(turn.id, joined, self.queue.store.now() + wait):
+            return False
+        saved = self.records.save_files(turn.thread_id, turn.id, files)
+        shown = [file_info(a) for a in saved]
+        self.records.deliver(turn.thread_id, turn.id, "user", text, files=shown)
+        return True
 
     def prompt(self, payload: dict[str, str], ctx: JobContext) -> str:
         """The task of scheduled prompts: start a turn in the schedule's thread."""
@@ -8425,6 +8417,7 @@ class Telegram(PollingAdapter):
         poll_timeout: float = 25.0,
         lease: float = 60.0,
         edit_interval: float = 1.0,
+        album_wait: float = 2.0,
     ) -> None:
         if not isinstance(token, str) or not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", token):
             raise BadInput("a Telegram bot token looks like 123456:ABC-def (from @BotFather)")
@@ -8439,6 +8432,7 @@ class Telegram(PollingAdapter):
         self.poll_timeout = check_seconds("poll_timeout", poll_timeout, positive=True)
         self.lease = check_seconds("lease", lease, positive=True)
         self.edit_interval = check_seconds("edit_interval", edit_interval)
+        self.album_wait = check_seconds("album_wait", album_wait)
         self.clock: Callable[[], float] = time.monotonic  # of streams (tests drive it)
         self.client = httpx.Client(timeout=20.0)
         self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
@@ -8452,16 +8446,22 @@ class Telegram(PollingAdapter):
         *,
         client: httpx.Client | None = None,
         patient: bool = True,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
         **params: Any,
     ) -> Any:
         """One Bot API call; its result. AdapterError (with no token in it) when it fails;
         a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s),
-        unless not `patient`."""
+        unless not `patient`. `files` (field: (name, bytes, media type)) go as a
+        multipart upload, the parameters as its fields."""
         url = f"{self.api_url}/bot{self.token}/{method}"
         params = {key: value for key, value in params.items() if value is not None}
+        form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
         for attempt in range(4):
             try:
-                response = (client or self.client).post(url, json=params)
+                if files:
+                    response = (client or self.client).post(url, data=form, files=files)
+                else:
+                    response = (client or self.client).post(url, json=params)
                 data = response.json()
             except (httpx.HTTPError, ValueError, RuntimeError) as e:
                 raise AdapterError(f"telegram {method}: {describe_error(e)}") from None
@@ -8527,19 +8527,91 @@ class Telegram(PollingAdapter):
                 last = max(last or 0, update["update_id"])
                 item = self.inbound(update)
                 if item is not None:
-                    items.append(item)
+                    items.append(self.with_files(item))
         return items, cursor if last is None else str(last + 1)
 
+    def media(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The files of a message to fetch, each `{"file_id", "name", "mime", "size"}`: of a
+        photo only its largest size within max_file_bytes (the smallest if none is)."""
+        limit = self.kit.max_file_bytes
+        found = []
+        sizes = [p for p in message.get("photo") or [] if isinstance(p, dict) and "file_id" in p]
+        if sizes:
+            sizes.sort(key=lambda p: p.get("file_size") or 0)
+            fitting = [p for p in sizes if (p.get("file_size") or 0) <= limit] or sizes[:1]
+            photo = fitting[-1]
+            found.append({**photo, "name": f"photo_{photo.get('file_unique_id', 'telegram')}.jpg"})
+            found[-1]["mime"] = "image/jpeg"
+        for kind, default in (("document", "file"), ("voice", "voice.ogg"), ("audio", "audio")):
+            item = message.get(kind)
+            if isinstance(item, dict) and "file_id" in item:
+                name = item.get("file_name") or default
+                found.append({**item, "name": name, "mime": item.get("mime_type")})
+        return [
+            {"file_id": str(f["file_id"]), "name": str(f["name"]), "mime": f["mime"]}
+            | {"size": f.get("file_size") if isinstance(f.get("file_size"), int) else 0}
+            for f in found
+        ]
+
+    def with_files(self, item: Inbound) -> Inbound:
+        """An item with the files of its message fetched (before anything is stored: a
+        failed download fails the poll, which is fetched again); one over max_file_bytes
+        is refused with a reply, and nothing of it fetched."""
+        wanted = (item.meta or {}).pop("media", None)
+        if not wanted or item.refusal:
+            return replace(item, meta=item.meta or None)
+        limit = self.kit.max_file_bytes
+        try:
+            for file in wanted:
+                check_file_size(file["name"], file["size"], limit)
+            files = [
+                File(f["name"], self.download(f["file_id"], limit), mime=f["mime"]) for f in wanted
+            ]
+        except TooLarge as e:
+            return replace(item, meta=item.meta or None, refusal=str(e))
+        return replace(item, meta=item.meta or None, files=files)
+
+    def download(self, file_id: str, limit: int) -> bytes:
+        """A file's bytes: getFile, then its download (the token stays out of errors)."""
+        found = self.call("getFile", file_id=file_id)
+        path = found.get("file_path") if isinstance(found, dict) else None
+        if not isinstance(path, str):
+            raise AdapterError("telegram getFile: no file_path in the answer")
+        url = f"{self.api_url}/file/bot{self.token}/{urllib.parse.quote(path)}"
+        try:
+            with self.client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise AdapterError(
+                        f"telegram download: {response.status_code}", response.status_code
+                    )
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    check_file_size(path, len(data), limit)
+        except httpx.HTTPError as e:
+            raise AdapterError(f"telegram download: {describe_error(e)}") from None
+        return bytes(data)
+
     def inbound(self, update: dict[str, Any]) -> Inbound | None:
-        """The item of one update: a text message, or a press of an approval button."""
+        """The item of one update: a message (text, or media with a caption), or a press
+        of an approval button. The files of a message are listed in its meta ("media")
+        and fetched by `with_files`; the parts of an album share a group."""
+        group = None
         try:
             if isinstance(update.get("message"), dict):
                 message, meta = update["message"], {}
                 chat = message["chat"]["id"]
                 user = (message.get("from") or message["chat"])["id"]
                 text = message.get("text")
+                media = self.media(message)
+                if media:
+                    meta["media"] = media
+                    caption = message.get("caption")
+                    text = caption if isinstance(caption, str) else ""
+                    if message.get("media_group_id") is not None:
+                        group = f"{chat}:{message['media_group_id']}"
                 if not isinstance(text, str):
-                    return None  # photos, stickers, members joining: nothing to answer
+                    return None  # stickers, members joining: nothing to answer
             elif isinstance(update.get("callback_query"), dict):
                 query = update["callback_query"]
                 message = query.get("message") or {}
@@ -8562,9 +8634,18 @@ class Telegram(PollingAdapter):
                 f"Sorry, I only answer people I know. Your Telegram user id is {user}: "
                 "ask my owner to add it to AGENTKIT_TELEGRAM_ALLOW."
             )
-        elif meta and not re.fullmatch(r"/(approve|deny) apr_[0-9a-f]{16}", text):
+        elif "callback" in meta and not re.fullmatch(r"/(approve|deny) apr_[0-9a-f]{16}", text):
             refusal = "That button is not one of mine."
-        return Inbound(thread, str(user), text, str(update["update_id"]), meta or None, refusal)
+        return Inbound(
+            thread,
+            str(user),
+            text,
+            str(update["update_id"]),
+            meta or None,
+            refusal,
+            group=group,
+            group_wait=self.album_wait,
+        )
 
     def reach(self, actor: str) -> str | None:
         """A Telegram user is reached in their private chat with the bot (same id)."""
@@ -8608,6 +8689,8 @@ class Telegram(PollingAdapter):
         if outbound.kind == "decided":
             self.show_decision(where, outbound)
             return None
+        if outbound.kind == "file" and outbound.file:
+            return self.send_file(target, where, outbound.file)
         text, markup = outbound.text, None
         if outbound.kind == "approval" and outbound.approval:
             approval = self.kit.gatekeeper.get(outbound.approval["id"])
@@ -8636,6 +8719,14 @@ class Telegram(PollingAdapter):
                 if not last and outbound.delivery is not None:  # a retry goes on from here
                     self.kit.store.update_delivery(outbound.delivery, None, None, sent_parts=i + 1)
         return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
+
+    def send_file(self, target: str, where: dict[str, int | None], file: dict[str, Any]) -> str:
+        """A stored file as a photo (JPEG, PNG, WebP) or else a document, uploaded."""
+        data = self.kit.open_file(target, file["id"])
+        photo = file["mime"] in ("image/jpeg", "image/png", "image/webp")
+        method, field = ("sendPhoto", "photo") if photo else ("sendDocument", "document")
+        sent = self.call(method, files={field: (file["name"], data, file["mime"])}, **where)
+        return str(sent["message_id"]) if isinstance(sent, dict) else ""
 
     def send_html(self, method: str, *, text: str, **params: Any) -> Any:
         """sendMessage or editMessageText of an HTML text; when Telegram cannot parse it,
@@ -8920,6 +9011,7 @@ class Webhook(Adapter):
             callback = event.get("callback")
             if callback is not None and not self.allows(callback):
                 raise BadInput("the callback URL is not allowed")
+            files = self.files(event.get("files", []))
             digest = hashlib.sha256(request.body).hexdigest()
             meta = {"digest": digest, "event": event["id"]}
             if callback:
@@ -8928,12 +9020,36 @@ class Webhook(Adapter):
                 seen = self.kit.records.seen(self.name, event["id"])
                 if seen and (seen.meta or {}).get("digest") != digest:
                     return json_response(409, {"error": "this event id came with another body"})
-                item = Inbound(event["thread"], event["actor"], event["text"], event["id"], meta)
+                item = Inbound(
+                    event["thread"], event["actor"], event["text"], event["id"], meta, files=files
+                )
                 turn_id = seen.id if seen else self.kit.receive(self, item)[0]
+        except TooLarge as e:
+            return json_response(413, {"error": str(e)})
         except BadInput as e:
             return json_response(400, {"error": str(e)})
         thread = f"{self.name}:{event['thread']}"
         return json_response(202, {"turn_id": turn_id, "thread_id": thread})
+
+    def files(self, given: object) -> list[File]:
+        """The event's `files`, `[{"name", "data": base64, "mime"?}]`, each checked against
+        max_file_bytes (TooLarge) before anything is stored."""
+        if not isinstance(given, list) or not all(isinstance(f, dict) for f in given):
+            raise BadInput("files must be a list of {name, data (base64), mime}")
+        files = []
+        for f in given:
+            name, data, mime = f.get("name"), f.get("data"), f.get("mime")
+            if not isinstance(data, str) or not isinstance(mime, (str, type(None))):
+                raise BadInput("a file has data (base64 text) and maybe a mime")
+            try:
+                content = base64.b64decode(data, validate=True)
+            except ValueError:
+                raise BadInput(f"the data of file {name!r} is not base64") from None
+            check_file_size(
+                check_name("file name", name, 255), len(content), self.kit.max_file_bytes
+            )
+            files.append(File(name, content, mime=mime))
+        return files
 
     def report(self, request: HTTPRequest) -> HTTPResponse:
         if not self.verify(request.headers.get("x-agentkit-signature"), request.path.encode()):
@@ -8986,6 +9102,7 @@ class WebChat(Adapter):
     owner = "web:owner"
     cookie = "agentkit_web"
     long_poll = 25.0
+    uploads = "/api/files"  # POST a file here; GET /api/files/<id> downloads one
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -9059,11 +9176,21 @@ class WebChat(Adapter):
         if route == ("GET", "/api/feed"):
             return self.feed(request)
         if route == ("POST", "/api/messages"):
-            text = json_body(request).get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise BadInput("text must be a non-empty string")
-            turn_id, _ = self.kit.receive(self, Inbound("owner", "owner", text))
+            body = json_body(request)
+            text, ids = body.get("text", ""), body.get("files", [])
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise BadInput("files must be a list of upload ids")
+            if not isinstance(text, str) or not (text.strip() or ids):
+                raise BadInput("text must be a non-empty string (or send files)")
+            files = [self.upload(i) for i in ids]
+            turn_id, note = self.kit.receive(self, Inbound("owner", "owner", text, files=files))
+            if turn_id is None:
+                return json_response(413 if files else 400, {"error": note})
             return json_response(202, {"turn_id": turn_id})
+        if route == ("POST", self.uploads):
+            return self.store_upload(request)
+        if request.method == "GET" and request.path.startswith(f"{self.uploads}/"):
+            return self.download(request.path.removeprefix(f"{self.uploads}/"))
         if request.method == "POST" and request.path.startswith("/api/approvals/"):
             return self.decide(request.path.rpartition("/")[2], json_body(request))
         return None
@@ -9085,11 +9212,65 @@ class WebChat(Adapter):
         for item in items:
             entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
             entry["turn_id"] = item.turn_id
+            if item.body.get("file"):
+                entry["file"] = self.linked(item.body["file"])
+            if item.body.get("files"):
+                entry["files"] = [self.linked(file) for file in item.body["files"]]
             if item.kind == "approval":
                 approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
                 entry["approval"] = {**item.body["approval"], "state": approval.state}
             shown.append(entry)
         return json_response(200, {"items": shown, "last": items[-1].id if items else int(after)})
+
+    def linked(self, file: dict[str, Any]) -> dict[str, Any]:
+        """A file as the page shows it: with the URL it downloads from."""
+        return {**file, "url": f"{self.uploads}/{file['id']}"}
+
+    def upload(self, attachment_id: str) -> Attachment:
+        """An upload of the owner's thread, to send with a message."""
+        found = ATTACHMENT_ID.fullmatch(attachment_id) and self.kit.store.attachment(
+            attachment_id, self.owner
+        )
+        if not found or found.turn_id is not None:
+            raise BadInput(f"{attachment_id!r} is not an upload waiting to be sent")
+        return found.attachment
+
+    def store_upload(self, request: HTTPRequest) -> HTTPResponse:
+        """`POST /api/files?name=<file name>`, the body the file's bytes and Content-Type
+        its type: stored in the owner's thread until a message takes it (`files` of
+        `POST /api/messages`); its id, name, mime, size and url."""
+        name = request.query.get("name", "")
+        mime = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if mime in ("", "application/x-www-form-urlencoded", "text/plain"):
+            mime = ""  # what a browser sends for a body it was not told the type of
+        file = File(name, request.body, mime=mime or None)
+        try:
+            with self.kit.store.transaction():
+                [attachment] = self.kit.records.save_files(self.owner, None, [file])
+        except TooLarge as e:
+            return json_response(413, {"error": str(e)})
+        return json_response(201, self.linked(file_info(attachment)))
+
+    def download(self, attachment_id: str) -> HTTPResponse:
+        """A file of the owner's thread, always as a download: raster images keep their
+        type (so a page can show them), anything else is application/octet-stream."""
+        try:
+            data = self.kit.open_file(self.owner, attachment_id)
+        except NotFound:
+            return json_response(404, {"error": "no such file"})
+        row = self.kit.store.attachment(attachment_id, self.owner)
+        assert row is not None
+        kind = row.mime if row.mime in IMAGE_TYPES else "application/octet-stream"
+        plain = re.sub(r"[^A-Za-z0-9._ -]", "_", row.name) or "file"
+        disposition = (
+            f"attachment; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(row.name)}"
+        )
+        headers = {
+            "Content-Type": kind,
+            "Content-Disposition": disposition,
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        }
+        return HTTPResponse(200, data, headers)
 
     def decide(self, approval_id: str, body: dict[str, Any]) -> HTTPResponse:
         decision, reason = body.get("decision"), body.get("reason")
@@ -9145,11 +9326,15 @@ class _Handler(BaseHTTPRequestHandler):
         if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,10}", length):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
-        body = self.rfile.read(int(length))
         parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
+        if int(length) > MAX_BODY:
+            upload = (self.command, parts.path) == ("POST", WebChat.uploads)
+            limit = self.server.kit.max_file_bytes if upload else MAX_BODY
+            if int(length) > limit:
+                self.close_connection = True
+                error = f"the file is over {limit:,} bytes" if upload else "the body is over 1 MiB"
+                return self.reply(json_response(413, {"error": error}))
+        body = self.rfile.read(int(length))
         request = HTTPRequest(
             self.command,
             parts.path,

@@ -26,6 +26,8 @@ and the test waits for what it expects and reads what the bot did.
         tg.sent[0]["text"], tg.sent[0]["reply_markup"]
         tg.push_callback(42, 42, "approve:7", message_id=tg.sent[0]["message_id"])
         tg.fail_next("sendMessage", 429, retry_after=0)  # flood control, once
+        tg.push_photo(42, 42, [small, medium, large], caption="look")  # a photo, 3 sizes
+        tg.uploads[0]["data"]  # what sendPhoto / sendDocument uploaded (multipart)
 
 getUpdates has Telegram's semantics: an offset confirms every update below it for good, and
 a long poll (timeout=N) returns as soon as an update is pushed; close() ends waiting polls.
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import email.parser
+import email.policy
 import itertools
 import json
 import re
@@ -679,6 +683,31 @@ def _checked_text(params: dict[str, Any], *, empty: bool = False) -> tuple[str, 
     return text, visible
 
 
+@dataclass
+class Upload:
+    """A file sent as a multipart part: its field's file name, media type and bytes."""
+
+    name: str
+    mime: str
+    data: bytes
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart/form-data body: text fields as strings, files as Uploads."""
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        data = part.get_payload(decode=True) or b""
+        if filename is None:
+            fields[name] = data.decode()
+        else:
+            fields[name] = Upload(filename, part.get_content_type(), data)
+    return fields
+
+
 def _kind(update: dict[str, Any]) -> str | None:
     """An update's type: its one field besides update_id ("message", "callback_query", ...)."""
     return next((key for key in update if key != "update_id"), None)
@@ -703,10 +732,27 @@ class _TelegramHandler(BaseHTTPRequestHandler):
     server: _TelegramServer
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path.startswith("/file/"):
+            self._download(urlsplit(self.path).path)
+            return
         self._answer(b"")
 
     def do_POST(self) -> None:
         self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def _download(self, path: str) -> None:
+        """A file by the path getFile gave: /file/bot<token>/<file_path>; a file marked
+        to be cut is sent half, then the connection closes."""
+        status, data, cut = self.server.fake._file_download(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2] if cut else data)
+            if cut:
+                self.wfile.flush()
+                self.close_connection = True
 
     def _answer(self, raw: bytes) -> None:
         url = urlsplit(self.path)
@@ -714,7 +760,9 @@ class _TelegramHandler(BaseHTTPRequestHandler):
         unparsable = False
         if raw.strip():
             content_type = self.headers.get_content_type()
-            if content_type == "application/x-www-form-urlencoded":
+            if content_type == "multipart/form-data":
+                params.update(_multipart(self.headers.get("Content-Type", ""), raw))
+            elif content_type == "application/x-www-form-urlencoded":
                 params.update(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
             else:  # JSON, whatever the header says
                 try:
@@ -762,6 +810,9 @@ class FakeTelegram(_Loopback):
     METHODS = (
         "getMe",
         "getUpdates",
+        "getFile",
+        "sendPhoto",
+        "sendDocument",
         "sendMessage",
         "sendMessageDraft",
         "editMessageText",
@@ -781,6 +832,11 @@ class FakeTelegram(_Loopback):
         self.actions: list[dict[str, Any]] = []
         self.deleted: list[dict[str, Any]] = []
         self.polls: list[dict[str, Any]] = []
+        self.uploads: list[dict[str, Any]] = []  # sendPhoto / sendDocument, with the Upload
+        self.downloads: list[str] = []  # file_ids whose bytes were fetched
+        self._files: dict[str, bytes] = {}  # file_id -> content
+        self._cut: set[str] = set()  # file_ids whose download is cut midway
+        self._file_ids = itertools.count(1)
         # One condition guards all state; it is notified on every request and every change.
         self._cond = threading.Condition(threading.RLock())
         self._closed = False
@@ -799,6 +855,9 @@ class FakeTelegram(_Loopback):
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "getMe": self._get_me,
             "getUpdates": self._get_updates,
+            "getFile": self._get_file,
+            "sendPhoto": self._send_photo,
+            "sendDocument": self._send_document,
             "sendMessage": self._send_message,
             "sendMessageDraft": self._send_message_draft,
             "editMessageText": self._edit_message_text,
@@ -905,6 +964,64 @@ class FakeTelegram(_Loopback):
                 "data": data,
             }
             return self._add_update({"callback_query": query})
+
+    def add_file(self, data: bytes, *, cut: bool = False) -> dict[str, Any]:
+        """Keep a file the bot can fetch (getFile, then the download); its file_id,
+        file_unique_id and file_size. With `cut`, its download stops midway."""
+        with self._cond:
+            number = next(self._file_ids)
+            file_id = f"FILE{number:04d}"
+            self._files[file_id] = data
+            if cut:
+                self._cut.add(file_id)
+            return {"file_id": file_id, "file_unique_id": f"U{number}", "file_size": len(data)}
+
+    def push_media(
+        self,
+        chat_id: int,
+        user_id: int,
+        media: dict[str, Any],
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+    ) -> int:
+        """Queue a message with media (`{"photo": [...]}`, `{"document": {...}}`, ...,
+        made with add_file), a caption and an album id; its update_id."""
+        with self._cond:
+            kind = "private" if chat_id == user_id else "supergroup"
+            chat = self._chat(chat_id, kind)
+            message: dict[str, Any] = {
+                "message_id": self._new_message_id(chat_id),
+                "from": self._user(user_id, "User"),
+                "chat": dict(chat),
+                "date": int(time.time()),
+                **copy.deepcopy(media),
+            }
+            if caption is not None:
+                message["caption"] = caption
+            if media_group_id is not None:
+                message["media_group_id"] = media_group_id
+            self._messages[(chat_id, message["message_id"])] = message
+            return self._add_update({"message": copy.deepcopy(message)})
+
+    def push_photo(
+        self,
+        chat_id: int,
+        user_id: int,
+        sizes: list[bytes],
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+    ) -> int:
+        """Queue a photo message with one PhotoSize per given content (smallest first, as
+        Telegram sends them); its update_id."""
+        photo = [
+            {**self.add_file(data), "width": 90 * (i + 1), "height": 60 * (i + 1)}
+            for i, data in enumerate(sizes)
+        ]
+        return self.push_media(
+            chat_id, user_id, {"photo": photo}, caption=caption, media_group_id=media_group_id
+        )
 
     def push_update(self, raw: dict[str, Any]) -> int:
         """Queue any update as given; its update_id is assigned (and returned)."""
@@ -1103,6 +1220,78 @@ class FakeTelegram(_Loopback):
                 if remaining <= 0:
                     return []
                 self._cond.wait(remaining)
+
+    def _get_file(self, params: dict[str, Any]) -> dict[str, Any]:
+        file_id = str(_param(params, "file_id") or "")
+        with self._cond:
+            data = self._files.get(file_id)
+        if data is None:
+            raise _TelegramError(400, "Bad Request: invalid file_id")
+        if len(data) > 20 * 1024 * 1024:
+            raise _TelegramError(400, "Bad Request: file is too big")
+        number = file_id.removeprefix("FILE")
+        return {
+            "file_id": file_id,
+            "file_unique_id": f"U{int(number)}",
+            "file_size": len(data),
+            "file_path": f"documents/file_{number}",
+        }
+
+    def _file_download(self, path: str) -> tuple[int, bytes, bool]:
+        """(status, bytes, cut) of a download at /file/bot<token>/documents/file_<n>."""
+        token, _, file_path = path.removeprefix("/file/bot").partition("/")
+        file_id = "FILE" + file_path.rpartition("_")[2]
+        with self._cond:
+            self.calls.append(("download", {"path": path}))
+            data = self._files.get(file_id)
+            if token != self.token or data is None:
+                return 404, b"Not Found", False
+            self.downloads.append(file_id)
+            self._cond.notify_all()
+            return 200, data, file_id in self._cut
+
+    def _send_photo(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._send_file(params, "sendPhoto", "photo")
+
+    def _send_document(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._send_file(params, "sendDocument", "document")
+
+    def _send_file(self, params: dict[str, Any], method: str, field: str) -> dict[str, Any]:
+        chat_id = _chat_param(params)
+        upload = params.get(field)
+        if not isinstance(upload, Upload):
+            raise _TelegramError(400, f"Bad Request: there is no {field} in the request")
+        if field == "photo" and not upload.mime.startswith("image/"):
+            raise _TelegramError(400, "Bad Request: IMAGE_PROCESS_FAILED")
+        with self._cond:
+            message_id = self._new_message_id(chat_id)
+            kept = self.add_file(upload.data)
+            media = [kept] if field == "photo" else {**kept, "file_name": upload.name}
+            message = {
+                "message_id": message_id,
+                "from": dict(self.bot),
+                "chat": dict(self._chat(chat_id)),
+                "date": int(time.time()),
+                field: media,
+            }
+            if _param(params, "caption"):
+                message["caption"] = _param(params, "caption")
+            self._messages[(chat_id, message_id)] = message
+            self._by_bot.add((chat_id, message_id))
+            self.uploads.append(
+                {
+                    "method": method,
+                    "chat_id": chat_id,
+                    "message_id": message_id,
+                    "message_thread_id": _int_param(params, "message_thread_id"),
+                    "caption": _param(params, "caption"),
+                    "name": upload.name,
+                    "mime": upload.mime,
+                    "data": upload.data,
+                }
+            )
+            self._cond.notify_all()
+            return copy.deepcopy(message)
 
     def _send_message(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = _chat_param(params)
