@@ -7033,9 +7033,15 @@ class FileParts:
         self.records = records
 
     def messages(self, thread: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The messages, those with files given content parts: a list of `{"type": "text",
-        "text"}`, `{"type": "image" | "document", "mime", "name", "data"}`."""
-        return [{**m, "content": self.parts(thread, m)} if m.get("files") else m for m in messages]
+        """The messages, the user's and tool results with files given content parts: a
+        list of `{"type": "text", "text"}`, `{"type": "image" | "document", "mime", "name",
+        "data"}` (the files a tool only attached were sent, not shown)."""
+        return [
+            {**m, "content": self.parts(thread, m)}
+            if m.get("files") and m.get("role") in ("user", "tool")
+            else m
+            for m in messages
+        ]
 
     def parts(self, thread: str, message: dict[str, Any]) -> list[dict[str, Any]]:
         texts = [message.get("content") or ""]

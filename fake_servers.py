@@ -15,6 +15,12 @@ Failure modes: push_error (any status, optional Retry-After), push_garbage (a 20
 not the format asked for), push_cut (the connection closes midway), push_hang (no answer
 for a while, to make the client time out). Every request is recorded in .requests.
 
+Content parts are checked as the real APIs check them (OpenAI: text, image_url and file
+parts with base64 data URLs, tool messages in text; Anthropic: non-empty text, base64
+image and document blocks, tool_result content of text and images); a malformed one is
+answered 400 like the real API, and every file part received is kept in .files as
+(kind, media type, decoded bytes), in order.
+
 FakeTelegram plays the Bot API (https://core.telegram.org/bots/api) for a bot with one token:
 the test pushes updates, the bot long-polls getUpdates and calls sendMessage and the rest,
 and the test waits for what it expects and reads what the bot did.
@@ -35,6 +41,8 @@ a long poll (timeout=N) returns as soon as an update is pushed; close() ends wai
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
 import email.parser
@@ -208,6 +216,34 @@ class _Loopback:
         self._thread.join()
 
 
+class _BadPart(Exception):
+    """A content part the real API would refuse."""
+
+
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+def _decoded(data: Any, where: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise _BadPart(f"{where}: data must be a non-empty base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise _BadPart(f"{where}: data is not valid base64") from None
+
+
+def _data_url(url: Any, types: tuple[str, ...], where: str) -> tuple[str, bytes]:
+    match = re.fullmatch(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", url or "", re.S)
+    if not isinstance(url, str) or not match or match.group(1) not in types:
+        raise _BadPart(f"{where}: expected a base64 data URL of {', '.join(types)}")
+    return match.group(1), _decoded(match.group(2), where)
+
+
+def _text_part(part: dict[str, Any], where: str) -> None:
+    if not isinstance(part.get("text"), str):
+        raise _BadPart(f"{where}: a text part needs text")
+
+
 class _FakeServer(_Loopback, ABC):
     """Shared plumbing: the HTTP server thread, the answer queue, the failure modes."""
 
@@ -217,6 +253,7 @@ class _FakeServer(_Loopback, ABC):
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
+        self.files: list[tuple[str, str, bytes]] = []  # (kind, media type, bytes) received
         self._answers: deque[_Answer] = deque()
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -278,6 +315,14 @@ class _FakeServer(_Loopback, ABC):
         if request.path != self.endpoint:
             handler.send_body(404, "text/plain", f"no such path: {request.path}".encode())
             return
+        try:
+            found = self._files_in(request.body if isinstance(request.body, dict) else {})
+        except _BadPart as bad:
+            error = {"error": {"type": "invalid_request_error", "message": str(bad)}}
+            handler.send_body(400, "application/json", json.dumps(error).encode())
+            return
+        with self._lock:
+            self.files += found
         if answer is None:
             handler.send_body(500, "text/plain", b"the fake server has no answer left")
             return
@@ -325,6 +370,10 @@ class _FakeServer(_Loopback, ABC):
             return f"{prefix}{next(self._ids)}"
 
     @abstractmethod
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        """The file parts of a request's messages, checked (_BadPart when malformed)."""
+
+    @abstractmethod
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed response body for reply."""
 
@@ -351,6 +400,38 @@ class FakeOpenAI(_FakeServer):
         listed = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
         data = json.dumps({"object": "list", "data": listed}).encode()
         handler.send_body(200, "application/json", data)
+
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        found = []
+        for i, message in enumerate(body.get("messages") or []):
+            where, content = f"messages[{i}]", message.get("content")
+            if message.get("role") in ("tool", "system", "assistant"):
+                if not isinstance(content, (str, type(None))):
+                    raise _BadPart(f"{where}: a {message.get('role')} message's content is text")
+                continue
+            if isinstance(content, str):
+                continue
+            if not isinstance(content, list) or not content:
+                raise _BadPart(f"{where}: content is a string or a non-empty list of parts")
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                kind = part.get("type")
+                if kind == "text":
+                    _text_part(part, at)
+                elif kind == "image_url":
+                    mime, data = _data_url(
+                        (part.get("image_url") or {}).get("url"), _IMAGE_TYPES, at
+                    )
+                    found.append(("image", mime, data))
+                elif kind == "file":
+                    file = part.get("file") or {}
+                    if not isinstance(file.get("filename"), str):
+                        raise _BadPart(f"{at}: a file part needs a filename")
+                    mime, data = _data_url(file.get("file_data"), ("application/pdf",), at)
+                    found.append(("file", mime, data))
+                else:
+                    raise _BadPart(f"{at}: unknown content part type {kind!r}")
+        return found
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
@@ -437,6 +518,40 @@ class FakeAnthropic(_FakeServer):
 
     endpoint = "/v1/messages"
     held_after = 4  # message_start, ping, content_block_start, the first text delta
+
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        found: list[tuple[str, str, bytes]] = []
+        for i, message in enumerate(body.get("messages") or []):
+            content = message.get("content")
+            if isinstance(content, str):
+                continue
+            for j, block in enumerate(content or []):
+                self._block(block, f"messages[{i}].content[{j}]", found, top=True)
+        return found
+
+    def _block(
+        self, block: dict[str, Any], at: str, found: list[tuple[str, str, bytes]], *, top: bool
+    ) -> None:
+        kind = block.get("type")
+        if kind == "text":
+            _text_part(block, at)
+            if not block["text"]:
+                raise _BadPart(f"{at}: text content blocks must be non-empty")
+        elif kind in ("image", "document"):
+            source = block.get("source") or {}
+            types = _IMAGE_TYPES if kind == "image" else ("application/pdf",)
+            if source.get("type") != "base64" or source.get("media_type") not in types:
+                raise _BadPart(f"{at}: a base64 source of {', '.join(types)} is needed")
+            found.append((kind, source["media_type"], _decoded(source.get("data"), at)))
+        elif kind == "tool_result" and top:
+            inner = block.get("content")
+            if isinstance(inner, list):
+                for k, part in enumerate(inner):
+                    if part.get("type") not in ("text", "image"):
+                        raise _BadPart(f"{at}.content[{k}]: tool results hold text and images")
+                    self._block(part, f"{at}.content[{k}]", found, top=False)
+        elif kind != "tool_use" or not top:
+            raise _BadPart(f"{at}: unknown content block type {kind!r}")
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []

@@ -1,0 +1,492 @@
+"""Attachments: files and images in and out, kept in their scope, in every adapter and
+every model.
+
+Real parts only: SQLite files under tmp_path (and the PostgreSQL server of conftest.py),
+the fake OpenAI, Anthropic and Telegram servers over loopback, the web chat and webhook
+served over HTTP, and a real process killed with SIGKILL between two polls.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import agentkit
+from agentkit import AgentKit, File, ScriptedModel, ToolCall, ToolContext
+from fake_servers import FakeAnthropic, FakeOpenAI, FakeTelegram
+from testkit import all_rows, clear_config, count, wait_until
+
+ROOT = Path(__file__).resolve().parent
+TOKEN = "web-token-for-the-attachment-tests"
+SECRET = "s3cret-for-the-attachment-tests"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PDF = b"%PDF-1.4\n" + b"\x00\x01binary\xff" * 10 + b"\n%%EOF"
+
+
+@pytest.fixture(autouse=True)
+def no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_config(monkeypatch)
+
+
+def recording() -> tuple[ScriptedModel, list[list[dict[str, Any]]]]:
+    """A scripted model that answers "seen" and keeps the messages of each request."""
+    seen: list[list[dict[str, Any]]] = []
+
+    def answer(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        seen.append(messages)
+        return "seen"
+
+    return ScriptedModel([answer] * 20), seen
+
+
+def images_of(message: dict[str, Any]) -> list[bytes]:
+    return [base64.b64decode(p["data"]) for p in message["content"] if p["type"] == "image"]
+
+
+# ───────────────────────────────── the models' content parts ─────────────────────────────────
+
+
+def test_openai_gets_image_and_pdf_parts_and_text_files_inline(tmp_path: Path) -> None:
+    with FakeOpenAI() as fake:
+        fake.push(text="a cat")
+        model = agentkit.OpenAIModel(
+            "m",
+            api_key="k",
+            base_url=fake.url,
+            stream=False,
+            attachment_types=("image/*", "application/pdf"),
+        )
+        with AgentKit(tmp_path / "a.db", model=model, instructions="") as kit:
+            files = [
+                File("cat.png", PNG),
+                File("paper.pdf", PDF),
+                File("notes.md", b"# hello"),
+                File("blob.bin", b"\x00\x01"),
+            ]
+            result = kit.run_turn("cli:me", "what is this?", files=files)
+            assert (result.status, result.reply) == ("done", "a cat")
+        [blob] = [f for f in kit_history(tmp_path / "a.db") if f["name"] == "blob.bin"]
+        [message] = fake.requests[0].body["messages"]
+        assert message == {
+            "role": "user",
+            "content": [
+                {
+                    "type": "text",
+                    "text": 'what is this?\n\n<file name="notes.md">\n# hello\n</file>\n\n'
+                    f"[file blob.bin (application/octet-stream, 2 bytes), id {blob['id']}]",
+                },
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()},
+                },
+                {
+                    "type": "file",
+                    "file": {
+                        "filename": "paper.pdf",
+                        "file_data": "data:application/pdf;base64,"
+                        + base64.b64encode(PDF).decode(),
+                    },
+                },
+            ],
+        }
+        assert fake.files == [("image", "image/png", PNG), ("file", "application/pdf", PDF)]
+
+
+def kit_history(db: Path) -> list[dict[str, Any]]:
+    """The files of every message of cli:me, as history() lists them."""
+    with AgentKit(db, model="echo") as kit:
+        return [f for m in kit.history("cli:me") for f in m.get("files", [])]
+
+
+def test_a_compatible_server_is_not_sent_pdfs_it_may_refuse(tmp_path: Path) -> None:
+    with FakeOpenAI() as fake:
+        fake.push(text="ok")
+        model = agentkit.OpenAIModel("m", api_key="k", base_url=fake.url, stream=False)
+        assert "application/pdf" not in model.attachment_types
+        with AgentKit(tmp_path / "a.db", model=model) as kit:
+            kit.run_turn("cli:me", "read it", files=[File("paper.pdf", PDF)])
+        content = fake.requests[0].body["messages"][-1]["content"]
+        assert [part["type"] for part in content] == ["text"]  # described, not dropped
+        assert "[file paper.pdf (application/pdf, " in content[0]["text"]
+        assert fake.files == []
+    assert "application/pdf" in agentkit.OpenAIModel("m", api_key="k").attachment_types
+
+
+def test_anthropic_gets_image_and_document_blocks(tmp_path: Path) -> None:
+    with FakeAnthropic() as fake:
+        fake.push(text="a cat and a paper")
+        model = agentkit.AnthropicModel("m", api_key="k", base_url=fake.url, stream=False)
+        with AgentKit(tmp_path / "a.db", model=model) as kit:
+            files = [File("cat.png", PNG), File("paper.pdf", PDF)]
+            assert kit.run_turn("cli:me", "", files=files).status == "done"
+        assert fake.requests[0].body["messages"] == [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": base64.b64encode(PNG).decode(),
+                        },
+                    },
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "application/pdf",
+                            "data": base64.b64encode(PDF).decode(),
+                        },
+                    },
+                ],
+            }
+        ]
+        assert fake.files == [("image", "image/png", PNG), ("document", "application/pdf", PDF)]
+
+
+def chart_kit(db: Path, model: agentkit.Model, *adapters: agentkit.Adapter) -> AgentKit:
+    kit = AgentKit(db, model=model, adapters=list(adapters))
+
+    @kit.tool
+    def chart(ctx: ToolContext) -> File:
+        """Draw the chart."""
+        ctx.attach(File("data.csv", b"x,y\n1,2\n"))
+        return File("chart.png", PNG)
+
+    return kit
+
+
+def test_a_tool_image_is_a_tool_result_image_for_anthropic_and_sent_once(tmp_path: Path) -> None:
+    with FakeAnthropic() as fake:
+        fake.push(tool_calls=[("chart", {})])
+        fake.push(text="here it is")
+        fake.push(text="still there")
+        model = agentkit.AnthropicModel("m", api_key="k", base_url=fake.url, stream=False)
+        with chart_kit(tmp_path / "a.db", model) as kit:
+            assert kit.run_turn("cli:me", "draw").reply == "here it is"
+            kit.run_turn("cli:me", "and now?")  # earlier images stay in the window
+            history = kit.history("cli:me")
+        result = fake.requests[1].body["messages"][-1]["content"][0]
+        [chart] = [f for m in history for f in m.get("files", []) if f["name"] == "chart.png"]
+        assert result == {
+            "type": "tool_result",
+            "tool_use_id": result["tool_use_id"],
+            "content": [
+                {
+                    "type": "text",
+                    "text": f"[file chart.png (image/png, {len(PNG)} bytes), id {chart['id']}]",
+                },
+                {
+                    "type": "image",
+                    "source": {
+                        "type": "base64",
+                        "media_type": "image/png",
+                        "data": base64.b64encode(PNG).decode(),
+                    },
+                },
+            ],
+            "is_error": False,
+        }
+        assert fake.files == [("image", "image/png", PNG)] * 2
+    files = sorted(
+        (d["kind"], d["body"]["file"]["name"])
+        for d in all_rows(tmp_path / "a.db", "deliveries")
+        if d["kind"] == "file"
+    )
+    assert files == []  # cli: no adapter serves it, so nothing goes to the outbox
+
+
+def test_a_tool_image_follows_the_tool_results_as_a_user_message_for_openai(
+    tmp_path: Path,
+) -> None:
+    with FakeOpenAI() as fake:
+        fake.push(tool_calls=[("chart", {})])
+        fake.push(text="here it is")
+        model = agentkit.OpenAIModel("m", api_key="k", base_url=fake.url, stream=False)
+        with chart_kit(tmp_path / "a.db", model) as kit:
+            assert kit.run_turn("cli:me", "draw").reply == "here it is"
+        messages = fake.requests[1].body["messages"]
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user"]
+        assert messages[3]["content"].startswith("[file chart.png (image/png, ")
+        assert messages[4]["content"] == [
+            {"type": "text", "text": "The files chart returned:"},
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()},
+            },
+        ]
+
+
+def test_a_model_that_takes_no_files_is_told_what_they_are(tmp_path: Path) -> None:
+    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+        reply = kit.run_turn("cli:me", "look", files=[File("cat.png", PNG)]).reply
+        [file] = kit.history("cli:me")[0]["files"]
+    assert reply == f"echo: look\n\n[file cat.png (image/png, {len(PNG)} bytes), id {file['id']}]"
+
+
+# ─────────────────────────────────── scope, limits, storage ───────────────────────────────────
+
+
+def test_a_file_of_one_thread_cannot_be_opened_from_another(tmp_path: Path) -> None:
+    model, _ = recording()
+    with AgentKit(tmp_path / "a.db", model=model) as kit:
+        opened: list[Any] = []
+
+        @kit.tool
+        def peek(attachment_id: str, ctx: ToolContext) -> str:
+            """Open a file."""
+            try:
+                opened.append(ctx.open(attachment_id))
+            except agentkit.NotFound as e:
+                opened.append(e)
+            return "ok"
+
+        kit.run_turn("cli:a", "mine", files=[File("a.txt", b"thread a's secret")])
+        [file] = kit.history("cli:a")[0]["files"]
+        assert kit.open_file("cli:a", file["id"]) == b"thread a's secret"
+        for trick in (file["id"], f"../{file['id']}", file["id"].upper(), f"{file['id']}/..", ""):
+            with pytest.raises(agentkit.NotFound):
+                kit.open_file("cli:b", trick)
+        sha = hashlib.sha256(b"thread a's secret").hexdigest()
+        with pytest.raises(agentkit.NotFound):
+            kit.open_file("cli:a", sha)  # a content address is no id
+        model._steps[:0] = [ToolCall("peek", {"attachment_id": file["id"]})]
+        kit.run_turn("cli:b", "steal it")
+        assert len(opened) == 1 and isinstance(opened[0], agentkit.NotFound)
+
+
+def test_a_file_over_the_limit_is_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    with AgentKit(tmp_path / "a.db", model="echo", max_file_bytes=100) as kit:
+        with pytest.raises(agentkit.TooLarge, match="over the limit of 100 bytes"):
+            kit.run_turn("cli:me", "hi", files=[File("ok.txt", b"ok"), File("big", b"x" * 101)])
+        assert kit.store.row_counts() | {"schema": 0} == {
+            table: 0 for table in kit.store.row_counts()
+        } | {"schema": 0}
+
+
+def test_large_files_live_beside_the_database_and_prune_removes_unreferenced(
+    tmp_path: Path,
+) -> None:
+    big = os.urandom(agentkit.INLINE_FILE_BYTES + 1)
+    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+        kit.run_turn("cli:me", "big", files=[File("big.bin", big), File("small.txt", b"s")])
+        kit.run_turn("cli:me", "again", files=[File("same.bin", big)])  # one content, kept once
+        folder = tmp_path / "a.db.files"
+        assert [p.name for p in folder.iterdir()] == [hashlib.sha256(big).hexdigest()]
+        blobs = all_rows(kit, "blobs")
+        assert sorted((b["size"], b["data"] is None) for b in blobs) == [
+            (1, False),
+            (len(big), True),
+        ]
+        [first, *_] = kit.history("cli:me")[0]["files"]
+        assert kit.open_file("cli:me", first["id"]) == big
+        (folder / ".leftover.1.2").write_bytes(b"an interrupted write")
+        os.utime(folder / ".leftover.1.2", (0, 0))
+        assert kit.prune(0)["blobs"] == 0  # every content is still referred to
+        assert sorted(p.name for p in folder.iterdir()) == [hashlib.sha256(big).hexdigest()]
+
+
+def test_on_postgresql_every_file_is_in_the_database(postgres_db: str, tmp_path: Path) -> None:
+    big = os.urandom(agentkit.INLINE_FILE_BYTES + 1)
+    with AgentKit(postgres_db, model="echo", workspace=tmp_path / "ws") as kit:
+        kit.run_turn("cli:me", "big", files=[File("big.bin", big)])
+        [file] = kit.history("cli:me")[0]["files"]
+    with AgentKit(postgres_db, model="echo", workspace=tmp_path / "ws2") as other:  # a host
+        assert other.open_file("cli:me", file["id"]) == big
+        [blob] = all_rows(other, "blobs")
+        assert bytes(blob["data"]) == big
+    assert not list(tmp_path.glob("**/*.files"))
+
+
+def test_a_custom_attachment_store_is_used_and_scope_checked(tmp_path: Path) -> None:
+    class Memory:
+        def __init__(self) -> None:
+            self.kept: dict[str, tuple[str, bytes]] = {}
+
+        def save(self, scope: str, file: File, data: bytes) -> agentkit.Attachment:
+            made = agentkit.Attachment(
+                agentkit.new_id("att"), file.name, file.media_type(), len(data), "-"
+            )
+            self.kept[made.id] = (scope, data)
+            return made
+
+        def open(self, attachment_id: str, scope: str) -> bytes:
+            kept_scope, data = self.kept[attachment_id]
+            if kept_scope != scope:
+                raise agentkit.NotFound(attachment_id)
+            return data
+
+    memory = Memory()
+    with AgentKit(tmp_path / "a.db", model="echo", attachments=memory) as kit:
+        kit.run_turn("cli:me", "x", files=[File("a.txt", b"in memory")])
+        [file] = kit.history("cli:me")[0]["files"]
+        assert memory.kept[file["id"]] == ("cli:me", b"in memory")
+        assert kit.open_file("cli:me", file["id"]) == b"in memory"
+        assert all_rows(kit, "blobs") == []
+    with pytest.raises(agentkit.BadInput, match="AttachmentStore"):
+        AgentKit(tmp_path / "b.db", attachments=object())  # type: ignore[arg-type]
+
+
+# ─────────────────────────────────────────── Telegram ───────────────────────────────────────────
+
+BOT_TOKEN = "777001:AAFiles-Secret_Token77xyz"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeTelegram]:
+    with FakeTelegram(BOT_TOKEN) as f:
+        yield f
+
+
+def telegram(fake: FakeTelegram, **options: Any) -> agentkit.Telegram:
+    options = {"allow": "*", "poll_timeout": 1, "lease": 2, "album_wait": 0.2} | options
+    return agentkit.Telegram(fake.token, api_url=fake.url, **options)
+
+
+def work_until(kit: AgentKit, done: Any, what: str) -> None:
+    """Run the ready jobs (an album's turn waits `album_wait`) until `done()`."""
+    wait_until(lambda: (kit.work(until_idle=True), done())[1], what=what)
+
+
+def test_a_photo_in_four_sizes_gives_the_model_the_largest_within_the_limit(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    sizes = [os.urandom(n) for n in (1_000, 8_000, 30_000, 60_000)]
+    model, seen = recording()
+    tg = telegram(fake)
+    with AgentKit(tmp_path / "a.db", model=model, adapters=[tg], max_file_bytes=50_000) as kit:
+        fake.push_photo(42, 42, sizes, caption="what is this?")
+        assert tg.poll_once() == 1
+        work_until(kit, lambda: fake.texts(42) == ["seen"], "the reply")
+        [message] = seen[0]
+        assert message["content"][0]["text"] == "what is this?"
+        assert images_of(message) == [sizes[2]]  # byte for byte, and only that one
+        assert fake.downloads == ["FILE0003"]
+        [file] = kit.history("telegram:42")[0]["files"]
+        assert (file["mime"], file["size"]) == ("image/jpeg", 30_000)
+    assert BOT_TOKEN.partition(":")[2].encode() not in (tmp_path / "a.db").read_bytes()
+
+
+def test_an_album_sent_in_two_polls_is_one_turn_with_three_images(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    photos = [os.urandom(2_000) for _ in range(3)]
+    model, seen = recording()
+    tg = telegram(fake, album_wait=0.5)
+    with AgentKit(tmp_path / "a.db", model=model, adapters=[tg]) as kit:
+        fake.push_photo(42, 42, [photos[0]], caption="our trip", media_group_id="G1")
+        fake.push_photo(42, 42, [photos[1]], media_group_id="G1")
+        assert tg.poll_once() == 2
+        fake.push_photo(42, 42, [photos[2]], media_group_id="G1")
+        assert tg.poll_once() == 1
+        work_until(kit, lambda: fake.texts(42) == ["seen"], "the reply")
+        assert len(seen) == 1 and images_of(seen[0][-1]) == photos
+        assert count(kit, "turns") == 1
+        assert [f["size"] for f in kit.history("telegram:42")[0]["files"]] == [2_000] * 3
+
+
+POLL_ONCE_AND_DIE = """
+import os, signal, sys
+import agentkit
+tg = agentkit.Telegram(sys.argv[2], api_url=sys.argv[3], allow="*", poll_timeout=1, album_wait=30)
+kit = agentkit.AgentKit(sys.argv[1], model="echo", adapters=[tg])
+tg.kit = kit
+print(tg.poll_once(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_album_whose_poller_is_killed_between_polls_is_still_one_turn(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    photos = [os.urandom(2_000) for _ in range(3)]
+    db = tmp_path / "a.db"
+    fake.push_photo(42, 42, [photos[0]], caption="trip", media_group_id="G7")
+    fake.push_photo(42, 42, [photos[1]], media_group_id="G7")
+    killed = subprocess.run(
+        [sys.executable, "-c", POLL_ONCE_AND_DIE, str(db), fake.token, fake.url],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.strip() == "2", killed.stderr
+    model, seen = recording()
+    tg = telegram(fake, album_wait=0.5)
+    with AgentKit(db, model=model, adapters=[tg]) as kit:
+        fake.push_photo(42, 42, [photos[2]], media_group_id="G7")
+        assert tg.poll_once() == 1
+        work_until(kit, lambda: fake.texts(42) == ["seen"], "the reply")
+        assert len(seen) == 1 and images_of(seen[0][-1]) == photos
+        assert count(kit, "turns") == 1
+
+
+def test_a_document_over_the_limit_gets_a_clear_reply_and_writes_no_row(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    tg = telegram(fake)
+    with AgentKit(tmp_path / "a.db", model="echo", adapters=[tg], max_file_bytes=1_000) as kit:
+        big = fake.add_file(os.urandom(1_001))
+        fake.push_media(42, 42, {"document": {**big, "file_name": "big.zip"}})
+        assert tg.poll_once() == 1
+        kit.work(until_idle=True)
+        [reply] = fake.texts(42)
+        assert "big.zip is 1,001 bytes, over the limit of 1,000 bytes" in reply
+        assert fake.downloads == []  # not even fetched
+        assert count(kit, "turns") == count(kit, "attachments") == count(kit, "blobs") == 0
+
+
+def test_a_download_that_fails_midway_writes_nothing_and_is_fetched_again(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    model, seen = recording()
+    tg = telegram(fake)
+    with AgentKit(tmp_path / "a.db", model=model, adapters=[tg]) as kit:
+        cut = fake.add_file(PDF * 100, cut=True)
+        update = fake.push_media(42, 42, {"document": {**cut, "file_name": "paper.pdf"}})
+        with pytest.raises(agentkit.AdapterError, match="telegram download") as failed:
+            tg.poll_once()
+        assert BOT_TOKEN.partition(":")[2] not in str(failed.value)
+        assert kit.store.cursor("telegram") is None
+        assert count(kit, "turns") == count(kit, "attachments") == count(kit, "blobs") == 0
+        fake._cut.clear()  # the network is back: the same update is fetched again
+        assert tg.poll_once() == 1
+        assert kit.store.cursor("telegram") == str(update + 1)
+        kit.work(until_idle=True)
+        assert seen[0][-1]["content"][0]["text"].startswith("[file paper.pdf (application/pdf")
+
+
+def test_a_tools_files_go_out_as_photo_and_document_exactly_once(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    model = ScriptedModel([ToolCall("chart", {}), "here"])
+    tg = telegram(fake)
+    with chart_kit(tmp_path / "a.db", model, tg) as kit:
+        fake.push_message(42, 42, "draw")
+        assert tg.poll_once() == 1
+        kit.work(until_idle=True)
+        assert fake.texts(42) == ["here"]
+        kit.work(until_idle=True)  # nothing is sent twice
+    got = sorted((u["method"], u["name"], u["mime"], u["data"]) for u in fake.uploads)
+    assert got == [
+        ("sendDocument", "data.csv", "text/csv", b"x,y\n1,2\n"),
+        ("sendPhoto", "chart.png", "image/png", PNG),
+    ]
+    assert {u["chat_id"] for u in fake.uploads} == {42}
