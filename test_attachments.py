@@ -9,21 +9,15 @@ served over HTTP, and a real process killed with SIGKILL between two polls.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import hmac
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import agentkit
