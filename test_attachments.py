@@ -9,15 +9,21 @@ served over HTTP, and a real process killed with SIGKILL between two polls.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import hmac
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import agentkit
@@ -484,3 +490,154 @@ def test_a_tools_files_go_out_as_photo_and_document_exactly_once(
         ("sendPhoto", "chart.png", "image/png", PNG),
     ]
     assert {u["chat_id"] for u in fake.uploads} == {42}
+
+
+# ───────────────────────────────────── web chat and webhook ─────────────────────────────────────
+
+
+@contextlib.contextmanager
+def served(kit: AgentKit) -> Iterator[str]:
+    """`kit.serve` on a free loopback port in a thread; its URL; stopped and closed after."""
+    stop, urls, errors = threading.Event(), [], []
+
+    def run() -> None:
+        try:
+            kit.serve(http="127.0.0.1:0", workers=2, stop=stop, ready=urls.append)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="test-serve", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: urls or errors or not thread.is_alive(), what="serve to be ready")
+        assert urls and not errors, errors
+        yield urls[0]
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        kit.close()
+
+
+def signed_in(client: httpx.Client, url: str) -> dict[str, str]:
+    """The headers of a signed-in page: the session cookie (traded for the token), Origin."""
+    response = client.post("/api/login", json={"token": TOKEN}, headers={"Origin": url})
+    assert response.status_code == 204, response.text
+    return {"Cookie": response.headers["set-cookie"].split(";", 1)[0], "Origin": url}
+
+
+def feed(client: httpx.Client, headers: dict[str, str], done: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while not done(items):
+        assert time.monotonic() < deadline, items
+        last = items[-1]["id"] if items else 0
+        items += client.get(f"/api/feed?after={last}", headers=headers).json()["items"]
+    return items
+
+
+def test_the_web_chat_uploads_sends_and_downloads_files_only_as_attachments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    model, seen = recording()
+    page = b"<html><script>alert(1)</script></html>"
+    with (
+        served(chart_kit(tmp_path / "w.db", model)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        headers = signed_in(client, url)
+        unsigned = httpx.post(f"{url}/api/files?name=a.png", content=PNG, headers={"Origin": url})
+        assert unsigned.status_code == 401
+        uploaded = client.post(
+            "/api/files?name=cat.png", content=PNG, headers=headers | {"Content-Type": "image/png"}
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        image = uploaded.json()
+        assert image | {"id": ""} == {
+            "id": "",
+            "name": "cat.png",
+            "mime": "image/png",
+            "size": len(PNG),
+            "url": f"/api/files/{image['id']}",
+        }
+        html = client.post(
+            "/api/files?name=page.html",
+            content=page,
+            headers=headers | {"Content-Type": "text/html"},
+        ).json()
+        sent = client.post(
+            "/api/messages", json={"text": "", "files": [image["id"], html["id"]]}, headers=headers
+        )
+        assert sent.status_code == 202, sent.text
+        again = client.post("/api/messages", json={"files": [image["id"]]}, headers=headers)
+        assert again.status_code == 400  # an upload goes with one message only
+        items = feed(client, headers, lambda items: any(i["kind"] == "reply" for i in items))
+        [user] = [i for i in items if i["kind"] == "user"]
+        assert [f["name"] for f in user["files"]] == ["cat.png", "page.html"]
+        assert images_of(seen[0][-1]) == [PNG]
+
+        shown = client.get(image["url"], headers=headers)
+        assert shown.status_code == 200 and shown.content == PNG
+        assert shown.headers["content-type"] == "image/png"
+        assert shown.headers["content-disposition"].startswith('attachment; filename="cat.png"')
+        served_page = client.get(html["url"], headers=headers)
+        assert served_page.content == page
+        assert served_page.headers["content-type"] == "application/octet-stream"  # never HTML
+        assert served_page.headers["content-disposition"].startswith("attachment;")
+        assert served_page.headers["x-content-type-options"] == "nosniff"
+        for other in ("att_0000000000000000", f"..%2F{image['id']}", image["id"].upper()):
+            assert client.get(f"/api/files/{other}", headers=headers).status_code == 404
+        assert httpx.get(url + image["url"]).status_code == 401
+        too_big = client.post(
+            "/api/files?name=big.bin", content=b"x" * (agentkit.MAX_FILE_BYTES + 1), headers=headers
+        )
+        assert too_big.status_code == 413 and "over" in too_big.json()["error"]
+
+        model._steps[:0] = [ToolCall("chart", {})]
+        client.post("/api/messages", json={"text": "draw"}, headers=headers)
+        items = feed(client, headers, lambda items: sum(i["kind"] == "reply" for i in items) >= 2)
+        files = [i["file"] for i in items if i["kind"] == "file"]
+        assert sorted(f["name"] for f in files) == ["chart.png", "data.csv"]
+        [csv] = [f for f in files if f["name"] == "data.csv"]
+        assert client.get(csv["url"], headers=headers).content == b"x,y\n1,2\n"
+
+
+def test_a_file_of_another_thread_is_not_served_by_the_web_chat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    kit = AgentKit(tmp_path / "w.db", model="echo")
+    kit.run_turn("cli:me", "mine", files=[File("a.txt", b"not for the web")])
+    [file] = kit.history("cli:me")[0]["files"]
+    with served(kit) as url, httpx.Client(base_url=url, timeout=30) as client:
+        headers = signed_in(client, url)
+        assert client.get(f"/api/files/{file['id']}", headers=headers).status_code == 404
+        taken = client.post("/api/messages", json={"files": [file["id"]]}, headers=headers)
+        assert taken.status_code == 400
+
+
+def signed(body: bytes) -> dict[str, str]:
+    t = int(time.time())
+    mac = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Agentkit-Signature": f"t={t},v1={mac}", "Content-Type": "application/json"}
+
+
+def test_webhook_files_come_as_base64_and_are_checked_before_anything_is_stored(
+    tmp_path: Path,
+) -> None:
+    model, seen = recording()
+    hook = agentkit.Webhook(SECRET, name="hook")
+    kit = AgentKit(tmp_path / "h.db", model=model, adapters=[hook], max_file_bytes=2_000)
+    with served(kit) as url, httpx.Client(base_url=url, timeout=30) as client:
+        event = {"id": "e1", "thread": "t", "actor": "a", "text": "see"}
+        big = json.dumps(event | {"files": [{"name": "b", "data": "QUFB" * 700}]}).encode()
+        refused = client.post("/webhook/hook", content=big, headers=signed(big))
+        assert refused.status_code == 413 and "over the limit of 2,000" in refused.text
+        bad = json.dumps(event | {"files": [{"name": "b", "data": "not base64!"}]}).encode()
+        assert client.post("/webhook/hook", content=bad, headers=signed(bad)).status_code == 400
+        assert count(kit, "turns") == count(kit, "attachments") == count(kit, "blobs") == 0
+        files = [{"name": "cat.png", "data": base64.b64encode(PNG).decode(), "mime": "image/png"}]
+        body = json.dumps(event | {"files": files}).encode()
+        assert client.post("/webhook/hook", content=body, headers=signed(body)).status_code == 202
+        wait_until(lambda: seen, what="the turn")
+        assert images_of(seen[0][-1]) == [PNG]
