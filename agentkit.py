@@ -7033,9 +7033,10 @@ class FileParts:
         self.records = records
 
     def messages(self, thread: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The messages, the user's and tool results with files given content parts: a
-        list of `{"type": "text", "text"}`, `{"type": "image" | "document", "mime", "name",
-        "data"}` (the files a tool only attached were sent, not shown)."""
+        """The messages, the user's and tool results with files given their content: a
+        list of parts, `{"type": "text", "text"}` then `{"type": "image" | "document",
+        "mime", "name", "data"}`, when a file goes as a part, else the text (the files a
+        tool only attached were sent, not shown)."""
         return [
             {**m, "content": self.parts(thread, m)}
             if m.get("files") and m.get("role") in ("user", "tool")
@@ -7043,7 +7044,8 @@ class FileParts:
             for m in messages
         ]
 
-    def parts(self, thread: str, message: dict[str, Any]) -> list[dict[str, Any]]:
+    def parts(self, thread: str, message: dict[str, Any]) -> str | list[dict[str, Any]]:
+        """A message's content with its files: a text when none is shown as a part."""
         texts = [message.get("content") or ""]
         parts: list[dict[str, Any]] = []
         for file in message["files"]:
@@ -7058,7 +7060,8 @@ class FileParts:
                 texts.append(f'<file name="{quoted}">\n{text}\n</file>')
             else:
                 texts.append(file_note(file))
-        return [{"type": "text", "text": "\n\n".join(t for t in texts if t)}, *parts]
+        text = "\n\n".join(t for t in texts if t)
+        return [{"type": "text", "text": text}, *parts] if parts else text
 
 
 class TurnEngine:
@@ -10802,6 +10805,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"{message['role']}: {message['content']}")
         for call in message.get("tool_calls", []):
             print(f"  {call['name']}({json.dumps(call['args'])})")
+        for file in message.get("files", []):
+            print(f"  [file {file['id']}  {file['name']}  {file['mime']}  {file['size']} bytes]")
     return 0
 
 
