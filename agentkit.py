@@ -1149,8 +1149,10 @@ class Store(ABC):
         """The files of one turn, in the order they were stored."""
 
     @abstractmethod
-    def prune_blobs(self) -> list[Blob]:
-        """Delete the contents no stored file refers to; those deleted (without data)."""
+    def prune_files(self, before: float) -> tuple[int, list[Blob]]:
+        """Delete the uploads no message took that were stored before `before`, then the
+        contents no stored file refers to; how many uploads, and the contents deleted
+        (without their data)."""
 
     @abstractmethod
     def postpone_turn(self, turn_id: str, text: str, run_at: float) -> bool:
@@ -2050,13 +2052,16 @@ class _SQLStore(Store):
             (turn_id,),
         )
 
-    def prune_blobs(self) -> list[Blob]:
+    def prune_files(self, before: float) -> tuple[int, list[Blob]]:
+        uploads = self._count(
+            "DELETE FROM attachments WHERE turn_id IS NULL AND created_at < ?", (before,)
+        )
         rows = self._rows(
             "DELETE FROM blobs WHERE NOT EXISTS "
             "(SELECT 1 FROM attachments WHERE attachments.sha256 = blobs.sha256) "
             "RETURNING sha256, size, data IS NULL"
         )
-        return [Blob(digest, size, None if outside else b"") for digest, size, outside in rows]
+        return uploads, [Blob(d, size, None if outside else b"") for d, size, outside in rows]
 
     def postpone_turn(self, turn_id: str, text: str, run_at: float) -> bool:
         if not self._changed(
@@ -4425,14 +4430,14 @@ class Records:
         """Store files in the thread's scope, inside the caller's transaction: a File is
         read (TooLarge over `max_file_bytes`) and saved; an Attachment is an upload of the
         thread that no turn has yet, taken for this one."""
-        saved, uploads = [], []
+        uploads = [given for given in files if isinstance(given, Attachment)]
         for given in files:
-            if isinstance(given, Attachment):
-                uploads.append(given)
-                continue
-            if not isinstance(given, File):
+            if not isinstance(given, (File, Attachment)):
                 raise BadInput(f"files are agentkit.File objects, not {type(given).__name__}")
-            attachment = self.files.save(thread, given, given.read(self.max_file_bytes))
+        read = [(f, f.read(self.max_file_bytes)) for f in files if isinstance(f, File)]
+        saved = []
+        for given, data in read:  # every file was within the limit: now they are kept
+            attachment = self.files.save(thread, given, data)
             row = FileRow(
                 thread, turn_id, message_id, call_id, origin, *dataclasses.astuple(attachment)
             )
@@ -10230,7 +10235,7 @@ class AgentKit:
         before = self.store.now() - check_seconds("older_than", older_than)
         with self.store.transaction():
             deleted = self.store.prune(before)
-            blobs = self.store.prune_blobs()
+            deleted["attachments"], blobs = self.store.prune_files(before)
         deleted["blobs"] = len(blobs)
         if isinstance(self.attachments, StoredFiles):
             self.attachments.forget(blobs, time.time() - older_than)

@@ -295,7 +295,12 @@ def test_large_files_live_beside_the_database_and_prune_removes_unreferenced(
         assert kit.open_file("cli:me", first["id"]) == big
         (folder / ".leftover.1.2").write_bytes(b"an interrupted write")
         os.utime(folder / ".leftover.1.2", (0, 0))
-        assert kit.prune(0)["blobs"] == 0  # every content is still referred to
+        other = os.urandom(agentkit.INLINE_FILE_BYTES + 1)
+        with pytest.raises(agentkit.TooLarge):  # checked before any is kept
+            kit.run_turn("cli:me", "no", files=[File("b", other), File("c", b"c" * (21 << 20))])
+        assert len(list(folder.iterdir())) == 2
+        pruned = kit.prune(0)
+        assert (pruned["blobs"], pruned["attachments"]) == (0, 0)  # all still referred to
         assert sorted(p.name for p in folder.iterdir()) == [hashlib.sha256(big).hexdigest()]
 
 

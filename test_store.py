@@ -309,8 +309,11 @@ def test_files_belong_to_their_scope_and_their_contents_are_kept_once(store: Sto
     store.link_attachments(t.id, message)
     assert store.attachments_of([message]) == [dataclasses.replace(sent, message_id=message)]
     assert [row.id for row in store.turn_attachments(t.id)] == [sent.id]
-    assert store.prune_blobs() == [agentkit.Blob("cd" * 32, 10, None)]  # nothing refers to it
-    assert store.blob("ab" * 32) is not None
+    upload = file_row(None, sha256="cd" * 32)  # an upload no message took
+    store.add_attachment(upload)
+    assert store.prune_files(store.now() - 60) == (0, [])  # too young to go
+    assert store.prune_files(store.now() + 1) == (1, [agentkit.Blob("cd" * 32, 10, None)])
+    assert store.blob("ab" * 32) is not None and store.attachment(upload.id, "cli:me") is None
 
 
 def test_an_upload_is_taken_once_and_only_in_its_scope(store: Store) -> None:
