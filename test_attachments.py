@@ -643,3 +643,34 @@ def test_webhook_files_come_as_base64_and_are_checked_before_anything_is_stored(
         assert client.post("/webhook/hook", content=body, headers=signed(body)).status_code == 202
         wait_until(lambda: seen, what="the turn")
         assert images_of(seen[0][-1]) == [PNG]
+
+
+def test_voice_and_audio_come_in_as_files_and_show_lists_them(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    model, seen = recording()
+    tg = telegram(fake)
+    db = tmp_path / "a.db"
+    with AgentKit(db, model=model, adapters=[tg]) as kit:
+        voice = fake.add_file(b"OggS voice")
+        fake.push_media(42, 42, {"voice": {**voice, "mime_type": "audio/ogg", "duration": 2}})
+        song = fake.add_file(b"ID3 song")
+        audio = {**song, "file_name": "song.mp3", "mime_type": "audio/mpeg"}
+        fake.push_media(42, 42, {"audio": audio}, caption="listen")
+        assert tg.poll_once() == 2
+        kit.work(until_idle=True)
+        files = [f for m in kit.history("telegram:42") for f in m.get("files", [])]
+        assert [(f["name"], f["mime"]) for f in files] == [
+            ("voice.ogg", "audio/ogg"),
+            ("song.mp3", "audio/mpeg"),
+        ]
+        assert seen[1][-1]["content"].startswith("listen\n\n[file song.mp3 (audio/mpeg, 8 bytes)")
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "agentkit.py"), "show", "telegram:42", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"  [file {files[1]['id']}  song.mp3  audio/mpeg  8 bytes]" in shown.stdout.splitlines()
