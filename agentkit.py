@@ -3895,6 +3895,7 @@ MAX_FILE_BYTES = 20 * 1024 * 1024  # the default bound of every file
 INLINE_FILE_BYTES = 256 * 1024  # on SQLite, larger files live in files beside the database
 ATTACHMENT_ID = re.compile(r"att_[0-9a-f]{16}")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # what vision models take
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&.+^_-]{0,62}/[a-z0-9][a-z0-9!#$&.+^_-]{0,126}", re.I)
 
 
 @dataclass(frozen=True)
@@ -3910,11 +3911,14 @@ class File:
 
     def media_type(self) -> str:
         """The file's media type: as given, else guessed from its name, else binary."""
-        return self.mime or mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+        given = self.mime or mimetypes.guess_type(self.name)[0]
+        return given.lower() if given else "application/octet-stream"
 
     def read(self, limit: int) -> bytes:
-        """The file's bytes; BadInput naming the limit when it is larger than `limit`."""
+        """The file's bytes, checked (TooLarge when it is larger than `limit`)."""
         name = check_name("file name", self.name, 255)
+        if self.mime is not None and not MEDIA_TYPE.fullmatch(str(self.mime)):
+            raise BadInput(f"file {name!r}: {self.mime!r} is no media type (like image/png)")
         if (self.data is None) == (self.path is None):
             raise BadInput(f"file {name!r}: give data= or path=, one of them")
         if self.data is not None:
@@ -3943,11 +3947,12 @@ def check_file_size(name: str, size: int, limit: int) -> None:
 @runtime_checkable
 class AttachmentStore(Protocol):
     """Where file contents live. `save` is called inside the transaction that records
-    the file in `scope` (a thread id) and returns its Attachment (a fresh `att_…` id);
+    the file in `scope` (a thread id), with its bytes read and checked in `file.data`,
+    and returns its Attachment (a fresh `att_…` id);
     `open` returns its bytes (or a path to them) only when it belongs to `scope`, and
     raises NotFound otherwise, so a file of one scope is never resolved from another."""
 
-    def save(self, scope: str, file: File, data: bytes) -> Attachment: ...
+    def save(self, scope: str, file: File) -> Attachment: ...
 
     def open(self, attachment_id: str, scope: str) -> bytes | Path: ...
 
@@ -3965,7 +3970,10 @@ class StoredFiles:
         self.folder = folder
         self.inline_bytes = inline_bytes
 
-    def save(self, scope: str, file: File, data: bytes) -> Attachment:
+    def save(self, scope: str, file: File) -> Attachment:
+        data = file.data
+        if not isinstance(data, bytes):
+            raise BadInput(f"file {file.name!r}: save takes a File with its bytes in data")
         digest = hashlib.sha256(data).hexdigest()
         outside = self.folder is not None and len(data) > self.inline_bytes
         if self.store.blob(digest) is None:
@@ -4437,7 +4445,7 @@ class Records:
         read = [(f, f.read(self.max_file_bytes)) for f in files if isinstance(f, File)]
         saved = []
         for given, data in read:  # every file was within the limit: now they are kept
-            attachment = self.files.save(thread, given, data)
+            attachment = self.files.save(thread, replace(given, data=data, path=None))
             row = FileRow(
                 thread, turn_id, message_id, call_id, origin, *dataclasses.astuple(attachment)
             )

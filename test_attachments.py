@@ -321,11 +321,12 @@ def test_a_custom_attachment_store_is_used_and_scope_checked(tmp_path: Path) -> 
         def __init__(self) -> None:
             self.kept: dict[str, tuple[str, bytes]] = {}
 
-        def save(self, scope: str, file: File, data: bytes) -> agentkit.Attachment:
+        def save(self, scope: str, file: File) -> agentkit.Attachment:
+            assert file.data is not None and file.path is None  # read and checked already
             made = agentkit.Attachment(
-                agentkit.new_id("att"), file.name, file.media_type(), len(data), "-"
+                agentkit.new_id("att"), file.name, file.media_type(), len(file.data), "-"
             )
-            self.kept[made.id] = (scope, data)
+            self.kept[made.id] = (scope, file.data)
             return made
 
         def open(self, attachment_id: str, scope: str) -> bytes:
@@ -336,7 +337,8 @@ def test_a_custom_attachment_store_is_used_and_scope_checked(tmp_path: Path) -> 
 
     memory = Memory()
     with AgentKit(tmp_path / "a.db", model="echo", attachments=memory) as kit:
-        kit.run_turn("cli:me", "x", files=[File("a.txt", b"in memory")])
+        (tmp_path / "a.txt").write_bytes(b"in memory")
+        kit.run_turn("cli:me", "x", files=[File("a.txt", path=tmp_path / "a.txt")])
         [file] = kit.history("cli:me")[0]["files"]
         assert memory.kept[file["id"]] == ("cli:me", b"in memory")
         assert kit.open_file("cli:me", file["id"]) == b"in memory"
