@@ -7781,10 +7781,11 @@ def check_public_url(url: str) -> str:
 
 
 @functools.cache  # the pages are constants: hash them once
-def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
+def with_csp(html: str, connect: str = "'none'", images: str = "data:") -> tuple[str, str]:
     """A page and its Content-Security-Policy: its one inline script and style allowed by
-    hash, nothing else (and no requests but to `connect`). The page carries the policy
-    in a meta tag too, so it holds when the file is opened from disk."""
+    hash, nothing else (no requests but to `connect`, images only from `images`). The
+    page carries the policy in a meta tag too, so it holds when the file is opened from
+    disk."""
 
     def digest(tag: str) -> str:
         body = html.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
@@ -7792,7 +7793,7 @@ def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
 
     policy = (
         f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
-        f"connect-src {connect}; img-src data:; base-uri 'none'; form-action 'none'"
+        f"connect-src {connect}; img-src {images}; base-uri 'none'; form-action 'none'"
     )
     return html.replace("__CSP__", policy), policy + "; frame-ancestors 'none'"
 
@@ -9179,7 +9180,7 @@ class WebChat(Adapter):
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         route = (request.method, request.path)
         if route == ("GET", "/"):
-            page, policy = with_csp(WEBCHAT_PAGE, "'self'")
+            page, policy = with_csp(WEBCHAT_PAGE, "'self'", "data: blob: 'self'")  # previews
             return HTTPResponse(
                 200,
                 page.encode(),

@@ -676,3 +676,95 @@ def test_voice_and_audio_come_in_as_files_and_show_lists_them(
     )
     assert shown.returncode == 0, shown.stderr
     assert f"  [file {files[1]['id']}  song.mp3  audio/mpeg  8 bytes]" in shown.stdout.splitlines()
+
+
+# ─────────────────────────────────────────── Chromium ───────────────────────────────────────────
+
+
+def tiny_png() -> bytes:
+    """A real 2x2 PNG (a browser decodes it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\xff\x00\x00\x00\xff\x00" * 2)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+# What the web chat page does with a file: upload it, show its preview from the server,
+# send it with a message, and read the feed until the reply and the tool's file come.
+UPLOAD_AND_SEND = """async (png) => {
+  const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
+  const up = await fetch("/api/files?name=dot.png", {
+    method: "POST", headers: {"Content-Type": "image/png"}, body: new Blob([bytes])});
+  const file = await up.json();
+  const img = document.createElement("img");
+  img.id = "preview";
+  img.src = file.url;
+  document.body.append(img);
+  await img.decode();
+  const sent = await fetch("/api/messages", {method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({text: "draw it", files: [file.id]})});
+  let items = [], last = 0;
+  while (!items.some(i => i.kind === "reply") || !items.some(i => i.kind === "file")) {
+    const got = await (await fetch(`/api/feed?after=${last}`)).json();
+    items = items.concat(got.items);
+    last = got.last;
+  }
+  for (const item of items.filter(i => i.kind === "file")) {
+    const a = document.createElement("a");
+    a.href = item.file.url;
+    a.textContent = item.file.name;
+    a.className = "download";
+    document.body.append(a);
+  }
+  return {status: up.status, sent: sent.status, width: img.naturalWidth,
+          reply: items.find(i => i.kind === "reply").text};
+}"""
+
+
+def test_chromium_uploads_an_image_previews_it_and_downloads_a_tools_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from testkit import CHROMIUM, CHROMIUM_ARGS
+
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    png = tiny_png()
+    model, seen = recording()
+    model._steps[:0] = [ToolCall("report", {})]
+    kit = AgentKit(tmp_path / "w.db", model=model)
+
+    @kit.tool
+    def report() -> File:
+        """Write the report."""
+        return File("report.html", b"<script>alert(1)</script>")
+
+    with served(kit) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(accept_downloads=True)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.goto(f"{url}/#token={TOKEN}")
+            wait_until(context.cookies, what="the session cookie")
+            done = page.evaluate(UPLOAD_AND_SEND, base64.b64encode(png).decode())
+            assert done == {"status": 201, "sent": 202, "width": 2, "reply": "seen"}
+            assert images_of(seen[0][0]) == [png]  # the user message, before the tool call
+            with page.expect_download() as download:
+                page.locator("a.download").click()
+            assert download.value.suggested_filename == "report.html"
+            assert Path(download.value.path()).read_bytes() == b"<script>alert(1)</script>"
+            assert page.url == f"{url}/"  # a download, not a page that was opened
+            assert not [e for e in errors if "Content Security Policy" in e], errors
+        finally:
+            browser.close()
