@@ -8553,46 +8553,57 @@ class Telegram(PollingAdapter):
                     items.append(self.with_files(item))
         return items, cursor if last is None else str(last + 1)
 
+    MEDIA = (("document", "file"), ("voice", "voice.ogg"), ("audio", "audio"))  # and photos
+
     def media(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """The files of a message to fetch, each `{"file_id", "name", "mime", "size"}`: of a
         photo only its largest size within max_file_bytes (the smallest if none is)."""
-        limit = self.kit.max_file_bytes
         found = []
         sizes = [p for p in message.get("photo") or [] if isinstance(p, dict) and "file_id" in p]
         if sizes:
             sizes.sort(key=lambda p: p.get("file_size") or 0)
-            fitting = [p for p in sizes if (p.get("file_size") or 0) <= limit] or sizes[:1]
-            photo = fitting[-1]
-            found.append({**photo, "name": f"photo_{photo.get('file_unique_id', 'telegram')}.jpg"})
-            found[-1]["mime"] = "image/jpeg"
-        for kind, default in (("document", "file"), ("voice", "voice.ogg"), ("audio", "audio")):
+            fitting = [p for p in sizes if (p.get("file_size") or 0) <= self.kit.max_file_bytes]
+            photo = (fitting or sizes[:1])[-1]
+            name = f"photo_{photo.get('file_unique_id', 'telegram')}.jpg"
+            found.append({**photo, "file_name": name, "mime_type": "image/jpeg"})
+        for kind, default in self.MEDIA:
             item = message.get(kind)
             if isinstance(item, dict) and "file_id" in item:
-                name = item.get("file_name") or default
-                found.append({**item, "name": name, "mime": item.get("mime_type")})
+                found.append({"file_name": default, **item})
         return [
-            {"file_id": str(f["file_id"]), "name": str(f["name"]), "mime": f["mime"]}
-            | {"size": f.get("file_size") if isinstance(f.get("file_size"), int) else 0}
+            {
+                "file_id": str(f["file_id"]),
+                "name": str(f["file_name"] or "file"),
+                "mime": f.get("mime_type") if isinstance(f.get("mime_type"), str) else None,
+                "size": f.get("file_size") if isinstance(f.get("file_size"), int) else 0,
+            }
             for f in found
         ]
 
     def with_files(self, item: Inbound) -> Inbound:
         """An item with the files of its message fetched (before anything is stored: a
-        failed download fails the poll, which is fetched again); one over max_file_bytes
-        is refused with a reply, and nothing of it fetched."""
+        download that fails for a while fails the poll, which is fetched again). A file
+        over max_file_bytes, or one Telegram refuses for good, is refused with a reply,
+        and nothing of the message is kept."""
         wanted = (item.meta or {}).pop("media", None)
+        item = replace(item, meta=item.meta or None)
         if not wanted or item.refusal:
-            return replace(item, meta=item.meta or None)
+            return item
         limit = self.kit.max_file_bytes
+        files = []
         try:
             for file in wanted:
                 check_file_size(file["name"], file["size"], limit)
-            files = [
-                File(f["name"], self.download(f["file_id"], limit), mime=f["mime"]) for f in wanted
-            ]
+            for file in wanted:
+                data = self.download(file["file_id"], limit)
+                files.append(File(file["name"], data, mime=file["mime"]))
         except TooLarge as e:
-            return replace(item, meta=item.meta or None, refusal=str(e))
-        return replace(item, meta=item.meta or None, files=files)
+            return replace(item, refusal=str(e))
+        except AdapterError as e:
+            if not e.permanent:
+                raise
+            return replace(item, refusal=f"Sorry, I could not fetch {file['name']}: {e}")
+        return replace(item, files=files)
 
     def download(self, file_id: str, limit: int) -> bytes:
         """A file's bytes: getFile, then its download (the token stays out of errors)."""

@@ -768,3 +768,21 @@ def test_chromium_uploads_an_image_previews_it_and_downloads_a_tools_file(
             assert not [e for e in errors if "Content Security Policy" in e], errors
         finally:
             browser.close()
+
+
+def test_a_file_telegram_refuses_for_good_is_answered_and_does_not_block_the_poll(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    tg = telegram(fake)
+    with AgentKit(tmp_path / "a.db", model="echo", adapters=[tg]) as kit:
+        gone = {"file_id": "FILE9999", "file_unique_id": "U9", "file_size": 10}
+        fake.push_media(42, 42, {"document": {**gone, "file_name": "gone.pdf"}})
+        later = fake.push_message(42, 42, "still here?")
+        assert tg.poll_once() == 2
+        assert kit.store.cursor("telegram") == str(later + 1)
+        kit.work(until_idle=True)
+        assert fake.texts(42) == [
+            "Sorry, I could not fetch gone.pdf: telegram getFile: 400 Bad Request: invalid file_id",
+            "echo: still here?",
+        ]
+        assert count(kit, "turns") == 1 and count(kit, "attachments") == 0
