@@ -786,3 +786,22 @@ def test_a_file_telegram_refuses_for_good_is_answered_and_does_not_block_the_pol
             "echo: still here?",
         ]
         assert count(kit, "turns") == 1 and count(kit, "attachments") == 0
+
+
+def test_a_tool_lists_the_turns_files_and_reads_them(tmp_path: Path) -> None:
+    model = ScriptedModel([ToolCall("summarize", {}), "done"])
+    with AgentKit(tmp_path / "a.db", model=model) as kit:
+
+        @kit.tool
+        def summarize(ctx: ToolContext) -> str:
+            """Summarize the files of this message."""
+            return "; ".join(f"{f.name}={ctx.open(f.id).decode()}" for f in ctx.files)
+
+        files = [File("a.txt", b"alpha"), File("b.txt", b"beta")]
+        assert kit.run_turn("cli:me", "sum up", files=files).reply == "done"
+        [_, _, tool, _] = kit.history("cli:me")
+        assert tool["content"] == "a.txt=alpha; b.txt=beta"
+        with pytest.raises(agentkit.BadInput, match=r"agentkit\.File"):
+            ToolContext(
+                thread_id="cli:me", turn_id="t", actor="cli:me", call_id=None, root=tmp_path
+            ).attach(b"raw bytes")  # type: ignore[arg-type]
