@@ -9361,21 +9361,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
         parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
-        if int(length) > MAX_BODY:
-            upload = (self.command, parts.path) == ("POST", WebChat.uploads)
-            limit = self.server.kit.max_file_bytes if upload else MAX_BODY
-            if int(length) > limit:
-                self.close_connection = True
-                error = f"the file is over {limit:,} bytes" if upload else "the body is over 1 MiB"
-                return self.reply(json_response(413, {"error": error}))
-        body = self.rfile.read(int(length))
-        request = HTTPRequest(
+        head = HTTPRequest(
             self.command,
             parts.path,
             dict(urllib.parse.parse_qsl(parts.query)),
             {name.lower(): value for name, value in self.headers.items()},
-            body,
+            b"",
         )
+        limit = self.server.body_limit(head)
+        if int(length) > limit:
+            self.close_connection = True
+            error = (
+                "the body is over 1 MiB"
+                if limit == MAX_BODY
+                else f"the file is over {limit:,} bytes"
+            )
+            return self.reply(json_response(413, {"error": error}))
+        request = replace(head, body=self.rfile.read(int(length)))
         try:
             response = self.server.route(request)
         except BadInput as e:
@@ -9441,6 +9443,15 @@ class WebServer(ThreadingHTTPServer):
             log.debug("http: %s went away (%s)", client_address, describe_error(error))
         else:
             log.exception("http: the request from %s failed", client_address)
+
+    def body_limit(self, head: HTTPRequest) -> int:
+        """The largest body a request may send, read before its body: a web chat upload
+        of a signed-in page up to max_file_bytes, anything else 1 MiB."""
+        web = self.kit.adapters["web"]
+        upload = (head.method, head.path) == ("POST", WebChat.uploads)
+        if upload and isinstance(web, WebChat) and web.signed_in(head):
+            return max(self.kit.max_file_bytes, MAX_BODY)
+        return MAX_BODY
 
     def route(self, request: HTTPRequest) -> HTTPResponse:
         if request.path == "/healthz":

@@ -596,6 +596,11 @@ def test_the_web_chat_uploads_sends_and_downloads_files_only_as_attachments(
             "/api/files?name=big.bin", content=b"x" * (agentkit.MAX_FILE_BYTES + 1), headers=headers
         )
         assert too_big.status_code == 413 and "over" in too_big.json()["error"]
+        two_mib = os.urandom(2 << 20)
+        big = client.post("/api/files?name=big.bin", content=two_mib, headers=headers)
+        assert big.status_code == 201 and big.json()["size"] == 2 << 20
+        unsigned = httpx.post(f"{url}/api/files?name=b", content=two_mib, headers={"Origin": url})
+        assert unsigned.status_code == 413  # not signed in: no more than 1 MiB is read
 
         model._steps[:0] = [ToolCall("chart", {})]
         client.post("/api/messages", json={"text": "draw"}, headers=headers)
