@@ -8083,6 +8083,8 @@ class Adapter:
     echoes of the user's own messages and decisions), `reach(actor)` names the thread
     where an approver can be told of approvals, `http(request)` answers requests under
     its routes, and a `pull` adapter's deliveries are read (by the web page), not sent.
+    A "file" delivery carries `outbound.file` (`id`, `name`, `mime`, `size`); `send`
+    reads its bytes with `kit.open_file(target, id)`.
     """
 
     name = "adapter"
