@@ -904,10 +904,14 @@ class _TelegramHandler(BaseHTTPRequestHandler):
 class FakeTelegram(_Loopback):
     """A fake Telegram Bot API server: updates pushed by the test, the bot's calls recorded.
 
-    Clients call {url}/bot{token}/{method} with a JSON body, a form or a query string. Known
-    methods: getMe, getUpdates, sendMessage, sendMessageDraft (private chats only),
+    Clients call {url}/bot{token}/{method} with a JSON body, a form, a multipart upload or
+    a query string. Known methods: getMe, getUpdates, getFile (the file then downloads
+    from {url}/file/bot{token}/{file_path}), sendPhoto and sendDocument (multipart, the
+    file in its field), sendMessage, sendMessageDraft (private chats only),
     editMessageText, editMessageReplyMarkup, deleteMessage, answerCallbackQuery,
-    sendChatAction (names are case-insensitive, as Telegram's are). Every answer is
+    sendChatAction (names are case-insensitive, as Telegram's are). Files the test
+    makes (add_file, push_photo, push_media) can be fetched; one made with `cut=True`
+    stops midway through its download. Every answer is
     {"ok": true, "result": ...} or {"ok": false, "error_code": N, "description": ...,
     "parameters"?: {...}} with N as the HTTP status. parse_mode=HTML is checked as Telegram
     does (supported tags, properly nested, < and & escaped; else 400 "can't parse
@@ -916,7 +920,8 @@ class FakeTelegram(_Loopback):
 
     What the bot did: .calls (every request, as (method, params)), .sent (sendMessage),
     .drafts (sendMessageDraft), .edits (editMessageText and editMessageReplyMarkup),
-    .answers (answerCallbackQuery),
+    .answers (answerCallbackQuery), .uploads (sendPhoto, sendDocument, with the bytes),
+    .downloads (the file_ids fetched),
     .actions (sendChatAction), .deleted (deleteMessage), .polls (getUpdates); only calls that
     succeeded land in the lists other than .calls. Read them from the test's thread once
     wait_for has seen what it waits for.
