@@ -6,7 +6,7 @@ are rows; every piece of work is claimed in a transaction, so several processes 
 PostgreSQL, several hosts) share one database and nothing is done twice or lost. See
 README.md for the guide.
 
-Sections, each using only those above it (all SQL is in 3 to 5; the pages of 20 are
+Sections, each using only those above it (all SQL is in 3 to 5; the pages of 21 are
 constants the sections above read at call time):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
@@ -18,19 +18,20 @@ constants the sections above read at call time):
 5. PostgreSQL engine: `PostgresStore` (psycopg, imported when used)
 6. locks
 7. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
-8. conversation records: the rules of turns, approvals and the outbox, over the store
-9. models: OpenAI, Anthropic, echo, scripted
-10. tools and hooks
-11. runtimes: where commands run (local, bwrap)
-12. workspace tools
-13. the turn engine
-14. approvals
-15. secret requests
-16. adapters: Telegram, Webhook, WebChat, PollingAdapter
-17. HTTP server
-18. the AgentKit facade
-19. CLI
-20. pages: the secret form and the web chat (HTML constants, kept last)
+8. attachments: `File`, the `AttachmentStore` protocol, the default `StoredFiles`
+9. conversation records: the rules of turns, approvals and the outbox, over the store
+10. models: OpenAI, Anthropic, echo, scripted
+11. tools and hooks
+12. runtimes: where commands run (local, bwrap)
+13. workspace tools
+14. the turn engine
+15. approvals
+16. secret requests
+17. adapters: Telegram, Webhook, WebChat, PollingAdapter
+18. HTTP server
+19. the AgentKit facade
+20. CLI
+21. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -53,6 +54,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import random
@@ -98,6 +100,8 @@ __all__ = [
     "AlreadyDecided",
     "AnthropicModel",
     "Approval",
+    "Attachment",
+    "AttachmentStore",
     "BadInput",
     "BashResult",
     "Block",
@@ -107,6 +111,7 @@ __all__ = [
     "EchoModel",
     "Event",
     "Fail",
+    "File",
     "Forbidden",
     "HTTPRequest",
     "HTTPResponse",
@@ -139,7 +144,9 @@ __all__ = [
     "SecretRequest",
     "Store",
     "StoreError",
+    "StoredFiles",
     "Telegram",
+    "TooLarge",
     "Tool",
     "ToolCall",
     "ToolContext",
@@ -170,6 +177,10 @@ class BadInput(AgentKitError, ValueError):
 
 class NotFound(BadInput):
     """The job, turn, approval or schedule named does not exist; nothing was changed."""
+
+
+class TooLarge(BadInput):
+    """A file is over `max_file_bytes` (nothing of its message is stored)."""
 
 
 class StoreError(AgentKitError):
@@ -606,6 +617,48 @@ class SecretRequest:
     state: str  # pending | used | expired
     created_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A stored file (public): its id, name, media type, size in bytes and SHA-256."""
+
+    id: str
+    name: str
+    mime: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """Where a stored file belongs: its scope, turn and message, the tool call that made
+    it, and its origin (`user`: sent in; `tool`: attached by a tool; `result`: returned
+    by a tool, so the model sees it too)."""
+
+    scope: str
+    turn_id: str | None
+    message_id: int | None
+    call_id: str | None
+    origin: str
+    id: str
+    name: str
+    mime: str
+    size: int
+    sha256: str
+
+    @property
+    def attachment(self) -> Attachment:
+        return Attachment(self.id, self.name, self.mime, self.size, self.sha256)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """The content of a file by its SHA-256 (`data` None: kept in a file beside the database)."""
+
+    sha256: str
+    size: int
+    data: bytes | None
 
 
 class Store(ABC):
@@ -1060,6 +1113,51 @@ class Store(ABC):
     @abstractmethod
     def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
         """The pending requests a turn made, oldest first."""
+
+    # attachments
+
+    @abstractmethod
+    def put_blob(self, blob: Blob) -> None:
+        """Keep a file's content under its SHA-256 (a no-op when it is there already)."""
+
+    @abstractmethod
+    def blob(self, sha256: str) -> Blob | None:
+        """The content kept under a SHA-256, if any."""
+
+    @abstractmethod
+    def add_attachment(self, row: FileRow) -> None:
+        """Record a stored file in its scope."""
+
+    @abstractmethod
+    def attachment(self, attachment_id: str, scope: str) -> FileRow | None:
+        """A stored file, only when it belongs to `scope`."""
+
+    @abstractmethod
+    def claim_uploads(self, ids: Sequence[str], scope: str, turn_id: str) -> int:
+        """Give the uploads of `scope` that no turn has yet to `turn_id`; how many."""
+
+    @abstractmethod
+    def link_attachments(self, turn_id: str, message_id: int) -> None:
+        """Attach the files sent in with a turn to its user message."""
+
+    @abstractmethod
+    def attachments_of(self, message_ids: Sequence[int]) -> list[FileRow]:
+        """The files of these messages, in the order they were stored."""
+
+    @abstractmethod
+    def turn_attachments(self, turn_id: str) -> list[FileRow]:
+        """The files of one turn, in the order they were stored."""
+
+    @abstractmethod
+    def prune_files(self, before: float) -> tuple[int, list[Blob]]:
+        """Delete the uploads no message took that were stored before `before`, then the
+        contents no stored file refers to; how many uploads, and the contents deleted
+        (without their data)."""
+
+    @abstractmethod
+    def postpone_turn(self, turn_id: str, text: str, run_at: float) -> bool:
+        """Set a queued turn's text and move its queued job to `run_at` (an album that
+        grows); False when the turn is no longer queued."""
 
     # retention
 
@@ -1891,6 +1989,92 @@ class _SQLStore(Store):
 
     # retention
 
+    # attachments
+
+    def put_blob(self, blob: Blob) -> None:
+        self._count(
+            "INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (sha256) DO NOTHING",
+            (blob.sha256, blob.size, blob.data, self.now()),
+        )
+
+    def blob(self, sha256: str) -> Blob | None:
+        rows = self._rows("SELECT sha256, size, data FROM blobs WHERE sha256 = ?", (sha256,))
+        if not rows:
+            return None
+        digest, size, data = rows[0]
+        return Blob(digest, size, None if data is None else bytes(data))
+
+    def add_attachment(self, row: FileRow) -> None:
+        self._count(
+            f"INSERT INTO attachments ({columns(FileRow)}, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*dataclasses.astuple(row), self.now()),
+        )
+
+    def attachment(self, attachment_id: str, scope: str) -> FileRow | None:
+        return self._fetch_one(
+            FileRow,
+            f"SELECT {columns(FileRow)} FROM attachments WHERE id = ? AND scope = ?",
+            (attachment_id, scope),
+        )
+
+    def claim_uploads(self, ids: Sequence[str], scope: str, turn_id: str) -> int:
+        if not ids:
+            return 0
+        return self._count(
+            f"UPDATE attachments SET turn_id = ? WHERE id {self.IN_LIST} AND scope = ? "
+            "AND turn_id IS NULL AND origin = 'user'",
+            (turn_id, self._list(ids), scope),
+        )
+
+    def link_attachments(self, turn_id: str, message_id: int) -> None:
+        self._count(
+            "UPDATE attachments SET message_id = ? WHERE turn_id = ? AND origin = 'user' "
+            "AND message_id IS NULL",
+            (message_id, turn_id),
+        )
+
+    def attachments_of(self, message_ids: Sequence[int]) -> list[FileRow]:
+        if not message_ids:
+            return []
+        return self._fetch_all(
+            FileRow,
+            f"SELECT {columns(FileRow)} FROM attachments WHERE message_id {self.IN_LIST} "
+            "ORDER BY created_at, id",
+            (self._list(message_ids),),
+        )
+
+    def turn_attachments(self, turn_id: str) -> list[FileRow]:
+        return self._fetch_all(
+            FileRow,
+            f"SELECT {columns(FileRow)} FROM attachments WHERE turn_id = ? ORDER BY created_at, id",
+            (turn_id,),
+        )
+
+    def prune_files(self, before: float) -> tuple[int, list[Blob]]:
+        uploads = self._count(
+            "DELETE FROM attachments WHERE turn_id IS NULL AND created_at < ?", (before,)
+        )
+        rows = self._rows(
+            "DELETE FROM blobs WHERE NOT EXISTS "
+            "(SELECT 1 FROM attachments WHERE attachments.sha256 = blobs.sha256) "
+            "RETURNING sha256, size, data IS NULL"
+        )
+        return uploads, [Blob(d, size, None if outside else b"") for d, size, outside in rows]
+
+    def postpone_turn(self, turn_id: str, text: str, run_at: float) -> bool:
+        if not self._changed(
+            "UPDATE turns SET text = ? WHERE id = ? AND status = 'queued'", (text, turn_id)
+        ):
+            return False
+        self._count(
+            "UPDATE jobs SET run_at = ? WHERE state = 'queued' AND id = "
+            "(SELECT job_id FROM turns WHERE id = ?)",
+            (run_at, turn_id),
+        )
+        return True
+
     def prune(self, before: float) -> dict[str, int]:
         deleted = {}
         with self._atomic():
@@ -2094,6 +2278,32 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_running;  -- one index less to write per job: the lease sweep and the
                               -- heartbeat scan jobs_running_target, which holds every
                               -- running job (a few per worker)
+    """,
+    # 7: attachments: stored files in their scope (a thread) and their content by SHA-256,
+    # in the row or (SQLite, larger files) in a file beside the database
+    """
+    CREATE TABLE blobs (
+        sha256 TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        data BLOB,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE attachments (
+        id TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        turn_id TEXT REFERENCES turns (id),
+        message_id INTEGER REFERENCES messages (id),
+        call_id TEXT,
+        origin TEXT NOT NULL CHECK (origin IN ('user', 'tool', 'result')),
+        name TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX attachments_turn ON attachments (turn_id);
+    CREATE INDEX attachments_message ON attachments (message_id);
+    CREATE INDEX attachments_sha256 ON attachments (sha256);
     """,
 )
 
@@ -3677,6 +3887,165 @@ def at_timestamp(at: float | datetime, tz: str) -> float:
     return check_seconds("at", at)
 
 
+# ───────────────────────────────────────── attachments ─────────────────────────────────────────
+# Files in and out of threads: `File` (given to agentkit), the `AttachmentStore` protocol,
+# and the default store (content-addressed; in the database, or larger files beside it).
+
+MAX_FILE_BYTES = 20 * 1024 * 1024  # the default bound of every file
+INLINE_FILE_BYTES = 256 * 1024  # on SQLite, larger files live in files beside the database
+ATTACHMENT_ID = re.compile(r"att_[0-9a-f]{16}")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # what vision models take
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&.+^_-]{0,62}/[a-z0-9][a-z0-9!#$&.+^_-]{0,126}", re.I)
+
+
+@dataclass(frozen=True)
+class File:
+    """A file given to agentkit (public): `File(name, data)` or `File(name, path=...)`;
+    `mime` is guessed from the name when not given."""
+
+    name: str
+    data: bytes | None = None
+    _: dataclasses.KW_ONLY
+    path: str | os.PathLike[str] | None = None
+    mime: str | None = None
+
+    def media_type(self) -> str:
+        """The file's media type: as given, else guessed from its name, else binary."""
+        given = self.mime or mimetypes.guess_type(self.name)[0]
+        return given.lower() if given else "application/octet-stream"
+
+    def read(self, limit: int) -> bytes:
+        """The file's bytes, checked (TooLarge when it is larger than `limit`)."""
+        name = check_name("file name", self.name, 255)
+        if self.mime is not None and not MEDIA_TYPE.fullmatch(str(self.mime)):
+            raise BadInput(f"file {name!r}: {self.mime!r} is no media type (like image/png)")
+        if (self.data is None) == (self.path is None):
+            raise BadInput(f"file {name!r}: give data= or path=, one of them")
+        if self.data is not None:
+            if not isinstance(self.data, (bytes, bytearray, memoryview)):
+                raise BadInput(f"file {name!r}: data must be bytes")
+            data = bytes(self.data)
+        else:
+            try:
+                with open(self.path, "rb") as f:  # type: ignore[arg-type]
+                    data = f.read(limit + 1)
+            except OSError as e:
+                raise BadInput(f"file {name!r}: {e.strerror}") from None
+        check_file_size(name, len(data), limit)
+        return data
+
+
+def check_file_size(name: str, size: int, limit: int) -> None:
+    """TooLarge, naming the limit, when a file of `size` bytes is over `limit`."""
+    if size > limit:
+        raise TooLarge(
+            f"{name} is {size:,} bytes, over the limit of {limit:,} bytes "
+            "(max_file_bytes): send a smaller file"
+        )
+
+
+@runtime_checkable
+class AttachmentStore(Protocol):
+    """Where file contents live. `save` is called inside the transaction that records
+    the file in `scope` (a thread id), with its bytes read and checked in `file.data`,
+    and returns its Attachment (a fresh `att_…` id);
+    `open` returns its bytes (or a path to them) only when it belongs to `scope`, and
+    raises NotFound otherwise, so a file of one scope is never resolved from another."""
+
+    def save(self, scope: str, file: File) -> Attachment: ...
+
+    def open(self, attachment_id: str, scope: str) -> bytes | Path: ...
+
+
+class StoredFiles:
+    """The default AttachmentStore, over the kit's store: contents by SHA-256 (each kept
+    once), in its row up to `inline_bytes`, else, when there is a `folder` (SQLite files),
+    in `folder/<sha256>` written through a temporary file and a rename; with no folder
+    (PostgreSQL: every host sees them) every content is in the database."""
+
+    def __init__(
+        self, store: Store, folder: Path | None, inline_bytes: int = INLINE_FILE_BYTES
+    ) -> None:
+        self.store = store
+        self.folder = folder
+        self.inline_bytes = inline_bytes
+
+    def save(self, scope: str, file: File) -> Attachment:
+        data = file.data
+        if not isinstance(data, bytes):
+            raise BadInput(f"file {file.name!r}: save takes a File with its bytes in data")
+        digest = hashlib.sha256(data).hexdigest()
+        outside = self.folder is not None and len(data) > self.inline_bytes
+        if self.store.blob(digest) is None:
+            if outside:
+                self._write(digest, data)
+            self.store.put_blob(Blob(digest, len(data), None if outside else data))
+        return Attachment(new_id("att"), file.name, file.media_type(), len(data), digest)
+
+    def _write(self, digest: str, data: bytes) -> None:
+        """The content in its file, made whole before it gets its name."""
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / digest
+        if target.exists():
+            return
+        temporary = self.folder / f".{digest}.{os.getpid()}.{threading.get_ident()}"
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+
+    def open(self, attachment_id: str, scope: str) -> bytes | Path:
+        row = self.store.attachment(attachment_id, scope)
+        blob = None if row is None else self.store.blob(row.sha256)
+        if row is None or blob is None:
+            raise NotFound(f"no file {attachment_id} in {scope}")
+        if blob.data is not None:
+            return blob.data
+        assert self.folder is not None
+        return self.folder / blob.sha256
+
+    def forget(self, blobs: Sequence[Blob], older_than: float) -> int:
+        """Delete the files of pruned contents and leftovers of interrupted writes older
+        than `older_than` (a Unix time) that no row refers to; how many files."""
+        if self.folder is None or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for blob in blobs:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / blob.sha256).unlink()
+                removed += 1
+        for path in self.folder.iterdir():
+            name = path.name.lstrip(".").partition(".")[0]
+            stray = path.name.startswith(".") or self.store.blob(name) is None
+            if stray and path.stat().st_mtime < older_than:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def file_info(attachment: Attachment) -> dict[str, Any]:
+    """What messages, deliveries and `history()` say of a stored file."""
+    return {
+        "id": attachment.id,
+        "name": attachment.name,
+        "mime": attachment.mime,
+        "size": attachment.size,
+    }
+
+
+def file_note(info: dict[str, Any]) -> str:
+    """How a model is told of a file (`file_info`) it is not shown: name, type, size, id."""
+    return f"[file {info['name']} ({info['mime']}, {info['size']} bytes), id {info['id']}]"
+
+
+def file_bytes(opened: bytes | Path) -> bytes:
+    """What `AttachmentStore.open` returned, as bytes."""
+    return opened if isinstance(opened, bytes) else Path(opened).read_bytes()
+
+
 # ──────────────────────────────── conversation records ────────────────────────────────
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
@@ -3734,6 +4103,16 @@ def approval_text(a: Approval) -> str:
     return f"{a.requester} asked to run {call}{why}\n{outcome}."
 
 
+class ToolFiles(NamedTuple):
+    """The files one tool call made: those it returned (the model sees them) and those
+    it attached (only sent), with the assistant message of the call."""
+
+    message_id: int
+    call_id: str
+    returned: Sequence[File]
+    attached: Sequence[File]
+
+
 class Records:
     """Threads, turns, messages, tool calls, approvals and events: the conversation's rules
     over the store.
@@ -3754,6 +4133,8 @@ class Records:
         self.may_decide: Callable[[str], bool] = lambda actor: False
         # thread -> {saved secret value: its name}, redacted with the process-wide values
         self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+        self.files: AttachmentStore = StoredFiles(self.store, None)  # the kit sets its own
+        self.max_file_bytes = MAX_FILE_BYTES
 
     def clean(self, thread: str, value: Any) -> Any:
         """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
@@ -3784,9 +4165,9 @@ class Records:
                 raise LeaseLost(f"{job.job_id} is no longer leased to this worker")
             yield
 
-    def enqueue_turn(self, turn_id: str, key: str, target: str | None) -> int:
-        """Queue the job that runs (or resumes) a turn."""
-        values = self.queue.job_values(TURN_TASK, target=target)
+    def enqueue_turn(self, turn_id: str, key: str, target: str | None, delay: float = 0.0) -> int:
+        """Queue the job that runs (or resumes) a turn, `delay` seconds from now."""
+        values = self.queue.job_values(TURN_TASK, target=target, delay=delay)
         return self.store.insert_job(values, dumps({"turn": turn_id}), key)
 
     def add_event(self, kind: str, actor: str | None, turn: Approval | TurnRow, data: dict) -> None:
@@ -3833,7 +4214,8 @@ class Records:
         with self.transaction():
             if not self.store.move_turn(turn.id, "queued", "running"):
                 return False
-            self.add_message(turn.thread_id, turn.id, "user", turn.text, command=command)
+            message = self.add_message(turn.thread_id, turn.id, "user", turn.text, command=command)
+            self.store.link_attachments(turn.id, message)
             return True
 
     def add_message(
@@ -3928,10 +4310,42 @@ class Records:
         turn_id = turn.turn_id if isinstance(turn, Approval) else turn.id
         self.store.set_call(turn_id, call_id, state, self.clean(turn.thread_id, result), was)
 
-    def set_result(self, turn: TurnRow, call_id: str, state: str, result: str, *, was: str) -> None:
-        """Record a call's result if it is still in state `was`."""
-        with self.transaction():
-            self.set_call(turn, call_id, state, result, was)
+    def set_result(
+        self,
+        turn: TurnRow,
+        call_id: str,
+        state: str,
+        result: str,
+        *,
+        was: str,
+        made: "ToolFiles | None" = None,
+    ) -> str:
+        """Record a call's result if it is still in state `was`, with the files the call
+        made stored and sent to the thread in the same transaction; the result as stored
+        (naming the files it returned, or why they could not be stored)."""
+        if made is None or not (made.returned or made.attached):
+            with self.transaction():
+                self.set_call(turn, call_id, state, result, was)
+            return result
+        where = {"call_id": call_id, "message_id": made.message_id}
+        try:
+            with self.transaction():
+                returned = self.save_files(
+                    turn.thread_id, turn.id, made.returned, origin="result", **where
+                )
+                attached = self.save_files(
+                    turn.thread_id, turn.id, made.attached, origin="tool", **where
+                )
+                result = "\n".join(
+                    filter(None, [result, *(file_note(file_info(a)) for a in returned)])
+                )
+                self.set_call(turn, call_id, state, result, was)
+                self.send_files(turn.thread_id, turn.id, returned + attached)
+                return result
+        except BadInput as e:
+            with self.transaction():
+                self.set_call(turn, call_id, "error", f"the files were not sent: {e}", was)
+            return f"the files were not sent: {e}"
 
     def approvals(self, state: str | None, limit: int) -> list[Approval]:
         """The newest `limit` approvals, of one state (or all), for display."""
@@ -4008,6 +4422,52 @@ class Records:
 
     def active_turns(self, thread: str, but: str) -> list[str]:
         return [turn_id for turn_id in self.store.active_turns(thread) if turn_id != but]
+
+    # files
+
+    def save_files(
+        self,
+        thread: str,
+        turn_id: str,
+        files: Sequence["File | Attachment"],
+        *,
+        origin: str = "user",
+        call_id: str | None = None,
+        message_id: int | None = None,
+    ) -> list[Attachment]:
+        """Store files in the thread's scope, inside the caller's transaction: a File is
+        read (TooLarge over `max_file_bytes`) and saved; an Attachment is an upload of the
+        thread that no turn has yet, taken for this one."""
+        uploads = [given for given in files if isinstance(given, Attachment)]
+        for given in files:
+            if not isinstance(given, (File, Attachment)):
+                raise BadInput(f"files are agentkit.File objects, not {type(given).__name__}")
+        read = [(f, f.read(self.max_file_bytes)) for f in files if isinstance(f, File)]
+        saved = []
+        for given, data in read:  # every file was within the limit: now they are kept
+            attachment = self.files.save(thread, replace(given, data=data, path=None))
+            row = FileRow(
+                thread, turn_id, message_id, call_id, origin, *dataclasses.astuple(attachment)
+            )
+            self.store.add_attachment(row)
+            saved.append(attachment)
+        if self.store.claim_uploads([u.id for u in uploads], thread, turn_id) != len(uploads):
+            raise BadInput("a file to send is not an upload of this thread that no message has yet")
+        return uploads + saved
+
+    def open_file(self, thread: str, attachment_id: str) -> bytes:
+        """The bytes of a file of the thread; NotFound for any other id, or a file of
+        another thread."""
+        if not isinstance(attachment_id, str) or not ATTACHMENT_ID.fullmatch(attachment_id):
+            raise NotFound(f"no file {attachment_id!r} in {thread}")
+        if self.store.attachment(attachment_id, thread) is None:
+            raise NotFound(f"no file {attachment_id} in {thread}")
+        return file_bytes(self.files.open(attachment_id, thread))
+
+    def send_files(self, thread: str, turn_id: str, attachments: Sequence[Attachment]) -> None:
+        """Put stored files in the outbox of their thread (inside the caller's transaction)."""
+        for attachment in attachments:
+            self.deliver(thread, turn_id, "file", attachment.name, file=file_info(attachment))
 
     # the outbox
 
@@ -4095,12 +4555,24 @@ class Records:
         calls: dict[int, list[CallRow]] = {}
         for call in self.store.calls_of([m.id for m in rows if m.role == "assistant"]):
             calls.setdefault(call.message_id, []).append(call)
+        files: dict[tuple[int, str | None], list[dict[str, Any]]] = {}  # by message, call
+        for row in self.store.attachments_of([m.id for m in rows]):
+            key = (row.message_id or 0, None if row.origin == "tool" else row.call_id)
+            files.setdefault(key, []).append(file_info(row.attachment))
         exchanges: list[list[dict[str, Any]]] = []
         for message in rows:
             if message.role == "user":
-                exchanges.append([{"role": "user", "content": message.content or ""}])
+                user = {"role": "user", "content": message.content or ""}
+                if (message.id, None) in files:
+                    user["files"] = files[message.id, None]
+                exchanges.append([user])
             elif exchanges:
-                exchanges[-1].extend(assistant_messages(message.content, calls.get(message.id, [])))
+                made = assistant_messages(message.content, calls.get(message.id, []))
+                for made_message in made:
+                    found = files.get((message.id, made_message.get("call_id")))
+                    if found:
+                        made_message["files"] = found
+                exchanges[-1].extend(made)
         kept: list[list[dict[str, Any]]] = []
         size = 0
         for exchange in reversed(exchanges):
@@ -4169,7 +4641,9 @@ class Model(Protocol):
     """What the turn engine talks to: neutral messages and tools in, a ModelReply out.
 
     A model whose `can_stream` is true also takes `on_delta=`, a callable it calls with
-    each piece of text as it arrives (the pieces join to the reply's text).
+    each piece of text as it arrives (the pieces join to the reply's text). A model's
+    `attachment_types` (media type patterns like `image/*`) are the files it reads:
+    a message with files then has a list of content parts (see FileParts) as content.
     """
 
     name: str
@@ -4302,6 +4776,17 @@ def _event_json(data: str) -> Any:
 def _describe(exc: Exception) -> str:
     """An exception's type and message, for error messages."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def content_text(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of a neutral message's content (a text, or content parts)."""
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content if part["type"] == "text")
+    return content or ""
+
+
+def _data_url(part: dict[str, Any]) -> str:
+    return f"data:{part['mime']};base64,{part['data']}"
 
 
 def _bad_role(message: dict[str, Any]) -> BadInput:
@@ -4439,9 +4924,14 @@ class OpenAIModel(_HTTPModel):
         timeout: float = 120.0,
         max_retries: int = 3,
         client: httpx.Client | None = None,
+        attachment_types: Sequence[str] | None = None,
     ) -> None:
         key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
         base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        if attachment_types is None:  # PDFs as `file` parts only where OpenAI itself serves
+            official = urllib.parse.urlsplit(base).hostname == "api.openai.com"
+            attachment_types = (*IMAGE_TYPES, *(["application/pdf"] if official else []))
+        self.attachment_types = tuple(attachment_types)
         super().__init__(
             f"openai:{model}",
             f"{base.rstrip('/')}/chat/completions",
@@ -4521,15 +5011,32 @@ class OpenAIModel(_HTTPModel):
         raise _Transient("the stream ended before data: [DONE]")
 
 
+def _openai_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A neutral content part as a Chat Completions one (a data URL for a file)."""
+    if part["type"] == "text":
+        return {"type": "text", "text": part["text"]}
+    if part["type"] == "image":
+        return {"type": "image_url", "image_url": {"url": _data_url(part)}}
+    return {"type": "file", "file": {"filename": part["name"], "file_data": _data_url(part)}}
+
+
 def _openai_messages(instructions: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Neutral messages as Chat Completions messages, instructions first as system message."""
+    """Neutral messages as Chat Completions messages, instructions first as system message.
+    Files a tool returned follow the tool results as a user message (a tool message
+    holds only text)."""
     out: list[dict[str, Any]] = (
         [{"role": "system", "content": instructions}] if instructions else []
     )
+    shown: list[dict[str, Any]] = []  # files of tool results, for after the results
     for message in messages:
         role = message.get("role")
+        if shown and role != "tool":
+            out.append({"role": "user", "content": shown})
+            shown = []
+        content = message.get("content")
         if role == "user":
-            out.append({"role": "user", "content": message["content"]})
+            parts = [_openai_part(p) for p in content] if isinstance(content, list) else content
+            out.append({"role": "user", "content": parts})
         elif role == "assistant":
             turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
             if message.get("tool_calls"):
@@ -4544,13 +5051,21 @@ def _openai_messages(instructions: str, messages: list[dict[str, Any]]) -> list[
             out.append(turn)
         elif role == "tool":
             # Chat Completions has no error flag for tool results: the content says it.
-            content = (
-                f"Error: {message['content']}" if message.get("is_error") else message["content"]
-            )
-            out.append({"role": "tool", "tool_call_id": message["call_id"], "content": content})
+            text = content_text(content)
+            text = f"Error: {text}" if message.get("is_error") else text
+            out.append({"role": "tool", "tool_call_id": message["call_id"], "content": text})
+            if isinstance(content, list) and len(content) > 1:
+                shown.append(_tool_files_text(message))
+                shown += [_openai_part(p) for p in content if p["type"] != "text"]
         else:
             raise _bad_role(message)
+    if shown:
+        out.append({"role": "user", "content": shown})
     return out
+
+
+def _tool_files_text(message: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "text", "text": f"The files {message.get('name')} returned:"}
 
 
 def _openai_tool_call(call: dict[str, Any]) -> ToolCall:
@@ -4585,7 +5100,9 @@ class AnthropicModel(_HTTPModel):
         timeout: float = 120.0,
         max_retries: int = 3,
         client: httpx.Client | None = None,
+        attachment_types: Sequence[str] = (*IMAGE_TYPES, "application/pdf"),
     ) -> None:
+        self.attachment_types = tuple(attachment_types)
         key = os.environ.get("ANTHROPIC_API_KEY") if api_key is None else api_key
         base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
         headers = {"anthropic-version": "2023-06-01"}
@@ -4672,19 +5189,20 @@ def _anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for message in messages:
         role = message.get("role")
         blocks: list[dict[str, Any]] = []
-        if role in ("user", "assistant") and message.get("content"):
-            blocks.append({"type": "text", "text": message["content"]})
+        if role in ("user", "assistant"):
+            blocks += _anthropic_blocks(message.get("content"))
         if role == "assistant":
             blocks += [
                 {"type": "tool_use", "id": call["id"], "name": call["name"], "input": call["args"]}
                 for call in message.get("tool_calls") or []
             ]
         elif role == "tool":
+            content = message["content"]
             blocks.append(
                 {
                     "type": "tool_result",
                     "tool_use_id": message["call_id"],
-                    "content": message["content"],
+                    "content": _anthropic_blocks(content) if isinstance(content, list) else content,
                     "is_error": bool(message.get("is_error")),
                 }
             )
@@ -4698,6 +5216,22 @@ def _anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append({"role": role, "content": blocks})
     return out
+
+
+def _anthropic_blocks(content: str | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A neutral message's content as Messages API blocks (files as base64 sources);
+    empty texts are left out."""
+    if not isinstance(content, list):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content:
+        if part["type"] == "text":
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+            continue
+        source = {"type": "base64", "media_type": part["mime"], "data": part["data"]}
+        blocks.append({"type": part["type"], "source": source})
+    return blocks
 
 
 def _anthropic_reply(content: list[dict[str, Any]], usage: dict[str, int]) -> ModelReply:
@@ -4751,8 +5285,9 @@ class EchoModel:
     ) -> ModelReply:
         """'echo: <last user message>', or the content of a trailing tool result."""
         if messages and messages[-1].get("role") == "tool":
-            return _streamed(ModelReply(messages[-1]["content"], [], {}), on_delta)
+            return _streamed(ModelReply(content_text(messages[-1]["content"]), [], {}), on_delta)
         said = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        said = content_text(said)
         return _streamed(ModelReply(f"echo: {said}", [], {}), on_delta)
 
 
@@ -4775,7 +5310,10 @@ class ScriptedModel:
     name = "scripted"
     can_stream = True
 
-    def __init__(self, steps: list[ScriptStep]) -> None:
+    def __init__(
+        self, steps: list[ScriptStep], *, attachment_types: Sequence[str] = ("image/*",)
+    ) -> None:
+        self.attachment_types = tuple(attachment_types)
         for step in steps:
             if not callable(step):
                 _check_step(step)
@@ -4895,6 +5433,8 @@ class ToolContext:
         root: Path,
         runtime: Callable[[], Any] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        files: Callable[[], list[Attachment]] = list,
+        open_file: Callable[[str], bytes] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
@@ -4903,6 +5443,26 @@ class ToolContext:
         self._root = root
         self._runtime = runtime
         self._on_progress = on_progress
+        self._files = files
+        self._open_file = open_file
+        self.attached: list[File] = []  # stored and sent with the call's result
+
+    @property
+    def files(self) -> list[Attachment]:
+        """The files of this turn's messages (those the user sent, and those made so far)."""
+        return self._files()
+
+    def open(self, attachment_id: str) -> bytes:
+        """The bytes of a file of this thread (NotFound for a file of any other thread)."""
+        if self._open_file is None:
+            raise NotFound(f"no file {attachment_id!r} here")
+        return self._open_file(attachment_id)
+
+    def attach(self, file: File) -> None:
+        """Send a file to the thread with this call's result (once, through the outbox)."""
+        if not isinstance(file, File):
+            raise BadInput(f"attach takes an agentkit.File, not {type(file).__name__}")
+        self.attached.append(file)
 
     @property
     def runtime(self) -> "Runtime":
@@ -6514,6 +7074,59 @@ class _LiveText:
             self.emit(new)
 
 
+TEXT_FILE_BYTES = 100_000  # a text file up to this size is put in the message itself
+TEXT_MIMES = ("text/*", "application/json", "application/xml", "application/*+xml")
+TEXT_MIMES += ("application/x-yaml", "application/yaml", "application/toml", "application/csv")
+
+
+def mime_matches(mime: str, patterns: Iterable[str]) -> bool:
+    """Whether a media type is one of `patterns` (`image/*` style)."""
+    return any(fnmatch.fnmatchcase(mime.lower(), pattern.lower()) for pattern in patterns)
+
+
+class FileParts:
+    """The one place a message's files become what a model reads, by the model's
+    `attachment_types` (media type patterns; none by default): a type it takes goes as
+    an `image` or `document` part (base64), a text file up to TEXT_FILE_BYTES is put in
+    the text as `<file name="…">…</file>`, and any other file is described (name, type,
+    size and id, so a tool can open it), never dropped silently."""
+
+    def __init__(self, model: Model, records: "Records") -> None:
+        self.accepted: tuple[str, ...] = tuple(getattr(model, "attachment_types", ()) or ())
+        self.records = records
+
+    def messages(self, thread: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The messages, the user's and tool results with files given their content: a
+        list of parts, `{"type": "text", "text"}` then `{"type": "image" | "document",
+        "mime", "name", "data"}`, when a file goes as a part, else the text (the files a
+        tool only attached were sent, not shown)."""
+        return [
+            {**m, "content": self.parts(thread, m)}
+            if m.get("files") and m.get("role") in ("user", "tool")
+            else m
+            for m in messages
+        ]
+
+    def parts(self, thread: str, message: dict[str, Any]) -> str | list[dict[str, Any]]:
+        """A message's content with its files: a text when none is shown as a part."""
+        texts = [message.get("content") or ""]
+        parts: list[dict[str, Any]] = []
+        for file in message["files"]:
+            mime, name = file["mime"], file["name"]
+            if mime_matches(mime, self.accepted):
+                data = base64.b64encode(self.records.open_file(thread, file["id"])).decode()
+                kind = "image" if mime.startswith("image/") else "document"
+                parts.append({"type": kind, "mime": mime, "name": name, "data": data})
+            elif mime_matches(mime, TEXT_MIMES) and file["size"] <= TEXT_FILE_BYTES:
+                text = self.records.open_file(thread, file["id"]).decode("utf-8", "replace")
+                quoted = name.replace('"', "'")
+                texts.append(f'<file name="{quoted}">\n{text}\n</file>')
+            else:
+                texts.append(file_note(file))
+        text = "\n\n".join(t for t in texts if t)
+        return [{"type": "text", "text": text}, *parts] if parts else text
+
+
 class TurnEngine:
     """Runs turns as jobs: the model loop, tool calls, hooks and commands.
 
@@ -6562,19 +7175,32 @@ class TurnEngine:
         actor: str,
         source_id: str | None,
         meta: dict[str, Any] | None = None,
+        files: Sequence[File | Attachment] = (),
+        group: tuple[str, float] | None = None,
     ) -> str:
-        """Record an inbound message and queue its turn in one transaction; the turn id.
+        """Record an inbound message (with its files) and queue its turn in one
+        transaction; the turn id.
 
         `/cancel` is handled here at once: it cancels the thread's queued, running and
         waiting turns. A message to a thread that waits for an approval is held until
         the decision (and told so). Commands run at once, outside the thread's order.
+        The parts of one `group` `(key, wait)` (an album) join one turn while it is
+        queued; it starts `wait` seconds after the last part came.
         """
         command = parse_command(text)
         with self.queue.store.transaction():
+            if group is not None:
+                first = self.records.seen(thread.partition(":")[0], f"group:{group[0]}")
+                if first is None:
+                    source_id = f"group:{group[0]}"  # the first part: the group's turn
+                elif self.join_group(first, text, files, group[1]):
+                    return first.id
             turn_id, created = self.records.add_turn(thread, actor, text, source_id, meta)
             if not created:
                 return turn_id
-            self.records.deliver(thread, turn_id, "user", text)
+            saved = self.records.save_files(thread, turn_id, files)
+            shown = {"files": [file_info(a) for a in saved]} if saved else {}
+            self.records.deliver(thread, turn_id, "user", text, **shown)
             if command and command[0] == "cancel":
                 active = self.records.active_turns(thread, turn_id)
                 for other in active:
@@ -6586,13 +7212,28 @@ class TurnEngine:
                 return turn_id
             if command or not self.records.holds_messages(thread, turn_id):
                 target = None if command else thread
-                job = self.records.enqueue_turn(turn_id, f"turn:{turn_id}", target)
+                wait = 0.0 if group is None else group[1]
+                job = self.records.enqueue_turn(turn_id, f"turn:{turn_id}", target, wait)
                 self.queue.store.set_turn_job(turn_id, job)
             else:
                 note = waiting_note(self.records.waiting_in(thread))
                 self.records.deliver(thread, turn_id, "notice", note)
         self.queue.store.notify()
         return turn_id
+
+    def join_group(
+        self, turn: TurnRow, text: str, files: Sequence[File | Attachment], wait: float
+    ) -> bool:
+        """Add a part of a group to the group's turn while it is queued (its text joins
+        the turn's, its start moves `wait` seconds on); False when it started already
+        (a part that late makes a turn of its own)."""
+        joined = "\n".join(part for part in (turn.text, text) if part)
+        if not self.queue.store.postpone_turn(turn.id, joined, self.queue.store.now() + wait):
+            return False
+        saved = self.records.save_files(turn.thread_id, turn.id, files)
+        shown = [file_info(a) for a in saved]
+        self.records.deliver(turn.thread_id, turn.id, "user", text, files=shown)
+        return True
 
     def prompt(self, payload: dict[str, str], ctx: JobContext) -> str:
         """The task of scheduled prompts: start a turn in the schedule's thread."""
@@ -6685,6 +7326,8 @@ class TurnEngine:
             runtime=self.runtimes
             and functools.partial(self.runtimes.get, turn.thread_id, turn.actor),
             on_progress=progress if tool is not None else None,
+            files=lambda: [row.attachment for row in self.queue.store.turn_attachments(turn.id)],
+            open_file=functools.partial(self.records.open_file, turn.thread_id),
         )
 
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
@@ -6741,6 +7384,7 @@ class TurnEngine:
         for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
             if isinstance(changed, list):
                 messages = changed
+        messages = FileParts(self.model, self.records).messages(turn.thread_id, messages)
         index = turn.steps
         live = _LiveText(
             {**redactions.values, **self.records.thread_secrets(turn.thread_id)},
@@ -6792,10 +7436,12 @@ class TurnEngine:
             elif state == "running" or self.records.claim_call(turn.id, call_id):
                 values = json.loads(args)
                 self.tell(turn, "tool_start", step=step, tool=name, call_id=call_id, args=values)
-                future = self.start_tool(tool, values, self.context_of(turn, call_id, name))
-                started.append((call_id, tool, values, future))
-        for call_id, tool, args, future in started:
-            state, result = self.finish_tool(tool, future)
+                ctx = self.context_of(turn, call_id, name)
+                future = self.start_tool(tool, values, ctx)
+                started.append((call_id, tool, values, future, ctx))
+        messages = {call.call_id: call.message_id for call in calls}
+        for call_id, tool, args, future, ctx in started:
+            state, result, returned = self.finish_tool(tool, future)
             for changed in self.emit(
                 turn,
                 "tool_result",
@@ -6808,7 +7454,8 @@ class TurnEngine:
                 if changed is not None:
                     result = as_text(changed)
             result = self.redact(turn.thread_id, result)
-            self.records.set_result(turn, call_id, state, result, was="running")
+            made = ToolFiles(messages[call_id], call_id, returned, ctx.attached)
+            result = self.records.set_result(turn, call_id, state, result, was="running", made=made)
             self.tell(
                 turn,
                 "tool_end",
@@ -6839,15 +7486,22 @@ class TurnEngine:
         return self._pool.submit(tool.fn, **kwargs)
 
     @staticmethod
-    def finish_tool(tool: Tool, future: concurrent.futures.Future) -> tuple[str, str]:
-        """`("done" | "error", text)` of a started call, waiting up to the tool's timeout."""
+    def finish_tool(tool: Tool, future: concurrent.futures.Future) -> tuple[str, str, list[File]]:
+        """`("done" | "error", text, files it returned)` of a started call, waiting up to
+        the tool's timeout. A File (or a list of Files) returned is for the model to see
+        and the user to get; its text is filled in once it is stored."""
         try:
-            return "done", as_text(future.result(timeout=tool.timeout))
+            value = future.result(timeout=tool.timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return "error", f"timed out after {tool.timeout:g} s"
+            return "error", f"timed out after {tool.timeout:g} s", []
         except Exception as e:
-            return "error", describe_error(e)
+            return "error", describe_error(e), []
+        if isinstance(value, File):
+            return "done", "", [value]
+        if isinstance(value, list) and value and all(isinstance(v, File) for v in value):
+            return "done", "", value
+        return "done", as_text(value), []
 
     # commands
 
@@ -7177,10 +7831,11 @@ def check_public_url(url: str) -> str:
 
 
 @functools.cache  # the pages are constants: hash them once
-def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
+def with_csp(html: str, connect: str = "'none'", images: str = "data:") -> tuple[str, str]:
     """A page and its Content-Security-Policy: its one inline script and style allowed by
-    hash, nothing else (and no requests but to `connect`). The page carries the policy
-    in a meta tag too, so it holds when the file is opened from disk."""
+    hash, nothing else (no requests but to `connect`, images only from `images`). The
+    page carries the policy in a meta tag too, so it holds when the file is opened from
+    disk."""
 
     def digest(tag: str) -> str:
         body = html.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
@@ -7188,7 +7843,7 @@ def with_csp(html: str, connect: str = "'none'") -> tuple[str, str]:
 
     policy = (
         f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
-        f"connect-src {connect}; img-src data:; base-uri 'none'; form-action 'none'"
+        f"connect-src {connect}; img-src {images}; base-uri 'none'; form-action 'none'"
     )
     return html.replace("__CSP__", policy), policy + "; frame-ancestors 'none'"
 
@@ -7370,7 +8025,10 @@ def saved_note(names: Sequence[str], request_id: str) -> str:
 class Inbound:
     """A message an adapter received. `thread` and `actor` are keys under the adapter's
     name (`42` becomes `telegram:42`), `id` deduplicates it, `meta` travels with its turn
-    to the reply; with `refusal` set, the sender is told that and nothing is stored."""
+    to the reply; with `refusal` set, the sender is told that and nothing is stored.
+    `files` come with the message (already downloaded: they are stored with it, or
+    nothing is); the parts of one `group` (an album) are one message, whose turn starts
+    `group_wait` seconds after its last part came."""
 
     thread: str
     actor: str
@@ -7378,6 +8036,9 @@ class Inbound:
     id: str | None = None
     meta: dict[str, Any] | None = None
     refusal: str | None = None
+    files: Sequence[File | Attachment] = ()
+    group: str | None = None
+    group_wait: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7395,6 +8056,7 @@ class Outbound:
     sent_parts: int = 0  # pieces an earlier attempt sent already (a long text split up)
     ref: str | None = None  # for "decided": what `send` returned for the approval request
     stream: dict[str, Any] | None = None  # for "reply": what `streamed` returned for it
+    file: dict[str, Any] | None = None  # for "file": its id, name, mime and size
 
 
 class AdapterError(AgentKitError):
@@ -7471,6 +8133,8 @@ class Adapter:
     echoes of the user's own messages and decisions), `reach(actor)` names the thread
     where an approver can be told of approvals, `http(request)` answers requests under
     its routes, and a `pull` adapter's deliveries are read (by the web page), not sent.
+    A "file" delivery carries `outbound.file` (`id`, `name`, `mime`, `size`); `send`
+    reads its bytes with `kit.open_file(target, id)`.
     """
 
     name = "adapter"
@@ -7828,6 +8492,7 @@ class Telegram(PollingAdapter):
         poll_timeout: float = 25.0,
         lease: float = 60.0,
         edit_interval: float = 1.0,
+        album_wait: float = 2.0,
     ) -> None:
         if not isinstance(token, str) or not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", token):
             raise BadInput("a Telegram bot token looks like 123456:ABC-def (from @BotFather)")
@@ -7842,6 +8507,7 @@ class Telegram(PollingAdapter):
         self.poll_timeout = check_seconds("poll_timeout", poll_timeout, positive=True)
         self.lease = check_seconds("lease", lease, positive=True)
         self.edit_interval = check_seconds("edit_interval", edit_interval)
+        self.album_wait = check_seconds("album_wait", album_wait)
         self.clock: Callable[[], float] = time.monotonic  # of streams (tests drive it)
         self.client = httpx.Client(timeout=20.0)
         self._polling = httpx.Client(timeout=self.poll_timeout + 15.0)
@@ -7855,16 +8521,22 @@ class Telegram(PollingAdapter):
         *,
         client: httpx.Client | None = None,
         patient: bool = True,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
         **params: Any,
     ) -> Any:
         """One Bot API call; its result. AdapterError (with no token in it) when it fails;
         a 429 is retried after the retry_after Telegram asks for (3 times, up to 30 s),
-        unless not `patient`."""
+        unless not `patient`. `files` (field: (name, bytes, media type)) go as a
+        multipart upload, the parameters as its fields."""
         url = f"{self.api_url}/bot{self.token}/{method}"
         params = {key: value for key, value in params.items() if value is not None}
+        form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
         for attempt in range(4):
             try:
-                response = (client or self.client).post(url, json=params)
+                if files:
+                    response = (client or self.client).post(url, data=form, files=files)
+                else:
+                    response = (client or self.client).post(url, json=params)
                 data = response.json()
             except (httpx.HTTPError, ValueError, RuntimeError) as e:
                 raise AdapterError(f"telegram {method}: {describe_error(e)}") from None
@@ -7930,19 +8602,102 @@ class Telegram(PollingAdapter):
                 last = max(last or 0, update["update_id"])
                 item = self.inbound(update)
                 if item is not None:
-                    items.append(item)
+                    items.append(self.with_files(item))
         return items, cursor if last is None else str(last + 1)
 
+    MEDIA = (("document", "file"), ("voice", "voice.ogg"), ("audio", "audio"))  # and photos
+
+    def media(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The files of a message to fetch, each `{"file_id", "name", "mime", "size"}`: of a
+        photo only its largest size within max_file_bytes (the smallest if none is)."""
+        found = []
+        sizes = [p for p in message.get("photo") or [] if isinstance(p, dict) and "file_id" in p]
+        if sizes:
+            sizes.sort(key=lambda p: p.get("file_size") or 0)
+            fitting = [p for p in sizes if (p.get("file_size") or 0) <= self.kit.max_file_bytes]
+            photo = (fitting or sizes[:1])[-1]
+            name = f"photo_{photo.get('file_unique_id', 'telegram')}.jpg"
+            found.append({**photo, "file_name": name, "mime_type": "image/jpeg"})
+        for kind, default in self.MEDIA:
+            item = message.get(kind)
+            if isinstance(item, dict) and "file_id" in item:
+                found.append({"file_name": default, **item})
+        return [
+            {
+                "file_id": str(f["file_id"]),
+                "name": str(f["file_name"] or "file"),
+                "mime": f.get("mime_type") if isinstance(f.get("mime_type"), str) else None,
+                "size": f.get("file_size") if isinstance(f.get("file_size"), int) else 0,
+            }
+            for f in found
+        ]
+
+    def with_files(self, item: Inbound) -> Inbound:
+        """An item with the files of its message fetched (before anything is stored: a
+        download that fails for a while fails the poll, which is fetched again). A file
+        over max_file_bytes, or one Telegram refuses for good, is refused with a reply,
+        and nothing of the message is kept."""
+        wanted = (item.meta or {}).pop("media", None)
+        item = replace(item, meta=item.meta or None)
+        if not wanted or item.refusal:
+            return item
+        limit = self.kit.max_file_bytes
+        files = []
+        try:
+            for file in wanted:
+                check_file_size(file["name"], file["size"], limit)
+            for file in wanted:
+                data = self.download(file["file_id"], limit)
+                files.append(File(file["name"], data, mime=file["mime"]))
+        except TooLarge as e:
+            return replace(item, refusal=str(e))
+        except AdapterError as e:
+            if not e.permanent:
+                raise
+            return replace(item, refusal=f"Sorry, I could not fetch {file['name']}: {e}")
+        return replace(item, files=files)
+
+    def download(self, file_id: str, limit: int) -> bytes:
+        """A file's bytes: getFile, then its download (the token stays out of errors)."""
+        found = self.call("getFile", file_id=file_id)
+        path = found.get("file_path") if isinstance(found, dict) else None
+        if not isinstance(path, str):
+            raise AdapterError("telegram getFile: no file_path in the answer")
+        url = f"{self.api_url}/file/bot{self.token}/{urllib.parse.quote(path)}"
+        try:
+            with self.client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise AdapterError(
+                        f"telegram download: {response.status_code}", response.status_code
+                    )
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    check_file_size(path, len(data), limit)
+        except httpx.HTTPError as e:
+            raise AdapterError(f"telegram download: {describe_error(e)}") from None
+        return bytes(data)
+
     def inbound(self, update: dict[str, Any]) -> Inbound | None:
-        """The item of one update: a text message, or a press of an approval button."""
+        """The item of one update: a message (text, or media with a caption), or a press
+        of an approval button. The files of a message are listed in its meta ("media")
+        and fetched by `with_files`; the parts of an album share a group."""
+        group = None
         try:
             if isinstance(update.get("message"), dict):
                 message, meta = update["message"], {}
                 chat = message["chat"]["id"]
                 user = (message.get("from") or message["chat"])["id"]
                 text = message.get("text")
+                media = self.media(message)
+                if media:
+                    meta["media"] = media
+                    caption = message.get("caption")
+                    text = caption if isinstance(caption, str) else ""
+                    if message.get("media_group_id") is not None:
+                        group = f"{chat}:{message['media_group_id']}"
                 if not isinstance(text, str):
-                    return None  # photos, stickers, members joining: nothing to answer
+                    return None  # stickers, members joining: nothing to answer
             elif isinstance(update.get("callback_query"), dict):
                 query = update["callback_query"]
                 message = query.get("message") or {}
@@ -7965,9 +8720,18 @@ class Telegram(PollingAdapter):
                 f"Sorry, I only answer people I know. Your Telegram user id is {user}: "
                 "ask my owner to add it to AGENTKIT_TELEGRAM_ALLOW."
             )
-        elif meta and not re.fullmatch(r"/(approve|deny) apr_[0-9a-f]{16}", text):
+        elif "callback" in meta and not re.fullmatch(r"/(approve|deny) apr_[0-9a-f]{16}", text):
             refusal = "That button is not one of mine."
-        return Inbound(thread, str(user), text, str(update["update_id"]), meta or None, refusal)
+        return Inbound(
+            thread,
+            str(user),
+            text,
+            str(update["update_id"]),
+            meta or None,
+            refusal,
+            group=group,
+            group_wait=self.album_wait,
+        )
 
     def reach(self, actor: str) -> str | None:
         """A Telegram user is reached in their private chat with the bot (same id)."""
@@ -8011,6 +8775,8 @@ class Telegram(PollingAdapter):
         if outbound.kind == "decided":
             self.show_decision(where, outbound)
             return None
+        if outbound.kind == "file" and outbound.file:
+            return self.send_file(target, where, outbound.file)
         text, markup = outbound.text, None
         if outbound.kind == "approval" and outbound.approval:
             approval = self.kit.gatekeeper.get(outbound.approval["id"])
@@ -8039,6 +8805,14 @@ class Telegram(PollingAdapter):
                 if not last and outbound.delivery is not None:  # a retry goes on from here
                     self.kit.store.update_delivery(outbound.delivery, None, None, sent_parts=i + 1)
         return str(sent["message_id"]) if isinstance(sent, dict) and "message_id" in sent else None
+
+    def send_file(self, target: str, where: dict[str, int | None], file: dict[str, Any]) -> str:
+        """A stored file as a photo (JPEG, PNG, WebP) or else a document, uploaded."""
+        data = self.kit.open_file(target, file["id"])
+        photo = file["mime"] in ("image/jpeg", "image/png", "image/webp")
+        method, field = ("sendPhoto", "photo") if photo else ("sendDocument", "document")
+        sent = self.call(method, files={field: (file["name"], data, file["mime"])}, **where)
+        return str(sent["message_id"]) if isinstance(sent, dict) else ""
 
     def send_html(self, method: str, *, text: str, **params: Any) -> Any:
         """sendMessage or editMessageText of an HTML text; when Telegram cannot parse it,
@@ -8323,6 +9097,7 @@ class Webhook(Adapter):
             callback = event.get("callback")
             if callback is not None and not self.allows(callback):
                 raise BadInput("the callback URL is not allowed")
+            files = self.files(event.get("files", []))
             digest = hashlib.sha256(request.body).hexdigest()
             meta = {"digest": digest, "event": event["id"]}
             if callback:
@@ -8331,12 +9106,36 @@ class Webhook(Adapter):
                 seen = self.kit.records.seen(self.name, event["id"])
                 if seen and (seen.meta or {}).get("digest") != digest:
                     return json_response(409, {"error": "this event id came with another body"})
-                item = Inbound(event["thread"], event["actor"], event["text"], event["id"], meta)
+                item = Inbound(
+                    event["thread"], event["actor"], event["text"], event["id"], meta, files=files
+                )
                 turn_id = seen.id if seen else self.kit.receive(self, item)[0]
+        except TooLarge as e:
+            return json_response(413, {"error": str(e)})
         except BadInput as e:
             return json_response(400, {"error": str(e)})
         thread = f"{self.name}:{event['thread']}"
         return json_response(202, {"turn_id": turn_id, "thread_id": thread})
+
+    def files(self, given: object) -> list[File]:
+        """The event's `files`, `[{"name", "data": base64, "mime"?}]`, each checked against
+        max_file_bytes (TooLarge) before anything is stored."""
+        if not isinstance(given, list) or not all(isinstance(f, dict) for f in given):
+            raise BadInput("files must be a list of {name, data (base64), mime}")
+        files = []
+        for f in given:
+            name, data, mime = f.get("name"), f.get("data"), f.get("mime")
+            if not isinstance(data, str) or not isinstance(mime, (str, type(None))):
+                raise BadInput("a file has data (base64 text) and maybe a mime")
+            try:
+                content = base64.b64decode(data, validate=True)
+            except ValueError:
+                raise BadInput(f"the data of file {name!r} is not base64") from None
+            check_file_size(
+                check_name("file name", name, 255), len(content), self.kit.max_file_bytes
+            )
+            files.append(File(name, content, mime=mime))
+        return files
 
     def report(self, request: HTTPRequest) -> HTTPResponse:
         if not self.verify(request.headers.get("x-agentkit-signature"), request.path.encode()):
@@ -8389,6 +9188,7 @@ class WebChat(Adapter):
     owner = "web:owner"
     cookie = "agentkit_web"
     long_poll = 25.0
+    uploads = "/api/files"  # POST a file here; GET /api/files/<id> downloads one
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -8443,7 +9243,7 @@ class WebChat(Adapter):
     def http(self, request: HTTPRequest) -> HTTPResponse | None:
         route = (request.method, request.path)
         if route == ("GET", "/"):
-            page, policy = with_csp(WEBCHAT_PAGE, "'self'")
+            page, policy = with_csp(WEBCHAT_PAGE, "'self'", "data: blob: 'self'")  # previews
             return HTTPResponse(
                 200,
                 page.encode(),
@@ -8462,11 +9262,21 @@ class WebChat(Adapter):
         if route == ("GET", "/api/feed"):
             return self.feed(request)
         if route == ("POST", "/api/messages"):
-            text = json_body(request).get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise BadInput("text must be a non-empty string")
-            turn_id, _ = self.kit.receive(self, Inbound("owner", "owner", text))
+            body = json_body(request)
+            text, ids = body.get("text", ""), body.get("files", [])
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise BadInput("files must be a list of upload ids")
+            if not isinstance(text, str) or not (text.strip() or ids):
+                raise BadInput("text must be a non-empty string (or send files)")
+            files = [self.upload(i) for i in ids]
+            turn_id, note = self.kit.receive(self, Inbound("owner", "owner", text, files=files))
+            if turn_id is None:
+                return json_response(413 if files else 400, {"error": note})
             return json_response(202, {"turn_id": turn_id})
+        if route == ("POST", self.uploads):
+            return self.store_upload(request)
+        if request.method == "GET" and request.path.startswith(f"{self.uploads}/"):
+            return self.download(request.path.removeprefix(f"{self.uploads}/"))
         if request.method == "POST" and request.path.startswith("/api/approvals/"):
             return self.decide(request.path.rpartition("/")[2], json_body(request))
         return None
@@ -8488,11 +9298,65 @@ class WebChat(Adapter):
         for item in items:
             entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
             entry["turn_id"] = item.turn_id
+            if item.body.get("file"):
+                entry["file"] = self.linked(item.body["file"])
+            if item.body.get("files"):
+                entry["files"] = [self.linked(file) for file in item.body["files"]]
             if item.kind == "approval":
                 approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
                 entry["approval"] = {**item.body["approval"], "state": approval.state}
             shown.append(entry)
         return json_response(200, {"items": shown, "last": items[-1].id if items else int(after)})
+
+    def linked(self, file: dict[str, Any]) -> dict[str, Any]:
+        """A file as the page shows it: with the URL it downloads from."""
+        return {**file, "url": f"{self.uploads}/{file['id']}"}
+
+    def upload(self, attachment_id: str) -> Attachment:
+        """An upload of the owner's thread, to send with a message."""
+        found = ATTACHMENT_ID.fullmatch(attachment_id) and self.kit.store.attachment(
+            attachment_id, self.owner
+        )
+        if not found or found.turn_id is not None:
+            raise BadInput(f"{attachment_id!r} is not an upload waiting to be sent")
+        return found.attachment
+
+    def store_upload(self, request: HTTPRequest) -> HTTPResponse:
+        """`POST /api/files?name=<file name>`, the body the file's bytes and Content-Type
+        its type: stored in the owner's thread until a message takes it (`files` of
+        `POST /api/messages`); its id, name, mime, size and url."""
+        name = request.query.get("name", "")
+        mime = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if mime in ("", "application/x-www-form-urlencoded", "text/plain"):
+            mime = ""  # what a browser sends for a body it was not told the type of
+        file = File(name, request.body, mime=mime or None)
+        try:
+            with self.kit.store.transaction():
+                [attachment] = self.kit.records.save_files(self.owner, None, [file])
+        except TooLarge as e:
+            return json_response(413, {"error": str(e)})
+        return json_response(201, self.linked(file_info(attachment)))
+
+    def download(self, attachment_id: str) -> HTTPResponse:
+        """A file of the owner's thread, always as a download: raster images keep their
+        type (so a page can show them), anything else is application/octet-stream."""
+        try:
+            data = self.kit.open_file(self.owner, attachment_id)
+        except NotFound:
+            return json_response(404, {"error": "no such file"})
+        row = self.kit.store.attachment(attachment_id, self.owner)
+        assert row is not None
+        kind = row.mime if row.mime in IMAGE_TYPES else "application/octet-stream"
+        plain = re.sub(r"[^A-Za-z0-9._ -]", "_", row.name) or "file"
+        disposition = (
+            f"attachment; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(row.name)}"
+        )
+        headers = {
+            "Content-Type": kind,
+            "Content-Disposition": disposition,
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        }
+        return HTTPResponse(200, data, headers)
 
     def decide(self, approval_id: str, body: dict[str, Any]) -> HTTPResponse:
         decision, reason = body.get("decision"), body.get("reason")
@@ -8548,18 +9412,24 @@ class _Handler(BaseHTTPRequestHandler):
         if "Transfer-Encoding" in self.headers or not re.fullmatch(r"[0-9]{1,10}", length):
             self.close_connection = True
             return self.reply(json_response(411, {"error": "send a Content-Length"}))
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            return self.reply(json_response(413, {"error": "the body is over 1 MiB"}))
-        body = self.rfile.read(int(length))
         parts = urllib.parse.urlsplit(self.path)  # http.server made it one "/" path
-        request = HTTPRequest(
+        head = HTTPRequest(
             self.command,
             parts.path,
             dict(urllib.parse.parse_qsl(parts.query)),
             {name.lower(): value for name, value in self.headers.items()},
-            body,
+            b"",
         )
+        limit = self.server.body_limit(head)
+        if int(length) > limit:
+            self.close_connection = True
+            error = (
+                "the body is over 1 MiB"
+                if limit == MAX_BODY
+                else f"the file is over {limit:,} bytes"
+            )
+            return self.reply(json_response(413, {"error": error}))
+        request = replace(head, body=self.rfile.read(int(length)))
         try:
             response = self.server.route(request)
         except BadInput as e:
@@ -8625,6 +9495,15 @@ class WebServer(ThreadingHTTPServer):
             log.debug("http: %s went away (%s)", client_address, describe_error(error))
         else:
             log.exception("http: the request from %s failed", client_address)
+
+    def body_limit(self, head: HTTPRequest) -> int:
+        """The largest body a request may send, read before its body: a web chat upload
+        of a signed-in page up to max_file_bytes, anything else 1 MiB."""
+        web = self.kit.adapters["web"]
+        upload = (head.method, head.path) == ("POST", WebChat.uploads)
+        if upload and isinstance(web, WebChat) and web.signed_in(head):
+            return max(self.kit.max_file_bytes, MAX_BODY)
+        return MAX_BODY
 
     def route(self, request: HTTPRequest) -> HTTPResponse:
         if request.path == "/healthz":
@@ -8702,6 +9581,8 @@ class AgentKit:
         runtime_idle: float = 900.0,
         workspace_tools: bool | Sequence[str] = False,
         workspace_tools_approval: bool | Callable[..., bool | str] = True,
+        attachments: AttachmentStore | None = None,
+        max_file_bytes: int = MAX_FILE_BYTES,
     ) -> None:
         for name, value in [
             ("max_steps", max_steps),
@@ -8744,6 +9625,15 @@ class AgentKit:
         self.engine.commands["approve"] = self._approve_command
         self.engine.commands["deny"] = self._deny_command
         self.records = self.engine.records
+        self.max_file_bytes = self.records.max_file_bytes = check_int(
+            "max_file_bytes", max_file_bytes, low=1
+        )
+        if attachments is None:
+            beside = None if db == ":memory:" or "://" in db else Path(f"{db}.files")
+            attachments = StoredFiles(self.store, beside)
+        elif not isinstance(attachments, AttachmentStore):
+            raise BadInput("attachments= takes an AttachmentStore (save and open)")
+        self.attachments = self.records.files = attachments
         public_url = public_url or os.environ.get("AGENTKIT_PUBLIC_URL")
         self._public_url_given = public_url is not None
         self.secrets = Secrets(
@@ -8955,6 +9845,7 @@ class AgentKit:
             body.get("sent_parts", 0),
             request.body.get("ref") if request else None,
             body.get("stream"),
+            body.get("file"),
         )
         try:
             ref = adapter.send(delivery.thread_id, outbound)
@@ -8981,11 +9872,21 @@ class AgentKit:
         check_text(item.text)
         if item.id is not None:
             check_name("source id", item.id)
+        group = None
+        if item.group is not None:
+            group = (check_name("group", item.group), check_seconds("group_wait", item.group_wait))
         with self.store.transaction():
-            if item.refusal:
-                self.records.deliver(thread, None, "notice", item.refusal, meta=item.meta or {})
-                return None, item.refusal
-            return self._accept(thread, actor, item.text, item.id, item.meta)
+            refusal = item.refusal
+            if not refusal:
+                try:
+                    with self.store.transaction():  # a savepoint: a file too large undoes it
+                        return self._accept(
+                            thread, actor, item.text, item.id, item.meta, item.files, group
+                        )
+                except TooLarge as e:
+                    refusal = str(e)
+            self.records.deliver(thread, None, "notice", refusal, meta=item.meta or {})
+            return None, refusal
 
     def receive_all(
         self,
@@ -9015,9 +9916,11 @@ class AgentKit:
         text: str,
         source_id: str | None,
         meta: dict[str, Any] | None,
+        files: Sequence[File | Attachment] = (),
+        group: tuple[str, float] | None = None,
     ) -> tuple[str | None, str | None]:
         """Intake inside the caller's transaction: deduplicate, intercept secret blobs,
-        submit the turn; `(turn id, note for the sender)`."""
+        submit the turn with its files; `(turn id, note for the sender)`."""
         seen = self.records.seen(thread.partition(":")[0], source_id)
         if seen:
             return seen.id, None
@@ -9031,7 +9934,7 @@ class AgentKit:
             note = f"Saved {', '.join(names)} for this conversation."
             self.records.deliver(thread, None, "notice", note, meta=meta or {})
             text = saved_note(names, request_id)
-        return self.engine.submit(thread, text, actor, source_id, meta), note
+        return self.engine.submit(thread, text, actor, source_id, meta, files, group), note
 
     # secrets
 
@@ -9127,22 +10030,30 @@ class AgentKit:
         source_id: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        files: Sequence[File] = (),
     ) -> TurnResult:
-        """Send `text` to the agent in `thread` and (with `wait`) return when the turn ends.
+        """Send `text` (and `files`, agentkit.File objects) to the agent in `thread` and
+        (with `wait`) return when the turn ends.
 
         The turn is a job: the calling process runs it when it is its turn in the thread,
         or waits for a worker elsewhere, up to `timeout` seconds (then the result says
-        `queued` or `running`). The same `source_id` twice starts one turn.
+        `queued` or `running`). The same `source_id` twice starts one turn. A file over
+        `max_file_bytes` raises TooLarge, and nothing is stored.
         """
         limit = None if timeout is None else check_seconds("timeout", timeout)
-        thread, turn_id, note = self._start_turn(thread, text, actor, source_id)
+        thread, turn_id, note = self._start_turn(thread, text, actor, source_id, files)
         if turn_id is None:
             return TurnResult(None, thread, "rejected", None, note, {}, (), note)
         result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
         return self._noted(result, note)
 
     def _start_turn(
-        self, thread: str, text: str, actor: str | None, source_id: str | None
+        self,
+        thread: str,
+        text: str,
+        actor: str | None,
+        source_id: str | None,
+        files: Sequence[File] = (),
     ) -> tuple[str, str | None, str | None]:
         """Check and take a message from Python code: `(thread, turn id or None, note)`."""
         thread = check_thread(thread)
@@ -9150,8 +10061,10 @@ class AgentKit:
         check_text(text)
         if source_id is not None:
             check_name("source_id", source_id)
+        if not isinstance(files, (list, tuple)) or not all(isinstance(f, File) for f in files):
+            raise BadInput("files is a list of agentkit.File objects")
         with self.store.transaction():
-            turn_id, note = self._accept(thread, actor, text, source_id, None)
+            turn_id, note = self._accept(thread, actor, text, source_id, None, files)
         self.queue.store.notify()
         return thread, turn_id, note
 
@@ -9330,8 +10243,13 @@ class AgentKit:
         return self.engine.result(turn_id)
 
     def history(self, thread: str, limit: int = 100) -> list[dict[str, Any]]:
-        """A thread's newest messages (with tool calls and results), oldest first."""
+        """A thread's newest messages (with tool calls and results), oldest first; a
+        message with files lists them under "files" (each `id`, `name`, `mime`, `size`)."""
         return self.engine.records.history(check_thread(thread), check_int("limit", limit))
+
+    def open_file(self, thread: str, attachment_id: str) -> bytes:
+        """The bytes of a file of `thread` (NotFound for a file of any other thread)."""
+        return self.records.open_file(check_thread(thread), attachment_id)
 
     def threads(self, limit: int = 50) -> list[tuple[str, float]]:
         """`(thread id, last activity)` of the most recently active threads."""
@@ -9394,9 +10312,17 @@ class AgentKit:
 
     def prune(self, older_than: float) -> dict[str, int]:
         """Delete finished jobs, events, sent deliveries and used or expired secret requests
-        older than `older_than` seconds; the number of rows per table. Pending approvals,
-        unfinished turns, messages and live requests are kept."""
-        return self.store.prune(self.store.now() - check_seconds("older_than", older_than))
+        older than `older_than` seconds, and the file contents no message refers to any
+        more; the number of rows per table. Pending approvals, unfinished turns, messages
+        (with their files) and live requests are kept."""
+        before = self.store.now() - check_seconds("older_than", older_than)
+        with self.store.transaction():
+            deleted = self.store.prune(before)
+            deleted["attachments"], blobs = self.store.prune_files(before)
+        deleted["blobs"] = len(blobs)
+        if isinstance(self.attachments, StoredFiles):
+            self.attachments.forget(blobs, time.time() - older_than)
+        return deleted
 
     # serving
 
@@ -9967,6 +10893,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"{message['role']}: {message['content']}")
         for call in message.get("tool_calls", []):
             print(f"  {call['name']}({json.dumps(call['args'])})")
+        for file in message.get("files", []):
+            print(f"  [file {file['id']}  {file['name']}  {file['mime']}  {file['size']} bytes]")
     return 0
 
 

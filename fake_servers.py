@@ -15,6 +15,12 @@ Failure modes: push_error (any status, optional Retry-After), push_garbage (a 20
 not the format asked for), push_cut (the connection closes midway), push_hang (no answer
 for a while, to make the client time out). Every request is recorded in .requests.
 
+Content parts are checked as the real APIs check them (OpenAI: text, image_url and file
+parts with base64 data URLs, tool messages in text; Anthropic: non-empty text, base64
+image and document blocks, tool_result content of text and images); a malformed one is
+answered 400 like the real API, and every file part received is kept in .files as
+(kind, media type, decoded bytes), in order.
+
 FakeTelegram plays the Bot API (https://core.telegram.org/bots/api) for a bot with one token:
 the test pushes updates, the bot long-polls getUpdates and calls sendMessage and the rest,
 and the test waits for what it expects and reads what the bot did.
@@ -26,6 +32,8 @@ and the test waits for what it expects and reads what the bot did.
         tg.sent[0]["text"], tg.sent[0]["reply_markup"]
         tg.push_callback(42, 42, "approve:7", message_id=tg.sent[0]["message_id"])
         tg.fail_next("sendMessage", 429, retry_after=0)  # flood control, once
+        tg.push_photo(42, 42, [small, medium, large], caption="look")  # a photo, 3 sizes
+        tg.uploads[0]["data"]  # what sendPhoto / sendDocument uploaded (multipart)
 
 getUpdates has Telegram's semantics: an offset confirms every update below it for good, and
 a long poll (timeout=N) returns as soon as an update is pushed; close() ends waiting polls.
@@ -33,8 +41,12 @@ a long poll (timeout=N) returns as soon as an update is pushed; close() ends wai
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
+import email.parser
+import email.policy
 import itertools
 import json
 import re
@@ -204,6 +216,34 @@ class _Loopback:
         self._thread.join()
 
 
+class _BadPart(Exception):
+    """A content part the real API would refuse."""
+
+
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+def _decoded(data: Any, where: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise _BadPart(f"{where}: data must be a non-empty base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise _BadPart(f"{where}: data is not valid base64") from None
+
+
+def _data_url(url: Any, types: tuple[str, ...], where: str) -> tuple[str, bytes]:
+    match = re.fullmatch(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", url or "", re.S)
+    if not isinstance(url, str) or not match or match.group(1) not in types:
+        raise _BadPart(f"{where}: expected a base64 data URL of {', '.join(types)}")
+    return match.group(1), _decoded(match.group(2), where)
+
+
+def _text_part(part: dict[str, Any], where: str) -> None:
+    if not isinstance(part.get("text"), str):
+        raise _BadPart(f"{where}: a text part needs text")
+
+
 class _FakeServer(_Loopback, ABC):
     """Shared plumbing: the HTTP server thread, the answer queue, the failure modes."""
 
@@ -213,6 +253,7 @@ class _FakeServer(_Loopback, ABC):
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
+        self.files: list[tuple[str, str, bytes]] = []  # (kind, media type, bytes) received
         self._answers: deque[_Answer] = deque()
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -274,6 +315,14 @@ class _FakeServer(_Loopback, ABC):
         if request.path != self.endpoint:
             handler.send_body(404, "text/plain", f"no such path: {request.path}".encode())
             return
+        try:
+            found = self._files_in(request.body if isinstance(request.body, dict) else {})
+        except _BadPart as bad:
+            error = {"error": {"type": "invalid_request_error", "message": str(bad)}}
+            handler.send_body(400, "application/json", json.dumps(error).encode())
+            return
+        with self._lock:
+            self.files += found
         if answer is None:
             handler.send_body(500, "text/plain", b"the fake server has no answer left")
             return
@@ -321,6 +370,10 @@ class _FakeServer(_Loopback, ABC):
             return f"{prefix}{next(self._ids)}"
 
     @abstractmethod
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        """The file parts of a request's messages, checked (_BadPart when malformed)."""
+
+    @abstractmethod
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed response body for reply."""
 
@@ -347,6 +400,38 @@ class FakeOpenAI(_FakeServer):
         listed = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
         data = json.dumps({"object": "list", "data": listed}).encode()
         handler.send_body(200, "application/json", data)
+
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        found = []
+        for i, message in enumerate(body.get("messages") or []):
+            where, content = f"messages[{i}]", message.get("content")
+            if message.get("role") in ("tool", "system", "assistant"):
+                if not isinstance(content, (str, type(None))):
+                    raise _BadPart(f"{where}: a {message.get('role')} message's content is text")
+                continue
+            if isinstance(content, str):
+                continue
+            if not isinstance(content, list) or not content:
+                raise _BadPart(f"{where}: content is a string or a non-empty list of parts")
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                kind = part.get("type")
+                if kind == "text":
+                    _text_part(part, at)
+                elif kind == "image_url":
+                    mime, data = _data_url(
+                        (part.get("image_url") or {}).get("url"), _IMAGE_TYPES, at
+                    )
+                    found.append(("image", mime, data))
+                elif kind == "file":
+                    file = part.get("file") or {}
+                    if not isinstance(file.get("filename"), str):
+                        raise _BadPart(f"{at}: a file part needs a filename")
+                    mime, data = _data_url(file.get("file_data"), ("application/pdf",), at)
+                    found.append(("file", mime, data))
+                else:
+                    raise _BadPart(f"{at}: unknown content part type {kind!r}")
+        return found
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
@@ -433,6 +518,40 @@ class FakeAnthropic(_FakeServer):
 
     endpoint = "/v1/messages"
     held_after = 4  # message_start, ping, content_block_start, the first text delta
+
+    def _files_in(self, body: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        found: list[tuple[str, str, bytes]] = []
+        for i, message in enumerate(body.get("messages") or []):
+            content = message.get("content")
+            if isinstance(content, str):
+                continue
+            for j, block in enumerate(content or []):
+                self._block(block, f"messages[{i}].content[{j}]", found, top=True)
+        return found
+
+    def _block(
+        self, block: dict[str, Any], at: str, found: list[tuple[str, str, bytes]], *, top: bool
+    ) -> None:
+        kind = block.get("type")
+        if kind == "text":
+            _text_part(block, at)
+            if not block["text"]:
+                raise _BadPart(f"{at}: text content blocks must be non-empty")
+        elif kind in ("image", "document"):
+            source = block.get("source") or {}
+            types = _IMAGE_TYPES if kind == "image" else ("application/pdf",)
+            if source.get("type") != "base64" or source.get("media_type") not in types:
+                raise _BadPart(f"{at}: a base64 source of {', '.join(types)} is needed")
+            found.append((kind, source["media_type"], _decoded(source.get("data"), at)))
+        elif kind == "tool_result" and top:
+            inner = block.get("content")
+            if isinstance(inner, list):
+                for k, part in enumerate(inner):
+                    if part.get("type") not in ("text", "image"):
+                        raise _BadPart(f"{at}.content[{k}]: tool results hold text and images")
+                    self._block(part, f"{at}.content[{k}]", found, top=False)
+        elif kind != "tool_use" or not top:
+            raise _BadPart(f"{at}: unknown content block type {kind!r}")
 
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
@@ -679,6 +798,31 @@ def _checked_text(params: dict[str, Any], *, empty: bool = False) -> tuple[str, 
     return text, visible
 
 
+@dataclass
+class Upload:
+    """A file sent as a multipart part: its field's file name, media type and bytes."""
+
+    name: str
+    mime: str
+    data: bytes
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart/form-data body: text fields as strings, files as Uploads."""
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        data = part.get_payload(decode=True) or b""
+        if filename is None:
+            fields[name] = data.decode()
+        else:
+            fields[name] = Upload(filename, part.get_content_type(), data)
+    return fields
+
+
 def _kind(update: dict[str, Any]) -> str | None:
     """An update's type: its one field besides update_id ("message", "callback_query", ...)."""
     return next((key for key in update if key != "update_id"), None)
@@ -703,10 +847,27 @@ class _TelegramHandler(BaseHTTPRequestHandler):
     server: _TelegramServer
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path.startswith("/file/"):
+            self._download(urlsplit(self.path).path)
+            return
         self._answer(b"")
 
     def do_POST(self) -> None:
         self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def _download(self, path: str) -> None:
+        """A file by the path getFile gave: /file/bot<token>/<file_path>; a file marked
+        to be cut is sent half, then the connection closes."""
+        status, data, cut = self.server.fake._file_download(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2] if cut else data)
+            if cut:
+                self.wfile.flush()
+                self.close_connection = True
 
     def _answer(self, raw: bytes) -> None:
         url = urlsplit(self.path)
@@ -714,7 +875,9 @@ class _TelegramHandler(BaseHTTPRequestHandler):
         unparsable = False
         if raw.strip():
             content_type = self.headers.get_content_type()
-            if content_type == "application/x-www-form-urlencoded":
+            if content_type == "multipart/form-data":
+                params.update(_multipart(self.headers.get("Content-Type", ""), raw))
+            elif content_type == "application/x-www-form-urlencoded":
                 params.update(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
             else:  # JSON, whatever the header says
                 try:
@@ -741,10 +904,14 @@ class _TelegramHandler(BaseHTTPRequestHandler):
 class FakeTelegram(_Loopback):
     """A fake Telegram Bot API server: updates pushed by the test, the bot's calls recorded.
 
-    Clients call {url}/bot{token}/{method} with a JSON body, a form or a query string. Known
-    methods: getMe, getUpdates, sendMessage, sendMessageDraft (private chats only),
+    Clients call {url}/bot{token}/{method} with a JSON body, a form, a multipart upload or
+    a query string. Known methods: getMe, getUpdates, getFile (the file then downloads
+    from {url}/file/bot{token}/{file_path}), sendPhoto and sendDocument (multipart, the
+    file in its field), sendMessage, sendMessageDraft (private chats only),
     editMessageText, editMessageReplyMarkup, deleteMessage, answerCallbackQuery,
-    sendChatAction (names are case-insensitive, as Telegram's are). Every answer is
+    sendChatAction (names are case-insensitive, as Telegram's are). Files the test
+    makes (add_file, push_photo, push_media) can be fetched; one made with `cut=True`
+    stops midway through its download. Every answer is
     {"ok": true, "result": ...} or {"ok": false, "error_code": N, "description": ...,
     "parameters"?: {...}} with N as the HTTP status. parse_mode=HTML is checked as Telegram
     does (supported tags, properly nested, < and & escaped; else 400 "can't parse
@@ -753,7 +920,8 @@ class FakeTelegram(_Loopback):
 
     What the bot did: .calls (every request, as (method, params)), .sent (sendMessage),
     .drafts (sendMessageDraft), .edits (editMessageText and editMessageReplyMarkup),
-    .answers (answerCallbackQuery),
+    .answers (answerCallbackQuery), .uploads (sendPhoto, sendDocument, with the bytes),
+    .downloads (the file_ids fetched),
     .actions (sendChatAction), .deleted (deleteMessage), .polls (getUpdates); only calls that
     succeeded land in the lists other than .calls. Read them from the test's thread once
     wait_for has seen what it waits for.
@@ -762,6 +930,9 @@ class FakeTelegram(_Loopback):
     METHODS = (
         "getMe",
         "getUpdates",
+        "getFile",
+        "sendPhoto",
+        "sendDocument",
         "sendMessage",
         "sendMessageDraft",
         "editMessageText",
@@ -781,6 +952,11 @@ class FakeTelegram(_Loopback):
         self.actions: list[dict[str, Any]] = []
         self.deleted: list[dict[str, Any]] = []
         self.polls: list[dict[str, Any]] = []
+        self.uploads: list[dict[str, Any]] = []  # sendPhoto / sendDocument, with the Upload
+        self.downloads: list[str] = []  # file_ids whose bytes were fetched
+        self._files: dict[str, bytes] = {}  # file_id -> content
+        self._cut: set[str] = set()  # file_ids whose download is cut midway
+        self._file_ids = itertools.count(1)
         # One condition guards all state; it is notified on every request and every change.
         self._cond = threading.Condition(threading.RLock())
         self._closed = False
@@ -799,6 +975,9 @@ class FakeTelegram(_Loopback):
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "getMe": self._get_me,
             "getUpdates": self._get_updates,
+            "getFile": self._get_file,
+            "sendPhoto": self._send_photo,
+            "sendDocument": self._send_document,
             "sendMessage": self._send_message,
             "sendMessageDraft": self._send_message_draft,
             "editMessageText": self._edit_message_text,
@@ -905,6 +1084,64 @@ class FakeTelegram(_Loopback):
                 "data": data,
             }
             return self._add_update({"callback_query": query})
+
+    def add_file(self, data: bytes, *, cut: bool = False) -> dict[str, Any]:
+        """Keep a file the bot can fetch (getFile, then the download); its file_id,
+        file_unique_id and file_size. With `cut`, its download stops midway."""
+        with self._cond:
+            number = next(self._file_ids)
+            file_id = f"FILE{number:04d}"
+            self._files[file_id] = data
+            if cut:
+                self._cut.add(file_id)
+            return {"file_id": file_id, "file_unique_id": f"U{number}", "file_size": len(data)}
+
+    def push_media(
+        self,
+        chat_id: int,
+        user_id: int,
+        media: dict[str, Any],
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+    ) -> int:
+        """Queue a message with media (`{"photo": [...]}`, `{"document": {...}}`, ...,
+        made with add_file), a caption and an album id; its update_id."""
+        with self._cond:
+            kind = "private" if chat_id == user_id else "supergroup"
+            chat = self._chat(chat_id, kind)
+            message: dict[str, Any] = {
+                "message_id": self._new_message_id(chat_id),
+                "from": self._user(user_id, "User"),
+                "chat": dict(chat),
+                "date": int(time.time()),
+                **copy.deepcopy(media),
+            }
+            if caption is not None:
+                message["caption"] = caption
+            if media_group_id is not None:
+                message["media_group_id"] = media_group_id
+            self._messages[(chat_id, message["message_id"])] = message
+            return self._add_update({"message": copy.deepcopy(message)})
+
+    def push_photo(
+        self,
+        chat_id: int,
+        user_id: int,
+        sizes: list[bytes],
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+    ) -> int:
+        """Queue a photo message with one PhotoSize per given content (smallest first, as
+        Telegram sends them); its update_id."""
+        photo = [
+            {**self.add_file(data), "width": 90 * (i + 1), "height": 60 * (i + 1)}
+            for i, data in enumerate(sizes)
+        ]
+        return self.push_media(
+            chat_id, user_id, {"photo": photo}, caption=caption, media_group_id=media_group_id
+        )
 
     def push_update(self, raw: dict[str, Any]) -> int:
         """Queue any update as given; its update_id is assigned (and returned)."""
@@ -1103,6 +1340,78 @@ class FakeTelegram(_Loopback):
                 if remaining <= 0:
                     return []
                 self._cond.wait(remaining)
+
+    def _get_file(self, params: dict[str, Any]) -> dict[str, Any]:
+        file_id = str(_param(params, "file_id") or "")
+        with self._cond:
+            data = self._files.get(file_id)
+        if data is None:
+            raise _TelegramError(400, "Bad Request: invalid file_id")
+        if len(data) > 20 * 1024 * 1024:
+            raise _TelegramError(400, "Bad Request: file is too big")
+        number = file_id.removeprefix("FILE")
+        return {
+            "file_id": file_id,
+            "file_unique_id": f"U{int(number)}",
+            "file_size": len(data),
+            "file_path": f"documents/file_{number}",
+        }
+
+    def _file_download(self, path: str) -> tuple[int, bytes, bool]:
+        """(status, bytes, cut) of a download at /file/bot<token>/documents/file_<n>."""
+        token, _, file_path = path.removeprefix("/file/bot").partition("/")
+        file_id = "FILE" + file_path.rpartition("_")[2]
+        with self._cond:
+            self.calls.append(("download", {"path": path}))
+            data = self._files.get(file_id)
+            if token != self.token or data is None:
+                return 404, b"Not Found", False
+            self.downloads.append(file_id)
+            self._cond.notify_all()
+            return 200, data, file_id in self._cut
+
+    def _send_photo(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._send_file(params, "sendPhoto", "photo")
+
+    def _send_document(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._send_file(params, "sendDocument", "document")
+
+    def _send_file(self, params: dict[str, Any], method: str, field: str) -> dict[str, Any]:
+        chat_id = _chat_param(params)
+        upload = params.get(field)
+        if not isinstance(upload, Upload):
+            raise _TelegramError(400, f"Bad Request: there is no {field} in the request")
+        if field == "photo" and not upload.mime.startswith("image/"):
+            raise _TelegramError(400, "Bad Request: IMAGE_PROCESS_FAILED")
+        with self._cond:
+            message_id = self._new_message_id(chat_id)
+            kept = self.add_file(upload.data)
+            media = [kept] if field == "photo" else {**kept, "file_name": upload.name}
+            message = {
+                "message_id": message_id,
+                "from": dict(self.bot),
+                "chat": dict(self._chat(chat_id)),
+                "date": int(time.time()),
+                field: media,
+            }
+            if _param(params, "caption"):
+                message["caption"] = _param(params, "caption")
+            self._messages[(chat_id, message_id)] = message
+            self._by_bot.add((chat_id, message_id))
+            self.uploads.append(
+                {
+                    "method": method,
+                    "chat_id": chat_id,
+                    "message_id": message_id,
+                    "message_thread_id": _int_param(params, "message_thread_id"),
+                    "caption": _param(params, "caption"),
+                    "name": upload.name,
+                    "mime": upload.mime,
+                    "data": upload.data,
+                }
+            )
+            self._cond.notify_all()
+            return copy.deepcopy(message)
 
     def _send_message(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = _chat_param(params)

@@ -7,6 +7,7 @@ against any engine that implements `agentkit.Store` when it is added to the fixt
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,6 +284,58 @@ def test_messages_and_calls_come_back_in_order_and_a_call_is_claimed_once(store:
     assert store.set_call(t.id, "c1", "done", "3", "running")
     assert [c.call_id for c in store.calls(t.id, open_only=True)] == ["c2"]
     assert [(c.state, c.result) for c in store.calls(t.id)] == [("done", "3"), ("waiting", None)]
+
+
+def file_row(turn_id: str | None, *, scope: str = "cli:me", sha256: str = "ab" * 32, **more):
+    values = {"message_id": None, "call_id": None, "origin": "user", "id": agentkit.new_id("att")}
+    values |= {"name": "a.png", "mime": "image/png", "size": 3, "sha256": sha256} | more
+    return agentkit.FileRow(scope, turn_id, **values)
+
+
+def test_files_belong_to_their_scope_and_their_contents_are_kept_once(store: Store) -> None:
+    t = turn(store)
+    data = bytes(range(256)) * 3  # every byte value survives the round trip
+    with store.transaction():
+        store.put_blob(agentkit.Blob("ab" * 32, len(data), data))
+        store.put_blob(agentkit.Blob("ab" * 32, len(data), b"other"))  # kept once: a no-op
+        store.put_blob(agentkit.Blob("cd" * 32, 10, None))  # kept beside the database
+        sent = file_row(t.id)
+        store.add_attachment(sent)
+    assert store.blob("ab" * 32) == agentkit.Blob("ab" * 32, len(data), data)
+    assert store.blob("cd" * 32).data is None and store.blob("ef" * 32) is None
+    assert store.attachment(sent.id, "cli:me") == sent
+    assert store.attachment(sent.id, "cli:other") is None  # another scope never sees it
+    message = store.add_message(t.thread_id, t.id, "user", "hi", False)
+    store.link_attachments(t.id, message)
+    assert store.attachments_of([message]) == [dataclasses.replace(sent, message_id=message)]
+    assert [row.id for row in store.turn_attachments(t.id)] == [sent.id]
+    upload = file_row(None, sha256="cd" * 32)  # an upload no message took
+    store.add_attachment(upload)
+    assert store.prune_files(store.now() - 60) == (0, [])  # too young to go
+    assert store.prune_files(store.now() + 1) == (1, [agentkit.Blob("cd" * 32, 10, None)])
+    assert store.blob("ab" * 32) is not None and store.attachment(upload.id, "cli:me") is None
+
+
+def test_an_upload_is_taken_once_and_only_in_its_scope(store: Store) -> None:
+    t, other = turn(store), turn(store)
+    upload = file_row(None)
+    store.add_attachment(upload)
+    assert store.claim_uploads([upload.id], "cli:else", t.id) == 0
+    assert store.claim_uploads([upload.id], "cli:me", t.id) == 1
+    assert store.claim_uploads([upload.id], "cli:me", other.id) == 0
+    assert store.attachment(upload.id, "cli:me").turn_id == t.id
+
+
+def test_a_queued_turn_is_postponed_with_its_job_but_not_once_started(store: Store) -> None:
+    t = turn(store)
+    [rowid] = add(store, job(store, "agentkit.turn"))
+    store.set_turn_job(t.id, rowid)
+    assert store.postpone_turn(t.id, "hi\nmore", store.now() + 500)
+    assert store.turn(t.id).text == "hi\nmore"
+    assert store.claim_jobs("w", ["agentkit.turn"], 1, 30) == []  # not due yet
+    assert store.move_turn(t.id, "queued", "running")
+    assert not store.postpone_turn(t.id, "late", store.now())
+    assert store.turn(t.id).text == "hi\nmore"
 
 
 def test_an_approval_is_decided_once(store: Store) -> None:
