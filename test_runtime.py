@@ -451,7 +451,8 @@ def test_remove_deletes_a_file_and_nothing_else(runtime: agentkit.LocalRuntime) 
     runtime.write("keep/target.txt", "kept\n")
     runtime.write("gone.txt", "gone\n")
     runtime.remove("gone.txt")
-    for path, error in [("keep", "is a folder"), ("gone.txt", "No such file"), (".secrets/x", "not readable")]:
+    refusals = [("keep", "is a folder"), ("gone.txt", "No such"), (".secrets/x", "not readable")]
+    for path, error in refusals:
         with pytest.raises(agentkit.BadInput, match=error):
             runtime.remove(path)
     assert runtime.ls(".") == ["keep/"] and runtime.ls("keep") == ["target.txt"]
