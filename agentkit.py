@@ -543,6 +543,7 @@ class MessageRow:
     id: int
     role: str
     content: str | None
+    tokens: int | None  # an assistant message's step: the tokens its provider reported
 
 
 @dataclass(slots=True)
@@ -555,6 +556,22 @@ class CallRow:
     args: str  # JSON
     state: str  # waiting | pending | running | done | error
     result: str | None
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A summary of a thread's older messages: the model sees it, then the messages from
+    `first_kept` on (`history()` still has them all). `last_message` is the newest message
+    when it was made, `tokens_before` the context's estimate then, `made_by` who asked."""
+
+    id: int
+    thread_id: str
+    summary: str
+    first_kept: int
+    last_message: int
+    tokens_before: int
+    made_by: str
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -919,6 +936,14 @@ class Store(ABC):
         """The thread's newest `limit` messages that are not commands, newest first."""
 
     @abstractmethod
+    def messages_from(self, thread: str, first_id: int) -> list[MessageRow]:
+        """The thread's messages that are not commands from id `first_id` on, oldest first."""
+
+    @abstractmethod
+    def set_message_tokens(self, message_id: int, tokens: int) -> None:
+        """Record the tokens a provider reported for the step of an assistant message."""
+
+    @abstractmethod
     def add_calls(
         self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
     ) -> None:
@@ -1060,6 +1085,30 @@ class Store(ABC):
     @abstractmethod
     def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
         """The pending requests a turn made, oldest first."""
+
+    # compactions
+
+    @abstractmethod
+    def add_compaction(
+        self,
+        thread: str,
+        summary: str,
+        first_kept: int,
+        last_message: int,
+        tokens_before: int,
+        made_by: str,
+        after: int | None,
+    ) -> Compaction | None:
+        """Add a thread's compaction if its latest is still `after` (a compaction id, or
+        None for none); the new row, else None and nothing written."""
+
+    @abstractmethod
+    def last_compaction(self, thread: str) -> Compaction | None:
+        """The thread's newest compaction, if any."""
+
+    @abstractmethod
+    def compactions(self, thread: str) -> list[Compaction]:
+        """Every compaction of a thread, oldest first."""
 
     # retention
 
@@ -1646,6 +1695,17 @@ class _SQLStore(Store):
             (thread, limit),
         )
 
+    def messages_from(self, thread: str, first_id: int) -> list[MessageRow]:
+        return self._fetch_all(
+            MessageRow,
+            f"SELECT {columns(MessageRow)} FROM messages WHERE thread_id = ? AND command = 0 "
+            "AND id >= ? ORDER BY id",
+            (thread, first_id),
+        )
+
+    def set_message_tokens(self, message_id: int, tokens: int) -> None:
+        self._count("UPDATE messages SET tokens = ? WHERE id = ?", (tokens, message_id))
+
     def add_calls(
         self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
     ) -> None:
@@ -1889,6 +1949,45 @@ class _SQLStore(Store):
             (turn_id,),
         )
 
+    # compactions
+
+    def add_compaction(
+        self,
+        thread: str,
+        summary: str,
+        first_kept: int,
+        last_message: int,
+        tokens_before: int,
+        made_by: str,
+        after: int | None,
+    ) -> Compaction | None:
+        with self._atomic():
+            latest = self.last_compaction(thread)
+            if (latest.id if latest else None) != after:
+                return None
+            return self._fetch_one(
+                Compaction,
+                "INSERT INTO compactions (thread_id, summary, first_kept, last_message, "
+                "tokens_before, made_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"RETURNING {columns(Compaction)}",
+                (thread, summary, first_kept, last_message, tokens_before, made_by, self.now()),
+            )
+
+    def last_compaction(self, thread: str) -> Compaction | None:
+        return self._fetch_one(
+            Compaction,
+            f"SELECT {columns(Compaction)} FROM compactions WHERE thread_id = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (thread,),
+        )
+
+    def compactions(self, thread: str) -> list[Compaction]:
+        return self._fetch_all(
+            Compaction,
+            f"SELECT {columns(Compaction)} FROM compactions WHERE thread_id = ? ORDER BY id",
+            (thread,),
+        )
+
     # retention
 
     def prune(self, before: float) -> dict[str, int]:
@@ -2094,6 +2193,22 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_running;  -- one index less to write per job: the lease sweep and the
                               -- heartbeat scan jobs_running_target, which holds every
                               -- running job (a few per worker)
+    """,
+    # compaction: summaries of older messages (never deleting them), and the tokens a
+    # provider reported for each step, which the context's estimate starts from
+    """
+    ALTER TABLE messages ADD COLUMN tokens INTEGER;
+    CREATE TABLE compactions (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        summary TEXT NOT NULL,
+        first_kept INTEGER NOT NULL REFERENCES messages (id),
+        last_message INTEGER NOT NULL REFERENCES messages (id),
+        tokens_before INTEGER NOT NULL,
+        made_by TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX compactions_thread ON compactions (thread_id, id);
     """,
 )
 
