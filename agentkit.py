@@ -4354,9 +4354,9 @@ def check_window(context_window: int | None) -> int | None:
     return None if context_window is None else check_int("context_window", context_window, low=1)
 
 
-def _overflow_or(detail: str) -> ModelError:
-    """The error for a refusal: ContextTooLong when its text says so, else ModelError."""
-    return ContextTooLong(detail) if is_context_overflow(detail) else ModelError(detail)
+def _overflow_or(detail: str, body: str) -> ModelError:
+    """The error for a refusal: ContextTooLong when its whole body says so, else ModelError."""
+    return ContextTooLong(detail) if is_context_overflow(body) else ModelError(detail)
 
 
 @runtime_checkable
@@ -4592,7 +4592,7 @@ class _HTTPModel(ABC):
                     detail = f"HTTP {response.status_code}: {_snippet(response.text)}"
                     if response.status_code == 429 or 500 <= response.status_code <= 599:
                         raise _Transient(detail, _retry_after(response))
-                    raise _overflow_or(detail)
+                    raise _overflow_or(detail, response.text)
                 if response.headers.get("content-type", "").startswith("text/event-stream"):
                     return self._parse_events(_iter_sse(response), on_delta)
                 response.read()
@@ -4701,7 +4701,8 @@ class OpenAIModel(_HTTPModel):
                 )
             chunk = _event_json(data)
             if "error" in chunk:
-                raise _overflow_or(f"error in stream: {_snippet(json.dumps(chunk['error']))}")
+                error = json.dumps(chunk["error"])
+                raise _overflow_or(f"error in stream: {_snippet(error)}", error)
             if chunk.get("usage"):
                 usage = _openai_usage(chunk["usage"])
             for choice in chunk.get("choices") or []:
@@ -4865,7 +4866,7 @@ class AnthropicModel(_HTTPModel):
                 detail = f"error in stream: {_snippet(json.dumps(error))}"
                 if error.get("type") in ("overloaded_error", "api_error"):
                     raise _Transient(detail)
-                raise _overflow_or(detail)
+                raise _overflow_or(detail, json.dumps(error))
         raise _Transient("the stream ended before message_stop")
 
 
@@ -6816,13 +6817,20 @@ class ContextWindow:
 
     def _cut(self, pieces: list[_Piece], model: Model) -> int | None:
         """The index of the first piece kept verbatim (the newest ones within the recent
-        budget, at least one), or None when there is nothing older to summarise."""
+        budget, at least one), or None when there is nothing older to summarise. A cut
+        that falls inside a turn moves back to its user message when the kept part stays
+        within twice the budget; otherwise the turn is cut in two."""
         budget = min(self.keep_recent_tokens, (self.window(model) - self.reserve_tokens) // 2)
         kept = 0
         for index in range(len(pieces) - 1, 0, -1):
             kept += pieces[index].tokens
-            if kept >= budget:
-                return index
+            if kept < budget:
+                continue
+            start = index
+            while start > 0 and pieces[start].row.role != "user":
+                start -= 1
+                kept += pieces[start].tokens
+            return start if start > 0 and kept <= 2 * budget else index
         return None
 
     def _summarise(self, view: ContextView, cut: int, model: Model, focus: str | None) -> str:
