@@ -8,22 +8,16 @@ SIGKILL in the middle of a summary.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import agentkit
-from agentkit import AgentKit, Block, ScriptedModel, ToolCall
+from agentkit import AgentKit, ScriptedModel, ToolCall
 from fake_servers import FakeAnthropic, FakeOpenAI
-from testkit import clear_config, wait_until
+from testkit import clear_config
 
 ROOT = Path(__file__).resolve().parent
 
