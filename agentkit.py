@@ -6859,8 +6859,9 @@ class ContextWindow:
     ) -> str | None:
         """`summary` updated with pieces, in chunks that fit the summariser's window."""
         summariser = self.summary_model or model
-        chunk_chars = max(self.window(summariser) - self.reserve_tokens, 2_000) // 2
-        chunk_chars *= CHARS_PER_TOKEN
+        room = self.window(summariser) - self.reserve_tokens - text_tokens(SUMMARY_INSTRUCTIONS)
+        room -= 2 * text_tokens(summary or "")  # the previous summary in, its update out
+        chunk_chars = max(room, 1_000) * CHARS_PER_TOKEN
         chunks: list[list[str]] = [[]]
         for text in _transcript(pieces):
             if chunks[-1] and sum(map(len, chunks[-1])) + len(text) > chunk_chars:

@@ -8,16 +8,21 @@ SIGKILL in the middle of a summary.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import agentkit
-from agentkit import AgentKit, ScriptedModel, ToolCall
+from agentkit import AgentKit, BadInput, Block, ScriptedModel, ToolCall
 from fake_servers import FakeAnthropic, FakeOpenAI
-from testkit import clear_config
+from testkit import clear_config, rows, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -220,3 +225,217 @@ def test_a_provider_overflow_compacts_and_retries_once(tmp_path: Path, fake_clas
         "answer 2",
         "it fits now",
     ]
+
+
+def test_a_reported_input_over_the_window_is_dropped_compacted_and_retried(tmp_path: Path) -> None:
+    with FakeOpenAI() as fake:
+        model = agentkit.OpenAIModel(
+            "m-1", api_key="k", base_url=fake.url, stream=False, context_window=4_000
+        )
+        with AgentKit(
+            tmp_path / "agent.db", model=model, reserve_tokens=0, keep_recent_tokens=10
+        ) as kit:
+            fake.push(text="a0", usage=(30, 2))
+            kit.run_turn("cli:me", "question 0")
+            # the estimate starts from the usage the provider reported for the last step
+            assert kit.context_usage("cli:me") == {"tokens": 32, "window": 4_000}
+            fake.push(text="too much", usage=(5_000, 3))
+            fake.push(text="the summary")
+            fake.push(text="a1", usage=(40, 2))
+            result = kit.run_turn("cli:me", "question 1")
+            [made] = kit.compactions("cli:me")
+            history = kit.history("cli:me")
+            after = kit.context_usage("cli:me")
+    assert result.reply == "a1" and made.made_by == "overflow" and made.summary == "the summary"
+    assert [m["content"] for m in history] == ["question 0", "a0", "question 1", "a1"]
+    assert made.first_kept > 0 and made.tokens_before > 32
+    assert after == {"tokens": 42, "window": 4_000}
+    assert "question 0" not in json.dumps(fake.requests[-1].body)
+
+
+def test_a_worker_killed_during_a_summary_leaves_no_compaction_and_the_next_compacts(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "agent.db"
+    with AgentKit(db, model=ScriptedModel([f"answer {i} " + "a" * 1000 for i in range(4)])) as kit:
+        for i in range(4):
+            kit.run_turn("cli:me", f"question {i} " + "q" * 1000)
+        turn_id = kit.run_turn("cli:me", "question 4", wait=False).turn_id
+    # over 3,000 - 1,000 tokens: the 6 oldest messages are summarised in one request
+    options = {"context_window": 3_000, "reserve_tokens": 1_000, "keep_recent_tokens": 300}
+    with FakeOpenAI() as fake:
+        release = fake.hold("the summary that never arrives")
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    f"""
+                    import sys, agentkit
+                    model = agentkit.OpenAIModel("m-1", api_key="k", base_url=sys.argv[2])
+                    kit = agentkit.AgentKit(sys.argv[1], model=model, lease=1.0, **{options!r})
+                    kit.work(until_idle=True)
+                    """
+                ),
+                str(db),
+                fake.url,
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            wait_until(lambda: len(fake.requests) == 1, what="the summary request")
+            assert "question 0" in json.dumps(fake.requests[0].body)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        finally:
+            release.set()
+        assert rows(db, "compactions") == []
+        fake.push(text="the summary")
+        fake.push(text="answer 4")
+        model = agentkit.OpenAIModel("m-1", api_key="k", base_url=fake.url)
+        with AgentKit(db, model=model, **options) as kit:
+            wait_until(lambda: kit.work(until_idle=True), what="the lease to run out")
+            result = kit.turn(turn_id)
+            [made] = kit.compactions("cli:me")
+    assert (result.status, result.reply) == ("done", "answer 4")
+    assert made.summary == "the summary" and made.made_by == "auto"
+    assert len(fake.requests) == 3  # the summary asked again, then the turn's step
+    assert fake.requests[1].body["messages"] == fake.requests[0].body["messages"]
+    assert "the summary" in json.dumps(fake.requests[2].body)
+    assert "question 3" in json.dumps(fake.requests[2].body)
+    assert "question 2" not in json.dumps(fake.requests[2].body)
+
+
+def small_thread(kit: AgentKit, turns: int = 3) -> None:
+    for i in range(turns):
+        kit.run_turn("cli:me", f"question {i}")
+
+
+def test_before_compact_may_block_or_give_the_summary_and_compacted_is_told(
+    tmp_path: Path,
+) -> None:
+    summariser = Summariser()
+    model = ScriptedModel(["a0", "a1", "a2", "a3"])
+    with AgentKit(
+        tmp_path / "agent.db", model=model, keep_recent_tokens=10, summary_model=summariser
+    ) as kit:
+        small_thread(kit)
+        answers: list[Any] = [Block("not now"), "written by the hook"]
+        asked: list[Any] = []
+        told: list[agentkit.Compaction] = []
+
+        @kit.on("before_compact")
+        def before(event: agentkit.Event) -> Any:
+            asked.append(event)
+            return answers.pop(0)
+
+        @kit.on("compacted")
+        def after(event: agentkit.Event) -> None:
+            told.append(event.compaction)
+
+        assert kit.compact("cli:me") is None
+        assert kit.compactions("cli:me") == [] and told == []
+        made = kit.compact("cli:me", instructions="the numbers")
+        assert (made.summary, made.made_by) == ("written by the hook", "kit")
+        assert told == [made] == kit.compactions("cli:me")
+        event = asked[1]
+        assert (event.thread_id, event.instructions, event.made_by) == (
+            "cli:me",
+            "the numbers",
+            "kit",
+        )
+        assert event.messages[0] == {"role": "user", "content": "question 0"}
+        assert event.tokens > 0
+        kit.run_turn("cli:me", "question 3")
+        with pytest.raises(BadInput, match="thread id"):
+            kit.compact("nothread")
+    assert summariser.prompts == []  # the hook's text was the summary
+    assert "written by the hook" in model.calls[-1][0]["content"]
+    assert {"role": "user", "content": "question 0"} not in model.calls[-1]
+
+
+def test_the_compact_command_summarises_now_with_its_focus(tmp_path: Path) -> None:
+    summariser = Summariser()
+    model = ScriptedModel(["a0", "a1", "a2", "after"])
+    with AgentKit(
+        tmp_path / "agent.db", model=model, keep_recent_tokens=10, summary_model=summariser
+    ) as kit:
+        small_thread(kit)
+        reply = kit.run_turn("cli:me", "/compact the open questions", actor="cli:ann").reply
+        [made] = kit.compactions("cli:me")
+        kit.run_turn("cli:me", "next")
+        nothing = kit.run_turn("cli:new", "/compact").reply
+        listed = kit.run_turn("cli:me", "/help").reply
+    assert reply.startswith("Compacted the conversation") and made.made_by == "cli:ann"
+    assert "Focus the summary on: the open questions" in summariser.prompts[0]
+    assert "question 0" in summariser.prompts[0] and "/compact" not in summariser.prompts[0]
+    assert is_summary(model.calls[-1][0]) and "summary 1" in model.calls[-1][0]["content"]
+    assert model.calls[-1][-1] == {"role": "user", "content": "next"}
+    assert nothing.startswith("Nothing to compact")
+    assert "/compact: Summarise the older messages now" in listed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # OpenAI
+        '{"error": {"message": "This model\'s maximum context length is 128000 tokens. However, '
+        'your messages resulted in 130000 tokens.", "code": "context_length_exceeded"}}',
+        "Your input exceeds the context window of this model.",
+        # Anthropic
+        "prompt is too long: 213462 tokens > 200000 maximum",
+        # OpenRouter
+        "This endpoint's maximum context length is 8192 tokens. However, you requested about "
+        "9120 tokens (9120 of text input).",
+        # llama.cpp's server
+        '{"error": {"code": 400, "message": "the request exceeds the available context size, '
+        'try increasing it", "type": "exceed_context_size_error"}}',
+        # vLLM
+        "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+        "tokens (4000 in the messages, 1000 in the completion).",
+        # Ollama
+        "prompt too long; exceeded max context length by 120 tokens",
+    ],
+)
+def test_the_overflow_texts_of_the_providers_are_recognised(text: str) -> None:
+    assert agentkit.is_context_overflow(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Rate limit reached for requests",
+        "Incorrect API key provided",
+        "max_tokens: 10000 > 4096, which is the maximum allowed number of output tokens",
+        "Overloaded",
+    ],
+)
+def test_other_refusals_are_not_overflows(text: str) -> None:
+    assert not agentkit.is_context_overflow(text)
+
+
+def test_models_know_their_context_window_and_images_count_a_fixed_amount(tmp_path: Path) -> None:
+    window = agentkit.context_window_of
+    for model, size in [
+        (agentkit.OpenAIModel("gpt-4o-mini", api_key="k"), 128_000),
+        (agentkit.OpenAIModel("gpt-4.1", api_key="k"), 1_047_576),
+        (agentkit.AnthropicModel("claude-sonnet-4-5", api_key="k"), 200_000),
+        (agentkit.OpenAIModel("gpt-4o", api_key="k", context_window=9_000), 9_000),
+        (agentkit.OpenAIModel("my-local-model", api_key="k"), agentkit.DEFAULT_CONTEXT_WINDOW),
+    ]:
+        assert window(model) == size
+        model.close()
+    assert window(agentkit.EchoModel()) == agentkit.DEFAULT_CONTEXT_WINDOW
+    assert window(ScriptedModel([], context_window=777)) == 777
+    with AgentKit(tmp_path / "agent.db", context_window=5_000) as kit:
+        assert kit.context_usage("cli:me")["window"] == 5_000
+    for bad in (0, -1, "big", True):
+        with pytest.raises(BadInput, match="context_window"):
+            ScriptedModel([], context_window=bad)
+    with pytest.raises(BadInput, match="reserve_tokens"):
+        AgentKit(tmp_path / "other.db", reserve_tokens=-1)
+    with pytest.raises(BadInput, match="keep_recent_tokens"):
+        AgentKit(tmp_path / "other.db", keep_recent_tokens=0)
+    text = {"role": "user", "content": "look"}
+    image = {**text, "images": [{"mime": "image/png", "data": "A" * 100_000}]}
+    assert agentkit.message_tokens(image) == agentkit.message_tokens(text) + agentkit.IMAGE_TOKENS
