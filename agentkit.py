@@ -6637,10 +6637,11 @@ class ContextWindow:
     Before each model step the view is estimated: the tokens its provider reported for the
     newest step since the last compaction, plus about 4 characters a token for what came
     after (everything, when no step reported usage). When that exceeds the window less
-    `reserve_tokens`, the thread is compacted: the newest `keep_recent_tokens` (at most half
-    of the rest of the window) stay verbatim, cut before a user or assistant message (an
-    assistant message keeps its tool calls and their results), and the older part is
-    summarised by `summary_model` (else the thread's model) into SUMMARY_STRUCTURE. A later
+    `reserve_tokens` (at most half the window), the thread is compacted: the newest
+    `keep_recent_tokens` (at most half of the rest) stay verbatim, cut before a user or
+    assistant message (an assistant message keeps its tool calls and their results), and
+    the older part is summarised by `summary_model` (else the thread's model) into
+    SUMMARY_STRUCTURE. A later
     compaction updates the previous summary with the messages since, and a turn cut in two
     has its earlier part summarised on its own. A compaction is one row written in the
     turn's fenced transaction; no message is ever deleted.
@@ -6671,6 +6672,12 @@ class ContextWindow:
     def window(self, model: Model) -> int:
         """The window planned for: the kit's `context_window`, else the model's."""
         return self.context_window or context_window_of(model)
+
+    def room(self, model: Model) -> int:
+        """The tokens a request may use: the window less `reserve_tokens` (at most half of
+        it, so a small window still holds a conversation)."""
+        window = self.window(model)
+        return window - min(self.reserve_tokens, window // 2)
 
     def view(self, thread: str, *, capped: bool = True) -> ContextView:
         """The latest compaction and the messages after it (within `max_messages` and
@@ -6743,7 +6750,7 @@ class ContextWindow:
         the thread compacted and asked once more; ContextTooLong when that overflows too."""
         window = self.window(model)
         view = self.view(turn.thread_id)
-        if self.estimate(view, instructions, tools) > window - self.reserve_tokens:
+        if self.estimate(view, instructions, tools) > self.room(model):
             self.compact(turn.thread_id, model, made_by="auto", turn=turn)
             view = self.view(turn.thread_id)
         for attempt in (1, 2):
@@ -6820,7 +6827,7 @@ class ContextWindow:
         budget, at least one), or None when there is nothing older to summarise. A cut
         that falls inside a turn moves back to its user message when the kept part stays
         within twice the budget; otherwise the turn is cut in two."""
-        budget = min(self.keep_recent_tokens, (self.window(model) - self.reserve_tokens) // 2)
+        budget = min(self.keep_recent_tokens, self.room(model) // 2)
         kept = 0
         for index in range(len(pieces) - 1, 0, -1):
             kept += pieces[index].tokens
@@ -6859,7 +6866,7 @@ class ContextWindow:
     ) -> str | None:
         """`summary` updated with pieces, in chunks that fit the summariser's window."""
         summariser = self.summary_model or model
-        room = self.window(summariser) - self.reserve_tokens - text_tokens(SUMMARY_INSTRUCTIONS)
+        room = self.room(summariser) - text_tokens(SUMMARY_INSTRUCTIONS)
         room -= 2 * text_tokens(summary or "")  # the previous summary in, its update out
         chunk_chars = max(room, 1_000) * CHARS_PER_TOKEN
         chunks: list[list[str]] = [[]]
