@@ -20,18 +20,19 @@ constants the sections above read at call time):
 7. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
 8. attachments: `File`, the `AttachmentStore` protocol, the default `StoredFiles`
 9. conversation records: the rules of turns, approvals and the outbox, over the store
-10. models: OpenAI, Anthropic, echo, scripted
+10. models: OpenAI, Anthropic, echo, scripted, their context windows
 11. tools and hooks
 12. runtimes: where commands run (local, bwrap)
 13. workspace tools
-14. the turn engine
-15. approvals
-16. secret requests
-17. adapters: Telegram, Webhook, WebChat, PollingAdapter
-18. HTTP server
-19. the AgentKit facade
-20. CLI
-21. pages: the secret form and the web chat (HTML constants, kept last)
+14. context: the window, token estimates, compaction
+15. the turn engine
+16. approvals
+17. secret requests
+18. adapters: Telegram, Webhook, WebChat, PollingAdapter
+19. HTTP server
+20. the AgentKit facade
+21. CLI
+22. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -107,6 +108,8 @@ __all__ = [
     "Block",
     "BwrapProvider",
     "BwrapRuntime",
+    "Compaction",
+    "ContextTooLong",
     "Delivery",
     "EchoModel",
     "Event",
@@ -554,6 +557,7 @@ class MessageRow:
     id: int
     role: str
     content: str | None
+    tokens: int | None  # an assistant message's step: the tokens its provider reported
 
 
 @dataclass(slots=True)
@@ -566,6 +570,22 @@ class CallRow:
     args: str  # JSON
     state: str  # waiting | pending | running | done | error
     result: str | None
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A summary of a thread's older messages: the model sees it, then the messages from
+    `first_kept` on (`history()` still has them all). `last_message` is the newest message
+    when it was made, `tokens_before` the context's estimate then, `made_by` who asked."""
+
+    id: int
+    thread_id: str
+    summary: str
+    first_kept: int
+    last_message: int
+    tokens_before: int
+    made_by: str
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -972,6 +992,14 @@ class Store(ABC):
         """The thread's newest `limit` messages that are not commands, newest first."""
 
     @abstractmethod
+    def messages_from(self, thread: str, first_id: int) -> list[MessageRow]:
+        """The thread's messages that are not commands from id `first_id` on, oldest first."""
+
+    @abstractmethod
+    def set_message_tokens(self, message_id: int, tokens: int) -> None:
+        """Record the tokens a provider reported for the step of an assistant message."""
+
+    @abstractmethod
     def add_calls(
         self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
     ) -> None:
@@ -1158,6 +1186,30 @@ class Store(ABC):
     def postpone_turn(self, turn_id: str, text: str, run_at: float) -> bool:
         """Set a queued turn's text and move its queued job to `run_at` (an album that
         grows); False when the turn is no longer queued."""
+
+    # compactions
+
+    @abstractmethod
+    def add_compaction(
+        self,
+        thread: str,
+        summary: str,
+        first_kept: int,
+        last_message: int,
+        tokens_before: int,
+        made_by: str,
+        after: int | None,
+    ) -> Compaction | None:
+        """Add a thread's compaction if its latest is still `after` (a compaction id, or
+        None for none); the new row, else None and nothing written."""
+
+    @abstractmethod
+    def last_compaction(self, thread: str) -> Compaction | None:
+        """The thread's newest compaction, if any."""
+
+    @abstractmethod
+    def compactions(self, thread: str) -> list[Compaction]:
+        """Every compaction of a thread, oldest first."""
 
     # retention
 
@@ -1744,6 +1796,17 @@ class _SQLStore(Store):
             (thread, limit),
         )
 
+    def messages_from(self, thread: str, first_id: int) -> list[MessageRow]:
+        return self._fetch_all(
+            MessageRow,
+            f"SELECT {columns(MessageRow)} FROM messages WHERE thread_id = ? AND command = 0 "
+            "AND id >= ? ORDER BY id",
+            (thread, first_id),
+        )
+
+    def set_message_tokens(self, message_id: int, tokens: int) -> None:
+        self._count("UPDATE messages SET tokens = ? WHERE id = ?", (tokens, message_id))
+
     def add_calls(
         self, turn_id: str, message_id: int, calls: Sequence[tuple[str, str, str, str, str | None]]
     ) -> None:
@@ -1985,6 +2048,45 @@ class _SQLStore(Store):
             f"SELECT {columns(SecretRequest)} FROM secret_requests "
             "WHERE turn_id = ? AND state = 'pending' ORDER BY created_at",
             (turn_id,),
+        )
+
+    # compactions
+
+    def add_compaction(
+        self,
+        thread: str,
+        summary: str,
+        first_kept: int,
+        last_message: int,
+        tokens_before: int,
+        made_by: str,
+        after: int | None,
+    ) -> Compaction | None:
+        with self._atomic():
+            latest = self.last_compaction(thread)
+            if (latest.id if latest else None) != after:
+                return None
+            return self._fetch_one(
+                Compaction,
+                "INSERT INTO compactions (thread_id, summary, first_kept, last_message, "
+                "tokens_before, made_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"RETURNING {columns(Compaction)}",
+                (thread, summary, first_kept, last_message, tokens_before, made_by, self.now()),
+            )
+
+    def last_compaction(self, thread: str) -> Compaction | None:
+        return self._fetch_one(
+            Compaction,
+            f"SELECT {columns(Compaction)} FROM compactions WHERE thread_id = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (thread,),
+        )
+
+    def compactions(self, thread: str) -> list[Compaction]:
+        return self._fetch_all(
+            Compaction,
+            f"SELECT {columns(Compaction)} FROM compactions WHERE thread_id = ? ORDER BY id",
+            (thread,),
         )
 
     # retention
@@ -2304,6 +2406,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX attachments_turn ON attachments (turn_id);
     CREATE INDEX attachments_message ON attachments (message_id);
     CREATE INDEX attachments_sha256 ON attachments (sha256);
+    """,
+    # 8: compaction: summaries of older messages (never deleting them), and the tokens a
+    # provider reported for each step, which the context's estimate starts from
+    """
+    ALTER TABLE messages ADD COLUMN tokens INTEGER;
+    CREATE TABLE compactions (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        summary TEXT NOT NULL,
+        first_kept INTEGER NOT NULL REFERENCES messages (id),
+        last_message INTEGER NOT NULL REFERENCES messages (id),
+        tokens_before INTEGER NOT NULL,
+        made_by TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX compactions_thread ON compactions (thread_id, id);
     """,
 )
 
@@ -4239,6 +4357,9 @@ class Records:
         calls = [(i, tool, dumps(clean(args)), s, clean(r)) for i, tool, args, s, r in calls]
         with self.transaction():
             message = self.add_message(turn.thread_id, turn.id, "assistant", text, command=False)
+            if usage:
+                reported = usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+                self.store.set_message_tokens(message, reported)
             self.store.add_calls(turn.id, message, calls)
             self.store.count_step(
                 turn.id, usage.get("input_tokens", 0), usage.get("output_tokens", 0)
@@ -4545,13 +4666,10 @@ class Records:
 
     # reading threads
 
-    def context(self, thread: str, max_messages: int, max_chars: int) -> list[dict[str, Any]]:
-        """The newest exchanges of a thread in the models' neutral format, within budget.
-
-        The window starts at a user message, so every tool call keeps its result; the
-        newest user message is always kept.
-        """
-        rows = self.store.messages(thread, max_messages)[::-1]
+    def neutral(self, rows: list[MessageRow]) -> list[list[dict[str, Any]]]:
+        """Each stored message as the models' neutral messages: a user message, or an
+        assistant's text and tool calls followed by their results, files listed under
+        "files" (each `id`, `name`, `mime`, `size`)."""
         calls: dict[int, list[CallRow]] = {}
         for call in self.store.calls_of([m.id for m in rows if m.role == "assistant"]):
             calls.setdefault(call.message_id, []).append(call)
@@ -4559,19 +4677,31 @@ class Records:
         for row in self.store.attachments_of([m.id for m in rows]):
             key = (row.message_id or 0, None if row.origin == "tool" else row.call_id)
             files.setdefault(key, []).append(file_info(row.attachment))
-        exchanges: list[list[dict[str, Any]]] = []
+        made: list[list[dict[str, Any]]] = []
         for message in rows:
             if message.role == "user":
-                user = {"role": "user", "content": message.content or ""}
-                if (message.id, None) in files:
-                    user["files"] = files[message.id, None]
-                exchanges.append([user])
+                messages = [{"role": "user", "content": message.content or ""}]
+            else:
+                messages = assistant_messages(message.content, calls.get(message.id, []))
+            for one in messages:  # a call's results by its id; what tools sent, the reply's
+                found = files.get((message.id, one.get("call_id")))
+                if found:
+                    one["files"] = found
+            made.append(messages)
+        return made
+
+    def context(self, thread: str, max_messages: int, max_chars: int) -> list[dict[str, Any]]:
+        """The newest exchanges of a thread in the models' neutral format, within budget.
+
+        The window starts at a user message, so every tool call keeps its result; the
+        newest user message is always kept.
+        """
+        rows = self.store.messages(thread, max_messages)[::-1]
+        exchanges: list[list[dict[str, Any]]] = []
+        for message, made in zip(rows, self.neutral(rows), strict=True):
+            if message.role == "user":
+                exchanges.append(made)
             elif exchanges:
-                made = assistant_messages(message.content, calls.get(message.id, []))
-                for made_message in made:
-                    found = files.get((message.id, made_message.get("call_id")))
-                    if found:
-                        made_message["files"] = found
                 exchanges[-1].extend(made)
         kept: list[list[dict[str, Any]]] = []
         size = 0
@@ -4636,6 +4766,80 @@ class ModelError(AgentKitError):
     """The model could not be reached or answered something unusable."""
 
 
+class ContextTooLong(ModelError):
+    """The provider refused the request: the conversation is longer than its context window."""
+
+
+# What providers answer when a request is longer than the model's window: OpenAI, Azure,
+# OpenRouter, vLLM and Groq (Chat Completions), Anthropic, llama.cpp's server, Ollama,
+# LM Studio, Gemini through its OpenAI endpoint, and the generic codes and phrases.
+_OVERFLOW = re.compile(
+    "|".join(
+        (
+            r"context[_ ]length[_ ]exceeded",  # OpenAI's error code
+            r"maximum context length is \d+",  # OpenAI, OpenRouter, vLLM
+            r"exceeds the context window",  # OpenAI (Responses)
+            r"reduce the length of the messages",  # OpenAI, Groq
+            r"prompt is too long",  # Anthropic
+            r"exceeds? the available context size",  # llama.cpp server
+            r"exceed_context_size_error",  # llama.cpp server's error type
+            r"prompt too long; exceeded (max )?context length",  # Ollama
+            r"input length exceeds the context length",  # Ollama
+            r"greater than the context length",  # LM Studio
+            r"input token count.*exceeds the maximum",  # Gemini
+            r"too many tokens",
+            r"token limit exceeded",
+        )
+    ),
+    re.I,
+)
+
+
+def is_context_overflow(text: str) -> bool:
+    """Whether a provider's error text says the request was longer than the context window."""
+    return _OVERFLOW.search(text) is not None
+
+
+# Context windows of known models, in tokens, by the start of the model's name (the first
+# match counts, so longer names come first); others get DEFAULT_CONTEXT_WINDOW.
+KNOWN_CONTEXT_WINDOWS = (
+    ("gpt-4.1", 1_047_576),
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-5", 400_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("gpt-3.5-turbo", 16_385),
+    ("claude", 200_000),
+    ("gemini", 1_048_576),
+)
+DEFAULT_CONTEXT_WINDOW = 128_000
+
+
+def context_window_of(model: "Model") -> int:
+    """The context window of a model in tokens: its `context_window` attribute when set,
+    else the table of known models by name, else DEFAULT_CONTEXT_WINDOW."""
+    given = getattr(model, "context_window", None)
+    if given is not None:
+        return given
+    name = getattr(model, "model", None) or model.name.rpartition(":")[2]
+    return next(
+        (size for prefix, size in KNOWN_CONTEXT_WINDOWS if name.startswith(prefix)),
+        DEFAULT_CONTEXT_WINDOW,
+    )
+
+
+def check_window(context_window: int | None) -> int | None:
+    """A model's context window given to its constructor: None, or a positive number of tokens."""
+    return None if context_window is None else check_int("context_window", context_window, low=1)
+
+
+def _overflow_or(detail: str, body: str) -> ModelError:
+    """The error for a refusal: ContextTooLong when its whole body says so, else ModelError."""
+    return ContextTooLong(detail) if is_context_overflow(body) else ModelError(detail)
+
+
 @runtime_checkable
 class Model(Protocol):
     """What the turn engine talks to: neutral messages and tools in, a ModelReply out.
@@ -4644,6 +4848,9 @@ class Model(Protocol):
     each piece of text as it arrives (the pieces join to the reply's text). A model's
     `attachment_types` (media type patterns like `image/*`) are the files it reads:
     a message with files then has a list of content parts (see FileParts) as content.
+    each piece of text as it arrives (the pieces join to the reply's text). A model may
+    say its `context_window` in tokens (see `context_window_of`), and raises
+    ContextTooLong when its provider refuses a request as too long.
     """
 
     name: str
@@ -4809,8 +5016,10 @@ class _HTTPModel(ABC):
         timeout: float,
         max_retries: int,
         client: httpx.Client | None,
+        context_window: int | None,
     ) -> None:
         self.name = name
+        self.context_window = check_window(context_window)
         self.stream = stream
         self.timeout = timeout
         self.max_retries = max_retries
@@ -4847,7 +5056,8 @@ class _HTTPModel(ABC):
             message = f"{self.name}: {exc}"
             if self._api_key:
                 message = message.replace(self._api_key, "[redacted]")
-            raise ModelError(message) from exc.__cause__
+            kind = ContextTooLong if isinstance(exc, ContextTooLong) else ModelError
+            raise kind(message) from exc.__cause__
 
     def _post_with_retries(self, body: dict[str, Any], on_delta: _Replayed) -> ModelReply:
         attempt = 0
@@ -4877,7 +5087,7 @@ class _HTTPModel(ABC):
                     detail = f"HTTP {response.status_code}: {_snippet(response.text)}"
                     if response.status_code == 429 or 500 <= response.status_code <= 599:
                         raise _Transient(detail, _retry_after(response))
-                    raise ModelError(detail)
+                    raise _overflow_or(detail, response.text)
                 if response.headers.get("content-type", "").startswith("text/event-stream"):
                     return self._parse_events(_iter_sse(response), on_delta)
                 response.read()
@@ -4925,6 +5135,7 @@ class OpenAIModel(_HTTPModel):
         max_retries: int = 3,
         client: httpx.Client | None = None,
         attachment_types: Sequence[str] | None = None,
+        context_window: int | None = None,
     ) -> None:
         key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
         base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
@@ -4941,6 +5152,7 @@ class OpenAIModel(_HTTPModel):
             timeout=timeout,
             max_retries=max_retries,
             client=client,
+            context_window=context_window,
         )
         self.model = model
 
@@ -4989,7 +5201,8 @@ class OpenAIModel(_HTTPModel):
                 )
             chunk = _event_json(data)
             if "error" in chunk:
-                raise ModelError(f"error in stream: {_snippet(json.dumps(chunk['error']))}")
+                error = json.dumps(chunk["error"])
+                raise _overflow_or(f"error in stream: {_snippet(error)}", error)
             if chunk.get("usage"):
                 usage = _openai_usage(chunk["usage"])
             for choice in chunk.get("choices") or []:
@@ -5101,6 +5314,7 @@ class AnthropicModel(_HTTPModel):
         max_retries: int = 3,
         client: httpx.Client | None = None,
         attachment_types: Sequence[str] = (*IMAGE_TYPES, "application/pdf"),
+        context_window: int | None = None,
     ) -> None:
         self.attachment_types = tuple(attachment_types)
         key = os.environ.get("ANTHROPIC_API_KEY") if api_key is None else api_key
@@ -5117,6 +5331,7 @@ class AnthropicModel(_HTTPModel):
             timeout=timeout,
             max_retries=max_retries,
             client=client,
+            context_window=context_window,
         )
         self.model = model
         self.max_tokens = max_tokens
@@ -5178,7 +5393,7 @@ class AnthropicModel(_HTTPModel):
                 detail = f"error in stream: {_snippet(json.dumps(error))}"
                 if error.get("type") in ("overloaded_error", "api_error"):
                     raise _Transient(detail)
-                raise ModelError(detail)
+                raise _overflow_or(detail, json.dumps(error))
         raise _Transient("the stream ended before message_stop")
 
 
@@ -5304,19 +5519,24 @@ class ScriptedModel:
 
     Each complete() consumes the next step: a final text, one ToolCall, a list of ToolCalls
     made together, or a callable (messages, tools) -> one of those. A text streams word by
-    word to `on_delta`.
+    word to `on_delta`. `context_window` is the window compaction plans for.
     """
 
     name = "scripted"
     can_stream = True
 
     def __init__(
-        self, steps: list[ScriptStep], *, attachment_types: Sequence[str] = ("image/*",)
+        self,
+        steps: list[ScriptStep],
+        *,
+        attachment_types: Sequence[str] = ("image/*",),
+        context_window: int | None = None,
     ) -> None:
         self.attachment_types = tuple(attachment_types)
         for step in steps:
             if not callable(step):
                 _check_step(step)
+        self.context_window = check_window(context_window)
         self._steps = list(steps)
         self._lock = threading.Lock()
         self._call_ids = itertools.count(1)
@@ -5414,6 +5634,8 @@ EVENTS = (
     "job_failed",
     "reply_delta",
     "tool_progress",
+    "before_compact",
+    "compacted",
 )
 
 
@@ -6929,6 +7151,371 @@ def workspace_tools_of(
     ]
 
 
+# ───────────────────────────── context: the window, compaction ─────────────────────────────
+# What the model sees of a thread (instructions, the latest summary, the messages kept after
+# it), about how many tokens that is, and compaction: older messages summarised into a row.
+
+CHARS_PER_TOKEN = 4  # the estimate for text no provider has counted yet
+IMAGE_TOKENS = 1_200  # what one image counts, whatever its size
+SUMMARY_RESULT_CHARS = 2_000  # how much of one tool result the summariser reads
+SUMMARY_PREFIX = (
+    "The conversation before this point was compacted into the summary below; the messages "
+    "after it follow verbatim."
+)
+SUMMARY_STRUCTURE = """## Goal
+What the user wants to achieve.
+## Constraints
+Requirements and preferences the user stated.
+## Progress
+### Done
+### In progress
+### Blocked
+## Key decisions
+Each with its reason.
+## Next steps
+## Critical context
+Facts, values, names, errors and references needed to continue.
+## Files touched
+Paths read, written or edited, with what was done to each."""
+SUMMARY_INSTRUCTIONS = (
+    "You write the working memory of an AI assistant: a summary of a conversation between "
+    "a user and the assistant (with its tool calls and their results) from which the "
+    "assistant continues the work without the messages themselves. Keep every fact, value, "
+    "name, path and decision the rest of the work needs; drop pleasantries and repetition. "
+    "Do not continue the conversation and do not answer its questions. Answer with the "
+    "summary only, in exactly this Markdown structure (write 'none' under a heading with "
+    "nothing to say):\n\n" + SUMMARY_STRUCTURE
+)
+TURN_PREFIX_HEADING = "## Earlier in the current turn"
+
+
+def image_count(message: dict[str, Any]) -> int:
+    """How many images a neutral message carries (its files of an image type)."""
+    return sum(1 for file in message.get("files") or () if file["mime"].startswith("image/"))
+
+
+def text_tokens(text: str) -> int:
+    """About how many tokens a text is (CHARS_PER_TOKEN characters a token)."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def message_tokens(message: dict[str, Any]) -> int:
+    """About how many tokens a neutral message costs: its JSON at CHARS_PER_TOKEN
+    characters a token, each image IMAGE_TOKENS."""
+    text = dumps(message)  # a file is its name, type, size and id here, its bytes elsewhere
+    return text_tokens(text) + IMAGE_TOKENS * image_count(message)
+
+
+def summary_message(summary: str) -> dict[str, Any]:
+    """The user message that shows the model a compaction's summary."""
+    return {"role": "user", "content": f"{SUMMARY_PREFIX}\n\n<summary>\n{summary}\n</summary>"}
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One message row of a thread as the model reads it: an assistant row brings its tool
+    calls and their results along, so a cut between pieces never separates them."""
+
+    row: MessageRow
+    messages: list[dict[str, Any]]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ContextView:
+    """What the model sees of a thread: the latest compaction's summary, then its pieces."""
+
+    compaction: Compaction | None
+    pieces: list[_Piece]
+
+    def messages(self) -> list[dict[str, Any]]:
+        head = [summary_message(self.compaction.summary)] if self.compaction else []
+        return head + [message for piece in self.pieces for message in piece.messages]
+
+
+def _transcript(pieces: Sequence[_Piece]) -> list[str]:
+    """Pieces as the summariser reads them, one text each (long tool results cut)."""
+    texts = []
+    for piece in pieces:
+        lines = []
+        for message in piece.messages:
+            role = message["role"]
+            if role == "tool":
+                kind = "tool error" if message.get("is_error") else "tool result"
+                result = clip(message.get("content") or "", SUMMARY_RESULT_CHARS)
+                lines.append(f"[{kind} {message['name']}]: {result}")
+                continue
+            if message.get("content"):
+                lines.append(f"[{role}]: {message['content']}")
+            for call in message.get("tool_calls") or ():
+                lines.append(f"[assistant calls {call['name']}]: {dumps(call['args'])}")
+            if image_count(message):
+                lines.append(f"[{image_count(message)} image(s)]")
+        texts.append("\n".join(lines))
+    return texts
+
+
+class ContextWindow:
+    """The model's view of a thread, within its context window.
+
+    Before each model step the view is estimated: the tokens its provider reported for the
+    newest step since the last compaction, plus about 4 characters a token for what came
+    after (everything, when no step reported usage). When that exceeds the window less
+    `reserve_tokens` (at most half the window), the thread is compacted: the newest
+    `keep_recent_tokens` (at most half of the rest) stay verbatim, cut before a user or
+    assistant message (an assistant message keeps its tool calls and their results), and
+    the older part is summarised by `summary_model` (else the thread's model) into
+    SUMMARY_STRUCTURE. A later
+    compaction updates the previous summary with the messages since, and a turn cut in two
+    has its earlier part summarised on its own. A compaction is one row written in the
+    turn's fenced transaction; no message is ever deleted.
+    """
+
+    def __init__(
+        self,
+        records: Records,
+        hooks: Hooks,
+        *,
+        context_window: int | None,
+        reserve_tokens: int,
+        keep_recent_tokens: int,
+        summary_model: Model | None,
+        max_messages: int | None,
+        max_chars: int | None,
+    ) -> None:
+        self.records = records
+        self.store = records.store
+        self.hooks = hooks
+        self.context_window = check_window(context_window)
+        self.reserve_tokens = check_int("reserve_tokens", reserve_tokens)
+        self.keep_recent_tokens = check_int("keep_recent_tokens", keep_recent_tokens, low=1)
+        self.summary_model = summary_model
+        self.max_messages = max_messages
+        self.max_chars = max_chars
+
+    def window(self, model: Model) -> int:
+        """The window planned for: the kit's `context_window`, else the model's."""
+        return self.context_window or context_window_of(model)
+
+    def room(self, model: Model) -> int:
+        """The tokens a request may use: the window less `reserve_tokens` (at most half of
+        it, so a small window still holds a conversation)."""
+        window = self.window(model)
+        return window - min(self.reserve_tokens, window // 2)
+
+    def view(self, thread: str, *, capped: bool = True) -> ContextView:
+        """The latest compaction and the messages after it (within `max_messages` and
+        `max_chars` when they are set and `capped`)."""
+        compaction = self.store.last_compaction(thread)
+        rows = self.store.messages_from(thread, compaction.first_kept if compaction else 0)
+        pieces = [
+            _Piece(row, messages, sum(map(message_tokens, messages)))
+            for row, messages in zip(rows, self.records.neutral(rows), strict=True)
+        ]
+        return ContextView(compaction, self._capped(pieces) if capped else pieces)
+
+    def _capped(self, pieces: list[_Piece]) -> list[_Piece]:
+        """The newest exchanges (each from a user message on) within `max_messages` and
+        `max_chars`; the newest is always kept."""
+        if self.max_messages is None and self.max_chars is None:
+            return pieces
+        pieces = pieces[-self.max_messages :] if self.max_messages else pieces
+        exchanges: list[list[_Piece]] = []
+        for piece in pieces:
+            if piece.row.role == "user":
+                exchanges.append([piece])
+            elif exchanges:
+                exchanges[-1].append(piece)
+        kept: list[list[_Piece]] = []
+        size = 0
+        for exchange in reversed(exchanges):
+            size += len(dumps([m for piece in exchange for m in piece.messages]))
+            if kept and self.max_chars is not None and size > self.max_chars:
+                break
+            kept.append(exchange)
+        return [piece for exchange in reversed(kept) for piece in exchange]
+
+    def estimate(self, view: ContextView, instructions: str, tools: list[dict[str, Any]]) -> int:
+        """About how many tokens the model is sent for a view: the usage its provider
+        reported for the newest step since the compaction, and an estimate for the rest."""
+        after = view.compaction.last_message if view.compaction else 0
+        for index in range(len(view.pieces) - 1, -1, -1):
+            piece = view.pieces[index]
+            if piece.row.tokens is not None and piece.row.id > after:
+                results = sum(map(message_tokens, piece.messages[1:]))
+                return piece.row.tokens + results + sum(p.tokens for p in view.pieces[index + 1 :])
+        fixed = text_tokens(instructions) + text_tokens(dumps(tools))
+        head = message_tokens(summary_message(view.compaction.summary)) if view.compaction else 0
+        return fixed + head + sum(piece.tokens for piece in view.pieces)
+
+    def usage(
+        self, thread: str, model: Model, instructions: str, tools: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        """`{"tokens": the estimate, "window": the window}` of a thread now."""
+        tokens = self.estimate(self.view(thread), instructions, tools)
+        return {"tokens": tokens, "window": self.window(model)}
+
+    def request(
+        self,
+        turn: TurnRow,
+        model: Model,
+        instructions: str,
+        tools: list[dict[str, Any]],
+        ask: Callable[[list[dict[str, Any]]], ModelReply],
+    ) -> ModelReply:
+        """The model's reply to the thread's view, compacted first when the estimate nears
+        the window. A refusal as too long (or a reported input over the window) is dropped,
+        the thread compacted and asked once more; ContextTooLong when that overflows too."""
+        window = self.window(model)
+        view = self.view(turn.thread_id)
+        if self.estimate(view, instructions, tools) > self.room(model):
+            self.compact(turn.thread_id, model, made_by="auto", turn=turn)
+            view = self.view(turn.thread_id)
+        for attempt in (1, 2):
+            try:
+                reply = ask(view.messages())
+            except ContextTooLong as e:
+                error = str(e)
+            else:
+                used = reply.usage.get("input_tokens", 0)
+                if used <= window:
+                    return reply
+                error = f"{model.name} reported {used} input tokens, over its window of {window}"
+            if attempt == 2:
+                break
+            log.info("%s overflowed the context window, compacting: %s", turn.id, error)
+            self.compact(turn.thread_id, model, made_by="overflow", turn=turn)
+            view = self.view(turn.thread_id)
+        raise ContextTooLong(
+            f"the conversation does not fit the context window of {model.name} ({window} "
+            f"tokens) even after compaction ({error}); start a new thread, or give a "
+            "smaller keep_recent_tokens or the model's real context_window"
+        )
+
+    def compact(
+        self,
+        thread: str,
+        model: Model,
+        *,
+        made_by: str,
+        turn: TurnRow | None = None,
+        focus: str | None = None,
+    ) -> Compaction | None:
+        """Summarise the thread's messages older than the newest `keep_recent_tokens` (the
+        `before_compact` hooks may skip that or give the summary) and store the compaction;
+        None when nothing was compacted."""
+        view = self.view(thread, capped=False)
+        cut = self._cut(view.pieces, model)
+        if cut is None:
+            return None
+        tokens = self.estimate(view, "", [])
+        older = view.pieces[:cut]
+        fields = {"thread_id": thread, "turn_id": turn and turn.id, "actor": turn and turn.actor}
+        hooked = self.hooks.emit(
+            "before_compact",
+            **fields,
+            messages=[message for piece in older for message in piece.messages],
+            tokens=tokens,
+            instructions=focus,
+            made_by=made_by,
+        )
+        if any(isinstance(answer, Block) for answer in hooked):
+            return None
+        given = next((answer for answer in hooked if isinstance(answer, str)), None)
+        summary = given if given is not None else self._summarise(view, cut, model, focus)
+        with self.records.transaction():
+            made = self.store.add_compaction(
+                thread,
+                self.records.clean(thread, summary),
+                view.pieces[cut].row.id,
+                view.pieces[-1].row.id,
+                tokens,
+                made_by,
+                view.compaction.id if view.compaction else None,
+            )
+        if made is None:  # another compaction came first: the view moved on from this one
+            return self.store.last_compaction(thread)
+        log.info("compacted %s: %d tokens, from message %d on", thread, tokens, made.first_kept)
+        with contextlib.suppress(HookFailed):  # the compaction stands; the error is logged
+            self.hooks.emit("compacted", **fields, compaction=made)
+        return made
+
+    def _cut(self, pieces: list[_Piece], model: Model) -> int | None:
+        """The index of the first piece kept verbatim (the newest ones within the recent
+        budget, at least one), or None when there is nothing older to summarise. A cut
+        that falls inside a turn moves back to its user message when the kept part stays
+        within twice the budget; otherwise the turn is cut in two."""
+        budget = min(self.keep_recent_tokens, self.room(model) // 2)
+        kept = 0
+        for index in range(len(pieces) - 1, 0, -1):
+            kept += pieces[index].tokens
+            if kept < budget:
+                continue
+            start = index
+            while start > 0 and pieces[start].row.role != "user":
+                start -= 1
+                kept += pieces[start].tokens
+            return start if start > 0 and kept <= 2 * budget else index
+        return None
+
+    def _summarise(self, view: ContextView, cut: int, model: Model, focus: str | None) -> str:
+        """The summary of everything before piece `cut`, the previous one updated; a turn
+        cut in two has its earlier part summarised under TURN_PREFIX_HEADING."""
+        previous = view.compaction.summary if view.compaction else None
+        start = cut
+        while start > 0 and view.pieces[start].row.role != "user":
+            start -= 1
+        if view.pieces[cut].row.role == "user" or view.pieces[start].row.role != "user":
+            start = cut  # no split turn, or one that began before the previous compaction
+        summary = self._update(previous, view.pieces[:start], model, focus)
+        if start == cut:
+            return summary or ""
+        prefix = self._update(None, view.pieces[start:cut], model, focus, turn_prefix=True)
+        return f"{summary}\n\n{TURN_PREFIX_HEADING}\n{prefix}" if summary else prefix or ""
+
+    def _update(
+        self,
+        summary: str | None,
+        pieces: Sequence[_Piece],
+        model: Model,
+        focus: str | None,
+        *,
+        turn_prefix: bool = False,
+    ) -> str | None:
+        """`summary` updated with pieces, in chunks that fit the summariser's window."""
+        summariser = self.summary_model or model
+        room = self.room(summariser) - text_tokens(SUMMARY_INSTRUCTIONS)
+        room -= 2 * text_tokens(summary or "")  # the previous summary in, its update out
+        chunk_chars = max(room, 1_000) * CHARS_PER_TOKEN
+        chunks: list[list[str]] = [[]]
+        for text in _transcript(pieces):
+            if chunks[-1] and sum(map(len, chunks[-1])) + len(text) > chunk_chars:
+                chunks.append([])
+            chunks[-1].append(text)
+        for chunk in chunks if pieces else []:
+            parts = []
+            if turn_prefix:
+                parts.append(
+                    "This is the first part of a turn too long to keep whole; its last part "
+                    "stays verbatim. Summarise what was asked and done so far in it."
+                )
+            if summary:
+                parts.append(
+                    "Update this summary with the messages that follow it: keep what still "
+                    "holds, move finished work to Done, add what is new.\n\n"
+                    f"<previous-summary>\n{summary}\n</previous-summary>"
+                )
+            parts.append("<conversation>\n" + "\n\n".join(chunk) + "\n</conversation>")
+            if focus:
+                parts.append(f"Focus the summary on: {focus}")
+            prompt = [{"role": "user", "content": "\n\n".join(parts)}]
+            reply = summariser.complete(SUMMARY_INSTRUCTIONS, prompt, [])
+            if not (reply.text or "").strip():
+                raise ModelError(f"{summariser.name} answered the summary request with no text")
+            summary = reply.text.strip()  # type: ignore[union-attr]
+        return summary
+
+
 # ──────────────────────────────────── the turn engine ────────────────────────────────────
 
 PROMPT_TASK = "agentkit.prompt"
@@ -7144,10 +7731,10 @@ class TurnEngine:
         instructions: str,
         workspace: Path,
         max_steps: int,
-        context_messages: int,
-        context_chars: int,
         approval_ttl: float,
+        **context: Any,
     ) -> None:
+        """`context` holds the options of its ContextWindow."""
         self.approval_ttl = approval_ttl
         self.queue = queue
         self.records = Records(queue)
@@ -7155,11 +7742,13 @@ class TurnEngine:
         self.instructions = instructions
         self.workspace = workspace
         self.max_steps = max_steps
-        self.context_messages = context_messages
-        self.context_chars = context_chars
         self.tools: dict[str, Tool] = {}
         self.hooks = Hooks()
-        self.commands: dict[str, Callable[[ToolContext, str], Any]] = {"help": self.help}
+        self.context = ContextWindow(self.records, self.hooks, **context)
+        self.commands: dict[str, Callable[[ToolContext, str], Any]] = {
+            "help": self.help,
+            "compact": self.compact_command,
+        }
         self.runtimes: Runtimes | None = None  # where ctx.runtime and the workspace tools work
         self.live = LiveEvents()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -7378,20 +7967,24 @@ class TurnEngine:
                 self.step(turn)
 
     def step(self, turn: TurnRow) -> None:
-        """One model request; its answer and tool calls stored in one transaction."""
-        messages = self.records.context(turn.thread_id, self.context_messages, self.context_chars)
+        """One model request (within the context window: see ContextWindow); its answer and
+        tool calls stored in one transaction."""
         tools = [tool.spec() for tool in self.tools.values()]
-        for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
-            if isinstance(changed, list):
-                messages = changed
-        messages = FileParts(self.model, self.records).messages(turn.thread_id, messages)
         index = turn.steps
         live = _LiveText(
             {**redactions.values, **self.records.thread_secrets(turn.thread_id)},
             lambda delta: self.tell(turn, "text", step=index, text=delta),
         )
-        self.tell(turn, "thinking", step=index)
-        reply = complete_live(self.model, self.instructions, messages, tools, live.add)
+
+        def ask(messages: list[dict[str, Any]]) -> ModelReply:
+            for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
+                if isinstance(changed, list):
+                    messages = changed
+            messages = FileParts(self.model, self.records).messages(turn.thread_id, messages)
+            self.tell(turn, "thinking", step=index)
+            return complete_live(self.model, self.instructions, messages, tools, live.add)
+
+        reply = self.context.request(turn, self.model, self.instructions, tools, ask)
         text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         live.finish(text)
         used = {call.call_id for call in self.queue.store.calls(turn.id)}
@@ -7513,6 +8106,24 @@ class TurnEngine:
             return as_text(call_sync(fn, self.context_of(turn, None), args))
         except (BadInput, Forbidden, AlreadyDecided) as e:
             return str(e)
+
+    def compact(
+        self, thread: str, made_by: str, instructions: str | None = None
+    ) -> Compaction | None:
+        """Compact a thread now (see ContextWindow.compact)."""
+        return self.context.compact(thread, self.model, made_by=made_by, focus=instructions)
+
+    def usage(self, thread: str) -> dict[str, int]:
+        """`{"tokens": estimate, "window": size}` of what the model would be sent now."""
+        tools = [tool.spec() for tool in self.tools.values()]
+        return self.context.usage(thread, self.model, self.instructions, tools)
+
+    def compact_command(self, ctx: ToolContext, args: str) -> str:
+        """Summarise the older messages now (/compact [what to focus on])."""
+        made = self.compact(ctx.thread_id, ctx.actor, args or None)
+        if made is None:
+            return "Nothing to compact: the recent messages are all kept as they are."
+        return f"Compacted the conversation ({made.tokens_before} tokens) into a summary."
 
     def help(self, ctx: ToolContext, args: str) -> str:
         """List the commands."""
@@ -9565,8 +10176,12 @@ class AgentKit:
         instructions: str = "You are a helpful assistant.",
         workspace: str | os.PathLike[str] | None = None,
         max_steps: int = 20,
-        context_messages: int = 100,
-        context_chars: int = 200_000,
+        context_window: int | None = None,
+        reserve_tokens: int = 16_384,
+        keep_recent_tokens: int = 20_000,
+        summary_model: str | Model | None = None,
+        context_messages: int | None = None,
+        context_chars: int | None = None,
         approvers: Sequence[str] = DEFAULT_APPROVERS,
         allow_self_approval: bool = True,
         approval_ttl: float = 3600.0,
@@ -9589,7 +10204,8 @@ class AgentKit:
             ("context_messages", context_messages),
             ("context_chars", context_chars),
         ]:
-            check_int(name, value, low=1)
+            if value is not None or name == "max_steps":
+                check_int(name, value, low=1)
         for pattern in approvers:
             check_thread(pattern)
         approval_ttl = check_seconds("approval_ttl", approval_ttl, positive=True)
@@ -9617,9 +10233,13 @@ class AgentKit:
             instructions=instructions,
             workspace=Path(workspace),
             max_steps=max_steps,
-            context_messages=context_messages,
-            context_chars=context_chars,
             approval_ttl=approval_ttl,
+            context_window=context_window,
+            reserve_tokens=reserve_tokens,
+            keep_recent_tokens=keep_recent_tokens,
+            summary_model=None if summary_model is None else model_from_spec(summary_model),
+            max_messages=context_messages,
+            max_chars=context_chars,
         )
         self.gatekeeper = Approvals(self.engine, approvers, allow_self_approval=allow_self_approval)
         self.engine.commands["approve"] = self._approve_command
@@ -10250,6 +10870,23 @@ class AgentKit:
     def open_file(self, thread: str, attachment_id: str) -> bytes:
         """The bytes of a file of `thread` (NotFound for a file of any other thread)."""
         return self.records.open_file(check_thread(thread), attachment_id)
+
+    def compact(self, thread: str, instructions: str | None = None) -> Compaction | None:
+        """Summarise a thread's older messages now, `instructions` saying what the summary
+        should focus on; the compaction, or None when everything fits the recent part (or a
+        `before_compact` hook blocked it)."""
+        if instructions is not None:
+            check_text(instructions, "instructions")
+        return self.engine.compact(check_thread(thread), "kit", instructions)
+
+    def context_usage(self, thread: str) -> dict[str, int]:
+        """`{"tokens": estimate, "window": size}`: about how many tokens the model would be
+        sent for the thread now, and its context window."""
+        return self.engine.usage(check_thread(thread))
+
+    def compactions(self, thread: str) -> list[Compaction]:
+        """A thread's compactions, oldest first (its messages are all still in history())."""
+        return self.store.compactions(check_thread(thread))
 
     def threads(self, limit: int = 50) -> list[tuple[str, float]]:
         """`(thread id, last activity)` of the most recently active threads."""

@@ -13,7 +13,8 @@ request asks for: server-sent events when its body says "stream": true, else one
 
 Failure modes: push_error (any status, optional Retry-After), push_garbage (a 200 that is
 not the format asked for), push_cut (the connection closes midway), push_hang (no answer
-for a while, to make the client time out). Every request is recorded in .requests.
+for a while, to make the client time out), push_context_too_long (the provider's own 400
+for a request longer than the model's window). Every request is recorded in .requests.
 
 Content parts are checked as the real APIs check them (OpenAI: text, image_url and file
 parts with base64 data URLs, tool messages in text; Anthropic: non-empty text, base64
@@ -290,6 +291,10 @@ class _FakeServer(_Loopback, ABC):
         """Queue an HTTP error; a dict body is sent as JSON; retry_after sets Retry-After."""
         self._queue(_Error(status, body, retry_after))
 
+    def push_context_too_long(self) -> None:
+        """Queue the provider's refusal of a request longer than the model's context window."""
+        self._queue(_Error(400, self._too_long(), None))
+
     def push_garbage(self) -> None:
         """Queue a 200 whose body is no JSON (or, streamed, whose event data is no JSON)."""
         self._queue(_Garbage())
@@ -376,6 +381,10 @@ class _FakeServer(_Loopback, ABC):
     @abstractmethod
     def _message(self, reply: Reply, request: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed response body for reply."""
+
+    @abstractmethod
+    def _too_long(self) -> dict[str, Any]:
+        """The error body of a request longer than the context window, as the provider says it."""
 
     @abstractmethod
     def _events(self, reply: Reply, request: dict[str, Any]) -> list[Event]:
@@ -503,6 +512,20 @@ class FakeOpenAI(_FakeServer):
         events.append((None, "[DONE]"))
         return events
 
+    def _too_long(self) -> dict[str, Any]:
+        message = (
+            "This model's maximum context length is 128000 tokens. However, your messages "
+            "resulted in 131072 tokens. Please reduce the length of the messages."
+        )
+        return {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+
     @staticmethod
     def _usage(reply: Reply) -> dict[str, int]:
         prompt, completion = reply.usage
@@ -568,6 +591,16 @@ class FakeAnthropic(_FakeServer):
             "stop_reason": "tool_use" if reply.tool_calls else "end_turn",
             "stop_sequence": None,
             "usage": {"input_tokens": reply.usage[0], "output_tokens": reply.usage[1]},
+        }
+
+    def _too_long(self) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "prompt is too long: 213462 tokens > 200000 maximum",
+            },
+            "request_id": "req_fake",
         }
 
     def _events(self, reply: Reply, request: dict[str, Any]) -> list[Event]:

@@ -338,6 +338,27 @@ def test_a_queued_turn_is_postponed_with_its_job_but_not_once_started(store: Sto
     assert store.turn(t.id).text == "hi\nmore"
 
 
+def test_a_compaction_is_added_only_over_the_latest_and_deletes_no_message(store: Store) -> None:
+    t = turn(store)
+    ids = [store.add_message(t.thread_id, t.id, "user", f"m{i}", False) for i in range(4)]
+    store.add_message(t.thread_id, t.id, "user", "/ping", True)
+    store.set_message_tokens(ids[1], 1234)
+    assert store.last_compaction(t.thread_id) is None
+    first = store.add_compaction(t.thread_id, "s1", ids[2], ids[3], 900, "auto", None)
+    assert (first.summary, first.first_kept, first.last_message) == ("s1", ids[2], ids[3])
+    assert (first.tokens_before, first.made_by, first.thread_id) == (900, "auto", t.thread_id)
+    assert store.add_compaction(t.thread_id, "stale", ids[3], ids[3], 1, "auto", None) is None
+    second = store.add_compaction(t.thread_id, "s2", ids[3], ids[3], 800, "cli:me", first.id)
+    assert second.id > first.id and store.last_compaction(t.thread_id) == second
+    assert store.add_compaction(t.thread_id, "stale", ids[3], ids[3], 1, "x", first.id) is None
+    assert [c.summary for c in store.compactions(t.thread_id)] == ["s1", "s2"]
+    assert store.compactions("cli:other") == [] and store.last_compaction("cli:other") is None
+    kept = store.messages_from(t.thread_id, ids[2])
+    assert [(m.id, m.content) for m in kept] == [(ids[2], "m2"), (ids[3], "m3")]
+    assert [m.tokens for m in store.messages_from(t.thread_id, 0)] == [None, 1234, None, None]
+    assert store.row_counts()["messages"] == 5
+
+
 def test_an_approval_is_decided_once(store: Store) -> None:
     t = turn(store)
     made = store.insert_approval("apr_1", t, "c1", "restart", '{"s": "db"}', "why", 9e9)
