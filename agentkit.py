@@ -534,6 +534,7 @@ class TurnRow:
     cancel_requested: bool = field(metadata=_BOOL)
     job_id: int | None
     meta: dict[str, Any] | None = field(metadata=_JSON)  # what its adapter needs to answer
+    instructions: str | None  # what extensions added to the instructions of this turn
 
 
 @dataclass(slots=True)
@@ -543,6 +544,7 @@ class MessageRow:
     id: int
     role: str
     content: str | None
+    origin: str | None  # None for a turn's own messages; see Store.add_message
 
 
 @dataclass(slots=True)
@@ -606,6 +608,33 @@ class SecretRequest:
     state: str  # pending | used | expired
     created_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A durable record an extension keeps in a thread (`ctx.entries.append(kind, data)`);
+    it never enters the model's context."""
+
+    id: int
+    thread_id: str
+    turn_id: str | None
+    kind: str
+    data: Any = field(metadata=_JSON)
+    at: float = field(metadata={"column": "created_at"})
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message sent to a thread while a turn runs there, waiting to be delivered into it
+    (`deliver` is "steer" or "follow_up")."""
+
+    id: int
+    thread_id: str
+    actor: str
+    text: str
+    deliver: str
+    source_id: str | None
+    turn_id: str | None  # the turn it joined, once delivered
 
 
 class Store(ABC):
@@ -910,9 +939,17 @@ class Store(ABC):
 
     @abstractmethod
     def add_message(
-        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+        self,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        command: bool,
+        origin: str | None = None,
     ) -> int:
-        """Append a message to a thread; its id (ids grow in the order messages are added)."""
+        """Append a message to a thread; its id (ids grow in the order messages are added).
+        `origin` marks a user message that was not the turn's own ("extension", "steer",
+        "follow_up")."""
 
     @abstractmethod
     def messages(self, thread: str, limit: int) -> list[MessageRow]:
@@ -1060,6 +1097,39 @@ class Store(ABC):
     @abstractmethod
     def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
         """The pending requests a turn made, oldest first."""
+
+    # extension entries and queued mid-turn messages
+
+    @abstractmethod
+    def set_turn_instructions(self, turn_id: str, instructions: str | None) -> None:
+        """Keep the extra instructions extensions gave a turn (for each of its steps)."""
+
+    @abstractmethod
+    def add_entries(
+        self, thread: str, turn_id: str | None, entries: Sequence[tuple[str, str]]
+    ) -> None:
+        """Append entries `(kind, data as JSON)` to a thread, in order."""
+
+    @abstractmethod
+    def entries(self, thread: str, kind: str | None, limit: int) -> list[Entry]:
+        """The thread's newest `limit` entries (of one kind, or all), oldest first."""
+
+    @abstractmethod
+    def add_queued(
+        self, thread: str, actor: str, text: str, deliver: str, source_id: str | None
+    ) -> int:
+        """Queue a message for delivery into the thread's running turn; its id."""
+
+    @abstractmethod
+    def queued_from(self, thread: str, source_id: str) -> QueuedMessage | None:
+        """The queued message of a thread with this source id, delivered or not."""
+
+    @abstractmethod
+    def take_queued(
+        self, thread: str, delivers: Sequence[str], turn_id: str | None
+    ) -> list[QueuedMessage]:
+        """Mark the thread's undelivered messages of these `deliver` kinds as delivered into
+        `turn_id` (None: released as turns of their own); them, oldest first."""
 
     # retention
 
@@ -1630,12 +1700,18 @@ class _SQLStore(Store):
         )
 
     def add_message(
-        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+        self,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        command: bool,
+        origin: str | None = None,
     ) -> int:
         return self._rows(
-            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            (thread, turn_id, role, content, int(command), self.now()),
+            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at, "
+            "origin) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (thread, turn_id, role, content, int(command), self.now(), origin),
         )[0][0]
 
     def messages(self, thread: str, limit: int) -> list[MessageRow]:
@@ -1889,6 +1965,61 @@ class _SQLStore(Store):
             (turn_id,),
         )
 
+    # extension entries and queued mid-turn messages
+
+    def set_turn_instructions(self, turn_id: str, instructions: str | None) -> None:
+        self._count("UPDATE turns SET instructions = ? WHERE id = ?", (instructions, turn_id))
+
+    def add_entries(
+        self, thread: str, turn_id: str | None, entries: Sequence[tuple[str, str]]
+    ) -> None:
+        if entries:
+            at = self.now()
+            self._rows_many(
+                "INSERT INTO entries (thread_id, turn_id, kind, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(thread, turn_id, kind, data, at) for kind, data in entries],
+            )
+
+    def entries(self, thread: str, kind: str | None, limit: int) -> list[Entry]:
+        where = "" if kind is None else " AND kind = ?"
+        found = self._fetch_all(
+            Entry,
+            f"SELECT {columns(Entry)} FROM entries WHERE thread_id = ?{where} "
+            "ORDER BY id DESC LIMIT ?",
+            (thread, limit) if kind is None else (thread, kind, limit),
+        )
+        return found[::-1]
+
+    def add_queued(
+        self, thread: str, actor: str, text: str, deliver: str, source_id: str | None
+    ) -> int:
+        return self._rows(
+            "INSERT INTO queued_messages (thread_id, actor, text, deliver, source_id, state, "
+            "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
+            (thread, actor, text, deliver, source_id, self.now()),
+        )[0][0]
+
+    def queued_from(self, thread: str, source_id: str) -> QueuedMessage | None:
+        return self._fetch_one(
+            QueuedMessage,
+            f"SELECT {columns(QueuedMessage)} FROM queued_messages "
+            "WHERE thread_id = ? AND source_id = ?",
+            (thread, source_id),
+        )
+
+    def take_queued(
+        self, thread: str, delivers: Sequence[str], turn_id: str | None
+    ) -> list[QueuedMessage]:
+        taken = self._fetch_all(
+            QueuedMessage,
+            "UPDATE queued_messages SET state = 'delivered', turn_id = ?, delivered_at = ? "
+            f"WHERE thread_id = ? AND state = 'queued' AND deliver {self.IN_LIST} "
+            f"RETURNING {columns(QueuedMessage)}",
+            (turn_id, self.now(), thread, self._list(delivers)),
+        )
+        return sorted(taken, key=lambda message: message.id)
+
     # retention
 
     def prune(self, before: float) -> dict[str, int]:
@@ -2094,6 +2225,37 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_running;  -- one index less to write per job: the lease sweep and the
                               -- heartbeat scan jobs_running_target, which holds every
                               -- running job (a few per worker)
+    """,
+    # 7: extensions: their entries in threads, the instructions they add to a turn, the
+    # messages they add, and messages queued into a running turn (steer, follow-up)
+    """
+    CREATE TABLE entries (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX entries_thread ON entries (thread_id, kind, id);
+    ALTER TABLE turns ADD COLUMN instructions TEXT;
+    ALTER TABLE messages ADD COLUMN origin TEXT;
+    CREATE TABLE queued_messages (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        text TEXT NOT NULL,
+        deliver TEXT NOT NULL CHECK (deliver IN ('steer', 'follow_up')),
+        source_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'delivered')),
+        turn_id TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX queued_messages_waiting ON queued_messages (thread_id, id)
+        WHERE state = 'queued';
+    CREATE UNIQUE INDEX queued_messages_source ON queued_messages (thread_id, source_id)
+        WHERE source_id IS NOT NULL;
     """,
 )
 
