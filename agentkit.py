@@ -3904,6 +3904,18 @@ def approval_text(a: Approval) -> str:
     return f"{a.requester} asked to run {call}{why}\n{outcome}."
 
 
+ENTRY_KIND = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def check_entry_kind(kind: object) -> str:
+    """An entry kind: 1-100 letters, digits, '_', '.', ':' or '-'; else BadInput."""
+    if not isinstance(kind, str) or not ENTRY_KIND.fullmatch(kind):
+        raise BadInput(
+            f"an entry kind is 1-100 letters, digits, '_', '.', ':' or '-', not {kind!r}"
+        )
+    return kind
+
+
 class Entries:
     """`ctx.entries` in tools and commands, `event.entries` in a turn's hooks: durable
     records of the thread that never enter the model's context. Appended entries are
@@ -3918,7 +3930,7 @@ class Entries:
 
     def append(self, kind: str, data: Any = None) -> None:
         """Keep `data` (anything JSON can hold) under `kind` (a name) in this thread."""
-        entry = (check_name("entry kind", kind), dumps(data))
+        entry = (check_entry_kind(kind), dumps(data))
         with self._lock:
             self._pending.append(entry)
 
@@ -4400,7 +4412,8 @@ class Records:
         """The newest exchanges of a thread in the models' neutral format, within budget.
 
         The window starts at a user message, so every tool call keeps its result; the
-        newest user message is always kept.
+        newest user message is always kept. A user message that was not the turn's own
+        has its `origin` ("extension", "steer" or "follow_up").
         """
         rows = self.store.messages(thread, max_messages)[::-1]
         calls: dict[int, list[CallRow]] = {}
@@ -4409,7 +4422,8 @@ class Records:
         exchanges: list[list[dict[str, Any]]] = []
         for message in rows:
             if message.role == "user":
-                exchanges.append([{"role": "user", "content": message.content or ""}])
+                said = {"role": "user", "content": message.content or ""}
+                exchanges.append([{**said, "origin": message.origin} if message.origin else said])
             elif exchanges:
                 exchanges[-1].extend(assistant_messages(message.content, calls.get(message.id, [])))
         kept: list[list[dict[str, Any]]] = []
@@ -9165,7 +9179,7 @@ class AgentKit:
             workspace = os.path.join(os.path.dirname(os.path.abspath(db)), "workspace")
             if db == ":memory:" or "://" in db:  # no folder of its own: this one's
                 workspace = os.path.abspath("workspace")
-        if model is None or not isinstance(model, str) or not extensions:
+        if not extensions:  # their prefixes are known once they are loaded
             self.models.make(model)  # a bad spec is refused before anything is created
         runtimes = Runtimes(
             runtime_provider(runtime),
@@ -9256,8 +9270,7 @@ class AgentKit:
     def entries(self, thread: str, kind: str | None = None, limit: int = 1000) -> list[Entry]:
         """A thread's entries (`ctx.entries.append`), oldest first: each has `.kind`,
         `.data` and `.at`; only those of `kind` when given; the newest `limit`."""
-        if kind is not None:
-            check_name("entry kind", kind)
+        kind = None if kind is None else check_entry_kind(kind)
         return self.store.entries(check_thread(thread), kind, check_int("limit", limit))
 
     def _adapters(self, given: Sequence[Adapter]) -> dict[str, Adapter]:
@@ -10056,16 +10069,20 @@ def _database_exists(db: str) -> bool:
 
 
 def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
-    """The kit the command works on: `--app`, or a bare one over `--db`; `-m` and `-s`
-    set the model and instructions of the turns this process runs."""
+    """The kit the command works on: `--app`, or a bare one over `--db`, with the `--ext`
+    extensions loaded; `-m` and `-s` set the model and instructions of the turns this
+    process runs."""
+    extensions = getattr(args, "ext", None) or []
     if args.app:
         kit = load_app(args.app)
+        for spec in extensions:
+            kit.load_extension(spec)
         if getattr(args, "model", None):
-            kit.engine.model = model_from_spec(args.model)
+            kit.engine.model = kit.models.make(args.model)
     elif must_exist and not _database_exists(args.db):
         raise StoreError(f"no database at {args.db}")
     else:
-        kit = AgentKit(args.db, model=served_model(args))
+        kit = AgentKit(args.db, model=served_model(args), extensions=extensions)
     if getattr(args, "system", None):
         kit.engine.instructions = args.system
     return kit
@@ -10472,7 +10489,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {message['name']} ->{mark} {message['content']}")
             continue
         if message.get("content"):
-            print(f"{message['role']}: {message['content']}")
+            origin = f" ({message['origin']})" if message.get("origin") else ""
+            print(f"{message['role']}{origin}: {message['content']}")
         for call in message.get("tool_calls", []):
             print(f"  {call['name']}({json.dumps(call['args'])})")
     return 0
@@ -10585,6 +10603,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--app", default=argparse.SUPPRESS, help="module:attribute of an AgentKit")
     common.add_argument(
+        "--ext",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="EXTENSION",
+        help="load an extension: package.module or path/to/ext.py (repeatable)",
+    )
+    common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
     )
     common.add_argument(
@@ -10626,7 +10651,11 @@ def build_parser() -> argparse.ArgumentParser:
     for command, fn in ((run, cmd_run), (chat, cmd_chat)):
         command.add_argument("--thread", default=me, help=f"thread id ({me})")
         command.add_argument("--as", dest="actor", default=me, help=f"actor id ({me})")
-        command.add_argument("-m", "--model", help="echo, openai:<model> or anthropic:<model>")
+        command.add_argument(
+            "-m",
+            "--model",
+            help="echo, openai:<model>, anthropic:<model> or <prefix>:<model> of an extension",
+        )
         command.add_argument("-s", "--system", help="instructions for the turns run here")
         command.add_argument("--json", action="store_true", help="the events as JSON lines")
         command.set_defaults(run=fn)
