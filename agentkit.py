@@ -6,7 +6,7 @@ are rows; every piece of work is claimed in a transaction, so several processes 
 PostgreSQL, several hosts) share one database and nothing is done twice or lost. See
 README.md for the guide.
 
-Sections, each using only those above it (all SQL is in 3 to 5; the pages of 20 are
+Sections, each using only those above it (all SQL is in 3 to 5; the pages of 21 are
 constants the sections above read at call time):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
@@ -18,8 +18,9 @@ constants the sections above read at call time):
 5. PostgreSQL engine: `PostgresStore` (psycopg, imported when used)
 6. locks
 7. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
-8. conversation records: the rules of turns, approvals and the outbox, over the store
-9. models: OpenAI, Anthropic, echo, scripted
+8. conversation records: the rules of turns, approvals, entries, queued messages and the
+   outbox, over the store
+9. models: OpenAI, Anthropic, echo, scripted, and the registry of providers by prefix
 10. tools and hooks
 11. runtimes: where commands run (local, bwrap)
 12. workspace tools
@@ -28,9 +29,10 @@ constants the sections above read at call time):
 15. secret requests
 16. adapters: Telegram, Webhook, WebChat, PollingAdapter
 17. HTTP server
-18. the AgentKit facade
-19. CLI
-20. pages: the secret form and the web chat (HTML constants, kept last)
+18. extensions: loading `setup(kit)` modules
+19. the AgentKit facade
+20. CLI
+21. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -4461,7 +4463,7 @@ def assistant_messages(content: str | None, calls: list[CallRow]) -> list[dict[s
     return [message, *results]
 
 
-# ─────────────────────────── models: OpenAI, Anthropic, echo, scripted ───────────────────────────
+# ──────────────────── models: OpenAI, Anthropic, echo, scripted, the registry ────────────────────
 
 INVALID_ARGS_KEY = "__invalid_json__"
 """Key of ToolCall.args that holds tool-call arguments which were not a JSON object."""
