@@ -1132,6 +1132,10 @@ class Store(ABC):
         """The queued message of a thread with this source id, delivered or not."""
 
     @abstractmethod
+    def has_queued(self, thread: str, delivers: Sequence[str]) -> bool:
+        """Whether messages of these `deliver` kinds wait for delivery in the thread."""
+
+    @abstractmethod
     def take_queued(
         self, thread: str, delivers: Sequence[str], turn_id: str | None
     ) -> list[QueuedMessage]:
@@ -2013,6 +2017,15 @@ class _SQLStore(Store):
             f"SELECT {columns(QueuedMessage)} FROM queued_messages "
             "WHERE thread_id = ? AND source_id = ?",
             (thread, source_id),
+        )
+
+    def has_queued(self, thread: str, delivers: Sequence[str]) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM queued_messages WHERE thread_id = ? AND state = 'queued' "
+                f"AND deliver {self.IN_LIST} LIMIT 1",
+                (thread, self._list(delivers)),
+            )
         )
 
     def take_queued(
@@ -4128,6 +4141,8 @@ class Records:
     def steer(self, turn: TurnRow, calls: Sequence[CallRow]) -> bool:
         """Deliver the thread's queued steer messages into the turn, and skip the pending
         `calls` (their results say so); whether there were any."""
+        if not self.store.has_queued(turn.thread_id, ("steer",)):
+            return False  # read first: most steps have none, and need no write
         with self.transaction():
             if not self.take_messages(turn, ("steer",)):
                 return False

@@ -437,7 +437,10 @@ def test_a_queued_message_is_taken_once_by_its_kinds(store: Store) -> None:
     assert steer < later
     assert store.queued_from(t.thread_id, "u9").text == "and then"
     assert store.queued_from("cli:other", "u9") is None
+    assert store.has_queued(t.thread_id, ["steer"]) and not store.has_queued("cli:x", ["steer"])
     [taken] = store.take_queued(t.thread_id, ["steer"], t.id)
+    assert not store.has_queued(t.thread_id, ["steer"])
+    assert store.has_queued(t.thread_id, ["steer", "follow_up"])
     assert (taken.id, taken.text, taken.deliver, taken.turn_id) == (steer, "stop", "steer", t.id)
     assert store.take_queued(t.thread_id, ["steer"], t.id) == []
     assert [m.id for m in store.take_queued(t.thread_id, ["steer", "follow_up"], None)] == [later]
