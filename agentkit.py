@@ -4214,7 +4214,8 @@ class Records:
             return
         for held_id in self.store.held_turns(thread):
             self.release(held_id, thread)
-        if final and not self.store.active_turns(thread):
+        queued = final and self.store.has_queued(thread, QUEUED_DELIVERIES)
+        if queued and not self.store.active_turns(thread):
             self.release_queued(thread)
 
     def release_queued(self, thread: str) -> None:
