@@ -1146,8 +1146,8 @@ class Store(ABC):
 
     @abstractmethod
     def prune(self, before: float) -> dict[str, int]:
-        """Delete finished jobs, events, sent deliveries and used or expired secret
-        requests older than `before`; how many of each."""
+        """Delete finished jobs, events, sent deliveries, used or expired secret requests
+        and delivered queued messages older than `before`; how many of each."""
 
 
 # Engines by URL scheme ("" for a plain path): each is a callable(target, **options) that
@@ -2050,6 +2050,7 @@ class _SQLStore(Store):
                 ("events", "created_at < ?"),
                 ("deliveries", "state = 'sent' AND sent_at < ?"),
                 ("secret_requests", "state != 'pending' AND created_at < ?"),
+                ("queued_messages", "state = 'delivered' AND delivered_at < ?"),
             ):
                 deleted[table] = self._count(f"DELETE FROM {table} WHERE {sql}", (before,))
         return deleted
@@ -6991,11 +6992,11 @@ class TurnEngine:
             return turn.status
         hooked = self.records.lease.entries = Entries(turn.thread_id, turn.id)
         try:
-            return self.take(turn, ctx, hooked)
+            return self.advance(turn, ctx, hooked)
         finally:
             self.records.lease.entries = None
 
-    def take(self, turn: TurnRow, ctx: JobContext, hooked: Entries) -> str:
+    def advance(self, turn: TurnRow, ctx: JobContext, hooked: Entries) -> str:
         """Run a turn job's turn as far as it goes; its status then. The entries its hooks
         append go in with its next write (those of `turn_end` in one of their own)."""
         self.records.lease.job = ctx

@@ -1945,7 +1945,13 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
             k.prune(-1)
         deleted = k.prune(30 * 86400)
         monkeypatch.undo()
-    assert deleted == {"jobs": 1, "events": 1, "deliveries": 0, "secret_requests": 0}
+    assert deleted == {
+        "jobs": 1,
+        "events": 1,
+        "deliveries": 0,
+        "secret_requests": 0,
+        "queued_messages": 0,
+    }
     assert waiting.approvals()[0].state == "pending"
     assert rows(waiting, "turns", "status") == ["waiting_approval"]
     assert count(waiting, "messages") == 2 and count(waiting, "secret_requests") == 1

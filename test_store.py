@@ -448,3 +448,6 @@ def test_a_queued_message_is_taken_once_by_its_kinds(store: Store) -> None:
     assert store.take_queued(t.thread_id, ["steer", "follow_up"], t.id) == []
     user = store.add_message(t.thread_id, t.id, "user", "stop", False, "steer")
     assert [(m.id, m.origin) for m in store.messages(t.thread_id, 5)] == [(user, "steer")]
+    store.add_queued(t.thread_id, "cli:me", "still waiting", "steer", None)
+    assert store.prune(store.now() + 10)["queued_messages"] == 2  # the delivered ones
+    assert [m.text for m in store.take_queued(t.thread_id, ["steer"], t.id)] == ["still waiting"]
