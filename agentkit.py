@@ -19,8 +19,10 @@ constants the sections above read at call time):
 6. locks
 7. job queue and schedules: `Queue`, `Worker`, cron, `Scheduler`
 8. attachments: `File`, the `AttachmentStore` protocol, the default `StoredFiles`
-9. conversation records: the rules of turns, approvals and the outbox, over the store
-10. models: OpenAI, Anthropic, echo, scripted, their context windows
+9. conversation records: the rules of turns, approvals, entries, queued messages and the
+   outbox, over the store
+10. models: OpenAI, Anthropic, echo, scripted, their context windows, and the registry of
+    providers by prefix
 11. tools and hooks
 12. runtimes: where commands run (local, bwrap)
 13. workspace tools
@@ -30,9 +32,10 @@ constants the sections above read at call time):
 17. secret requests
 18. adapters: Telegram, Webhook, WebChat, PollingAdapter
 19. HTTP server
-20. the AgentKit facade
-21. CLI
-22. pages: the secret form and the web chat (HTML constants, kept last)
+20. extensions: loading `setup(kit)` modules
+21. the AgentKit facade
+22. CLI
+23. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -50,6 +53,7 @@ import getpass
 import hashlib
 import hmac
 import importlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -112,6 +116,8 @@ __all__ = [
     "ContextTooLong",
     "Delivery",
     "EchoModel",
+    "Entries",
+    "Entry",
     "Event",
     "Fail",
     "File",
@@ -129,6 +135,7 @@ __all__ = [
     "LockBusy",
     "Model",
     "ModelError",
+    "ModelProviders",
     "ModelReply",
     "NotFound",
     "OpenAIModel",
@@ -159,6 +166,7 @@ __all__ = [
     "WebChat",
     "Webhook",
     "copy_store",
+    "load_extension",
     "main",
     "open_store",
 ]
@@ -548,6 +556,7 @@ class TurnRow:
     cancel_requested: bool = field(metadata=_BOOL)
     job_id: int | None
     meta: dict[str, Any] | None = field(metadata=_JSON)  # what its adapter needs to answer
+    instructions: str | None  # what extensions added to the instructions of this turn
 
 
 @dataclass(slots=True)
@@ -558,6 +567,7 @@ class MessageRow:
     role: str
     content: str | None
     tokens: int | None  # an assistant message's step: the tokens its provider reported
+    origin: str | None  # None for a turn's own messages; see Store.add_message
 
 
 @dataclass(slots=True)
@@ -679,6 +689,33 @@ class Blob:
     sha256: str
     size: int
     data: bytes | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A durable record an extension keeps in a thread (`ctx.entries.append(kind, data)`);
+    it never enters the model's context."""
+
+    id: int
+    thread_id: str
+    turn_id: str | None
+    kind: str
+    data: Any = field(metadata=_JSON)
+    at: float = field(metadata={"column": "created_at"})
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message sent to a thread while a turn runs there, waiting to be delivered into it
+    (`deliver` is "steer" or "follow_up")."""
+
+    id: int
+    thread_id: str
+    actor: str
+    text: str
+    deliver: str
+    source_id: str | None
+    turn_id: str | None  # the turn it joined, once delivered
 
 
 class Store(ABC):
@@ -983,9 +1020,17 @@ class Store(ABC):
 
     @abstractmethod
     def add_message(
-        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+        self,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        command: bool,
+        origin: str | None = None,
     ) -> int:
-        """Append a message to a thread; its id (ids grow in the order messages are added)."""
+        """Append a message to a thread; its id (ids grow in the order messages are added).
+        `origin` marks a user message that was not the turn's own ("extension", "steer",
+        "follow_up")."""
 
     @abstractmethod
     def messages(self, thread: str, limit: int) -> list[MessageRow]:
@@ -1211,12 +1256,49 @@ class Store(ABC):
     def compactions(self, thread: str) -> list[Compaction]:
         """Every compaction of a thread, oldest first."""
 
+    # extension entries and queued mid-turn messages
+
+    @abstractmethod
+    def set_turn_instructions(self, turn_id: str, instructions: str | None) -> None:
+        """Keep the extra instructions extensions gave a turn (for each of its steps)."""
+
+    @abstractmethod
+    def add_entries(
+        self, thread: str, turn_id: str | None, entries: Sequence[tuple[str, str]]
+    ) -> None:
+        """Append entries `(kind, data as JSON)` to a thread, in order."""
+
+    @abstractmethod
+    def entries(self, thread: str, kind: str | None, limit: int) -> list[Entry]:
+        """The thread's newest `limit` entries (of one kind, or all), oldest first."""
+
+    @abstractmethod
+    def add_queued(
+        self, thread: str, actor: str, text: str, deliver: str, source_id: str | None
+    ) -> int:
+        """Queue a message for delivery into the thread's running turn; its id."""
+
+    @abstractmethod
+    def queued_from(self, thread: str, source_id: str) -> QueuedMessage | None:
+        """The queued message of a thread with this source id, delivered or not."""
+
+    @abstractmethod
+    def has_queued(self, thread: str, delivers: Sequence[str]) -> bool:
+        """Whether messages of these `deliver` kinds wait for delivery in the thread."""
+
+    @abstractmethod
+    def take_queued(
+        self, thread: str, delivers: Sequence[str], turn_id: str | None
+    ) -> list[QueuedMessage]:
+        """Mark the thread's undelivered messages of these `deliver` kinds as delivered into
+        `turn_id` (None: released as turns of their own); them, oldest first."""
+
     # retention
 
     @abstractmethod
     def prune(self, before: float) -> dict[str, int]:
-        """Delete finished jobs, events, sent deliveries and used or expired secret
-        requests older than `before`; how many of each."""
+        """Delete finished jobs, events, sent deliveries, used or expired secret requests
+        and delivered queued messages older than `before`; how many of each."""
 
 
 # Engines by URL scheme ("" for a plain path): each is a callable(target, **options) that
@@ -1780,12 +1862,18 @@ class _SQLStore(Store):
         )
 
     def add_message(
-        self, thread: str, turn_id: str, role: str, content: str | None, command: bool
+        self,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        command: bool,
+        origin: str | None = None,
     ) -> int:
         return self._rows(
-            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            (thread, turn_id, role, content, int(command), self.now()),
+            "INSERT INTO messages (thread_id, turn_id, role, content, command, created_at, "
+            "origin) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (thread, turn_id, role, content, int(command), self.now(), origin),
         )[0][0]
 
     def messages(self, thread: str, limit: int) -> list[MessageRow]:
@@ -2089,6 +2177,70 @@ class _SQLStore(Store):
             (thread,),
         )
 
+    # extension entries and queued mid-turn messages
+
+    def set_turn_instructions(self, turn_id: str, instructions: str | None) -> None:
+        self._count("UPDATE turns SET instructions = ? WHERE id = ?", (instructions, turn_id))
+
+    def add_entries(
+        self, thread: str, turn_id: str | None, entries: Sequence[tuple[str, str]]
+    ) -> None:
+        if entries:
+            at = self.now()
+            self._rows_many(
+                "INSERT INTO entries (thread_id, turn_id, kind, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(thread, turn_id, kind, data, at) for kind, data in entries],
+            )
+
+    def entries(self, thread: str, kind: str | None, limit: int) -> list[Entry]:
+        where = "" if kind is None else " AND kind = ?"
+        found = self._fetch_all(
+            Entry,
+            f"SELECT {columns(Entry)} FROM entries WHERE thread_id = ?{where} "
+            "ORDER BY id DESC LIMIT ?",
+            (thread, limit) if kind is None else (thread, kind, limit),
+        )
+        return found[::-1]
+
+    def add_queued(
+        self, thread: str, actor: str, text: str, deliver: str, source_id: str | None
+    ) -> int:
+        return self._rows(
+            "INSERT INTO queued_messages (thread_id, actor, text, deliver, source_id, state, "
+            "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
+            (thread, actor, text, deliver, source_id, self.now()),
+        )[0][0]
+
+    def queued_from(self, thread: str, source_id: str) -> QueuedMessage | None:
+        return self._fetch_one(
+            QueuedMessage,
+            f"SELECT {columns(QueuedMessage)} FROM queued_messages "
+            "WHERE thread_id = ? AND source_id = ?",
+            (thread, source_id),
+        )
+
+    def has_queued(self, thread: str, delivers: Sequence[str]) -> bool:
+        return bool(
+            self._rows(
+                "SELECT 1 FROM queued_messages WHERE thread_id = ? AND state = 'queued' "
+                f"AND deliver {self.IN_LIST} LIMIT 1",
+                (thread, self._list(delivers)),
+            )
+        )
+
+    def take_queued(
+        self, thread: str, delivers: Sequence[str], turn_id: str | None
+    ) -> list[QueuedMessage]:
+        taken = self._fetch_all(
+            QueuedMessage,
+            "UPDATE queued_messages SET state = 'delivered', turn_id = ?, delivered_at = ? "
+            f"WHERE thread_id = ? AND state = 'queued' AND deliver {self.IN_LIST} "
+            f"RETURNING {columns(QueuedMessage)}",
+            (turn_id, self.now(), thread, self._list(delivers)),
+        )
+        return sorted(taken, key=lambda message: message.id)
+
     # retention
 
     # attachments
@@ -2185,6 +2337,7 @@ class _SQLStore(Store):
                 ("events", "created_at < ?"),
                 ("deliveries", "state = 'sent' AND sent_at < ?"),
                 ("secret_requests", "state != 'pending' AND created_at < ?"),
+                ("queued_messages", "state = 'delivered' AND delivered_at < ?"),
             ):
                 deleted[table] = self._count(f"DELETE FROM {table} WHERE {sql}", (before,))
         return deleted
@@ -2422,6 +2575,37 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     CREATE INDEX compactions_thread ON compactions (thread_id, id);
+    """,
+    # 9: extensions: their entries in threads, the instructions they add to a turn, the
+    # messages they add, and messages queued into a running turn (steer, follow-up)
+    """
+    CREATE TABLE entries (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX entries_thread ON entries (thread_id, kind, id);
+    ALTER TABLE turns ADD COLUMN instructions TEXT;
+    ALTER TABLE messages ADD COLUMN origin TEXT;
+    CREATE TABLE queued_messages (
+        id INTEGER PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        text TEXT NOT NULL,
+        deliver TEXT NOT NULL CHECK (deliver IN ('steer', 'follow_up')),
+        source_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'delivered')),
+        turn_id TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX queued_messages_waiting ON queued_messages (thread_id, id)
+        WHERE state = 'queued';
+    CREATE UNIQUE INDEX queued_messages_source ON queued_messages (thread_id, source_id)
+        WHERE source_id IS NOT NULL;
     """,
 )
 
@@ -4168,6 +4352,9 @@ def file_bytes(opened: bytes | Path) -> bytes:
 
 FINAL_TURN_STATES = ("done", "failed", "cancelled")
 TURN_TASK = "agentkit.turn"
+STEERED = "skipped: a new message from the user arrived before this call started"
+QUEUED_DELIVERIES = ("steer", "follow_up")  # how a message joins a running turn
+DELIVERIES = ("steer", "follow_up", "next_turn")  # what kit.send and while_busy take
 CANCELLED_RUNNING = "interrupted: the turn was cancelled while this call ran; its effect is unknown"
 DELIVER_TASK = "agentkit.deliver"
 
@@ -4231,6 +4418,56 @@ class ToolFiles(NamedTuple):
     attached: Sequence[File]
 
 
+ENTRY_KIND = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def check_entry_kind(kind: object) -> str:
+    """An entry kind: 1-100 letters, digits, '_', '.', ':' or '-'; else BadInput."""
+    if not isinstance(kind, str) or not ENTRY_KIND.fullmatch(kind):
+        raise BadInput(
+            f"an entry kind is 1-100 letters, digits, '_', '.', ':' or '-', not {kind!r}"
+        )
+    return kind
+
+
+class Entries:
+    """`ctx.entries` in tools and commands, `event.entries` in a turn's hooks: durable
+    records of the thread that never enter the model's context. Appended entries are
+    written in the transaction of the step that made them (a tool call's result; a hook's
+    next write of the turn), so a step that is not stored leaves none behind."""
+
+    def __init__(self, thread_id: str, turn_id: str | None) -> None:
+        self.thread_id = thread_id
+        self.turn_id = turn_id
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, str]] = []  # (kind, data as JSON)
+
+    def append(self, kind: str, data: Any = None) -> None:
+        """Keep `data` (anything JSON can hold) under `kind` (a name) in this thread."""
+        entry = (check_entry_kind(kind), dumps(data))
+        with self._lock:
+            self._pending.append(entry)
+
+    def pending(self) -> bool:
+        """Whether entries wait to be written."""
+        return bool(self._pending)
+
+    @contextlib.contextmanager
+    def written(self) -> Iterator[list[tuple[str, str]]]:
+        """The entries appended so far, taken for a transaction: put back if it fails."""
+        if not self._pending:
+            yield []
+            return
+        with self._lock:
+            taken, self._pending = self._pending, []
+        try:
+            yield taken
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = taken
+            raise
+
+
 class Records:
     """Threads, turns, messages, tool calls, approvals and events: the conversation's rules
     over the store.
@@ -4274,14 +4511,27 @@ class Records:
         return walk(value)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, entries: Entries | None = None) -> Iterator[None]:
         """A write transaction that, in a turn job, commits only while the job's lease holds:
-        a worker that lost its lease (and so its turn) to another writes nothing."""
-        with self.store.transaction():
-            job = getattr(self.lease, "job", None)
-            if job is not None and not job.holds():
-                raise LeaseLost(f"{job.job_id} is no longer leased to this worker")
-            yield
+        a worker that lost its lease (and so its turn) to another writes nothing. It also
+        writes the entries the turn's hooks appended (and those of `entries`, a call's)."""
+        hooked = getattr(self.lease, "entries", None)
+        sources = [source for source in (hooked, entries) if source is not None]
+        with contextlib.ExitStack() as taking:
+            taken = [(source, taking.enter_context(source.written())) for source in sources]
+            with self.store.transaction():
+                job = getattr(self.lease, "job", None)
+                if job is not None and not job.holds():
+                    raise LeaseLost(f"{job.job_id} is no longer leased to this worker")
+                yield
+                for source, appended in taken:
+                    self.add_entries(source, appended)
+
+    def add_entries(self, source: Entries, appended: Sequence[tuple[str, str]]) -> None:
+        """Store appended entries `(kind, data as JSON)`, cleaned, inside the caller's
+        transaction."""
+        clean = [(k, dumps(self.clean(source.thread_id, json.loads(d)))) for k, d in appended]
+        self.store.add_entries(source.thread_id, source.turn_id, clean)
 
     def enqueue_turn(self, turn_id: str, key: str, target: str | None, delay: float = 0.0) -> int:
         """Queue the job that runs (or resumes) a turn, `delay` seconds from now."""
@@ -4326,21 +4576,82 @@ class Records:
             raise NotFound(f"no turn {turn_id}")
         return found
 
-    def start(self, turn: TurnRow, *, command: bool) -> bool:
-        """Move a queued turn to running and add its user message to the thread; False if
-        it is not queued any more (cancelled meanwhile)."""
+    def start(
+        self,
+        turn: TurnRow,
+        *,
+        command: bool,
+        instructions: str | None = None,
+        added: Sequence[str] = (),
+    ) -> bool:
+        """Move a queued turn to running and add its user message to the thread, then the
+        messages extensions `added` and the `instructions` they gave it; False if it is
+        not queued any more (cancelled meanwhile)."""
         with self.transaction():
             if not self.store.move_turn(turn.id, "queued", "running"):
                 return False
             message = self.add_message(turn.thread_id, turn.id, "user", turn.text, command=command)
             self.store.link_attachments(turn.id, message)
+            for text in added:
+                self.add_message(
+                    turn.thread_id, turn.id, "user", text, command=False, origin="extension"
+                )
+            if instructions:
+                self.store.set_turn_instructions(turn.id, self.clean(turn.thread_id, instructions))
             return True
 
     def add_message(
-        self, thread: str, turn_id: str, role: str, content: str | None, *, command: bool
+        self,
+        thread: str,
+        turn_id: str,
+        role: str,
+        content: str | None,
+        *,
+        command: bool,
+        origin: str | None = None,
     ) -> int:
         """Append a message to the thread, cleaned; its id."""
-        return self.store.add_message(thread, turn_id, role, self.clean(thread, content), command)
+        content = self.clean(thread, content)
+        return self.store.add_message(thread, turn_id, role, content, command, origin)
+
+    def queue_message(
+        self, thread: str, actor: str, text: str, deliver: str, source_id: str | None
+    ) -> str | None:
+        """Queue a message into the thread's active turn (inside the caller's transaction);
+        that turn's id, or None when no turn is active there (the message is not queued).
+        The same source id twice is queued once."""
+        queued = None if source_id is None else self.store.queued_from(thread, source_id)
+        if queued is not None:
+            return queued.turn_id or (self.store.active_turns(thread) or [None])[0]
+        active = self.store.active_turns(thread)
+        if not active:
+            return None
+        self.store.add_queued(thread, actor, text, deliver, source_id)
+        self.deliver(thread, active[0], "user", text)
+        return active[0]
+
+    def take_messages(self, turn: TurnRow, delivers: Sequence[str]) -> list[QueuedMessage]:
+        """Deliver the thread's queued messages of these kinds into the turn, as user
+        messages marked by how they were sent (inside the caller's transaction)."""
+        taken = self.store.take_queued(turn.thread_id, delivers, turn.id)
+        for message in taken:
+            self.add_message(
+                turn.thread_id, turn.id, "user", message.text, command=False, origin=message.deliver
+            )
+        return taken
+
+    def steer(self, turn: TurnRow, calls: Sequence[CallRow]) -> bool:
+        """Deliver the thread's queued steer messages into the turn, and skip the pending
+        `calls` (their results say so); whether there were any."""
+        if not self.store.has_queued(turn.thread_id, ("steer",)):
+            return False  # read first: most steps have none, and need no write
+        with self.transaction():
+            if not self.take_messages(turn, ("steer",)):
+                return False
+            for call in calls:
+                if call.state == "pending":
+                    self.set_call(turn, call.call_id, "error", STEERED, "pending")
+            return True
 
     def add_step(
         self,
@@ -4376,9 +4687,16 @@ class Records:
                 data = {"approval": approval_id, "tool": tool}
                 self.add_event("approval_requested", turn.actor, turn, data)
                 self.ask_approvers(made[-1])
-            if not calls:
+            if not calls and not self.take_messages(turn, QUEUED_DELIVERIES):
                 self.end(turn.id, "done", reply=text)
+            elif not calls and text:  # queued messages go on with the turn: this answer is out
+                self.deliver(turn.thread_id, turn.id, "reply", text, **self.meta_of(turn))
         return made
+
+    @staticmethod
+    def meta_of(turn: TurnRow) -> dict[str, Any]:
+        """What a delivery about a turn carries for its adapter (the turn's meta)."""
+        return {"meta": turn.meta} if turn.meta else {}
 
     def end(
         self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
@@ -4389,7 +4707,7 @@ class Records:
         thread = self.turn(turn_id).thread_id
         reply, error = self.clean(thread, reply), self.clean(thread, error)
         turn = self.store.end_turn(turn_id, status, reply, error, final)
-        extra = {"meta": turn.meta} if turn.meta else {}
+        extra = self.meta_of(turn)
         if status == "done" and reply:
             self.deliver(thread, turn_id, "reply", reply, **extra)
         elif status == "failed":
@@ -4400,7 +4718,23 @@ class Records:
         if self.store.thread_waits(thread):
             return
         for held_id in self.store.held_turns(thread):
-            self.store.set_turn_job(held_id, self.enqueue_turn(held_id, f"turn:{held_id}", thread))
+            self.release(held_id, thread)
+        queued = final and self.store.has_queued(thread, QUEUED_DELIVERIES)
+        if queued and not self.store.active_turns(thread):
+            self.release_queued(thread)
+
+    def release_queued(self, thread: str) -> None:
+        """Make the messages still queued in a thread where no turn is active turns of their
+        own, in order (inside the caller's transaction): none is lost when the turn they
+        waited for failed or was cancelled."""
+        for message in self.store.take_queued(thread, QUEUED_DELIVERIES, None):
+            turn_id, created = self.add_turn(thread, message.actor, message.text, message.source_id)
+            if created:
+                self.release(turn_id, thread)
+
+    def release(self, turn_id: str, thread: str) -> None:
+        """Give a held turn its job, in the thread's order."""
+        self.store.set_turn_job(turn_id, self.enqueue_turn(turn_id, f"turn:{turn_id}", thread))
 
     def finish(
         self, turn_id: str, status: str, *, reply: str | None = None, error: str | None = None
@@ -4440,17 +4774,19 @@ class Records:
         *,
         was: str,
         made: "ToolFiles | None" = None,
+        entries: Entries | None = None,
     ) -> str:
         """Record a call's result if it is still in state `was`, with the files the call
-        made stored and sent to the thread in the same transaction; the result as stored
-        (naming the files it returned, or why they could not be stored)."""
+        made stored and sent to the thread and the entries it made, in one transaction;
+        the result as stored (naming the files it returned, or why they could not be
+        stored)."""
         if made is None or not (made.returned or made.attached):
-            with self.transaction():
+            with self.transaction(entries):
                 self.set_call(turn, call_id, state, result, was)
             return result
         where = {"call_id": call_id, "message_id": made.message_id}
         try:
-            with self.transaction():
+            with self.transaction(entries):
                 returned = self.save_files(
                     turn.thread_id, turn.id, made.returned, origin="result", **where
                 )
@@ -4464,7 +4800,7 @@ class Records:
                 self.send_files(turn.thread_id, turn.id, returned + attached)
                 return result
         except BadInput as e:
-            with self.transaction():
+            with self.transaction(entries):
                 self.set_call(turn, call_id, "error", f"the files were not sent: {e}", was)
             return f"the files were not sent: {e}"
 
@@ -4681,6 +5017,8 @@ class Records:
         for message in rows:
             if message.role == "user":
                 messages = [{"role": "user", "content": message.content or ""}]
+                if message.origin:  # added by an extension, not said by the user
+                    messages[0]["origin"] = message.origin
             else:
                 messages = assistant_messages(message.content, calls.get(message.id, []))
             for one in messages:  # a call's results by its id; what tools sent, the reply's
@@ -4694,7 +5032,8 @@ class Records:
         """The newest exchanges of a thread in the models' neutral format, within budget.
 
         The window starts at a user message, so every tool call keeps its result; the
-        newest user message is always kept.
+        newest user message is always kept. A user message that was not the turn's own
+        has its `origin` ("extension", "steer" or "follow_up").
         """
         rows = self.store.messages(thread, max_messages)[::-1]
         exchanges: list[list[dict[str, Any]]] = []
@@ -4738,7 +5077,7 @@ def assistant_messages(content: str | None, calls: list[CallRow]) -> list[dict[s
     return [message, *results]
 
 
-# ─────────────────────────── models: OpenAI, Anthropic, echo, scripted ───────────────────────────
+# ──────────────────── models: OpenAI, Anthropic, echo, scripted, the registry ────────────────────
 
 INVALID_ARGS_KEY = "__invalid_json__"
 """Key of ToolCall.args that holds tool-call arguments which were not a JSON object."""
@@ -5596,33 +5935,76 @@ def _default_spec() -> str:
     return "echo"
 
 
+MODEL_PREFIX = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+
+
+class ModelProviders:
+    """Model specs by provider prefix: `"<prefix>:<model>"` (or a bare prefix, for a provider
+    that takes no model name, like "echo") made by the prefix's factory when a spec is
+    resolved, so a provider costs nothing until a spec names it. The built-in specs are
+    registered like any other; a kit copies them and adds its own (`register_model`)."""
+
+    def __init__(self, factories: dict[str, tuple[Callable[[str], Model], bool]] | None = None):
+        self.factories = dict(factories or {})  # prefix -> (factory, takes a model name)
+
+    def register(self, prefix: str, factory: Callable[[str], Model], *, named: bool = True) -> None:
+        """Make `"<prefix>:<model>"` resolve to `factory("<model>")` (a bare `prefix` to
+        `factory("")` when not `named`); a later registration of a prefix replaces it."""
+        if not isinstance(prefix, str) or not MODEL_PREFIX.fullmatch(prefix):
+            raise BadInput(
+                f"a model prefix is 1-32 of a-z, 0-9, '_', '.' and '-', starting with a "
+                f"letter, not {prefix!r}"
+            )
+        if not callable(factory):
+            raise BadInput(f"the factory of model prefix {prefix!r} must be callable")
+        self.factories[prefix] = (factory, named)
+
+    def copy(self) -> "ModelProviders":
+        return ModelProviders(self.factories)
+
+    def make(self, spec: str | Model | None) -> Model:
+        """The model a spec names: a Model object as is, a registered spec; None takes
+        AGENTKIT_MODEL, else the provider whose API key is set, else echo."""
+        if spec is None:
+            spec = os.environ.get("AGENTKIT_MODEL") or _default_spec()
+        if not isinstance(spec, str):
+            if isinstance(spec, Model):
+                return spec
+            raise BadInput(f"not a model: {spec!r} has no name and complete()")
+        prefix, colon, name = spec.strip().partition(":")
+        factory, named = self.factories.get(prefix, (None, True))
+        if factory is None or named != bool(name) or (colon and not named):
+            raise BadInput(f"unknown model {spec!r}: use {self.known()} or a Model object")
+        made = factory(name)
+        if not isinstance(made, Model):
+            raise BadInput(f"the factory of {prefix!r} made {made!r}, which is not a Model")
+        return made
+
+    def known(self) -> str:
+        """The registered specs, for error messages: 'echo', 'openai:<model>', …"""
+        return ", ".join(
+            repr(prefix if not named else f"{prefix}:<model>")
+            for prefix, (_, named) in self.factories.items()
+        )
+
+
+MODELS = ModelProviders()
+"""The built-in model providers, which every kit starts from."""
+MODELS.register("echo", lambda name: EchoModel(), named=False)
+MODELS.register("openai", lambda name: OpenAIModel(name))
+MODELS.register("anthropic", lambda name: AnthropicModel(name))
+
+
 def model_from_spec(spec: str | Model | None) -> Model:
-    """The model a spec names: a Model object as is, "echo", "openai:<model>" or
-    "anthropic:<model>"; None takes AGENTKIT_MODEL, else the provider whose API key is set,
-    else echo."""
-    if spec is None:
-        spec = os.environ.get("AGENTKIT_MODEL") or _default_spec()
-    if not isinstance(spec, str):
-        if isinstance(spec, Model):
-            return spec
-        raise BadInput(f"not a model: {spec!r} has no name and complete()")
-    provider, _, model = spec.strip().partition(":")
-    if spec.strip() == "echo":
-        return EchoModel()
-    if provider == "openai" and model:
-        return OpenAIModel(model)
-    if provider == "anthropic" and model:
-        return AnthropicModel(model)
-    raise BadInput(
-        f"unknown model {spec!r}: use 'echo', 'openai:<model>', 'anthropic:<model>' "
-        f"or a Model object"
-    )
+    """The model a spec of the built-in providers names (see ModelProviders.make)."""
+    return MODELS.make(spec)
 
 
 # ─────────────────────────────────── tools and hooks ───────────────────────────────────
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EVENTS = (
+    "before_turn",
     "message_received",
     "turn_start",
     "model_request",
@@ -5657,11 +6039,13 @@ class ToolContext:
         on_progress: Callable[[str], None] | None = None,
         files: Callable[[], list[Attachment]] = list,
         open_file: Callable[[str], bytes] | None = None,
+        entries: Entries | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
         self.actor = actor
         self.call_id = call_id
+        self.entries = Entries(thread_id, turn_id) if entries is None else entries
         self._root = root
         self._runtime = runtime
         self._on_progress = on_progress
@@ -5949,15 +6333,26 @@ class Hooks:
     def emit(self, kind: str, **fields: Any) -> list[Any]:
         """Call every handler of `kind`; their return values (HookFailed if one raises)."""
         event = Event(kind=kind, **fields)
-        results = []
+        return [self._call(kind, fn, event) for fn in self.handlers[kind]]
+
+    def chain(self, kind: str, key: str, value: list[Any], **fields: Any) -> list[Any]:
+        """Call every handler of `kind` in order, each with a deep copy of `value` as
+        `event.<key>`; a list one returns is what the next one gets. The last list."""
         for fn in self.handlers[kind]:
-            try:
-                results.append(call_sync(fn, event))
-            except Exception as e:
-                hook = callable_name(fn)
-                log.exception("hook %s for %s raised", hook, kind)
-                raise HookFailed(f"the {kind} hook {hook} raised {describe_error(e)}") from e
-        return results
+            event = Event(kind=kind, **fields, **{key: copy.deepcopy(value)})
+            changed = self._call(kind, fn, event)
+            if isinstance(changed, list):
+                value = changed
+        return value
+
+    @staticmethod
+    def _call(kind: str, fn: Callable[[Event], Any], event: Event) -> Any:
+        try:
+            return call_sync(fn, event)
+        except Exception as e:
+            hook = callable_name(fn)
+            log.exception("hook %s for %s raised", hook, kind)
+            raise HookFailed(f"the {kind} hook {hook} raised {describe_error(e)}") from e
 
 
 # ─────────────────────────────────────── runtimes ───────────────────────────────────────
@@ -7714,6 +8109,10 @@ class FileParts:
         return [{"type": "text", "text": text}, *parts] if parts else text
 
 
+_Started = tuple[str, Tool, dict[str, Any], ToolContext, concurrent.futures.Future, int]
+# a call started by TurnEngine.start_calls: its id, tool, args, context, future, message
+
+
 class TurnEngine:
     """Runs turns as jobs: the model loop, tool calls, hooks and commands.
 
@@ -7732,6 +8131,8 @@ class TurnEngine:
         workspace: Path,
         max_steps: int,
         approval_ttl: float,
+        while_busy: str = "next_turn",
+        parallel_tools: bool = True,
         **context: Any,
     ) -> None:
         """`context` holds the options of its ContextWindow."""
@@ -7739,6 +8140,8 @@ class TurnEngine:
         self.queue = queue
         self.records = Records(queue)
         self.model = model
+        self.while_busy = check_choice("while_busy", while_busy, DELIVERIES)
+        self.parallel_tools = parallel_tools
         self.instructions = instructions
         self.workspace = workspace
         self.max_steps = max_steps
@@ -7766,6 +8169,8 @@ class TurnEngine:
         meta: dict[str, Any] | None = None,
         files: Sequence[File | Attachment] = (),
         group: tuple[str, float] | None = None,
+        *,
+        deliver: str | None = None,
     ) -> str:
         """Record an inbound message (with its files) and queue its turn in one
         transaction; the turn id.
@@ -7774,7 +8179,9 @@ class TurnEngine:
         waiting turns. A message to a thread that waits for an approval is held until
         the decision (and told so). Commands run at once, outside the thread's order.
         The parts of one `group` `(key, wait)` (an album) join one turn while it is
-        queued; it starts `wait` seconds after the last part came.
+        queued; it starts `wait` seconds after the last part came. `deliver` ("steer" or
+        "follow_up"; else `while_busy` for a thread that is not waiting) queues a message
+        without files into a turn active in the thread, whose id it returns.
         """
         command = parse_command(text)
         with self.queue.store.transaction():
@@ -7784,6 +8191,18 @@ class TurnEngine:
                     source_id = f"group:{group[0]}"  # the first part: the group's turn
                 elif self.join_group(first, text, files, group[1]):
                     return first.id
+            how = deliver or self.while_busy
+            if (
+                command is None
+                and how != "next_turn"
+                and not files
+                and group is None
+                and not (deliver is None and self.records.waiting_in(thread))  # held, as before
+            ):
+                joined = self.records.queue_message(thread, actor, text, how, source_id)
+                if joined is not None:
+                    self.queue.store.notify()
+                    return joined
             turn_id, created = self.records.add_turn(thread, actor, text, source_id, meta)
             if not created:
                 return turn_id
@@ -7853,11 +8272,23 @@ class TurnEngine:
         turn = self.records.turn(payload["turn"])
         if turn.status in FINAL_TURN_STATES:
             return turn.status
+        hooked = self.records.lease.entries = Entries(turn.thread_id, turn.id)
+        try:
+            return self.advance(turn, ctx, hooked)
+        finally:
+            self.records.lease.entries = None
+
+    def advance(self, turn: TurnRow, ctx: JobContext, hooked: Entries) -> str:
+        """Run a turn job's turn as far as it goes; its status then. The entries its hooks
+        append go in with its next write (those of `turn_end` in one of their own)."""
         self.records.lease.job = ctx
         try:
             command = parse_command(turn.text)
             if turn.status == "queued":
-                if not self.records.start(turn, command=command is not None):
+                instructions, added = (None, []) if command else self.before_turn(turn)
+                if not self.records.start(
+                    turn, command=command is not None, instructions=instructions, added=added
+                ):
                     return self.records.turn(turn.id).status
                 if command is None:
                     self.emit(turn, "message_received", text=turn.text)
@@ -7891,9 +8322,29 @@ class TurnEngine:
                 self.emit(
                     final, "turn_end", status=final.status, reply=final.reply, error=final.error
                 )
+        if hooked.pending():
+            with self.records.transaction():
+                pass  # the transaction writes them
         if final.status in (*FINAL_TURN_STATES, "waiting_approval"):
             self.tell(final, "done", step=max(final.steps - 1, 0), result=self.result(final.id))
         return final.status
+
+    def before_turn(self, turn: TurnRow) -> tuple[str | None, list[str]]:
+        """What the `before_turn` hooks give a turn, in the order they were registered:
+        their instructions joined, and their messages for the thread."""
+        instructions, added = [], []
+        for given in self.emit(turn, "before_turn", text=turn.text):
+            if given is None:
+                continue
+            if not isinstance(given, dict) or not given or set(given) - {"instructions", "message"}:
+                raise HookFailed(
+                    f"a before_turn hook returned {clip(repr(given), 100)}: return None or a "
+                    'dict with "instructions" and/or "message" (texts)'
+                )
+            for key, into in (("instructions", instructions), ("message", added)):
+                if key in given:
+                    into.append(check_text(given[key], f"before_turn {key}"))
+        return "\n\n".join(instructions) or None, added
 
     def context_of(
         self, turn: TurnRow, call_id: str | None, tool: str | None = None
@@ -7917,12 +8368,25 @@ class TurnEngine:
             on_progress=progress if tool is not None else None,
             files=lambda: [row.attachment for row in self.queue.store.turn_attachments(turn.id)],
             open_file=functools.partial(self.records.open_file, turn.thread_id),
+            entries=None if call_id is not None else self.hook_entries(turn),
         )
 
+    def hook_entries(self, turn: TurnRow) -> Entries:
+        """The entries of the turn this thread runs (a command's and its hooks' appends)."""
+        running = getattr(self.records.lease, "entries", None)
+        return running if running is not None else Entries(turn.thread_id, turn.id)
+
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
-        return self.hooks.emit(
-            kind, thread_id=turn.thread_id, turn_id=turn.id, actor=turn.actor, **fields
-        )
+        return self.hooks.emit(kind, **self.event_fields(turn), **fields)
+
+    def event_fields(self, turn: TurnRow) -> dict[str, Any]:
+        """What every hook of a turn is told: the thread, the turn, the actor, `entries`."""
+        return {
+            "thread_id": turn.thread_id,
+            "turn_id": turn.id,
+            "actor": turn.actor,
+            "entries": self.hook_entries(turn),
+        }
 
     def redact(self, thread: str, text: str) -> str:
         """`text` with known tokens and the thread's saved secret values redacted."""
@@ -7963,13 +8427,15 @@ class TurnEngine:
             if turn.steps >= self.max_steps:
                 error = f"no final answer within max_steps={self.max_steps} model steps"
                 self.records.finish(turn.id, "failed", error=error)
-            else:
+            elif not self.records.steer(turn, ()):  # a steer message first joins the turn
                 self.step(turn)
 
     def step(self, turn: TurnRow) -> None:
         """One model request (within the context window: see ContextWindow); its answer and
         tool calls stored in one transaction."""
         tools = [tool.spec() for tool in self.tools.values()]
+        fields = self.event_fields(turn)
+        instructions = "\n\n".join(filter(None, [self.instructions, turn.instructions]))
         index = turn.steps
         live = _LiveText(
             {**redactions.values, **self.records.thread_secrets(turn.thread_id)},
@@ -7977,14 +8443,14 @@ class TurnEngine:
         )
 
         def ask(messages: list[dict[str, Any]]) -> ModelReply:
-            for changed in self.emit(turn, "model_request", messages=messages, tools=tools):
-                if isinstance(changed, list):
-                    messages = changed
+            messages = self.hooks.chain(
+                "model_request", "messages", messages, tools=tools, **fields
+            )
             messages = FileParts(self.model, self.records).messages(turn.thread_id, messages)
             self.tell(turn, "thinking", step=index)
-            return complete_live(self.model, self.instructions, messages, tools, live.add)
+            return complete_live(self.model, instructions, messages, tools, live.add)
 
-        reply = self.context.request(turn, self.model, self.instructions, tools, ask)
+        reply = self.context.request(turn, self.model, instructions, tools, ask)
         text = None if reply.text is None else self.redact(turn.thread_id, reply.text)
         live.finish(text)
         used = {call.call_id for call in self.queue.store.calls(turn.id)}
@@ -8016,10 +8482,21 @@ class TurnEngine:
                 self.emit(turn, "approval_requested", approval=approval)
 
     def run_calls(self, turn: TurnRow, calls: list[CallRow]) -> None:
-        """Run the open calls of a turn at once, each claimed first, and store their results."""
+        """Run the open calls of a turn, each claimed first, and store their results: all at
+        once, or one after another without `parallel_tools`. A steer message queued before
+        a call starts skips it and the ones after it."""
         missing = sorted({call.tool for call in calls} - set(self.tools))
         if missing:  # the model saw them in another process: the turn runs on there
             raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
+        batches = [calls] if self.parallel_tools else [[call] for call in calls]
+        for i, batch in enumerate(batches):
+            if self.records.steer(turn, [call for rest in batches[i:] for call in rest]):
+                return
+            self.finish_calls(turn, self.start_calls(turn, batch))
+
+    def start_calls(self, turn: TurnRow, calls: list[CallRow]) -> list[_Started]:
+        """Claim and start calls; those started, with their contexts and futures."""
+        message_ids = {call.call_id: call.message_id for call in calls}
         started = []
         step = max(turn.steps - 1, 0)
         for call_id, name, args, state in ((c.call_id, c.tool, c.args, c.state) for c in calls):
@@ -8031,9 +8508,14 @@ class TurnEngine:
                 self.tell(turn, "tool_start", step=step, tool=name, call_id=call_id, args=values)
                 ctx = self.context_of(turn, call_id, name)
                 future = self.start_tool(tool, values, ctx)
-                started.append((call_id, tool, values, future, ctx))
-        messages = {call.call_id: call.message_id for call in calls}
-        for call_id, tool, args, future, ctx in started:
+                started.append((call_id, tool, values, ctx, future, message_ids[call_id]))
+        return started
+
+    def finish_calls(self, turn: TurnRow, started: list[_Started]) -> None:
+        """Wait for started calls and store each result with the files and entries its
+        call made."""
+        step = max(turn.steps - 1, 0)
+        for call_id, tool, args, ctx, future, message_id in started:
             state, result, returned = self.finish_tool(tool, future)
             for changed in self.emit(
                 turn,
@@ -8047,8 +8529,10 @@ class TurnEngine:
                 if changed is not None:
                     result = as_text(changed)
             result = self.redact(turn.thread_id, result)
-            made = ToolFiles(messages[call_id], call_id, returned, ctx.attached)
-            result = self.records.set_result(turn, call_id, state, result, was="running", made=made)
+            made = ToolFiles(message_id, call_id, returned, ctx.attached)
+            result = self.records.set_result(
+                turn, call_id, state, result, was="running", made=made, entries=ctx.entries
+            )
             self.tell(
                 turn,
                 "tool_end",
@@ -10142,6 +10626,44 @@ class WebServer(ThreadingHTTPServer):
         return response or json_response(404, {"error": "not found"})
 
 
+# ─────────────────────────────────────── extensions ───────────────────────────────────────
+# Extensions are modules with `setup(kit)`, named like "package.module" or by the path of a
+# .py file; every process of a deployment loads the same ones (`extensions=`, `--ext`).
+
+
+def load_extension(spec: str) -> types.ModuleType:
+    """The module an extension spec names: a path ending in `.py` (relative to the current
+    directory) or a module imported from the current directory or sys.path. BadInput,
+    saying why, when it cannot be loaded or has no `setup(kit)`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise BadInput(f"an extension is a module name or a .py path, not {spec!r}")
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).resolve()
+            name = f"agentkit_extension_{path.stem}_{hashlib.sha256(bytes(path)).hexdigest()[:8]}"
+            module = sys.modules.get(name)
+            if module is None:
+                found = importlib.util.spec_from_file_location(name, path)
+                if found is None or found.loader is None or not path.is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                module = importlib.util.module_from_spec(found)
+                sys.modules[name] = module
+                try:
+                    found.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(spec)
+    except Exception as e:  # an extension may fail in any way: say so in one line
+        raise BadInput(f"cannot load extension {spec}: {describe_error(e)}") from None
+    if not callable(getattr(module, "setup", None)):
+        raise BadInput(f"extension {spec} has no setup(kit) function: define one")
+    return module
+
+
 # ─────────────────────────────────── the AgentKit facade ───────────────────────────────────
 
 
@@ -10198,6 +10720,9 @@ class AgentKit:
         workspace_tools_approval: bool | Callable[..., bool | str] = True,
         attachments: AttachmentStore | None = None,
         max_file_bytes: int = MAX_FILE_BYTES,
+        extensions: Sequence[str] = (),
+        while_busy: str = "next_turn",
+        parallel_tools: bool = True,
     ) -> None:
         for name, value in [
             ("max_steps", max_steps),
@@ -10210,12 +10735,17 @@ class AgentKit:
             check_thread(pattern)
         approval_ttl = check_seconds("approval_ttl", approval_ttl, positive=True)
         self.lease = check_seconds("lease", lease, positive=True)
+        check_choice("while_busy", while_busy, DELIVERIES)
+        if isinstance(extensions, str):
+            raise BadInput("extensions is a list of module names or .py paths, not one string")
+        self.models = MODELS.copy()  # the model specs this kit resolves; register_model adds
         db = os.fspath(db)
         if workspace is None:
             workspace = os.path.join(os.path.dirname(os.path.abspath(db)), "workspace")
             if db == ":memory:" or "://" in db:  # no folder of its own: this one's
                 workspace = os.path.abspath("workspace")
-        chosen = model_from_spec(model)
+        if not extensions:  # their prefixes are known once they are loaded
+            self.models.make(model)  # a bad spec is refused before anything is created
         runtimes = Runtimes(
             runtime_provider(runtime),
             scope=runtime_scope,
@@ -10229,7 +10759,7 @@ class AgentKit:
         self.scheduler = Scheduler(self.queue)
         self.engine = TurnEngine(
             self.queue,
-            model=chosen,
+            model=EchoModel(),  # until the spec is resolved, once extensions are loaded
             instructions=instructions,
             workspace=Path(workspace),
             max_steps=max_steps,
@@ -10240,6 +10770,8 @@ class AgentKit:
             summary_model=None if summary_model is None else model_from_spec(summary_model),
             max_messages=context_messages,
             max_chars=context_chars,
+            while_busy=while_busy,
+            parallel_tools=parallel_tools,
         )
         self.gatekeeper = Approvals(self.engine, approvers, allow_self_approval=allow_self_approval)
         self.engine.commands["approve"] = self._approve_command
@@ -10283,6 +10815,41 @@ class AgentKit:
         self._streamers = concurrent.futures.ThreadPoolExecutor(32, "agentkit-stream")
         self._workers: set[Worker] = set()  # those running `work` (or `serve`) now
         self._working = threading.Condition()
+        self.extensions: list[str] = []  # the specs of the extensions loaded, in order
+        self._extension_modules: set[str] = set()
+        try:
+            for spec in extensions:
+                self.load_extension(spec)
+            self.engine.model = self.models.make(model)
+        except BaseException:
+            self.close()
+            raise
+
+    # extensions
+
+    def load_extension(self, spec: str) -> None:
+        """Load an extension ("package.module" or "path/to/ext.py") and call its
+        `setup(kit)` with this kit; an extension already loaded here is not set up again."""
+        module = load_extension(spec)
+        if module.__name__ in self._extension_modules:
+            return
+        try:
+            module.setup(self)
+        except Exception as e:
+            raise BadInput(f"extension {spec}: setup(kit) raised {describe_error(e)}") from e
+        self._extension_modules.add(module.__name__)
+        self.extensions.append(spec)
+
+    def register_model(self, prefix: str, factory: Callable[[str], Model]) -> None:
+        """Make `"<prefix>:<model>"` a model spec of this kit (`model=`, `--model`,
+        AGENTKIT_MODEL): `factory("<model>")` makes the Model when a spec names it."""
+        self.models.register(prefix, factory)
+
+    def entries(self, thread: str, kind: str | None = None, limit: int = 1000) -> list[Entry]:
+        """A thread's entries (`ctx.entries.append`), oldest first: each has `.kind`,
+        `.data` and `.at`; only those of `kind` when given; the newest `limit`."""
+        kind = None if kind is None else check_entry_kind(kind)
+        return self.store.entries(check_thread(thread), kind, check_int("limit", limit))
 
     def _adapters(self, given: Sequence[Adapter]) -> dict[str, Adapter]:
         """The adapters by name: the web chat always; Telegram from TELEGRAM_BOT_TOKEN when
@@ -10538,9 +11105,12 @@ class AgentKit:
         meta: dict[str, Any] | None,
         files: Sequence[File | Attachment] = (),
         group: tuple[str, float] | None = None,
+        *,
+        deliver: str | None = None,
     ) -> tuple[str | None, str | None]:
         """Intake inside the caller's transaction: deduplicate, intercept secret blobs,
-        submit the turn with its files; `(turn id, note for the sender)`."""
+        submit the turn with its files (or queue the message into one, see
+        TurnEngine.submit); `(turn id, note for the sender)`."""
         seen = self.records.seen(thread.partition(":")[0], source_id)
         if seen:
             return seen.id, None
@@ -10554,7 +11124,10 @@ class AgentKit:
             note = f"Saved {', '.join(names)} for this conversation."
             self.records.deliver(thread, None, "notice", note, meta=meta or {})
             text = saved_note(names, request_id)
-        return self.engine.submit(thread, text, actor, source_id, meta, files, group), note
+        submitted = self.engine.submit(
+            thread, text, actor, source_id, meta, files, group, deliver=deliver
+        )
+        return submitted, note
 
     # secrets
 
@@ -10667,6 +11240,21 @@ class AgentKit:
         result = self._follow(turn_id, self.engine.records.turn(turn_id).job_id, wait, limit)
         return self._noted(result, note)
 
+    def send(
+        self, thread: str, text: str, *, actor: str | None = None, deliver: str = "follow_up"
+    ) -> str:
+        """Send a message to a thread where a turn may be running; the id of the turn it
+        joins (or starts). `deliver`: "steer" joins the running turn after the tool call in
+        progress (the step's calls not started yet are skipped, and the model is told so),
+        "follow_up" when the turn would end (the same turn goes on), "next_turn" starts a
+        turn after it. A message queued into a turn is a row until delivered; with no turn
+        active in the thread, it starts one."""
+        check_choice("deliver", deliver, DELIVERIES)
+        _, turn_id, note = self._start_turn(thread, text, actor, None, deliver=deliver)
+        if turn_id is None:
+            raise BadInput(note or "the message was refused")
+        return turn_id
+
     def _start_turn(
         self,
         thread: str,
@@ -10674,6 +11262,8 @@ class AgentKit:
         actor: str | None,
         source_id: str | None,
         files: Sequence[File] = (),
+        *,
+        deliver: str | None = None,
     ) -> tuple[str, str | None, str | None]:
         """Check and take a message from Python code: `(thread, turn id or None, note)`."""
         thread = check_thread(thread)
@@ -10684,7 +11274,9 @@ class AgentKit:
         if not isinstance(files, (list, tuple)) or not all(isinstance(f, File) for f in files):
             raise BadInput("files is a list of agentkit.File objects")
         with self.store.transaction():
-            turn_id, note = self._accept(thread, actor, text, source_id, None, files)
+            turn_id, note = self._accept(
+                thread, actor, text, source_id, None, files, deliver=deliver
+            )
         self.queue.store.notify()
         return thread, turn_id, note
 
@@ -11111,16 +11703,20 @@ def _database_exists(db: str) -> bool:
 
 
 def open_kit(args: argparse.Namespace, *, must_exist: bool = False) -> AgentKit:
-    """The kit the command works on: `--app`, or a bare one over `--db`; `-m` and `-s`
-    set the model and instructions of the turns this process runs."""
+    """The kit the command works on: `--app`, or a bare one over `--db`, with the `--ext`
+    extensions loaded; `-m` and `-s` set the model and instructions of the turns this
+    process runs."""
+    extensions = getattr(args, "ext", None) or []
     if args.app:
         kit = load_app(args.app)
+        for spec in extensions:
+            kit.load_extension(spec)
         if getattr(args, "model", None):
-            kit.engine.model = model_from_spec(args.model)
+            kit.engine.model = kit.models.make(args.model)
     elif must_exist and not _database_exists(args.db):
         raise StoreError(f"no database at {args.db}")
     else:
-        kit = AgentKit(args.db, model=served_model(args))
+        kit = AgentKit(args.db, model=served_model(args), extensions=extensions)
     if getattr(args, "system", None):
         kit.engine.instructions = args.system
     return kit
@@ -11527,7 +12123,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {message['name']} ->{mark} {message['content']}")
             continue
         if message.get("content"):
-            print(f"{message['role']}: {message['content']}")
+            origin = f" ({message['origin']})" if message.get("origin") else ""
+            print(f"{message['role']}{origin}: {message['content']}")
         for call in message.get("tool_calls", []):
             print(f"  {call['name']}({json.dumps(call['args'])})")
         for file in message.get("files", []):
@@ -11642,6 +12239,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--app", default=argparse.SUPPRESS, help="module:attribute of an AgentKit")
     common.add_argument(
+        "--ext",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="EXTENSION",
+        help="load an extension: package.module or path/to/ext.py (repeatable)",
+    )
+    common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
     )
     common.add_argument(
@@ -11683,7 +12287,11 @@ def build_parser() -> argparse.ArgumentParser:
     for command, fn in ((run, cmd_run), (chat, cmd_chat)):
         command.add_argument("--thread", default=me, help=f"thread id ({me})")
         command.add_argument("--as", dest="actor", default=me, help=f"actor id ({me})")
-        command.add_argument("-m", "--model", help="echo, openai:<model> or anthropic:<model>")
+        command.add_argument(
+            "-m",
+            "--model",
+            help="echo, openai:<model>, anthropic:<model> or <prefix>:<model> of an extension",
+        )
         command.add_argument("-s", "--system", help="instructions for the turns run here")
         command.add_argument("--json", action="store_true", help="the events as JSON lines")
         command.set_defaults(run=fn)

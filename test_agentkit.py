@@ -1952,6 +1952,7 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
         "secret_requests": 0,
         "attachments": 0,
         "blobs": 0,
+        "queued_messages": 0,
     }
     assert waiting.approvals()[0].state == "pending"
     assert rows(waiting, "turns", "status") == ["waiting_approval"]

@@ -69,13 +69,14 @@ def agentkit_command() -> list[str]:
 
 
 class Served:
-    """`<command> serve --app <app> --http 127.0.0.1:0` in examples/, as a process."""
+    """`<command> serve --app <app> --http 127.0.0.1:0` in examples/, as a process (a bare
+    kit when `app` is "")."""
 
     PATTERN = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
 
     def __init__(self, command: list[str], app: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [*command, "serve", "--app", app, "--http", "127.0.0.1:0"],
+            [*command, "serve", *(["--app", app] if app else []), "--http", "127.0.0.1:0"],
             cwd=EXAMPLES,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -480,3 +480,48 @@ def test_open_store_picks_the_engine_by_url_scheme(
     plain = agentkit.open_store(tmp_path / "plain.db")  # a path: SQLite
     assert isinstance(plain, agentkit.SQLiteStore) and plain.path == str(tmp_path / "plain.db")
     plain.close()
+
+
+# ───────────────────────────── extension entries and queued messages ─────────────────────────────
+
+
+def test_entries_come_back_oldest_first_by_kind_and_never_as_messages(store: Store) -> None:
+    t = turn(store)
+    store.add_entries(t.thread_id, t.id, [("note", '{"n": 1}'), ("plan", '["a"]')])
+    store.add_entries(t.thread_id, None, [("note", '{"n": 2}')])
+    store.add_entries(t.thread_id, None, [])
+    found = store.entries(t.thread_id, None, 10)
+    assert [(e.kind, e.data, e.turn_id) for e in found] == [
+        ("note", {"n": 1}, t.id),
+        ("plan", ["a"], t.id),
+        ("note", {"n": 2}, None),
+    ]
+    assert found[0].at <= found[2].at and found[0].id < found[2].id
+    assert [e.data for e in store.entries(t.thread_id, "note", 1)] == [{"n": 2}]
+    assert store.entries("cli:other", None, 10) == [] and store.messages(t.thread_id, 10) == []
+    assert store.turn(t.id).instructions is None
+    store.set_turn_instructions(t.id, "Be brief.")
+    assert store.turn(t.id).instructions == "Be brief."
+
+
+def test_a_queued_message_is_taken_once_by_its_kinds(store: Store) -> None:
+    t = turn(store)
+    steer = store.add_queued(t.thread_id, "cli:me", "stop", "steer", None)
+    later = store.add_queued(t.thread_id, "cli:me", "and then", "follow_up", "u9")
+    assert steer < later
+    assert store.queued_from(t.thread_id, "u9").text == "and then"
+    assert store.queued_from("cli:other", "u9") is None
+    assert store.has_queued(t.thread_id, ["steer"]) and not store.has_queued("cli:x", ["steer"])
+    [taken] = store.take_queued(t.thread_id, ["steer"], t.id)
+    assert not store.has_queued(t.thread_id, ["steer"])
+    assert store.has_queued(t.thread_id, ["steer", "follow_up"])
+    assert (taken.id, taken.text, taken.deliver, taken.turn_id) == (steer, "stop", "steer", t.id)
+    assert store.take_queued(t.thread_id, ["steer"], t.id) == []
+    assert [m.id for m in store.take_queued(t.thread_id, ["steer", "follow_up"], None)] == [later]
+    assert store.queued_from(t.thread_id, "u9").turn_id is None
+    assert store.take_queued(t.thread_id, ["steer", "follow_up"], t.id) == []
+    user = store.add_message(t.thread_id, t.id, "user", "stop", False, "steer")
+    assert [(m.id, m.origin) for m in store.messages(t.thread_id, 5)] == [(user, "steer")]
+    store.add_queued(t.thread_id, "cli:me", "still waiting", "steer", None)
+    assert store.prune(store.now() + 10)["queued_messages"] == 2  # the delivered ones
+    assert [m.text for m in store.take_queued(t.thread_id, ["steer"], t.id)] == ["still waiting"]
