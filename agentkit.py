@@ -608,6 +608,15 @@ class SecretRequest:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class McpToolList:
+    """The tools an MCP server listed last, as its `tools/list` pages gave them."""
+
+    server: str
+    tools: list[dict[str, Any]] = field(metadata=_JSON)
+    listed_at: float
+
+
 class Store(ABC):
     """agentkit's database: every durable row goes through these operations.
 
@@ -1035,6 +1044,20 @@ class Store(ABC):
     @abstractmethod
     def set_cursor(self, adapter: str, cursor: str | None) -> None:
         """Move an adapter's cursor (in the transaction that stores what it fetched)."""
+
+    # MCP servers' tool lists
+
+    @abstractmethod
+    def mcp_tool_list(self, server: str) -> McpToolList | None:
+        """The tool list an MCP server gave last (None if it was never listed)."""
+
+    @abstractmethod
+    def mcp_tool_lists(self) -> list[McpToolList]:
+        """Every MCP server's cached tool list, by server name."""
+
+    @abstractmethod
+    def set_mcp_tool_list(self, server: str, tools: list[dict[str, Any]]) -> None:
+        """Replace an MCP server's cached tool list."""
 
     # secret requests
 
@@ -1840,6 +1863,27 @@ class _SQLStore(Store):
             (adapter, cursor, self.now()),
         )
 
+    # MCP servers' tool lists
+
+    def mcp_tool_list(self, server: str) -> McpToolList | None:
+        found = self._fetch_all(
+            McpToolList, f"SELECT {columns(McpToolList)} FROM mcp_tools WHERE server = ?", (server,)
+        )
+        return found[0] if found else None
+
+    def mcp_tool_lists(self) -> list[McpToolList]:
+        return self._fetch_all(
+            McpToolList, f"SELECT {columns(McpToolList)} FROM mcp_tools ORDER BY server"
+        )
+
+    def set_mcp_tool_list(self, server: str, tools: list[dict[str, Any]]) -> None:
+        self._count(
+            "INSERT INTO mcp_tools (server, tools, listed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET tools = excluded.tools, "
+            "listed_at = excluded.listed_at",
+            (server, dumps(tools), self.now()),
+        )
+
     # secret requests
 
     def insert_secret_request(
@@ -2094,6 +2138,14 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_running;  -- one index less to write per job: the lease sweep and the
                               -- heartbeat scan jobs_running_target, which holds every
                               -- running job (a few per worker)
+    """,
+    # 7: the tool lists of MCP servers, so a process that has not connected yet offers them
+    """
+    CREATE TABLE mcp_tools (
+        server TEXT PRIMARY KEY,
+        tools TEXT NOT NULL,
+        listed_at REAL NOT NULL
+    );
     """,
 )
 
