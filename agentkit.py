@@ -5257,6 +5257,7 @@ MCP_ENVIRONMENT = ("PATH", "HOME", "LANG")  # all a stdio server inherits
 MCP_RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds after 1, 2, ... failed starts
 MCP_CREDENTIAL = re.compile(r"(?i)key|token|secret|passw|auth|cookie|credential")
 MCP_MAX_PAGES = 100
+MCP_START_TIMEOUT = 60.0  # seconds for initialize and each tools/list page (`timeout` is per call)
 _MCP_POLL = 0.25  # seconds between checks of a call's turn for a cancel
 
 
@@ -5276,7 +5277,7 @@ def describe_image(item: dict[str, Any]) -> str:
 
 def mcp_result_text(result: dict[str, Any]) -> str:
     """A `tools/call` result as the model's text: text content as it stands, images
-    described, and `structuredContent` as JSON unless the text already is that JSON."""
+    described, and `structuredContent` as JSON unless the text already says it."""
     parts = []
     for item in result.get("content") or []:
         kind = item.get("type")
@@ -5293,10 +5294,10 @@ def mcp_result_text(result: dict[str, Any]) -> str:
     structured = result.get("structuredContent")
     if structured is not None:
         try:
-            same = json.loads(text) == structured
+            said = json.loads(text)
         except ValueError:
-            same = False
-        if not same:
+            said = text
+        if structured not in (said, {"result": said}):  # the SDKs wrap a plain value
             text = "\n".join(filter(None, [text, as_text(structured)]))
     return text
 
@@ -5553,8 +5554,11 @@ class _McpHTTP(_McpConnection):
             for _, data in _iter_sse(response):
                 with contextlib.suppress(ValueError):
                     self.deliver(json.loads(data))
-        elif kind == "application/json":
-            body = json.loads(response.read())
+        elif kind == "application/json" and (raw := response.read()).strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise McpError(f"MCP server {self.server} answered JSON that is not") from None
             for message in body if isinstance(body, list) else [body]:
                 self.deliver(message)
 
@@ -5737,7 +5741,7 @@ class McpServer:
                     "capabilities": {},
                     "clientInfo": {"name": "agentkit", "version": __version__},
                 },
-                self.timeout,
+                MCP_START_TIMEOUT,
             )
             version = result.get("protocolVersion")
             if version not in MCP_PROTOCOL_VERSIONS:
@@ -5764,7 +5768,9 @@ class McpServer:
         """Every page of `tools/list`, filtered by `tools=`, saved in the store."""
         specs, cursor = [], None
         for _ in range(MCP_MAX_PAGES):
-            page = connection.request("tools/list", cursor and {"cursor": cursor}, self.timeout)
+            page = connection.request(
+                "tools/list", cursor and {"cursor": cursor}, MCP_START_TIMEOUT
+            )
             specs += [t for t in page.get("tools") or [] if isinstance(t, dict) and "name" in t]
             cursor = page.get("nextCursor")
             if not cursor:
@@ -5834,11 +5840,18 @@ class McpServer:
             raise ToolFailed(text or f"{tool} failed")
         return text
 
-    def ping(self) -> float:
-        """Seconds the server took to answer a ping (connecting first when needed)."""
-        started = time.monotonic()
-        self.connect().request("ping", None, self.timeout)
-        return time.monotonic() - started
+    def check(self) -> str:
+        """Connect and ping: "connected (<server> <version>, protocol <p>, ping <n> ms)",
+        or "failed: <why>"."""
+        try:
+            connection = self.connect()
+            started = time.monotonic()
+            connection.request("ping", None, self.timeout)
+        except (McpError, ToolFailed) as e:
+            return f"failed: {e}"
+        took = (time.monotonic() - started) * 1000
+        who = " ".join(str(connection.info.get(key, "")) for key in ("name", "version")).strip()
+        return f"connected ({who or 'unnamed'}, protocol {connection.protocol}, ping {took:.0f} ms)"
 
     def close(self) -> None:
         with self._guard:
@@ -10649,6 +10662,30 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """Each MCP server of the app with its state (it is connected to and pinged) and its
+    tools; servers only the database knows show their cached tools."""
+    kit = open_kit(args)
+    servers = kit.engine.mcp_servers
+    for name, server in servers.items():
+        print(f"{name}: {server.check()}")
+        for tool in server.tools().values():
+            print(f"  {tool.name}: {first_paragraph_line(tool.description)}")
+    for cached in kit.store.mcp_tool_lists():
+        if cached.server not in servers:
+            print(f"{cached.server}: not in this app (tools as listed {iso(cached.listed_at)})")
+            for spec in cached.tools:
+                print(f"  {spec['name']}: {first_paragraph_line(spec.get('description') or '')}")
+    if not servers and not kit.store.mcp_tool_lists():
+        print("no MCP servers (add them with kit.mcp(...) and give --app)")
+    kit.close()
+    return 0
+
+
+def first_paragraph_line(text: str) -> str:
+    return text.strip().partition("\n")[0]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     parse_address(args.http)  # a bad address is refused before anything is created
     open_kit(args).serve(args.http, workers=args.workers)
@@ -10827,6 +10864,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--older-than", required=True, help="an age like 30d, 12h or 90m")
     prune.set_defaults(run=cmd_prune)
+    mcp = commands.add_parser(
+        "mcp", parents=[common], help="list the MCP servers, their state and their tools"
+    )
+    mcp.add_argument("action", choices=["list"], help="list")
+    mcp.set_defaults(run=cmd_mcp)
     copy = commands.add_parser(
         "copy",
         help="copy a whole database into an empty one (SQLite and PostgreSQL, either way)",

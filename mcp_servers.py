@@ -116,6 +116,8 @@ def main() -> None:
     if args.page:
         paginate(args.page)
     print("server starting", file=sys.stderr, flush=True)
+    if os.environ.get("API_TOKEN"):
+        print(f"token {os.environ['API_TOKEN']}", file=sys.stderr, flush=True)
     if args.transport == "stdio":
         server.run("stdio")
     else:
