@@ -6,7 +6,7 @@ are rows; every piece of work is claimed in a transaction, so several processes 
 PostgreSQL, several hosts) share one database and nothing is done twice or lost. See
 README.md for the guide.
 
-Sections, each using only those above it (all SQL is in 3 to 5; the pages of 20 are
+Sections, each using only those above it (all SQL is in 3 to 5; the pages of 21 are
 constants the sections above read at call time):
 
 1. errors and small helpers: the error tree, validators, the clock, JSON, redaction
@@ -21,16 +21,17 @@ constants the sections above read at call time):
 8. conversation records: the rules of turns, approvals and the outbox, over the store
 9. models: OpenAI, Anthropic, echo, scripted
 10. tools and hooks
-11. runtimes: where commands run (local, bwrap)
-12. workspace tools
-13. the turn engine
-14. approvals
-15. secret requests
-16. adapters: Telegram, Webhook, WebChat, PollingAdapter
-17. HTTP server
-18. the AgentKit facade
-19. CLI
-20. pages: the secret form and the web chat (HTML constants, kept last)
+11. MCP servers as tool sources: the client over stdio and Streamable HTTP, `McpServer`
+12. runtimes: where commands run (local, bwrap)
+13. workspace tools
+14. the turn engine
+15. approvals
+16. secret requests
+17. adapters: Telegram, Webhook, WebChat, PollingAdapter
+18. HTTP server
+19. the AgentKit facade
+20. CLI
+21. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
