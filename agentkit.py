@@ -5256,7 +5256,8 @@ class Hooks:
 MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MCP_ENVIRONMENT = ("PATH", "HOME", "LANG")  # all a stdio server inherits
 MCP_RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds after 1, 2, ... failed starts
-MCP_CREDENTIAL = re.compile(r"(?i)key|token|secret|passw|auth|cookie|credential")
+# the names of `env` values that are credentials (every `headers` value is taken as one)
+MCP_CREDENTIAL = re.compile(r"(?i)key|token|secret|passw|auth|cookie|credential|dsn")
 MCP_MAX_PAGES = 100
 MCP_START_TIMEOUT = 60.0  # seconds for initialize and each tools/list page (`timeout` is per call)
 _MCP_POLL = 0.25  # seconds between checks of a call's turn for a cancel
@@ -5410,7 +5411,7 @@ class _McpConnection(ABC):
         for future in pending.values():
             if not future.done():
                 future.set_exception(
-                    McpError(f"MCP server {self.server} {reason}; the call's effect is unknown")
+                    McpError(f"MCP server {self.server} {reason} before answering")
                 )
 
     def fail(self, request_id: int, error: McpError) -> None:
@@ -5591,6 +5592,7 @@ class McpTool(Tool):
     server marks the tool idempotent or read-only."""
 
     def __init__(self, server: "McpServer", spec: dict[str, Any]) -> None:
+        # not Tool.__init__, which makes the schema from a function's type hints
         self.server = server
         self.remote = spec["name"]
         self.name = server.prefix + self.remote
@@ -5672,7 +5674,7 @@ class McpServer:
         self.approval = approval
         self.timeout = check_seconds("timeout", timeout, positive=True)
         for key, value in (*self.env.items(), *self.headers.items()):
-            if MCP_CREDENTIAL.search(key):
+            if key in self.headers or MCP_CREDENTIAL.search(key):
                 redactions.add(value, f"{name} {key}")
         self._connection: _McpConnection | None = None
         self._tools: dict[str, McpTool] | None = None  # listed by this process's connection
@@ -5836,6 +5838,10 @@ class McpServer:
             except _McpSessionGone:
                 if attempt == 2:
                     raise
+            except McpError as e:
+                if connection.alive:
+                    raise
+                raise McpError(f"{e}; the call's effect is unknown") from None
         text = mcp_result_text(result)
         if result.get("isError"):
             raise ToolFailed(text or f"{tool} failed")
@@ -10671,19 +10677,19 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     for name, server in servers.items():
         print(f"{name}: {server.check()}")
         for tool in server.tools().values():
-            print(f"  {tool.name}: {first_paragraph_line(tool.description)}")
+            print(f"  {tool.name}: {first_text_line(tool.description)}")
     for cached in kit.store.mcp_tool_lists():
         if cached.server not in servers:
             print(f"{cached.server}: not in this app (tools as listed {iso(cached.listed_at)})")
             for spec in cached.tools:
-                print(f"  {spec['name']}: {first_paragraph_line(spec.get('description') or '')}")
+                print(f"  {spec['name']}: {first_text_line(spec.get('description') or '')}")
     if not servers and not kit.store.mcp_tool_lists():
         print("no MCP servers (add them with kit.mcp(...) and give --app)")
     kit.close()
     return 0
 
 
-def first_paragraph_line(text: str) -> str:
+def first_text_line(text: str) -> str:
     return text.strip().partition("\n")[0]
 
 

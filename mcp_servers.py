@@ -81,6 +81,16 @@ async def wait_forever(marker: str) -> str:
     return "never"
 
 
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def watch(marker: str) -> str:
+    """Look, without changing anything: the first call waits forever, later ones answer."""
+    folder = os.environ.get("MCP_TEST_DIR", "")
+    if not Path(folder, f"{marker}.started").exists():
+        mark(f"{marker}.started")
+        await anyio.sleep_forever()
+    return "watched"
+
+
 @server.tool()
 async def grow(ctx: Context) -> str:
     """Add the tool `extra` and tell the client its tools changed."""

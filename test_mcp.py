@@ -73,6 +73,7 @@ def test_a_stdio_servers_tools_are_listed_cached_and_called_in_a_turn(
                 "calc_pixel",
                 "calc_shout",
                 "calc_wait_forever",
+                "calc_watch",
             ]
         ]
         assert tool_results(kit) == [
@@ -86,7 +87,7 @@ def test_a_stdio_servers_tools_are_listed_cached_and_called_in_a_turn(
         assert tools["calc_add"].idempotent  # readOnlyHint: safe to run again after a crash
         assert not tools["calc_shout"].idempotent
         cached = kit.store.mcp_tool_list("calc")
-        assert cached is not None and len(cached.tools) == 8
+        assert cached is not None and len(cached.tools) == 9
         with pytest.raises(agentkit.McpError, match=r"refused no/such.*JSON-RPC error -32601"):
             server.connect().request("no/such", None, 10)
     assert server.state == "closed"
@@ -117,7 +118,7 @@ def test_pages_of_tools_are_all_listed_filtered_and_listed_again_when_changed(
         assert kit.run_turn("cli:me", "grow").reply == "grown"
         wait_until(lambda: "t_extra" in server.tools(), what="the new tool")
         cached = kit.store.mcp_tool_list("t")
-        assert cached is not None and len(cached.tools) == 9  # five pages, all of them
+        assert cached is not None and len(cached.tools) == 10  # five pages, all of them
         assert kit.run_turn("cli:me", "use it").reply == "used"
         assert tool_results(kit)[-1] == ("t_extra", "extra!", False)
 
@@ -139,7 +140,7 @@ def test_a_process_that_has_not_connected_offers_the_cached_tools_and_connects_t
         assert kit.run_turn("cli:me", "go").status == "done"
         assert "t_shout" in seen and tool_results(kit) == [("t_shout", "AGAIN", False)]
         assert server.state == "connected"
-        assert len(server.tools()) == 8  # listed again on connecting
+        assert len(server.tools()) == 9  # listed again on connecting
 
 
 def test_a_killed_server_fails_its_call_as_unknown_and_restarts_on_the_next(
@@ -168,6 +169,42 @@ def test_a_killed_server_fails_its_call_as_unknown_and_restarts_on_the_next(
         assert kit.run_turn("cli:me", "again").reply == "restarted"
         [_, (_, pid, is_error)] = tool_results(kit)
         assert not is_error and int(pid.split()[0]) != first_pid
+
+
+def test_calls_cut_by_a_crash_run_again_only_when_the_server_marks_them_read_only(
+    tmp_path: Path, marks: Path
+) -> None:
+    db = tmp_path / "agent.db"
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, agentkit\n"
+            "calls = [agentkit.ToolCall('t_wait_forever', {'marker': 'w'}),\n"
+            "         agentkit.ToolCall('t_watch', {'marker': 'r'})]\n"
+            "kit = agentkit.AgentKit(sys.argv[1], model=agentkit.ScriptedModel([calls]), "
+            "lease=1.0)\n"
+            "kit.mcp('t', command=sys.argv[2:-1], env={'MCP_TEST_DIR': sys.argv[-1]})\n"
+            "kit.run_turn('cli:me', 'look')\n",
+            str(db),
+            *STDIO,
+            str(marks),
+        ],
+        cwd=tmp_path,
+    )
+    wait_until(lambda: (marks / "w.started").exists() and (marks / "r.started").exists())
+    victim.kill()
+    victim.wait()
+    model = ScriptedModel(["one ran again"])
+    with AgentKit(db, model=model, workspace=tmp_path / "workspace") as kit:
+        kit.mcp("t", command=STDIO, env={"MCP_TEST_DIR": str(marks)})
+        [turn_id] = [turn["id"] for turn in kit.store.rows("turns")]
+        wait_until(lambda: kit.work(until_idle=True), what="the lease to run out")
+        assert kit.turn(turn_id).status == "done"
+        assert tool_results(kit) == [
+            ("t_wait_forever", agentkit.INTERRUPTED, True),  # never silently run twice
+            ("t_watch", "watched", False),
+        ]
 
 
 def test_cancel_tells_the_server_to_cancel_the_running_call(tmp_path: Path, marks: Path) -> None:
@@ -234,7 +271,7 @@ def test_a_server_that_cannot_start_is_tried_again_only_after_its_backoff(
     with make_kit(tmp_path, ["no tools"]) as kit:
         server = kit.mcp("down", command=[sys.executable, "-c", "import sys; sys.exit(3)"])
         assert kit.run_turn("cli:me", "hi").reply == "no tools"  # the turn goes on without
-        assert server.state.startswith("failed: MCP server down exited (code 3)")
+        assert server.state == "failed: MCP server down exited (code 3) before answering"
         with pytest.raises(agentkit.McpError, match=r"failed to start .* next try in"):
             server.connect()
 
@@ -327,6 +364,7 @@ def test_an_http_server_is_called_hears_list_changed_and_a_lost_session_initiali
     ]
     with make_kit(tmp_path, steps) as kit:
         server = kit.mcp("web", url=http_server.url, headers={"Authorization": "Bearer abc123"})
+        assert agentkit.redactions.redact("Bearer abc123") == "[redacted:web Authorization]"
         assert kit.run_turn("cli:me", "add").reply == "42"
         assert tool_results(kit) == [
             ("web_add", "42", False),
