@@ -5273,8 +5273,11 @@ class _McpSessionGone(McpError):
 
 def describe_image(item: dict[str, Any]) -> str:
     """What the model is told of an image in a tool result: its type and size."""
-    size = len(base64.b64decode(item.get("data") or "", validate=False))
-    return f"[image: {item.get('mimeType') or 'unknown type'}, {size} bytes]"
+    try:
+        size = f"{len(base64.b64decode(item.get('data') or '', validate=True))} bytes"
+    except ValueError:
+        size = "data that is not base64"
+    return f"[image: {item.get('mimeType') or 'unknown type'}, {size}]"
 
 
 def mcp_result_text(result: dict[str, Any]) -> str:
@@ -5376,6 +5379,9 @@ class _McpConnection(ABC):
         self._send(message if params is None else {**message, "params": params}, request=False)
 
     def _cancel(self, request_id: int, reason: str) -> None:
+        """Tell the server to stop a request (never initialize, as the protocol says)."""
+        if request_id == 1:  # initialize is each connection's first request
+            return
         with contextlib.suppress(McpError, OSError, httpx.HTTPError):
             self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
 
