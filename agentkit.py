@@ -5692,7 +5692,8 @@ class McpServer:
 
     @property
     def state(self) -> str:
-        """ "connected", "not connected", "closed", or why the last start failed."""
+        """Its state: connected, not connected, closed, or "failed: <why the last start
+        failed>"."""
         if self._closed:
             return "closed"
         if self._connection is not None and self._connection.alive:
