@@ -24,18 +24,19 @@ constants the sections above read at call time):
 10. models: OpenAI, Anthropic, echo, scripted, their context windows, and the registry of
     providers by prefix
 11. tools and hooks
-12. runtimes: where commands run (local, bwrap)
-13. workspace tools
-14. context: the window, token estimates, compaction
-15. the turn engine
-16. approvals
-17. secret requests
-18. adapters: Telegram, Webhook, WebChat, PollingAdapter
-19. HTTP server
-20. extensions: loading `setup(kit)` modules
-21. the AgentKit facade
-22. CLI
-23. pages: the secret form and the web chat (HTML constants, kept last)
+12. MCP servers as tool sources: the client over stdio and Streamable HTTP, `McpServer`
+13. runtimes: where commands run (local, bwrap)
+14. workspace tools
+15. context: the window, token estimates, compaction
+16. the turn engine
+17. approvals
+18. secret requests
+19. adapters: Telegram, Webhook, WebChat, PollingAdapter
+20. HTTP server
+21. extensions: loading `setup(kit)` modules
+22. the AgentKit facade
+23. CLI
+24. pages: the secret form and the web chat (HTML constants, kept last)
 """
 
 import argparse
@@ -133,6 +134,9 @@ __all__ = [
     "LocalRuntime",
     "Lock",
     "LockBusy",
+    "McpError",
+    "McpServer",
+    "McpTool",
     "Model",
     "ModelError",
     "ModelProviders",
@@ -160,6 +164,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolContext",
+    "ToolFailed",
     "ToolUnavailable",
     "TurnEvent",
     "TurnResult",
@@ -220,6 +225,10 @@ class AlreadyDecided(AgentKitError):
 
 class ToolUnavailable(AgentKitError):
     """A turn needs a tool this process does not have; its job is retried (elsewhere)."""
+
+
+class ToolFailed(AgentKitError):
+    """Raise from a tool to fail its call: the model is told the message as it stands."""
 
 
 class HookFailed(AgentKitError):
@@ -718,6 +727,15 @@ class QueuedMessage:
     turn_id: str | None  # the turn it joined, once delivered
 
 
+@dataclass(frozen=True)
+class McpToolList:
+    """The tools an MCP server listed last, as its `tools/list` pages gave them."""
+
+    server: str
+    tools: list[dict[str, Any]] = field(metadata=_JSON)
+    listed_at: float
+
+
 class Store(ABC):
     """agentkit's database: every durable row goes through these operations.
 
@@ -1161,6 +1179,20 @@ class Store(ABC):
     @abstractmethod
     def set_cursor(self, adapter: str, cursor: str | None) -> None:
         """Move an adapter's cursor (in the transaction that stores what it fetched)."""
+
+    # MCP servers' tool lists
+
+    @abstractmethod
+    def mcp_tool_list(self, server: str) -> McpToolList | None:
+        """The tool list an MCP server gave last (None if it was never listed)."""
+
+    @abstractmethod
+    def mcp_tool_lists(self) -> list[McpToolList]:
+        """Every MCP server's cached tool list, by server name."""
+
+    @abstractmethod
+    def set_mcp_tool_list(self, server: str, tools: list[dict[str, Any]]) -> None:
+        """Replace an MCP server's cached tool list."""
 
     # secret requests
 
@@ -2089,6 +2121,27 @@ class _SQLStore(Store):
             (adapter, cursor, self.now()),
         )
 
+    # MCP servers' tool lists
+
+    def mcp_tool_list(self, server: str) -> McpToolList | None:
+        found = self._fetch_all(
+            McpToolList, f"SELECT {columns(McpToolList)} FROM mcp_tools WHERE server = ?", (server,)
+        )
+        return found[0] if found else None
+
+    def mcp_tool_lists(self) -> list[McpToolList]:
+        return self._fetch_all(
+            McpToolList, f"SELECT {columns(McpToolList)} FROM mcp_tools ORDER BY server"
+        )
+
+    def set_mcp_tool_list(self, server: str, tools: list[dict[str, Any]]) -> None:
+        self._count(
+            "INSERT INTO mcp_tools (server, tools, listed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET tools = excluded.tools, "
+            "listed_at = excluded.listed_at",
+            (server, dumps(tools), self.now()),
+        )
+
     # secret requests
 
     def insert_secret_request(
@@ -2606,6 +2659,14 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state = 'queued';
     CREATE UNIQUE INDEX queued_messages_source ON queued_messages (thread_id, source_id)
         WHERE source_id IS NOT NULL;
+    """,
+    # 10: the tool lists of MCP servers, so a process that has not connected yet offers them
+    """
+    CREATE TABLE mcp_tools (
+        server TEXT PRIMARY KEY,
+        tools TEXT NOT NULL,
+        listed_at REAL NOT NULL
+    );
     """,
 )
 
@@ -6040,6 +6101,7 @@ class ToolContext:
         files: Callable[[], list[Attachment]] = list,
         open_file: Callable[[str], bytes] | None = None,
         entries: Entries | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
@@ -6051,6 +6113,7 @@ class ToolContext:
         self._on_progress = on_progress
         self._files = files
         self._open_file = open_file
+        self._is_cancelled = is_cancelled
         self.attached: list[File] = []  # stored and sent with the call's result
 
     @property
@@ -6069,6 +6132,11 @@ class ToolContext:
         if not isinstance(file, File):
             raise BadInput(f"attach takes an agentkit.File, not {type(file).__name__}")
         self.attached.append(file)
+
+    def cancelled(self) -> bool:
+        """Whether the turn was cancelled (`/cancel`) while this call runs: a long tool
+        may check it and stop early."""
+        return self._is_cancelled is not None and self._is_cancelled()
 
     @property
     def runtime(self) -> "Runtime":
@@ -6318,6 +6386,8 @@ def describe_error(e: BaseException) -> str:
             f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors()
         )
         return f"invalid arguments: {problems}"
+    if isinstance(e, ToolFailed):
+        return str(e)
     return f"{type(e).__name__}: {e}"
 
 
@@ -6353,6 +6423,633 @@ class Hooks:
             hook = callable_name(fn)
             log.exception("hook %s for %s raised", hook, kind)
             raise HookFailed(f"the {kind} hook {hook} raised {describe_error(e)}") from e
+
+
+# ─────────────────────────────── MCP servers as tool sources ───────────────────────────────
+# The client side of the Model Context Protocol (JSON-RPC 2.0 over stdio or Streamable
+# HTTP, with the stdlib and httpx): one connection per server per process, its tools Tools.
+
+# newest first: initialize offers the first, and takes any of them as the server's counter
+MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MCP_ENVIRONMENT = ("PATH", "HOME", "LANG")  # all a stdio server inherits
+MCP_RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds after 1, 2, ... failed starts
+# the names of `env` values that are credentials (every `headers` value is taken as one)
+MCP_CREDENTIAL = re.compile(r"(?i)key|token|secret|passw|auth|cookie|credential|dsn")
+MCP_MAX_PAGES = 100
+MCP_START_TIMEOUT = 60.0  # seconds for initialize and each tools/list page (`timeout` is per call)
+_MCP_POLL = 0.25  # seconds between checks of a call's turn for a cancel
+
+
+class McpError(AgentKitError):
+    """An MCP server could not be started or reached, or answered with a JSON-RPC error."""
+
+
+class _McpSessionGone(McpError):
+    """The HTTP server forgot the session (404): initialise again and send the request anew."""
+
+
+def describe_image(item: dict[str, Any]) -> str:
+    """What the model is told of an image in a tool result: its type and size."""
+    try:
+        size = f"{len(base64.b64decode(item.get('data') or '', validate=True))} bytes"
+    except ValueError:
+        size = "data that is not base64"
+    return f"[image: {item.get('mimeType') or 'unknown type'}, {size}]"
+
+
+def mcp_result_text(result: dict[str, Any]) -> str:
+    """A `tools/call` result as the model's text: text content as it stands, images
+    described, and `structuredContent` as JSON unless the text already says it."""
+    parts = []
+    for item in result.get("content") or []:
+        kind = item.get("type")
+        if kind == "text":
+            parts.append(item.get("text") or "")
+        elif kind == "image":
+            parts.append(describe_image(item))
+        elif kind == "resource" and "text" in (item.get("resource") or {}):
+            parts.append(item["resource"]["text"])
+        else:
+            where = item.get("uri") or (item.get("resource") or {}).get("uri") or ""
+            parts.append(f"[{kind} {where}]".replace(" ]", "]"))
+    text = "\n".join(parts)
+    structured = result.get("structuredContent")
+    if structured is not None:
+        try:
+            said = json.loads(text)
+        except ValueError:
+            said = text
+        if structured not in (said, {"result": said}):  # the SDKs wrap a plain value
+            text = "\n".join(filter(None, [text, as_text(structured)]))
+    return text
+
+
+class _McpConnection(ABC):
+    """One session with an MCP server: JSON-RPC requests matched to their answers, the
+    server's own requests and notifications answered; a transport below carries them."""
+
+    def __init__(self, server: str, on_tools_changed: Callable[[], None]) -> None:
+        self.server = server
+        self.on_tools_changed = on_tools_changed
+        self.protocol: str | None = None  # negotiated by initialize
+        self.info: dict[str, Any] = {}  # the server's name and version
+        self.alive = True
+        self._ids = itertools.count(1)
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._guard = threading.Lock()
+
+    @abstractmethod
+    def _send(self, message: dict[str, Any], *, request: bool) -> None:
+        """Put one message on the wire (a request's answer comes back through `deliver`)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """End the session and free what it holds."""
+
+    def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        timeout: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The result of a request; on a timeout or a cancel the server is told
+        (`notifications/cancelled`) and ToolFailed says which."""
+        request_id = next(self._ids)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._guard:
+            if not self.alive:
+                raise McpError(f"the connection to MCP server {self.server} is closed")
+            self._pending[request_id] = future
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        try:
+            self._send(message if params is None else {**message, "params": params}, request=True)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    answer = future.result(timeout=max(0.0, min(left, _MCP_POLL)))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if cancelled is not None and cancelled():
+                        self._cancel(request_id, "the turn was cancelled")
+                        raise ToolFailed("cancelled: the turn was cancelled") from None
+                    if time.monotonic() >= deadline:
+                        self._cancel(request_id, f"timed out after {timeout:g} s")
+                        raise ToolFailed(
+                            f"timed out after {timeout:g} s (the server was told to stop)"
+                        ) from None
+        finally:
+            with self._guard:
+                self._pending.pop(request_id, None)
+        if "error" in answer:
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            raise McpError(
+                f"MCP server {self.server} refused {method}: {error.get('message')} "
+                f"(JSON-RPC error {error.get('code')})"
+            )
+        result = answer.get("result")
+        return result if isinstance(result, dict) else {}
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        message = {"jsonrpc": "2.0", "method": method}
+        self._send(message if params is None else {**message, "params": params}, request=False)
+
+    def _cancel(self, request_id: int, reason: str) -> None:
+        """Tell the server to stop a request (never initialize, as the protocol says)."""
+        if request_id == 1:  # initialize is each connection's first request
+            return
+        with contextlib.suppress(McpError, OSError, httpx.HTTPError):
+            self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
+
+    def deliver(self, message: Any) -> None:
+        """Take one message from the server: an answer, a request of its own, a notice."""
+        if not isinstance(message, dict):
+            log.warning("MCP server %s sent %s, not a JSON-RPC message", self.server, message)
+            return
+        method = message.get("method")
+        if method is None:
+            with self._guard:
+                future = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif "id" in message:  # the server asks: ping is answered, the rest refused
+            answer: dict[str, Any] = {"jsonrpc": "2.0", "id": message["id"]}
+            if method == "ping":
+                answer["result"] = {}
+            else:
+                answer["error"] = {"code": -32601, "message": f"agentkit does not serve {method}"}
+            with contextlib.suppress(McpError, OSError, httpx.HTTPError):
+                self._send(answer, request=False)
+        elif method == "notifications/tools/list_changed":
+            threading.Thread(
+                target=self.on_tools_changed, name=f"agentkit-mcp-{self.server}", daemon=True
+            ).start()
+
+    def lost(self, reason: str) -> None:
+        """The session ended under its calls: each one fails, its effect unknown."""
+        with self._guard:
+            self.alive = False
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(
+                    McpError(f"MCP server {self.server} {reason} before answering")
+                )
+
+    def fail(self, request_id: int, error: McpError) -> None:
+        """One request failed on its way (its answer will not come)."""
+        with self._guard:
+            future = self._pending.get(request_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+
+class _McpStdio(_McpConnection):
+    """A server as a child process speaking newline-delimited JSON-RPC on stdin and stdout;
+    its stderr goes to the log (redacted like every agentkit log line)."""
+
+    def __init__(
+        self,
+        server: str,
+        on_tools_changed: Callable[[], None],
+        command: list[str],
+        env: dict[str, str],
+    ) -> None:
+        super().__init__(server, on_tools_changed)
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise McpError(f"cannot start MCP server {server} ({command[0]}): {e}") from None
+        self._writing = threading.Lock()
+        for target, stream in ((self._read, "stdout"), (self._log, "stderr")):
+            threading.Thread(
+                target=target, name=f"agentkit-mcp-{server}-{stream}", daemon=True
+            ).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.strip():
+                try:
+                    self.deliver(json.loads(line))
+                except ValueError:
+                    log.warning("MCP server %s wrote a line that is not JSON", self.server)
+        code = self.process.wait()
+        self.lost(f"exited (code {code})")
+
+    def _log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            log.info("MCP server %s: %s", self.server, line.decode(errors="replace").rstrip())
+
+    def _send(self, message: dict[str, Any], *, request: bool) -> None:
+        assert self.process.stdin is not None
+        try:
+            with self._writing:
+                self.process.stdin.write(dumps(message).encode() + b"\n")
+                self.process.stdin.flush()
+        except (OSError, ValueError):
+            raise McpError(f"MCP server {self.server} is not running") from None
+
+    def close(self) -> None:
+        """Close stdin and wait; then SIGTERM, then SIGKILL (the MCP shutdown order)."""
+        self.alive = False
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()  # type: ignore[union-attr]
+        for stop in (None, self.process.terminate, self.process.kill):
+            if stop is not None:
+                with contextlib.suppress(OSError):
+                    stop()
+            try:
+                self.process.wait(timeout=2.0)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class _McpHTTP(_McpConnection):
+    """A server behind one URL (Streamable HTTP): each message a POST answered with JSON or
+    an event stream, the session id echoed, and a GET stream for what the server sends."""
+
+    def __init__(
+        self,
+        server: str,
+        on_tools_changed: Callable[[], None],
+        url: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(server, on_tools_changed)
+        self.url = url
+        self.session: str | None = None
+        self.client = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(30.0, read=None), follow_redirects=False
+        )
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json, text/event-stream"}
+        if self.session is not None:
+            headers["Mcp-Session-Id"] = self.session
+        if self.protocol is not None:
+            headers["MCP-Protocol-Version"] = self.protocol
+        return headers
+
+    def _send(self, message: dict[str, Any], *, request: bool) -> None:
+        if not request:
+            self._post(message)
+            return
+        threading.Thread(
+            target=self._post_request,
+            args=(message,),
+            name=f"agentkit-mcp-{self.server}",
+            daemon=True,
+        ).start()
+
+    def _post_request(self, message: dict[str, Any]) -> None:
+        try:
+            self._post(message)
+        except McpError as e:
+            self.fail(message["id"], e)
+        except httpx.HTTPError as e:
+            self.fail(message["id"], McpError(f"MCP server {self.server}: {_describe(e)}"))
+
+    def _post(self, message: dict[str, Any]) -> None:
+        """POST one message and take in what the answer carries."""
+        with self.client.stream("POST", self.url, json=message, headers=self._headers()) as r:
+            if r.status_code == 404 and self.session is not None:
+                self.alive = False
+                raise _McpSessionGone(f"MCP server {self.server} ended the session")
+            if r.status_code >= 400:
+                body = r.read().decode(errors="replace")
+                raise McpError(f"MCP server {self.server} answered HTTP {r.status_code}: {body}")
+            if message.get("method") == "initialize":
+                self.session = r.headers.get("mcp-session-id")
+            self._take(r)
+
+    def _take(self, response: httpx.Response) -> None:
+        kind = response.headers.get("content-type", "").partition(";")[0].strip()
+        if kind == "text/event-stream":
+            for _, data in _iter_sse(response):
+                with contextlib.suppress(ValueError):
+                    self.deliver(json.loads(data))
+        elif kind == "application/json" and (raw := response.read()).strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise McpError(f"MCP server {self.server} answered JSON that is not") from None
+            for message in body if isinstance(body, list) else [body]:
+                self.deliver(message)
+
+    def listen(self) -> None:
+        """Take what the server sends outside any answer (list_changed) on a GET stream,
+        when the server offers one."""
+
+        def run() -> None:
+            with contextlib.suppress(httpx.HTTPError, ValueError, RuntimeError):
+                headers = {**self._headers(), "Accept": "text/event-stream"}
+                with self.client.stream("GET", self.url, headers=headers) as response:
+                    if response.status_code == 200:
+                        self._take(response)
+
+        threading.Thread(target=run, name=f"agentkit-mcp-{self.server}-get", daemon=True).start()
+
+    def close(self) -> None:
+        """DELETE the session, then close the HTTP client."""
+        self.alive = False
+        if self.session is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                self.client.delete(self.url, headers=self._headers(), timeout=5.0)
+        self.client.close()
+
+
+class McpTool(Tool):
+    """One tool of an MCP server as the model sees it: `<prefix><tool>` with the server's
+    schema; a call that was running when its process died runs again only when the
+    server marks the tool idempotent or read-only."""
+
+    def __init__(self, server: "McpServer", spec: dict[str, Any]) -> None:
+        # not Tool.__init__, which makes the schema from a function's type hints
+        self.server = server
+        self.remote = spec["name"]
+        self.name = server.prefix + self.remote
+        self.description = spec.get("description") or self.remote
+        self.schema = spec.get("inputSchema") or {"type": "object", "properties": {}}
+        hints = spec.get("annotations") or {}
+        self.idempotent = bool(hints.get("idempotentHint") or hints.get("readOnlyHint"))
+        self.approval = server.approval
+        self.timeout = None  # the server's own timeout, which tells the server
+        self.fn = self.call
+        self.is_async = False
+        self.ctx_param = "ctx"
+
+    def bind(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        """The arguments as they are (the server checks them against its schema)."""
+        if INVALID_ARGS_KEY in args:
+            raise ValueError(f"the arguments are not a JSON object: {args[INVALID_ARGS_KEY]}")
+        return {"args": args, "ctx": ctx}
+
+    def call(self, args: dict[str, Any], ctx: ToolContext) -> str:
+        return self.server.call(self.remote, args, ctx)
+
+
+class McpServer:
+    """An MCP server as a source of tools (`kit.mcp`): connected on first use, restarted
+    with backoff after it exits or its connection drops, its tool list cached in the store
+    so a process that has not connected yet offers the tools."""
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        command: Sequence[str] | None = None,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        tools: Sequence[str] | None = None,
+        approval: bool | Callable[[dict[str, Any], ToolContext], bool | str] = False,
+        timeout: float = 60.0,
+        prefix: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+            raise BadInput(f"an MCP server name is 1-32 letters, digits, '_' or '-', not {name!r}")
+        if (command is None) == (url is None):
+            raise BadInput(f"MCP server {name}: give command= (stdio) or url= (HTTP), one of them")
+        if command is not None and (
+            isinstance(command, str) or not command or not all(isinstance(a, str) for a in command)
+        ):
+            raise BadInput(f"MCP server {name}: command is a list of strings, like ['uvx', 'x']")
+        if url is not None and not re.match(r"https?://[^/]", str(url)):
+            raise BadInput(f"MCP server {name}: url is an http:// or https:// URL, not {url!r}")
+        for kind, given in (("env", env), ("headers", headers)):
+            if given is not None and not (
+                isinstance(given, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in given.items())
+            ):
+                raise BadInput(f"MCP server {name}: {kind} maps names to strings")
+        if command is None and env:
+            raise BadInput(f"MCP server {name}: env= is for a stdio server (command=)")
+        if url is None and headers:
+            raise BadInput(f"MCP server {name}: headers= is for an HTTP server (url=)")
+        if tools is not None and (
+            isinstance(tools, str) or not all(isinstance(t, str) for t in tools)
+        ):
+            raise BadInput(f"MCP server {name}: tools is a list of tool names")
+        self.prefix = f"{name}_" if prefix is None else prefix
+        if not isinstance(self.prefix, str) or not re.fullmatch(
+            r"[A-Za-z0-9_-]{0,32}", self.prefix
+        ):
+            raise BadInput(f"MCP server {name}: a prefix is letters, digits, '_' or '-'")
+        self.store = store
+        self.name = name
+        self.command = list(command) if command is not None else None
+        self.url = url
+        self.env = dict(env or {})
+        self.headers = dict(headers or {})
+        self.only = None if tools is None else set(tools)
+        self.approval = approval
+        self.timeout = check_seconds("timeout", timeout, positive=True)
+        for key, value in (*self.env.items(), *self.headers.items()):
+            if key in self.headers or MCP_CREDENTIAL.search(key):
+                redactions.add(value, f"{name} {key}")
+        self._connection: _McpConnection | None = None
+        self._tools: dict[str, McpTool] | None = None  # listed by this process's connection
+        self._guard = threading.RLock()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._closed = False
+
+    @property
+    def state(self) -> str:
+        """Its state: connected, not connected, closed, or "failed: <why the last start
+        failed>"."""
+        if self._closed:
+            return "closed"
+        if self._connection is not None and self._connection.alive:
+            return "connected"
+        return f"failed: {self._last_error}" if self._last_error else "not connected"
+
+    def environment(self) -> dict[str, str]:
+        """A stdio server's environment: PATH, HOME and LANG of this process, and `env`."""
+        return {
+            **{key: os.environ[key] for key in MCP_ENVIRONMENT if key in os.environ},
+            **self.env,
+        }
+
+    def connect(self) -> _McpConnection:
+        """The live session, started (initialised, its tools listed) when there is none;
+        after a failed start the next is tried only when its backoff is over."""
+        with self._guard:
+            if self._closed:
+                raise McpError(f"MCP server {self.name} is closed")
+            if self._connection is not None and self._connection.alive:
+                return self._connection
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                raise McpError(
+                    f"MCP server {self.name} failed to start ({self._last_error}); "
+                    f"next try in {wait:.0f} s"
+                )
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+            try:
+                self._connection = self._start()
+            except McpError as e:
+                self._failures += 1
+                delay = MCP_RESTART_BACKOFF[min(self._failures, len(MCP_RESTART_BACKOFF)) - 1]
+                self._retry_at = time.monotonic() + delay
+                self._last_error = str(e)
+                log.warning("%s (next try in %g s)", e, delay)
+                raise
+            self._failures, self._last_error = 0, None
+            return self._connection
+
+    def _start(self) -> _McpConnection:
+        if self.command is not None:
+            connection: _McpConnection = _McpStdio(
+                self.name, self.refresh, self.command, self.environment()
+            )
+        else:
+            connection = _McpHTTP(self.name, self.refresh, str(self.url), self.headers)
+        try:
+            result = connection.request(
+                "initialize",
+                {
+                    "protocolVersion": MCP_PROTOCOL_VERSIONS[0],
+                    "capabilities": {},
+                    "clientInfo": {"name": "agentkit", "version": __version__},
+                },
+                MCP_START_TIMEOUT,
+            )
+            version = result.get("protocolVersion")
+            if version not in MCP_PROTOCOL_VERSIONS:
+                raise McpError(
+                    f"MCP server {self.name} speaks protocol {version!r}; agentkit speaks "
+                    f"{', '.join(MCP_PROTOCOL_VERSIONS)}"
+                )
+            connection.protocol = version
+            connection.info = result.get("serverInfo") or {}
+            connection.notify("notifications/initialized")
+            if isinstance(connection, _McpHTTP):
+                connection.listen()
+            self._tools = self._listed(connection)
+        except ToolFailed as e:  # a timeout
+            connection.close()
+            raise McpError(f"MCP server {self.name} did not start: {e}") from None
+        except BaseException:
+            connection.close()
+            raise
+        log.info("MCP server %s connected (protocol %s)", self.name, version)
+        return connection
+
+    def _listed(self, connection: _McpConnection) -> dict[str, McpTool]:
+        """Every page of `tools/list`, filtered by `tools=`, saved in the store."""
+        specs, cursor = [], None
+        for _ in range(MCP_MAX_PAGES):
+            page = connection.request(
+                "tools/list", cursor and {"cursor": cursor}, MCP_START_TIMEOUT
+            )
+            specs += [t for t in page.get("tools") or [] if isinstance(t, dict) and "name" in t]
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        else:
+            raise McpError(f"MCP server {self.name} gave more than {MCP_MAX_PAGES} pages of tools")
+        keep = ("name", "description", "inputSchema", "annotations")
+        specs = [{key: spec[key] for key in keep if key in spec} for spec in specs]
+        self.store.set_mcp_tool_list(self.name, specs)
+        return self._made(specs)
+
+    def _made(self, specs: list[dict[str, Any]]) -> dict[str, McpTool]:
+        made = {}
+        for spec in specs:
+            if self.only is not None and spec["name"] not in self.only:
+                continue
+            tool = McpTool(self, spec)
+            if TOOL_NAME.fullmatch(tool.name):
+                made[tool.name] = tool
+            else:
+                log.warning("MCP server %s: tool %r has a name models refuse", self.name, tool.name)
+        return made
+
+    def refresh(self) -> None:
+        """List the tools again (the server said they changed)."""
+        with self._guard:
+            connection = self._connection
+        if connection is None or not connection.alive:
+            return
+        try:
+            self._tools = self._listed(connection)
+        except (McpError, ToolFailed, StoreError) as e:
+            log.warning("MCP server %s: the tools could not be listed again: %s", self.name, e)
+
+    def tools(self) -> dict[str, McpTool]:
+        """The tools to offer: as this process's connection listed them, else as the store
+        has them cached, else as a first connection lists them (none if it fails)."""
+        if self._connection is not None and self._connection.alive and self._tools is not None:
+            return self._tools
+        cached = self.store.mcp_tool_list(self.name)
+        if cached is not None:
+            return self._made(cached.tools)
+        try:
+            self.connect()
+        except (McpError, ToolFailed) as e:
+            log.warning("MCP server %s offers no tools: %s", self.name, e)
+            return {}
+        return self._tools or {}
+
+    def call(self, tool: str, args: dict[str, Any], ctx: ToolContext | None = None) -> str:
+        """Call one tool: its result text, ToolFailed when it reports an error."""
+        for attempt in (1, 2):
+            connection = self.connect()
+            try:
+                result = connection.request(
+                    "tools/call",
+                    {"name": tool, "arguments": args},
+                    self.timeout,
+                    ctx.cancelled if ctx is not None else None,
+                )
+                break
+            except _McpSessionGone:
+                if attempt == 2:
+                    raise
+            except McpError as e:
+                if connection.alive:
+                    raise
+                raise McpError(f"{e}; the call's effect is unknown") from None
+        text = mcp_result_text(result)
+        if result.get("isError"):
+            raise ToolFailed(text or f"{tool} failed")
+        return text
+
+    def check(self) -> str:
+        """Connect and ping: "connected (<server> <version>, protocol <p>, ping <n> ms)",
+        or "failed: <why>"."""
+        try:
+            connection = self.connect()
+            started = time.monotonic()
+            connection.request("ping", None, self.timeout)
+        except (McpError, ToolFailed) as e:
+            return f"failed: {e}"
+        took = (time.monotonic() - started) * 1000
+        who = " ".join(str(connection.info.get(key, "")) for key in ("name", "version")).strip()
+        return f"connected ({who or 'unnamed'}, protocol {connection.protocol}, ping {took:.0f} ms)"
+
+    def close(self) -> None:
+        with self._guard:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
 
 # ─────────────────────────────────────── runtimes ───────────────────────────────────────
@@ -8146,6 +8843,7 @@ class TurnEngine:
         self.workspace = workspace
         self.max_steps = max_steps
         self.tools: dict[str, Tool] = {}
+        self.mcp_servers: dict[str, McpServer] = {}  # more tools, by server name
         self.hooks = Hooks()
         self.context = ContextWindow(self.records, self.hooks, **context)
         self.commands: dict[str, Callable[[ToolContext, str], Any]] = {
@@ -8369,6 +9067,7 @@ class TurnEngine:
             files=lambda: [row.attachment for row in self.queue.store.turn_attachments(turn.id)],
             open_file=functools.partial(self.records.open_file, turn.thread_id),
             entries=None if call_id is not None else self.hook_entries(turn),
+            is_cancelled=lambda: self.records.turn(turn.id).cancel_requested,
         )
 
     def hook_entries(self, turn: TurnRow) -> Entries:
@@ -8402,6 +9101,14 @@ class TurnEngine:
             with contextlib.suppress(HookFailed):
                 self.emit(turn, hook, **{key: fields.get(key) for key in keys})
 
+    def available(self) -> dict[str, Tool]:
+        """The tools the model may call: the registered ones, then the MCP servers'."""
+        tools: dict[str, Tool] = dict(self.tools)
+        for server in self.mcp_servers.values():
+            for name, tool in server.tools().items():
+                tools.setdefault(name, tool)
+        return tools
+
     def loop(self, turn_id: str) -> None:
         """Model steps and tool calls until a final answer, a cancel, max_steps, or calls
         that wait for approvals."""
@@ -8433,7 +9140,8 @@ class TurnEngine:
     def step(self, turn: TurnRow) -> None:
         """One model request (within the context window: see ContextWindow); its answer and
         tool calls stored in one transaction."""
-        tools = [tool.spec() for tool in self.tools.values()]
+        available = self.available()
+        tools = [tool.spec() for tool in available.values()]
         fields = self.event_fields(turn)
         instructions = "\n\n".join(filter(None, [self.instructions, turn.instructions]))
         index = turn.steps
@@ -8459,7 +9167,7 @@ class TurnEngine:
             call_id = call.id if call.id and call.id not in used else new_id("call")
             used.add(call_id)
             state, result = "pending", None
-            if call.name not in self.tools:
+            if call.name not in available:
                 state, result = "error", f"unknown tool {call.name!r}"
             else:
                 hooked = self.emit(
@@ -8469,7 +9177,7 @@ class TurnEngine:
                 if block is not None:
                     state, result = "error", f"blocked: {block.reason}"
                 else:
-                    tool = self.tools[call.name]
+                    tool = available[call.name]
                     needed, reason = tool.needs_approval(call.args, self.context_of(turn, call_id))
                     if needed:
                         state = "waiting"
@@ -8485,22 +9193,26 @@ class TurnEngine:
         """Run the open calls of a turn, each claimed first, and store their results: all at
         once, or one after another without `parallel_tools`. A steer message queued before
         a call starts skips it and the ones after it."""
-        missing = sorted({call.tool for call in calls} - set(self.tools))
+        available = self.available()
+        missing = sorted({call.tool for call in calls} - set(available))
         if missing:  # the model saw them in another process: the turn runs on there
             raise ToolUnavailable(f"tools not registered in this process: {', '.join(missing)}")
         batches = [calls] if self.parallel_tools else [[call] for call in calls]
         for i, batch in enumerate(batches):
             if self.records.steer(turn, [call for rest in batches[i:] for call in rest]):
                 return
-            self.finish_calls(turn, self.start_calls(turn, batch))
+            self.finish_calls(turn, self.start_calls(turn, batch, available))
 
-    def start_calls(self, turn: TurnRow, calls: list[CallRow]) -> list[_Started]:
-        """Claim and start calls; those started, with their contexts and futures."""
+    def start_calls(
+        self, turn: TurnRow, calls: list[CallRow], available: dict[str, Tool]
+    ) -> list[_Started]:
+        """Claim and start calls of the `available` tools; those started, with their
+        contexts and futures."""
         message_ids = {call.call_id: call.message_id for call in calls}
         started = []
         step = max(turn.steps - 1, 0)
         for call_id, name, args, state in ((c.call_id, c.tool, c.args, c.state) for c in calls):
-            tool = self.tools[name]
+            tool = available[name]
             if state == "running" and not tool.idempotent:
                 self.records.set_result(turn, call_id, "error", INTERRUPTED, was="running")
             elif state == "running" or self.records.claim_call(turn.id, call_id):
@@ -8599,7 +9311,7 @@ class TurnEngine:
 
     def usage(self, thread: str) -> dict[str, int]:
         """`{"tokens": estimate, "window": size}` of what the model would be sent now."""
-        tools = [tool.spec() for tool in self.tools.values()]
+        tools = [tool.spec() for tool in self.available().values()]
         return self.context.usage(thread, self.model, self.instructions, tools)
 
     def compact_command(self, ctx: ToolContext, args: str) -> str:
@@ -8617,6 +9329,8 @@ class TurnEngine:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        for server in self.mcp_servers.values():
+            server.close()
 
 
 class TurnWatch:
@@ -11190,6 +11904,41 @@ class AgentKit:
 
         return register if fn is None else register(fn)
 
+    def mcp(
+        self,
+        name: str,
+        *,
+        command: Sequence[str] | None = None,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        tools: Sequence[str] | None = None,
+        approval: bool | Callable[[dict[str, Any], ToolContext], bool | str] = False,
+        timeout: float = 60.0,
+        prefix: str | None = None,
+    ) -> McpServer:
+        """Give the model the tools of an MCP server: `command` (a list) starts a stdio
+        server, `url` reaches a Streamable HTTP one. Its tools are named `<name>_<tool>`
+        (or `<prefix><tool>`), only those in `tools` when given; `approval` as for
+        `tool()`; `timeout` in seconds per call. A stdio server's environment is PATH,
+        HOME, LANG and `env`; credentials in `env` and `headers` are redacted."""
+        if name in self.engine.mcp_servers:
+            raise BadInput(f"an MCP server named {name!r} is already added")
+        server = McpServer(
+            self.store,
+            name,
+            command=command,
+            url=url,
+            env=env,
+            headers=headers,
+            tools=tools,
+            approval=approval,
+            timeout=timeout,
+            prefix=prefix,
+        )
+        self.engine.mcp_servers[name] = server
+        return server
+
     def on(self, event: str) -> Callable[[Callable[[Event], Any]], Callable[[Event], Any]]:
         """Register a hook: `@kit.on("tool_call")`; see EVENTS for the event names."""
         if event not in EVENTS:
@@ -12142,6 +12891,30 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """Each MCP server of the app with its state (it is connected to and pinged) and its
+    tools; servers only the database knows show their cached tools."""
+    kit = open_kit(args)
+    servers = kit.engine.mcp_servers
+    for name, server in servers.items():
+        print(f"{name}: {server.check()}")
+        for tool in server.tools().values():
+            print(f"  {tool.name}: {first_text_line(tool.description)}")
+    for cached in kit.store.mcp_tool_lists():
+        if cached.server not in servers:
+            print(f"{cached.server}: not in this app (tools as listed {iso(cached.listed_at)})")
+            for spec in cached.tools:
+                print(f"  {spec['name']}: {first_text_line(spec.get('description') or '')}")
+    if not servers and not kit.store.mcp_tool_lists():
+        print("no MCP servers (add them with kit.mcp(...) and give --app)")
+    kit.close()
+    return 0
+
+
+def first_text_line(text: str) -> str:
+    return text.strip().partition("\n")[0]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     parse_address(args.http)  # a bad address is refused before anything is created
     open_kit(args).serve(args.http, workers=args.workers)
@@ -12331,6 +13104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--older-than", required=True, help="an age like 30d, 12h or 90m")
     prune.set_defaults(run=cmd_prune)
+    mcp = commands.add_parser(
+        "mcp", parents=[common], help="list the MCP servers, their state and their tools"
+    )
+    mcp.add_argument("action", choices=["list"], help="list")
+    mcp.set_defaults(run=cmd_mcp)
     copy = commands.add_parser(
         "copy",
         help="copy a whole database into an empty one (SQLite and PostgreSQL, either way)",

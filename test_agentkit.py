@@ -1663,7 +1663,7 @@ def test_approvals_cli(db: Path) -> None:
 # ─────────────────────────────────────── benchmarks ───────────────────────────────────────
 
 
-@pytest.mark.parametrize("script", ["queue.py", "turns.py"])
+@pytest.mark.parametrize("script", ["queue.py", "turns.py", "import_time.py"])
 def test_benchmarks_run_and_find_no_duplicate_or_loss(script: str, tmp_path: Path) -> None:
     """Each benchmark's quick run checks every job and turn ran exactly once (its exit status)."""
     out = subprocess.run(

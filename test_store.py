@@ -411,6 +411,22 @@ def test_a_cursor_moves_and_stays(store: Store) -> None:
     assert store.cursor("telegram") == "6"
 
 
+def test_an_mcp_tool_list_is_replaced_whole_and_listed_by_server(store: Store) -> None:
+    assert store.mcp_tool_list("files") is None
+    first = [{"name": "read", "inputSchema": {"type": "object"}}]
+    store.set_mcp_tool_list("files", first)
+    with store.transaction():
+        store.set_mcp_tool_list("files", [{"name": "write"}, {"name": "ls"}])
+        store.set_mcp_tool_list("db", [])
+    cached = store.mcp_tool_list("files")
+    assert cached is not None and cached.tools == [{"name": "write"}, {"name": "ls"}]
+    assert cached.listed_at <= store.now()
+    assert [(c.server, c.tools) for c in store.mcp_tool_lists()] == [
+        ("db", []),
+        ("files", [{"name": "write"}, {"name": "ls"}]),
+    ]
+
+
 def test_a_secret_request_is_used_once_and_expires_without_its_key(store: Store) -> None:
     at = store.now()
     request = agentkit.SecretRequest(
