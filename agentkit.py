@@ -578,6 +578,15 @@ class Approval:
 
 
 @dataclass(frozen=True)
+class ThreadSummary:
+    """A thread as a list of conversations shows it."""
+
+    id: str
+    updated_at: float
+    title: str | None  # the text of its first turn that is not a command
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One message in the outbox: what goes to which thread through which adapter."""
 
@@ -907,6 +916,11 @@ class Store(ABC):
     @abstractmethod
     def thread_ids(self, prefix: str) -> list[str]:
         """The ids of the threads that start with `prefix`, sorted."""
+
+    @abstractmethod
+    def thread_summaries(self, prefix: str, limit: int) -> list["ThreadSummary"]:
+        """The threads whose ids start with `prefix`, most recently active first, each
+        with the text of its first turn that is not a command."""
 
     @abstractmethod
     def add_message(
@@ -1627,6 +1641,15 @@ class _SQLStore(Store):
     def threads(self, limit: int) -> list[tuple[str, float]]:
         return self._rows(
             "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
+
+    def thread_summaries(self, prefix: str, limit: int) -> list["ThreadSummary"]:
+        return self._fetch_all(
+            ThreadSummary,
+            "SELECT t.id, t.updated_at, (SELECT u.text FROM turns u WHERE u.thread_id = t.id "
+            "AND u.text NOT LIKE '/%' ORDER BY u.created_at, u.id LIMIT 1) AS title "
+            "FROM threads t WHERE t.id >= ? AND t.id < ? ORDER BY t.updated_at DESC LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
         )
 
     def add_message(
