@@ -6958,6 +6958,14 @@ class Approvals:
             actor.startswith(p[:-1]) if p.endswith("*") else actor == p for p in self.approvers
         )
 
+    def choices(self, approval: Approval, actor: str) -> tuple[str, ...]:
+        """The decisions `actor` may make on `approval`: an approver approves (unless it
+        asked and `allow_self_approval` is off) and denies; a requester may deny its own."""
+        own = actor == approval.requester
+        approves = self.may_decide(actor) and (self.allow_self_approval or not own)
+        denies = own or self.may_decide(actor)
+        return ("approved",) * approves + ("denied",) * denies
+
     def get(self, approval_id: str) -> Approval:
         if not isinstance(approval_id, str) or not approval_id.startswith("apr_"):
             raise BadInput(f"not an approval id: {approval_id!r}")
@@ -6976,10 +6984,10 @@ class Approvals:
         if reason is not None:
             check_utf8("reason", reason)
         approval = self.get(approval_id)
-        denying_own = decision == "denied" and actor == approval.requester
-        if not (denying_own or self.may_decide(actor)):
+        allowed = self.choices(approval, actor)
+        if not allowed:
             raise Forbidden(f"{actor} may not decide approvals")
-        if decision == "approved" and actor == approval.requester and not self.allow_self_approval:
+        if decision not in allowed:
             raise Forbidden(f"{actor} asked for this call and may not approve it (deny is allowed)")
         with self.store.transaction():
             late = approval.expires_at <= self.store.now()
@@ -7326,11 +7334,14 @@ class Secrets:
         return {value: name for name, value in saved.items() if len(value) >= 4}
 
 
+SAVED_NOTE_START = "[agentkit: the user gave "
+
+
 def saved_note(names: Sequence[str], request_id: str) -> str:
     """What the model reads once secrets are saved: their names, never their values."""
     listed = ", ".join(names)
     return (
-        f"[agentkit: the user gave {listed} through the secure page (request {request_id}). "
+        f"{SAVED_NOTE_START}{listed} through the secure page (request {request_id}). "
         f"They are saved for this conversation; tools read them with ctx.secret(NAME). "
         "Their values are not shown here.]"
     )
@@ -8352,10 +8363,74 @@ class Webhook(Adapter):
         self.client.close()
 
 
+WEB_THREAD_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOL_TEXT = 20_000  # characters of a tool's arguments or result shown in its card
+
+
+class _WebStream:
+    """One turn as the web chat shows it: its steps' text and tool cards in order, from
+    the live events of this process and, for what was not seen live (a turn run
+    elsewhere, or before a takeover), its stored steps; never the same text twice."""
+
+    def __init__(self, records: Records, turn_id: str) -> None:
+        self.watch = TurnWatch(records, turn_id)
+        self.lock = threading.Lock()
+        self.parts: list[dict[str, Any]] = []
+        self.cards: dict[str, dict[str, Any]] = {}  # call id -> its part
+        self.started: dict[str, float] = {}  # call id -> when it started (live)
+        self.ended = False
+
+    def hear(self, event: TurnEvent) -> None:
+        with self.lock:
+            if event.kind == "done":
+                self.ended = True
+            if event.kind == "progress":  # the watch passes progress lines on as they come
+                card = self.cards.get(event.call_id or "")
+                if card is not None:
+                    card["progress"] = [*card["progress"][-19:], event.text]
+            shown = self.watch.live(event)
+            if shown is not None:
+                self._apply(shown, live=True)
+
+    def view(self) -> dict[str, Any]:
+        """The turn's status and parts so far, its stored steps filled in."""
+        with self.lock:
+            for event in self.watch.stored():
+                self._apply(event, live=False)
+            status = self.watch.records.turn(self.watch.turn_id).status
+            parts = sorted(self.parts, key=lambda part: part["step"])
+            return {"status": status, "parts": copy.deepcopy(parts)}
+
+    def _apply(self, event: TurnEvent, *, live: bool) -> None:
+        if event.kind == "text":
+            last = self.parts[-1] if self.parts else None
+            if last and last["type"] == "text" and last["step"] == event.step:
+                last["text"] += event.text
+            else:
+                self.parts.append({"type": "text", "step": event.step, "text": event.text})
+        elif event.kind in ("tool_start", "tool_end"):
+            call_id = event.call_id or ""
+            card = self.cards.get(call_id)
+            if card is None:
+                args = clip(dumps(event.args or {}), MAX_TOOL_TEXT)
+                card = {"type": "tool", "step": event.step, "id": call_id, "tool": event.tool}
+                card |= {"args": args, "state": "running", "progress": [], "ms": None}
+                self.cards[call_id] = card
+                self.parts.append(card)
+                if live:
+                    self.started[call_id] = time.monotonic()
+            if event.kind == "tool_end":
+                card["state"] = "error" if event.is_error else "done"
+                card["result"] = clip(str(event.result or ""), MAX_TOOL_TEXT)
+                if call_id in self.started:  # timed only when seen live from its start
+                    card["ms"] = round((time.monotonic() - self.started[call_id]) * 1000)
+
+
 class WebChat(Adapter):
-    """The web chat at `/`: one page where the owner (`web:owner`) talks to the bot, with
-    approval buttons and secret links. It needs the token (traded once for a cookie);
-    the server checks Host and Origin on every request."""
+    """The web chat at `/`: the owner (`web:owner`) talks to the bot in conversations of
+    its own (threads `web:<key>`; `web:owner` is the first), sees replies stream and tool
+    calls as cards, stops turns, and decides approvals when it may. It needs the token
+    (traded once for a cookie); the server checks Host and Origin on every request."""
 
     name = "web"
     pull = True
@@ -8363,8 +8438,26 @@ class WebChat(Adapter):
     cookie = "agentkit_web"
     long_poll = 25.0
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(
+        self, token: str | None = None, *, title: str = "agentkit", examples: Sequence[str] = ()
+    ) -> None:
+        if not isinstance(title, str) or not 0 < len(title) <= 80:
+            raise BadInput("title must be a string of 1 to 80 characters")
+        if isinstance(examples, str) or len(examples) > 8:
+            raise BadInput("examples must be a list of at most 8 prompts")
+        for example in examples:
+            if not isinstance(example, str) or not 0 < len(example) <= 300:
+                raise BadInput("each example must be a prompt of 1 to 300 characters")
         self.token = token
+        self.title = title
+        self.examples = tuple(examples)
+        self._streams: dict[str, _WebStream] = {}  # turn id -> the turn being shown
+        self._versions: dict[str, int] = {}  # thread -> how many live events it had
+        self._changed = threading.Condition()  # a live event, or a commit to the database
+        self._generation = 0  # grows with each notification of `_changed`
+        self._listening = False
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
         return kind != "decided"  # the feed shows each approval's current state
@@ -8372,10 +8465,11 @@ class WebChat(Adapter):
     def reach(self, actor: str) -> str | None:
         return actor if actor == self.owner else None
 
-    def choose_token(self, db_path: str, url: str) -> None:
-        """The token: given, AGENTKIT_WEB_TOKEN (required for a database URL), or random:
-        printed if stdout is a terminal, else kept in `<database>.token` (mode 0600). Never
-        logged."""
+    def choose_token(self, db_path: str, url: str, *, new: bool = False) -> None:
+        """The token: given, AGENTKIT_WEB_TOKEN (required for a database URL), or the one
+        kept in `<database>.token` (mode 0600; made when missing, or with `new`), so open
+        tabs survive restarts. The link is printed to a terminal; otherwise the log says
+        where the token is. Never logged."""
         self.cookie = f"agentkit_web_{urllib.parse.urlsplit(url).port}"  # a bot per port
         self.token = self.token or os.environ.get("AGENTKIT_WEB_TOKEN")
         if self.token:
@@ -8385,22 +8479,37 @@ class WebChat(Adapter):
                 f"{db_path} is shared by every host that serves it, and so must be the web "
                 "chat's token: set AGENTKIT_WEB_TOKEN (the same on every host)"
             )
-        self.token = b64url(os.urandom(24))
+        where = "AGENTKIT_WEB_TOKEN"
+        if db_path == ":memory:":
+            self.token = b64url(os.urandom(24))
+        else:
+            where = db_path + ".token"
+            self.token = _token_file(where, new)
         if sys.stdout.isatty():
             print(f"agentkit web chat: {url}/#token={self.token}", flush=True)
-            return
-        if db_path == ":memory:":
+        elif db_path == ":memory:":
             log.warning("the web chat needs AGENTKIT_WEB_TOKEN with a :memory: database")
-            return
-        path = db_path + ".token"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            with open(path, encoding="utf-8") as f:
-                self.token = f.read().strip()
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token + "\n")
+        else:
+            log.info("web chat: open %s/#token=TOKEN with the token in %s", url, where)
+
+    def start(self, kit: "AgentKit") -> None:
+        super().start(kit)
+        if not self._listening:
+            kit.engine.live.listen(self._hear)
+            self._listening = True
+        self._stopping.clear()
+        self._watcher = threading.Thread(
+            target=self._watch_store, name="agentkit-web-feed", daemon=True
+        )
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Answer the waiting feeds and stop watching the database."""
+        self._stopping.set()
+        self._notify()
+        self.kit.store.notify()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
 
     def session(self) -> str:
         return hmac.new((self.token or "").encode(), b"agentkit web session", "sha256").hexdigest()
@@ -8432,40 +8541,125 @@ class WebChat(Adapter):
             return None
         if not self.signed_in(request):
             return json_response(401, {"error": "sign in with the link that serve printed"})
+        if route == ("GET", "/api/info"):
+            return json_response(200, self.info())
+        if route == ("GET", "/api/threads"):
+            return json_response(200, {"threads": self.conversations()})
         if route == ("GET", "/api/feed"):
             return self.feed(request)
         if route == ("POST", "/api/messages"):
-            text = json_body(request).get("text")
+            body = json_body(request)
+            text = body.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise BadInput("text must be a non-empty string")
-            turn_id, _ = self.kit.receive(self, Inbound("owner", "owner", text))
+            key = self.thread_key(body.get("thread", "owner"))
+            turn_id, _ = self.kit.receive(self, Inbound(key, "owner", text))
             return json_response(202, {"turn_id": turn_id})
-        if request.method == "POST" and request.path.startswith("/api/approvals/"):
-            return self.decide(request.path.rpartition("/")[2], json_body(request))
+        parts = request.path.split("/")
+        if request.method == "POST" and parts[2:3] == ["approvals"] and len(parts) == 4:
+            return self.decide(parts[3], json_body(request))
+        if route == ("POST", f"/api/turns/{parts[3] if len(parts) > 4 else ''}/cancel"):
+            return self.cancel(parts[3])
         return None
 
+    @staticmethod
+    def thread_key(key: object) -> str:
+        """A conversation's key, the part of its thread id after `web:`; BadInput else."""
+        if not isinstance(key, str) or not WEB_THREAD_KEY.fullmatch(key):
+            raise BadInput("thread must be a conversation key: 1 to 64 letters, digits, - or _")
+        return key
+
+    def info(self) -> dict[str, Any]:
+        """What the page shows before a conversation: the bot, its model, the examples."""
+        return {
+            "title": self.title,
+            "model": self.kit.engine.model.name,
+            "examples": list(self.examples),
+            "approver": self.kit.gatekeeper.may_decide(self.owner),
+        }
+
+    def conversations(self) -> list[dict[str, Any]]:
+        """The owner's conversations, most recently active first, titled by their first
+        message."""
+        return [
+            {
+                "key": summary.id.partition(":")[2],
+                "title": clip(" ".join((summary.title or "").split()), 80) or "New chat",
+                "updated_at": summary.updated_at,
+            }
+            for summary in self.kit.store.thread_summaries(f"{self.name}:", 200)
+        ]
+
     def feed(self, request: HTTPRequest) -> HTTPResponse:
-        """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one
-        (the first request, `after=0`, is answered at once)."""
+        """A conversation's deliveries after `?after=`, the turns they and its running
+        turns make (text so far, tool cards), and `state`, to send back as `?seen=`: the
+        answer waits up to `long_poll` s for a new delivery or a change of state (the
+        first request, `after=0`, is answered at once)."""
         after = request.query.get("after", "0")
         if not re.fullmatch(r"[0-9]{1,18}", after):
             raise BadInput("after must be a delivery id")
+        thread = f"{self.name}:{self.thread_key(request.query.get('thread', 'owner'))}"
+        seen = request.query.get("seen", "")
         deadline = time.monotonic() + self.long_poll
         while True:
-            items = self.kit.store.deliveries(self.owner, int(after), 200)
+            generation = self._generation
+            items = self.kit.store.deliveries(thread, int(after), 200)
+            active = self.kit.store.active_turns(thread)
+            newest = active[-1] if active else ""
+            state = f"{self._versions.get(thread, 0)}.{len(active)}.{newest}"
             left = deadline - time.monotonic()
-            if items or left <= 0 or after == "0" or self.kit.stopping.is_set():
+            if items or state != seen or after == "0" or left <= 0 or self._stopping.is_set():
                 break
-            self.kit.queue.store.wait_for_change(min(left, 1.0))
-        shown = []
-        for item in items:
-            entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
-            entry["turn_id"] = item.turn_id
-            if item.kind == "approval":
-                approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
-                entry["approval"] = {**item.body["approval"], "state": approval.state}
-            shown.append(entry)
-        return json_response(200, {"items": shown, "last": items[-1].id if items else int(after)})
+            self._wait_past(generation, min(left, 5.0))
+        shown = [self.entry(item) for item in items]
+        turn_ids = dict.fromkeys([*(i.turn_id for i in items if i.turn_id), *active])
+        return json_response(
+            200,
+            {
+                "items": shown,
+                "last": items[-1].id if items else int(after),
+                "turns": {turn_id: self.turn_view(turn_id) for turn_id in turn_ids},
+                "active": active,
+                "state": state,
+            },
+        )
+
+    def entry(self, item: Delivery) -> dict[str, Any]:
+        """One delivery as the page shows it: the internal note that stands for saved
+        secrets is a note, not the owner's message; an approval says who may decide."""
+        kind = item.kind
+        if kind == "user" and item.body["text"].startswith(SAVED_NOTE_START):
+            kind = "note"
+        entry = {"id": item.id, "kind": kind, "text": item.body["text"], "turn_id": item.turn_id}
+        if kind == "secret":
+            entry["url"] = item.body.get("url")
+        if kind == "approval":
+            approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
+            entry["approval"] = {
+                **item.body["approval"],
+                "state": approval.state,
+                "decided_by": approval.decided_by,
+                "decision_reason": approval.decision_reason,
+                "choices": list(self.kit.gatekeeper.choices(approval, self.owner)),
+            }
+        return entry
+
+    def turn_view(self, turn_id: str) -> dict[str, Any]:
+        """A turn's status and parts: the live stream's while it runs here, else its
+        stored steps (a stream is let go once its turn ended)."""
+        stream = self._streams.get(turn_id) or _WebStream(self.kit.records, turn_id)
+        view = stream.view()
+        if stream.ended or view["status"] in FINAL_TURN_STATES:
+            self._streams.pop(turn_id, None)
+        return view
+
+    def cancel(self, turn_id: str) -> HTTPResponse:
+        """Stop a turn of the owner's conversations now (as `/cancel`, without waiting
+        for its next step)."""
+        turn = self.kit.store.turn(turn_id) if turn_id.startswith("turn_") else None
+        if turn is None or not turn.thread_id.startswith(f"{self.name}:"):
+            return json_response(404, {"error": f"no turn {turn_id} in the web chat"})
+        return json_response(200, {"status": self.kit.cancel(turn_id, at_once=True).status})
 
     def decide(self, approval_id: str, body: dict[str, Any]) -> HTTPResponse:
         decision, reason = body.get("decision"), body.get("reason")
@@ -8482,6 +8676,54 @@ class WebChat(Adapter):
             return json_response(409, {"error": str(e)})
         state = self.kit.gatekeeper.get(approval_id).state
         return json_response(200, {"state": state, "message": f"{state.capitalize()}."})
+
+    def _hear(self, event: TurnEvent) -> None:
+        """A live event of a turn run in this process: its conversation's stream."""
+        if not event.thread_id.startswith(f"{self.name}:"):
+            return
+        stream = self._streams.get(event.turn_id)
+        if stream is None:
+            stream = self._streams.setdefault(
+                event.turn_id, _WebStream(self.kit.records, event.turn_id)
+            )
+        stream.hear(event)
+        self._versions[event.thread_id] = self._versions.get(event.thread_id, 0) + 1
+        self._notify()
+
+    def _wait_past(self, generation: int, timeout: float) -> None:
+        """Wait until the feeds are notified after `generation`, or `timeout` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != generation, timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def _watch_store(self) -> None:
+        """Wake the waiting feeds at each commit to the database (one watcher for all)."""
+        try:
+            while not self._stopping.is_set():
+                self.kit.store.wait_for_change(1.0)
+                self._notify()
+        finally:
+            self.kit.store.release_thread()
+
+
+def _token_file(path: str, new: bool) -> str:
+    """The token kept in `path` (mode 0600, never followed as a link); a fresh one when
+    the file is missing or `new`."""
+    if not new:
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+            if token := f.read().strip():
+                return token
+    token = b64url(os.urandom(24))
+    temporary = f"{path}.{os.getpid()}.new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(temporary, path)
+    return token
 
 
 # ───────────────────────────────────── HTTP server ─────────────────────────────────────
@@ -8608,7 +8850,14 @@ class WebServer(ThreadingHTTPServer):
             return response or json_response(404, {"error": "no such webhook"})
         host = request.headers.get("host", "")
         if host not in self.hosts:
-            return json_response(421, {"error": f"this server does not answer to Host {host!r}"})
+            return json_response(
+                421,
+                {
+                    "error": f"this server does not answer to Host {host!r}: to open it at "
+                    "that address, set AGENTKIT_PUBLIC_URL (or public_url=) to it, like "
+                    f"https://{host or 'bot.example.com'}"
+                },
+            )
         if request.method != "GET" and request.headers.get("origin") not in (
             f"http://{host}",
             f"https://{host}",
@@ -9380,12 +9629,13 @@ class AgentKit:
         workers: int = 2,
         stop: threading.Event | None = None,
         ready: Callable[[str], object] | None = None,
+        new_token: bool = False,
     ) -> None:
         """Run the bot: the HTTP server (web chat, webhooks, secret page, /healthz), the
         adapters, `workers` worker threads and the scheduler, until `stop` is set or
         SIGINT/SIGTERM arrive. Running jobs finish first (or their leases lapse).
         `ready(url)` is called once everything runs. Several processes may serve one
-        database."""
+        database. `new_token` replaces the web chat's kept token (open tabs sign in again)."""
         check_int("workers", workers, low=1)
         server = None
         if http:
@@ -9397,7 +9647,7 @@ class AgentKit:
             if not self._public_url_given:  # secret links lead to this server, on loopback
                 self.secrets.public_url = f"http://127.0.0.1:{server.server_address[1]}"
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
-            self.adapters["web"].choose_token(self.store.path, server.url)
+            self.adapters["web"].choose_token(self.store.path, server.url, new=new_token)
         # close() halts the worker and waits for this block, adapters and server stopped
         with (
             stopping_on_signals(stop) as stop,
@@ -9955,7 +10205,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     parse_address(args.http)  # a bad address is refused before anything is created
-    open_kit(args).serve(args.http, workers=args.workers)
+    open_kit(args).serve(args.http, workers=args.workers, new_token=args.new_token)
     return 0
 
 
@@ -10119,6 +10369,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--http", default="127.0.0.1:8765", help="address (127.0.0.1:8765)")
     serve.add_argument("--workers", type=int, default=2, help="worker threads (2)")
+    serve.add_argument(
+        "--new-token",
+        action="store_true",
+        help="replace the web chat's token kept in <database>.token (open tabs sign in again)",
+    )
     serve.set_defaults(run=cmd_serve)
     work = commands.add_parser(
         "work", parents=[common], help="run the workers and the scheduler, without serving"
