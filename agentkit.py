@@ -6466,12 +6466,12 @@ class _LiveText:
         self.values = values  # value -> label, as Redactions.redact takes them
         self.emit = emit
         self.raw = ""
-        self.shown = ""
+        self.shown: list[str] = []  # the pieces passed on (joined only when compared)
+        self.length = 0  # their length
 
     def add(self, delta: str) -> None:
         if not self.values:
-            self.shown += delta
-            self.emit(delta)
+            self._pass(delta)
             return
         self.raw += delta
         text = redactions.redact(self.raw, self.values)
@@ -6482,9 +6482,13 @@ class _LiveText:
         self._show(stored or "")
 
     def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            new, self.shown = text[len(self.shown) :], text
-            self.emit(new)
+        if len(text) > self.length and text.startswith("".join(self.shown)):
+            self._pass(text[self.length :])
+
+    def _pass(self, new: str) -> None:
+        self.shown.append(new)
+        self.length += len(new)
+        self.emit(new)
 
 
 class TurnEngine:
@@ -8398,16 +8402,21 @@ class _WebStream:
             for event in self.watch.stored():
                 self._apply(event, live=False)
             status = self.watch.records.turn(self.watch.turn_id).status
-            parts = sorted(self.parts, key=lambda part: part["step"])
-            return {"status": status, "parts": copy.deepcopy(parts)}
+            parts = [
+                {**part, "progress": list(part["progress"])}
+                if part["type"] == "tool"
+                else {"type": "text", "step": part["step"], "text": "".join(part["text"])}
+                for part in sorted(self.parts, key=lambda part: part["step"])
+            ]
+            return {"status": status, "parts": parts}
 
     def _apply(self, event: TurnEvent, *, live: bool) -> None:
         if event.kind == "text":
             last = self.parts[-1] if self.parts else None
             if last and last["type"] == "text" and last["step"] == event.step:
-                last["text"] += event.text
+                last["text"].append(event.text)
             else:
-                self.parts.append({"type": "text", "step": event.step, "text": event.text})
+                self.parts.append({"type": "text", "step": event.step, "text": [event.text]})
         elif event.kind in ("tool_start", "tool_end"):
             call_id = event.call_id or ""
             card = self.cards.get(call_id)
@@ -8452,6 +8461,7 @@ class WebChat(Adapter):
         self.title = title
         self.examples = tuple(examples)
         self._streams: dict[str, _WebStream] = {}  # turn id -> the turn being shown
+        self._ended: dict[str, None] = {}  # the turns last let go, oldest first (late events)
         self._versions: dict[str, int] = {}  # thread -> how many live events it had
         self._changed = threading.Condition()  # a live event, or a commit to the database
         self._generation = 0  # grows with each notification of `_changed`
@@ -8460,7 +8470,7 @@ class WebChat(Adapter):
         self._watcher: threading.Thread | None = None
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
-        return kind != "decided"  # the feed shows each approval's current state
+        return True  # a decision too: the page updates the card that asked for it
 
     def reach(self, actor: str) -> str | None:
         return actor if actor == self.owner else None
@@ -8600,6 +8610,9 @@ class WebChat(Adapter):
             raise BadInput("after must be a delivery id")
         thread = f"{self.name}:{self.thread_key(request.query.get('thread', 'owner'))}"
         seen = request.query.get("seen", "")
+        watched = request.query.get("turns", "")
+        if not re.fullmatch(r"(turn_[0-9a-f]{1,40})?(,turn_[0-9a-f]{1,40}){0,19}", watched):
+            raise BadInput("turns must be up to 20 turn ids, separated by commas")
         deadline = time.monotonic() + self.long_poll
         while True:
             generation = self._generation
@@ -8612,13 +8625,15 @@ class WebChat(Adapter):
                 break
             self._wait_past(generation, min(left, 5.0))
         shown = [self.entry(item) for item in items]
-        turn_ids = dict.fromkeys([*(i.turn_id for i in items if i.turn_id), *active])
+        mentioned = [item.turn_id for item in items if item.turn_id]
+        turn_ids = dict.fromkeys([*mentioned, *active, *filter(None, watched.split(","))])
+        views = {turn_id: self.turn_view(turn_id, thread) for turn_id in turn_ids}
         return json_response(
             200,
             {
                 "items": shown,
                 "last": items[-1].id if items else int(after),
-                "turns": {turn_id: self.turn_view(turn_id) for turn_id in turn_ids},
+                "turns": {turn_id: view for turn_id, view in views.items() if view},
                 "active": active,
                 "state": state,
             },
@@ -8646,12 +8661,19 @@ class WebChat(Adapter):
             }
         return entry
 
-    def turn_view(self, turn_id: str) -> dict[str, Any]:
-        """A turn's status and parts: the live stream's while it runs here, else its
-        stored steps (a stream is let go once its turn ended)."""
+    def turn_view(self, turn_id: str, thread: str) -> dict[str, Any] | None:
+        """A turn of the thread, its status and parts: the live stream's while it runs
+        here, else its stored steps (a stream is let go once its turn ended); None for a
+        turn of another thread."""
+        turn = self.kit.store.turn(turn_id)
+        if turn is None or turn.thread_id != thread:
+            return None
         stream = self._streams.get(turn_id) or _WebStream(self.kit.records, turn_id)
         view = stream.view()
         if stream.ended or view["status"] in FINAL_TURN_STATES:
+            self._ended[turn_id] = None
+            while len(self._ended) > 1000:
+                del self._ended[next(iter(self._ended))]
             self._streams.pop(turn_id, None)
         return view
 
@@ -8681,7 +8703,7 @@ class WebChat(Adapter):
 
     def _hear(self, event: TurnEvent) -> None:
         """A live event of a turn run in this process: its conversation's stream."""
-        if not event.thread_id.startswith(f"{self.name}:"):
+        if not event.thread_id.startswith(f"{self.name}:") or event.turn_id in self._ended:
             return
         stream = self._streams.get(event.turn_id)
         if stream is None:
@@ -8833,6 +8855,28 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+        self._connections: set[socket.socket] = set()  # open, kept alive between requests
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and end the open connections too, so that no browser keeps
+        talking to a server that stopped (it connects again, maybe to its successor)."""
+        super().server_close()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that closed its socket or stopped sending is dropped quietly; anything
@@ -11018,11 +11062,17 @@ function list(lines, i, out) {
     const ordered = /\d/.test(m[2]);
     while (stack.length > 1 && stack[stack.length - 1].indent > indent) stack.pop();
     let top = stack[stack.length - 1];
+    if (top && top.ordered !== ordered && indent <= top.indent) {  // another kind of list
+      stack.pop();
+      top = null;
+    }
+    const parent = stack[stack.length - 1];
     if (!top || (indent > top.indent && stack.length < 6 && top.el.lastElementChild)) {
       const l = h(ordered ? "ol" : "ul");
       if (ordered && parseInt(m[2], 10) !== 1) l.start = parseInt(m[2], 10) || 1;
-      (top ? top.el.lastElementChild : out).append(l);
-      top = { indent, el: l };
+      const holder = top || parent;
+      (holder ? holder.el.lastElementChild : out).append(l);
+      top = { indent, el: l, ordered };
       stack.push(top);
     }
     top.el.append(inline(h("li"), m[3]));
@@ -11151,7 +11201,11 @@ function render(it) {
   el.append(b);
   el.item = it;
   const old = shown.get(it.id);
-  if (old) old.replaceWith(el); else log.append(el);
+  if (old) {
+    const note = old.querySelector(".note"), kept = el.querySelector(".note");
+    if (note && kept) kept.replaceWith(note);  // what the last decision here answered
+    old.replaceWith(el);
+  } else log.append(el);
   shown.set(it.id, el);
   if (kind === "user" && it.turn_id && turnEls.has(it.turn_id)) el.after(turnEls.get(it.turn_id));
   if (kind === "reply" && it.turn_id && turnViews.has(it.turn_id)) {
@@ -11285,7 +11339,7 @@ async function poll(gen) {
     const t0 = Date.now();
     let res;
     const q = "thread=" + encodeURIComponent(thread) + "&after=" + last +
-      "&seen=" + encodeURIComponent(seen);
+      "&seen=" + encodeURIComponent(seen) + "&turns=" + active.slice(-20).join(",");
     try { res = await api("GET", "/api/feed?" + q); }
     catch (e) { setConn("off"); await sleep(2000); continue; }
     if (gen !== generation) return;
