@@ -8601,15 +8601,15 @@ class WebChat(Adapter):
         ]
 
     def feed(self, request: HTTPRequest) -> HTTPResponse:
-        """A conversation's deliveries after `?after=`, the turns they and its running
-        turns make (text so far, tool cards), and `state`, to send back as `?seen=`: the
-        answer waits up to `long_poll` s for a new delivery or a change of state (the
-        first request, `after=0`, is answered at once)."""
+        """A conversation's deliveries after `?after=`, the turns they, its running turns
+        and `?turns=` make (text so far, tool cards), and `state`, to send back as
+        `?seen=`: the answer waits up to `long_poll` s for a new delivery or a change of
+        state (a first request, with no `seen` and `after=0`, is answered at once)."""
         after = request.query.get("after", "0")
         if not re.fullmatch(r"[0-9]{1,18}", after):
             raise BadInput("after must be a delivery id")
         thread = f"{self.name}:{self.thread_key(request.query.get('thread', 'owner'))}"
-        seen = request.query.get("seen", "")
+        seen = request.query.get("seen")  # without it, only a new delivery answers early
         watched = request.query.get("turns", "")
         if not re.fullmatch(r"(turn_[0-9a-f]{1,40})?(,turn_[0-9a-f]{1,40}){0,19}", watched):
             raise BadInput("turns must be up to 20 turn ids, separated by commas")
@@ -8621,7 +8621,8 @@ class WebChat(Adapter):
             newest = active[-1] if active else ""
             state = f"{self._versions.get(thread, 0)}.{len(active)}.{newest}"
             left = deadline - time.monotonic()
-            if items or state != seen or after == "0" or left <= 0 or self._stopping.is_set():
+            changed = state != seen if seen is not None else after == "0"
+            if items or changed or left <= 0 or self._stopping.is_set():
                 break
             self._wait_past(generation, min(left, 5.0))
         shown = [self.entry(item) for item in items]
@@ -8847,6 +8848,8 @@ class WebServer(ThreadingHTTPServer):
 
     def __init__(self, kit: "AgentKit", host: str, port: int) -> None:
         self.kit = kit
+        self._connections: set[socket.socket] = set()  # open, kept alive between requests
+        self._connections_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
         super().__init__((host, port), _Handler)
@@ -8855,8 +8858,6 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
-        self._connections: set[socket.socket] = set()  # open, kept alive between requests
-        self._connections_lock = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
@@ -10783,11 +10784,12 @@ h1 { font-size: 1rem; margin: 0; white-space: nowrap; overflow: hidden; text-ove
 .actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .6rem; }
 .actions input { flex: 1; min-width: 10rem; font: inherit; padding: .35rem .6rem;
   border: 1px solid var(--line); border-radius: .5rem; background: var(--bg); color: var(--fg); }
-.note, .state { font-size: .85rem; color: var(--muted); }
+.note, .state, .expires { font-size: .85rem; color: var(--muted); }
 .note.err { color: var(--err); }
 a.button { display: inline-block; text-decoration: none; padding: .4rem .9rem;
   border-radius: .6rem; background: var(--accent); color: var(--accent-fg); }
 .turn { display: flex; flex-direction: column; gap: .5rem; }
+.turn:empty { display: none; }
 .working { display: flex; align-items: center; gap: .5rem; color: var(--muted);
   font-size: .9rem; }
 .dots span { display: inline-block; width: .4rem; height: .4rem; margin-right: .2rem;
@@ -10954,6 +10956,11 @@ async function api(method, path, body, signal) {
 const errText = (res) =>
   (typeof res.data.error === "string" && res.data.error) || "HTTP error " + res.status;
 const localTime = (t) => new Date(t * 1000).toLocaleString();
+function shortTime(t) {  // the time today, else the date
+  const d = new Date(t * 1000), today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : d.toLocaleDateString();
+}
 
 // ── markdown: a line-based reader that builds elements (nothing is parsed as HTML) ──
 const MAX_MARKDOWN = 100000;  // longer texts are shown as they are
@@ -11146,7 +11153,7 @@ function approvalCard(b, ap) {
     if (choices.includes("approved")) act.append(button("approve", "Approve", ap.id));
     if (choices.includes("denied")) act.append(button("deny", "Deny", ap.id));
     if (!choices.includes("approved")) act.append(h("span", "state", "Waiting for an approver"));
-    if (ap.expires_at) act.append(h("span", "state", "Expires " + localTime(ap.expires_at)));
+    if (ap.expires_at) act.append(h("span", "expires", "Expires " + localTime(ap.expires_at)));
   } else {
     let text = ap.state.charAt(0).toUpperCase() + ap.state.slice(1);
     if (ap.decided_by) text += " by " + ap.decided_by;
@@ -11302,7 +11309,7 @@ async function loadThreads() {
     const a = h("a", t.key === thread ? "current" : "", String(t.title || "New chat"));
     a.href = threadUrl(t.key);
     a.dataset.thread = t.key;
-    if (t.updated_at) a.append(h("span", "when", localTime(t.updated_at)));
+    if (t.updated_at) a.append(h("span", "when", shortTime(t.updated_at)));
     nav.append(a);
   }
 }
@@ -11316,7 +11323,6 @@ function openThread(key, push) {
   log.replaceChildren(emptyEl);
   emptyEl.hidden = true;
   stopBtn.hidden = true;
-  sendBtn.hidden = false;
   $("app").classList.remove("side-open");
   loadThreads();
   poll(generation);
@@ -11325,10 +11331,7 @@ function openThread(key, push) {
 function showEmpty() {
   emptyEl.hidden = shown.size > 0 || turnEls.size > 0;
 }
-function showActive() {
-  stopBtn.hidden = !active.length;
-  sendBtn.hidden = active.length > 0;
-}
+function showActive() { stopBtn.hidden = !active.length; }  // Send stays: messages queue
 
 const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 120;
 
@@ -11353,8 +11356,10 @@ async function poll(gen) {
     setConn("on");
     const stick = first || nearBottom();
     const fresh = items.some((it) => !shown.has(it.id));
-    items.forEach(render);
-    for (const [id, view] of Object.entries(res.data.turns || {})) renderTurn(id, view, false);
+    try {
+      items.forEach(render);
+      for (const [id, view] of Object.entries(res.data.turns || {})) renderTurn(id, view, false);
+    } catch (e) { console.error("agentkit: could not show an item:", e); }  // the feed goes on
     active = Array.isArray(res.data.active) ? res.data.active : [];
     showActive();
     showEmpty();

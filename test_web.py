@@ -1203,7 +1203,6 @@ def test_stop_cancels_the_running_turn(browser, tmp_path: Path, monkeypatch) -> 
                 expect(page.locator("#log .turn .meta")).to_have_text("Stopped.")
                 assert kit.turn(turn_id).status == "cancelled"
                 expect(page.locator("#stop")).to_be_hidden()
-                expect(page.locator("#send")).to_be_visible()
                 release.set()  # the stream ends; the cancelled turn's writes are refused
                 assert errors == []
         finally:
@@ -1232,7 +1231,7 @@ def test_only_an_actor_who_may_decide_sees_approve_and_a_denial_asks_its_reason_
         page.locator("#text").fill("restart nginx")
         page.locator("#send").click()
         card = page.locator("#log .item.kind-approval").first
-        expect(card.locator(".state").first).to_have_text("Waiting for an approver")
+        expect(card.locator(".state")).to_have_text("Waiting for an approver")
         expect(card.locator("button.approve")).to_have_count(0)
         expect(card.locator("code")).to_have_text("restart")
         expect(card.locator("pre.args")).to_contain_text('"service": "nginx"')
@@ -1434,3 +1433,58 @@ def test_fifty_open_tabs_wait_at_once_and_all_hear_the_reply(web_kit: AgentKit) 
             lambda: threading.active_count() <= threads_before + 5,
             what="the server threads of the tabs to end",
         )
+
+
+def test_screenshots_of_the_web_chat(browser, tmp_path: Path, monkeypatch) -> None:
+    """Desktop and 390 px wide, light and dark, into SCREENSHOTS: for people to look at."""
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    answer = (
+        "Here is the plan:\n\n1. **Check** the service\n2. Restart it if needed\n\n"
+        "```bash\nsystemctl status nginx\n```\n\n| host | state |\n|---|---|\n| web-1 | ok |"
+    )
+    steps = [
+        agentkit.ToolCall("status", {"service": "nginx", "host": "web-1"}),
+        answer,
+        agentkit.ToolCall("restart", {"service": "nginx"}),
+    ]
+    web = agentkit.WebChat(title="Ops helper", examples=["What is running?", "Show the logs"])
+    kit = AgentKit(tmp_path / "shots.db", model=agentkit.ScriptedModel(steps), adapters=[web])
+
+    @kit.tool
+    def status(ctx: agentkit.ToolContext, service: str, host: str) -> str:
+        """Show a service's status."""
+        ctx.progress(f"connecting to {host}")
+        return f"{service} on {host}: active (running) since 3 days"
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        return f"{service} restarted"
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with served(kit) as url:
+        for scheme in ("light", "dark"):
+            for name, size in (("desktop", (1280, 800)), ("phone", (390, 844))):
+                context = browser.new_context(
+                    color_scheme=scheme, viewport={"width": size[0], "height": size[1]}
+                )
+                page = context.new_page()
+                page.goto(f"{url}/?thread=empty#token={TOKEN}")
+                expect(page.locator("#empty")).to_be_visible()
+                page.screenshot(path=str(SCREENSHOTS / f"empty-{name}-{scheme}.png"))
+                page.goto(f"{url}/")
+                if scheme == "light" and name == "desktop":
+                    page.locator("#text").fill("Is nginx ok on web-1?")
+                    page.locator("#text").press("Enter")
+                    expect(page.locator("#log .item.kind-reply")).to_have_count(1)
+                    page.locator("#text").fill("Restart it, please")
+                    page.locator("#text").press("Enter")
+                expect(page.locator("#log .item.kind-approval button.approve")).to_be_visible()
+                page.locator("#log details.tool summary").first.click()
+                page.locator("#log .item").last.scroll_into_view_if_needed()
+                page.screenshot(path=str(SCREENSHOTS / f"chat-{name}-{scheme}.png"))
+                if name == "phone":
+                    page.locator("#menu").click()
+                    expect(page.locator("#side")).to_be_in_viewport(ratio=1)
+                    page.screenshot(path=str(SCREENSHOTS / f"sidebar-{name}-{scheme}.png"))
+                context.close()
