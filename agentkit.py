@@ -140,6 +140,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Telegram",
+    "ThreadSummary",
     "Tool",
     "ToolCall",
     "ToolContext",
@@ -8565,10 +8566,10 @@ class WebChat(Adapter):
             key = self.thread_key(body.get("thread", "owner"))
             turn_id, _ = self.kit.receive(self, Inbound(key, "owner", text))
             return json_response(202, {"turn_id": turn_id})
-        parts = request.path.split("/")
-        if request.method == "POST" and parts[2:3] == ["approvals"] and len(parts) == 4:
+        parts = request.path.split("/")  # "", "api", then the route's own
+        if request.method == "POST" and len(parts) == 4 and parts[2] == "approvals":
             return self.decide(parts[3], json_body(request))
-        if route == ("POST", f"/api/turns/{parts[3] if len(parts) > 4 else ''}/cancel"):
+        if request.method == "POST" and len(parts) == 5 and parts[2:5:2] == ["turns", "cancel"]:
             return self.cancel(parts[3])
         return None
 

@@ -1488,3 +1488,24 @@ def test_screenshots_of_the_web_chat(browser, tmp_path: Path, monkeypatch) -> No
                     expect(page.locator("#side")).to_be_in_viewport(ratio=1)
                     page.screenshot(path=str(SCREENSHOTS / f"sidebar-{name}-{scheme}.png"))
                 context.close()
+
+
+def test_the_web_chat_shows_and_stops_only_turns_of_its_own_conversations(
+    web_kit: AgentKit,
+) -> None:
+    other = web_kit.run_turn("cli:me", "not for the web", wait=False).turn_id
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        cookie = login(client, url, TOKEN)
+        headers = {"Origin": url, "Cookie": cookie}
+        stop = client.post(f"/api/turns/{other}/cancel", json={}, headers=headers)
+        assert stop.status_code == 404 and web_kit.turn(other).status != "cancelled"
+        feed = client.get(f"/api/feed?after=0&turns={other}", headers={"Cookie": cookie})
+        assert feed.status_code == 200 and feed.json()["turns"] == {}
+        for bad in ("nope", f"{other},x", ",".join([other] * 21)):
+            response = client.get(f"/api/feed?turns={bad}", headers={"Cookie": cookie})
+            assert response.status_code == 400, bad
+        for thread in ("a/b", "", "x" * 65):
+            sent = client.post(
+                "/api/messages", json={"text": "hi", "thread": thread}, headers=headers
+            )
+            assert sent.status_code == 400, thread
