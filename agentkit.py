@@ -160,6 +160,7 @@ __all__ = [
     "StoreError",
     "StoredFiles",
     "Telegram",
+    "ThreadSummary",
     "TooLarge",
     "Tool",
     "ToolCall",
@@ -628,6 +629,15 @@ class Approval:
 
 
 @dataclass(frozen=True)
+class ThreadSummary:
+    """A thread as a list of conversations shows it."""
+
+    id: str
+    updated_at: float
+    title: str | None  # the text of its first turn that is not a command
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One message in the outbox: what goes to which thread through which adapter."""
 
@@ -1035,6 +1045,11 @@ class Store(ABC):
     @abstractmethod
     def thread_ids(self, prefix: str) -> list[str]:
         """The ids of the threads that start with `prefix`, sorted."""
+
+    @abstractmethod
+    def thread_summaries(self, prefix: str, limit: int) -> list["ThreadSummary"]:
+        """The threads whose ids start with `prefix`, most recently active first, each
+        with the text of its first turn that is not a command."""
 
     @abstractmethod
     def add_message(
@@ -1891,6 +1906,15 @@ class _SQLStore(Store):
     def threads(self, limit: int) -> list[tuple[str, float]]:
         return self._rows(
             "SELECT id, updated_at FROM threads ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
+
+    def thread_summaries(self, prefix: str, limit: int) -> list["ThreadSummary"]:
+        return self._fetch_all(
+            ThreadSummary,
+            "SELECT t.id, t.updated_at, (SELECT u.text FROM turns u WHERE u.thread_id = t.id "
+            "AND u.text NOT LIKE '/%' ORDER BY u.created_at, u.id LIMIT 1) AS title "
+            "FROM threads t WHERE t.id >= ? AND t.id < ? ORDER BY t.updated_at DESC LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
         )
 
     def add_message(
@@ -8732,12 +8756,12 @@ class _LiveText:
         self.values = values  # value -> label, as Redactions.redact takes them
         self.emit = emit
         self.raw = ""
-        self.shown = ""
+        self.shown: list[str] = []  # the pieces passed on (joined only when compared)
+        self.length = 0  # their length
 
     def add(self, delta: str) -> None:
         if not self.values:
-            self.shown += delta
-            self.emit(delta)
+            self._pass(delta)
             return
         self.raw += delta
         text = redactions.redact(self.raw, self.values)
@@ -8748,9 +8772,13 @@ class _LiveText:
         self._show(stored or "")
 
     def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            new, self.shown = text[len(self.shown) :], text
-            self.emit(new)
+        if len(text) > self.length and text.startswith("".join(self.shown)):
+            self._pass(text[self.length :])
+
+    def _pass(self, new: str) -> None:
+        self.shown.append(new)
+        self.length += len(new)
+        self.emit(new)
 
 
 TEXT_FILE_BYTES = 100_000  # a text file up to this size is put in the message itself
@@ -9448,6 +9476,14 @@ class Approvals:
             actor.startswith(p[:-1]) if p.endswith("*") else actor == p for p in self.approvers
         )
 
+    def choices(self, approval: Approval, actor: str) -> tuple[str, ...]:
+        """The decisions `actor` may make on `approval`: an approver approves (unless it
+        asked and `allow_self_approval` is off) and denies; a requester may deny its own."""
+        own = actor == approval.requester
+        approves = self.may_decide(actor) and (self.allow_self_approval or not own)
+        denies = own or self.may_decide(actor)
+        return ("approved",) * approves + ("denied",) * denies
+
     def get(self, approval_id: str) -> Approval:
         if not isinstance(approval_id, str) or not approval_id.startswith("apr_"):
             raise BadInput(f"not an approval id: {approval_id!r}")
@@ -9466,10 +9502,10 @@ class Approvals:
         if reason is not None:
             check_utf8("reason", reason)
         approval = self.get(approval_id)
-        denying_own = decision == "denied" and actor == approval.requester
-        if not (denying_own or self.may_decide(actor)):
+        allowed = self.choices(approval, actor)
+        if not allowed:
             raise Forbidden(f"{actor} may not decide approvals")
-        if decision == "approved" and actor == approval.requester and not self.allow_self_approval:
+        if decision not in allowed:
             raise Forbidden(f"{actor} asked for this call and may not approve it (deny is allowed)")
         with self.store.transaction():
             late = approval.expires_at <= self.store.now()
@@ -9817,11 +9853,14 @@ class Secrets:
         return {value: name for name, value in saved.items() if len(value) >= 4}
 
 
+SAVED_NOTE_START = "[agentkit: the user gave "
+
+
 def saved_note(names: Sequence[str], request_id: str) -> str:
     """What the model reads once secrets are saved: their names, never their values."""
     listed = ", ".join(names)
     return (
-        f"[agentkit: the user gave {listed} through the secure page (request {request_id}). "
+        f"{SAVED_NOTE_START}{listed} through the secure page (request {request_id}). "
         f"They are saved for this conversation; tools read them with ctx.secret(NAME). "
         "Their values are not shown here.]"
     )
@@ -10987,10 +11026,79 @@ class Webhook(Adapter):
         self.client.close()
 
 
+WEB_THREAD_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOL_TEXT = 20_000  # characters of a tool's arguments or result shown in its card
+
+
+class _WebStream:
+    """One turn as the web chat shows it: its steps' text and tool cards in order, from
+    the live events of this process and, for what was not seen live (a turn run
+    elsewhere, or before a takeover), its stored steps; never the same text twice."""
+
+    def __init__(self, records: Records, turn_id: str) -> None:
+        self.watch = TurnWatch(records, turn_id)
+        self.lock = threading.Lock()
+        self.parts: list[dict[str, Any]] = []
+        self.cards: dict[str, dict[str, Any]] = {}  # call id -> its part
+        self.started: dict[str, float] = {}  # call id -> when it started (live)
+        self.ended = False
+
+    def hear(self, event: TurnEvent) -> None:
+        with self.lock:
+            if event.kind == "done":
+                self.ended = True
+            if event.kind == "progress":  # the watch passes progress lines on as they come
+                card = self.cards.get(event.call_id or "")
+                if card is not None:
+                    card["progress"] = [*card["progress"][-19:], event.text]
+            shown = self.watch.live(event)
+            if shown is not None:
+                self._apply(shown, live=True)
+
+    def view(self) -> dict[str, Any]:
+        """The turn's status and parts so far, its stored steps filled in."""
+        with self.lock:
+            for event in self.watch.stored():
+                self._apply(event, live=False)
+            status = self.watch.records.turn(self.watch.turn_id).status
+            parts = [
+                {**part, "progress": list(part["progress"])}
+                if part["type"] == "tool"
+                else {"type": "text", "step": part["step"], "text": "".join(part["text"])}
+                for part in sorted(self.parts, key=lambda part: part["step"])
+            ]
+            return {"status": status, "parts": parts}
+
+    def _apply(self, event: TurnEvent, *, live: bool) -> None:
+        if event.kind == "text":
+            last = self.parts[-1] if self.parts else None
+            if last and last["type"] == "text" and last["step"] == event.step:
+                last["text"].append(event.text)
+            else:
+                self.parts.append({"type": "text", "step": event.step, "text": [event.text]})
+        elif event.kind in ("tool_start", "tool_end"):
+            call_id = event.call_id or ""
+            card = self.cards.get(call_id)
+            if card is None:
+                args = clip(dumps(event.args or {}), MAX_TOOL_TEXT)
+                card = {"type": "tool", "step": event.step, "id": call_id, "tool": event.tool}
+                card |= {"args": args, "state": "running", "progress": [], "ms": None}
+                self.cards[call_id] = card
+                self.parts.append(card)
+                if live:
+                    self.started[call_id] = time.monotonic()
+            if event.kind == "tool_end":
+                card["state"] = "error" if event.is_error else "done"
+                card["result"] = clip(str(event.result or ""), MAX_TOOL_TEXT)
+                if call_id in self.started:  # timed only when seen live from its start
+                    card["ms"] = round((time.monotonic() - self.started[call_id]) * 1000)
+
+
 class WebChat(Adapter):
-    """The web chat at `/`: one page where the owner (`web:owner`) talks to the bot, with
-    approval buttons and secret links. It needs the token (traded once for a cookie);
-    the server checks Host and Origin on every request."""
+    """The web chat at `/`: the owner (`web:owner`) talks to the bot in conversations of
+    its own (threads `web:<key>`; `web:owner` is the first), sees replies stream and tool
+    calls as cards, stops turns, and decides approvals when it may. It needs the token
+    (traded once for a cookie); the server checks Host and Origin on every request."""
 
     name = "web"
     pull = True
@@ -10999,19 +11107,39 @@ class WebChat(Adapter):
     long_poll = 25.0
     uploads = "/api/files"  # POST a file here; GET /api/files/<id> downloads one
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(
+        self, token: str | None = None, *, title: str = "agentkit", examples: Sequence[str] = ()
+    ) -> None:
+        if not isinstance(title, str) or not 0 < len(title) <= 80:
+            raise BadInput("title must be a string of 1 to 80 characters")
+        if isinstance(examples, str) or len(examples) > 8:
+            raise BadInput("examples must be a list of at most 8 prompts")
+        for example in examples:
+            if not isinstance(example, str) or not 0 < len(example) <= 300:
+                raise BadInput("each example must be a prompt of 1 to 300 characters")
         self.token = token
+        self.title = title
+        self.examples = tuple(examples)
+        self._streams: dict[str, _WebStream] = {}  # turn id -> the turn being shown
+        self._ended: dict[str, None] = {}  # the turns last let go, oldest first (late events)
+        self._versions: dict[str, int] = {}  # thread -> how many live events it had
+        self._changed = threading.Condition()  # a live event, or a commit to the database
+        self._generation = 0  # grows with each notification of `_changed`
+        self._listening = False
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def accepts(self, kind: str, meta: dict[str, Any]) -> bool:
-        return kind != "decided"  # the feed shows each approval's current state
+        return True  # a decision too: the page updates the card that asked for it
 
     def reach(self, actor: str) -> str | None:
         return actor if actor == self.owner else None
 
-    def choose_token(self, db_path: str, url: str) -> None:
-        """The token: given, AGENTKIT_WEB_TOKEN (required for a database URL), or random:
-        printed if stdout is a terminal, else kept in `<database>.token` (mode 0600). Never
-        logged."""
+    def choose_token(self, db_path: str, url: str, *, new: bool = False) -> None:
+        """The token: given, AGENTKIT_WEB_TOKEN (required for a database URL), or the one
+        kept in `<database>.token` (mode 0600; made when missing, or with `new`), so open
+        tabs survive restarts. The link is printed to a terminal; otherwise the log says
+        where the token is. Never logged."""
         self.cookie = f"agentkit_web_{urllib.parse.urlsplit(url).port}"  # a bot per port
         self.token = self.token or os.environ.get("AGENTKIT_WEB_TOKEN")
         if self.token:
@@ -11021,22 +11149,37 @@ class WebChat(Adapter):
                 f"{db_path} is shared by every host that serves it, and so must be the web "
                 "chat's token: set AGENTKIT_WEB_TOKEN (the same on every host)"
             )
-        self.token = b64url(os.urandom(24))
+        where = "AGENTKIT_WEB_TOKEN"
+        if db_path == ":memory:":
+            self.token = b64url(os.urandom(24))
+        else:
+            where = db_path + ".token"
+            self.token = _token_file(where, new)
         if sys.stdout.isatty():
             print(f"agentkit web chat: {url}/#token={self.token}", flush=True)
-            return
-        if db_path == ":memory:":
+        elif db_path == ":memory:":
             log.warning("the web chat needs AGENTKIT_WEB_TOKEN with a :memory: database")
-            return
-        path = db_path + ".token"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            with open(path, encoding="utf-8") as f:
-                self.token = f.read().strip()
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token + "\n")
+        else:
+            log.info("web chat: open %s/#token=TOKEN with the token in %s", url, where)
+
+    def start(self, kit: "AgentKit") -> None:
+        super().start(kit)
+        if not self._listening:
+            kit.engine.live.listen(self._hear)
+            self._listening = True
+        self._stopping.clear()
+        self._watcher = threading.Thread(
+            target=self._watch_store, name="agentkit-web-feed", daemon=True
+        )
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Answer the waiting feeds and stop watching the database."""
+        self._stopping.set()
+        self._notify()
+        self.kit.store.notify()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
 
     def session(self) -> str:
         return hmac.new((self.token or "").encode(), b"agentkit web session", "sha256").hexdigest()
@@ -11068,6 +11211,10 @@ class WebChat(Adapter):
             return None
         if not self.signed_in(request):
             return json_response(401, {"error": "sign in with the link that serve printed"})
+        if route == ("GET", "/api/info"):
+            return json_response(200, self.info())
+        if route == ("GET", "/api/threads"):
+            return json_response(200, {"threads": self.conversations()})
         if route == ("GET", "/api/feed"):
             return self.feed(request)
         if route == ("POST", "/api/messages"):
@@ -11077,8 +11224,9 @@ class WebChat(Adapter):
                 raise BadInput("files must be a list of upload ids")
             if not isinstance(text, str) or not (text.strip() or ids):
                 raise BadInput("text must be a non-empty string (or send files)")
+            key = self.thread_key(body.get("thread", "owner"))
             files = [self.upload(i) for i in ids]
-            turn_id, note = self.kit.receive(self, Inbound("owner", "owner", text, files=files))
+            turn_id, note = self.kit.receive(self, Inbound(key, "owner", text, files=files))
             if turn_id is None:
                 return json_response(413 if files else 400, {"error": note})
             return json_response(202, {"turn_id": turn_id})
@@ -11086,36 +11234,130 @@ class WebChat(Adapter):
             return self.store_upload(request)
         if request.method == "GET" and request.path.startswith(f"{self.uploads}/"):
             return self.download(request.path.removeprefix(f"{self.uploads}/"))
-        if request.method == "POST" and request.path.startswith("/api/approvals/"):
-            return self.decide(request.path.rpartition("/")[2], json_body(request))
+        parts = request.path.split("/")  # "", "api", then the route's own
+        if request.method == "POST" and len(parts) == 4 and parts[2] == "approvals":
+            return self.decide(parts[3], json_body(request))
+        if request.method == "POST" and len(parts) == 5 and parts[2:5:2] == ["turns", "cancel"]:
+            return self.cancel(parts[3])
         return None
 
+    @staticmethod
+    def thread_key(key: object) -> str:
+        """A conversation's key, the part of its thread id after `web:`; BadInput else."""
+        if not isinstance(key, str) or not WEB_THREAD_KEY.fullmatch(key):
+            raise BadInput("thread must be a conversation key: 1 to 64 letters, digits, - or _")
+        return key
+
+    def info(self) -> dict[str, Any]:
+        """What the page shows before a conversation: the bot, its model, the examples."""
+        return {
+            "title": self.title,
+            "model": self.kit.engine.model.name,
+            "examples": list(self.examples),
+            "approver": self.kit.gatekeeper.may_decide(self.owner),
+        }
+
+    def conversations(self) -> list[dict[str, Any]]:
+        """The owner's conversations, most recently active first, titled by their first
+        message."""
+        return [
+            {
+                "key": summary.id.partition(":")[2],
+                "title": clip(" ".join((summary.title or "").split()), 80) or "New chat",
+                "updated_at": summary.updated_at,
+            }
+            for summary in self.kit.store.thread_summaries(f"{self.name}:", 200)
+        ]
+
     def feed(self, request: HTTPRequest) -> HTTPResponse:
-        """The owner's deliveries after `?after=`, waiting up to `long_poll` s for one
-        (the first request, `after=0`, is answered at once)."""
+        """A conversation's deliveries after `?after=`, the turns they, its running turns
+        and `?turns=` make (text so far, tool cards), and `state`, to send back as
+        `?seen=`: the answer waits up to `long_poll` s for a new delivery or a change of
+        state (a first request, with no `seen` and `after=0`, is answered at once)."""
         after = request.query.get("after", "0")
         if not re.fullmatch(r"[0-9]{1,18}", after):
             raise BadInput("after must be a delivery id")
+        thread = f"{self.name}:{self.thread_key(request.query.get('thread', 'owner'))}"
+        seen = request.query.get("seen")  # without it, only a new delivery answers early
+        watched = request.query.get("turns", "")
+        if not re.fullmatch(r"(turn_[0-9a-f]{1,40})?(,turn_[0-9a-f]{1,40}){0,19}", watched):
+            raise BadInput("turns must be up to 20 turn ids, separated by commas")
         deadline = time.monotonic() + self.long_poll
         while True:
-            items = self.kit.store.deliveries(self.owner, int(after), 200)
+            generation = self._generation
+            items = self.kit.store.deliveries(thread, int(after), 200)
+            active = self.kit.store.active_turns(thread)
+            newest = active[-1] if active else ""
+            state = f"{self._versions.get(thread, 0)}.{len(active)}.{newest}"
             left = deadline - time.monotonic()
-            if items or left <= 0 or after == "0" or self.kit.stopping.is_set():
+            changed = state != seen if seen is not None else after == "0"
+            if items or changed or left <= 0 or self._stopping.is_set():
                 break
-            self.kit.queue.store.wait_for_change(min(left, 1.0))
-        shown = []
-        for item in items:
-            entry = {"id": item.id, "kind": item.kind, "text": item.body["text"]}
-            entry["turn_id"] = item.turn_id
-            if item.body.get("file"):
-                entry["file"] = self.linked(item.body["file"])
-            if item.body.get("files"):
-                entry["files"] = [self.linked(file) for file in item.body["files"]]
-            if item.kind == "approval":
-                approval = self.kit.gatekeeper.get(item.body["approval"]["id"])
-                entry["approval"] = {**item.body["approval"], "state": approval.state}
-            shown.append(entry)
-        return json_response(200, {"items": shown, "last": items[-1].id if items else int(after)})
+            self._wait_past(generation, min(left, 5.0))
+        shown = [self.entry(item) for item in items]
+        mentioned = [item.turn_id for item in items if item.turn_id]
+        turn_ids = dict.fromkeys([*mentioned, *active, *filter(None, watched.split(","))])
+        views = {turn_id: self.turn_view(turn_id, thread) for turn_id in turn_ids}
+        return json_response(
+            200,
+            {
+                "items": shown,
+                "last": items[-1].id if items else int(after),
+                "turns": {turn_id: view for turn_id, view in views.items() if view},
+                "active": active,
+                "state": state,
+            },
+        )
+
+    def entry(self, item: Delivery) -> dict[str, Any]:
+        """One delivery as the page shows it: the internal note that stands for saved
+        secrets is a note, not the owner's message; an approval says who may decide."""
+        kind = item.kind
+        if kind == "user" and item.body["text"].startswith(SAVED_NOTE_START):
+            kind = "note"
+        entry = {"id": item.id, "kind": kind, "text": item.body["text"], "turn_id": item.turn_id}
+        if kind == "secret":
+            entry["url"] = item.body.get("url")
+        if item.body.get("file"):
+            entry["file"] = self.linked(item.body["file"])
+        if item.body.get("files"):
+            entry["files"] = [self.linked(file) for file in item.body["files"]]
+        asked = self.kit.records.delivery(item.body["updates"]) if kind == "decided" else item
+        if kind in ("approval", "decided"):
+            approval = self.kit.gatekeeper.get(asked.body["approval"]["id"])
+            entry["updates"] = asked.id  # a decision: the page updates the request's card
+            entry["approval"] = {
+                **asked.body["approval"],
+                "state": approval.state,
+                "decided_by": approval.decided_by,
+                "decision_reason": approval.decision_reason,
+                "choices": list(self.kit.gatekeeper.choices(approval, self.owner)),
+            }
+        return entry
+
+    def turn_view(self, turn_id: str, thread: str) -> dict[str, Any] | None:
+        """A turn of the thread, its status and parts: the live stream's while it runs
+        here, else its stored steps (a stream is let go once its turn ended); None for a
+        turn of another thread."""
+        turn = self.kit.store.turn(turn_id)
+        if turn is None or turn.thread_id != thread:
+            return None
+        stream = self._streams.get(turn_id) or _WebStream(self.kit.records, turn_id)
+        view = stream.view()
+        if stream.ended or view["status"] in FINAL_TURN_STATES:
+            self._ended[turn_id] = None
+            while len(self._ended) > 1000:
+                del self._ended[next(iter(self._ended))]
+            self._streams.pop(turn_id, None)
+        return view
+
+    def cancel(self, turn_id: str) -> HTTPResponse:
+        """Stop a turn of the owner's conversations now (as `/cancel`, without waiting
+        for its next step)."""
+        turn = self.kit.store.turn(turn_id) if turn_id.startswith("turn_") else None
+        if turn is None or not turn.thread_id.startswith(f"{self.name}:"):
+            return json_response(404, {"error": f"no turn {turn_id} in the web chat"})
+        return json_response(200, {"status": self.kit.cancel(turn_id, at_once=True).status})
 
     def linked(self, file: dict[str, Any]) -> dict[str, Any]:
         """A file as the page shows it: with the URL it downloads from."""
@@ -11182,6 +11424,54 @@ class WebChat(Adapter):
             return json_response(409, {"error": str(e)})
         state = self.kit.gatekeeper.get(approval_id).state
         return json_response(200, {"state": state, "message": f"{state.capitalize()}."})
+
+    def _hear(self, event: TurnEvent) -> None:
+        """A live event of a turn run in this process: its conversation's stream."""
+        if not event.thread_id.startswith(f"{self.name}:") or event.turn_id in self._ended:
+            return
+        stream = self._streams.get(event.turn_id)
+        if stream is None:
+            stream = self._streams.setdefault(
+                event.turn_id, _WebStream(self.kit.records, event.turn_id)
+            )
+        stream.hear(event)
+        self._versions[event.thread_id] = self._versions.get(event.thread_id, 0) + 1
+        self._notify()
+
+    def _wait_past(self, generation: int, timeout: float) -> None:
+        """Wait until the feeds are notified after `generation`, or `timeout` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != generation, timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def _watch_store(self) -> None:
+        """Wake the waiting feeds at each commit to the database (one watcher for all)."""
+        try:
+            while not self._stopping.is_set():
+                self.kit.store.wait_for_change(1.0)
+                self._notify()
+        finally:
+            self.kit.store.release_thread()
+
+
+def _token_file(path: str, new: bool) -> str:
+    """The token kept in `path` (mode 0600, never followed as a link); a fresh one when
+    the file is missing or `new`."""
+    if not new:
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+            if token := f.read().strip():
+                return token
+    token = b64url(os.urandom(24))
+    temporary = f"{path}.{os.getpid()}.new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(temporary, path)
+    return token
 
 
 # ───────────────────────────────────── HTTP server ─────────────────────────────────────
@@ -11287,6 +11577,8 @@ class WebServer(ThreadingHTTPServer):
 
     def __init__(self, kit: "AgentKit", host: str, port: int) -> None:
         self.kit = kit
+        self._connections: set[socket.socket] = set()  # open, kept alive between requests
+        self._connections_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
         super().__init__((host, port), _Handler)
@@ -11295,6 +11587,26 @@ class WebServer(ThreadingHTTPServer):
         self.url = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", *(f"{name}:{port}" for name in LOOPBACK_NAMES)}
         self.hosts.add(urllib.parse.urlsplit(kit.secrets.public_url).netloc)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and end the open connections too, so that no browser keeps
+        talking to a server that stopped (it connects again, maybe to its successor)."""
+        super().server_close()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that closed its socket or stopped sending is dropped quietly; anything
@@ -11323,7 +11635,14 @@ class WebServer(ThreadingHTTPServer):
             return response or json_response(404, {"error": "no such webhook"})
         host = request.headers.get("host", "")
         if host not in self.hosts:
-            return json_response(421, {"error": f"this server does not answer to Host {host!r}"})
+            return json_response(
+                421,
+                {
+                    "error": f"this server does not answer to Host {host!r}: to open it at "
+                    "that address, set AGENTKIT_PUBLIC_URL (or public_url=) to it, like "
+                    f"https://{host or 'bot.example.com'}"
+                },
+            )
         if request.method != "GET" and request.headers.get("origin") not in (
             f"http://{host}",
             f"https://{host}",
@@ -12311,12 +12630,13 @@ class AgentKit:
         workers: int = 2,
         stop: threading.Event | None = None,
         ready: Callable[[str], object] | None = None,
+        new_token: bool = False,
     ) -> None:
         """Run the bot: the HTTP server (web chat, webhooks, secret page, /healthz), the
         adapters, `workers` worker threads and the scheduler, until `stop` is set or
         SIGINT/SIGTERM arrive. Running jobs finish first (or their leases lapse).
         `ready(url)` is called once everything runs. Several processes may serve one
-        database."""
+        database. `new_token` replaces the web chat's kept token (open tabs sign in again)."""
         check_int("workers", workers, low=1)
         server = None
         if http:
@@ -12328,7 +12648,7 @@ class AgentKit:
             if not self._public_url_given:  # secret links lead to this server, on loopback
                 self.secrets.public_url = f"http://127.0.0.1:{server.server_address[1]}"
             threading.Thread(target=server.serve_forever, name="agentkit-http", daemon=True).start()
-            self.adapters["web"].choose_token(self.store.path, server.url)
+            self.adapters["web"].choose_token(self.store.path, server.url, new=new_token)
         # close() halts the worker and waits for this block, adapters and server stopped
         with (
             stopping_on_signals(stop) as stop,
@@ -12917,7 +13237,7 @@ def first_text_line(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     parse_address(args.http)  # a bad address is refused before anything is created
-    open_kit(args).serve(args.http, workers=args.workers)
+    open_kit(args).serve(args.http, workers=args.workers, new_token=args.new_token)
     return 0
 
 
@@ -13092,6 +13412,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--http", default="127.0.0.1:8765", help="address (127.0.0.1:8765)")
     serve.add_argument("--workers", type=int, default=2, help="worker threads (2)")
+    serve.add_argument(
+        "--new-token",
+        action="store_true",
+        help="replace the web chat's token kept in <database>.token (open tabs sign in again)",
+    )
     serve.set_defaults(run=cmd_serve)
     work = commands.add_parser(
         "work", parents=[common], help="run the workers and the scheduler, without serving"
@@ -13388,82 +13713,215 @@ WEBCHAT_PAGE = r"""<!doctype html>
 <link rel="icon" href="data:,">
 <title>agentkit</title>
 <style>
-:root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1d2127; --muted: #6b7280;
-  --card: #fff; --line: #dde1e6; --me: #2563eb; --me-fg: #fff; --err: #b91c1c;
-  --ok: #15803d; --code: #eef0f3; }
+:root { color-scheme: light dark; --bg: #ffffff; --side: #f6f7f9; --fg: #1d2127;
+  --muted: #6b7280; --card: #ffffff; --line: #e2e5e9; --me: #eef2f7; --me-fg: #1d2127;
+  --accent: #2563eb; --accent-fg: #fff; --err: #b91c1c; --ok: #15803d; --code: #f3f4f6;
+  --hover: #eceef1; --note: #fff8e6; }
 @media (prefers-color-scheme: dark) {
-  :root { --bg: #111418; --fg: #e6e8eb; --muted: #9aa3ad; --card: #1c2127;
-    --line: #2c333b; --me: #2f5fd0; --err: #f87171; --ok: #4ade80; --code: #15191e; }
+  :root { --bg: #15181c; --side: #1b1f24; --fg: #e6e8eb; --muted: #9aa3ad; --card: #1f242a;
+    --line: #2e353d; --me: #2a3038; --me-fg: #e6e8eb; --accent: #4f7fe8; --err: #f87171;
+    --ok: #4ade80; --code: #0f1215; --hover: #262c33; --note: #2a2618; }
 }
 * { box-sizing: border-box; }
 html, body { height: 100%; margin: 0; }
-body { display: flex; flex-direction: column; height: 100vh; height: 100dvh;
-  background: var(--bg); color: var(--fg);
-  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1rem;
-  padding: .5rem max(1rem, calc((100% - 52rem) / 2));
-  border-bottom: 1px solid var(--line); }
-h1 { font-size: 1rem; margin: 0; }
+body { background: var(--bg); color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+button { font: inherit; padding: .4rem .9rem; border-radius: .6rem;
+  border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
+button:hover:not(:disabled) { background: var(--hover); }
+button:disabled { opacity: .5; cursor: default; }
+button.primary, button.approve { background: var(--accent); color: var(--accent-fg);
+  border-color: transparent; }
+button.primary:hover:not(:disabled), button.approve:hover:not(:disabled) {
+  background: var(--accent); filter: brightness(1.1); }
+button.deny, button.deny-confirm, #stop { color: var(--err); border-color: var(--err); }
+#app { display: flex; height: 100vh; height: 100dvh; }
+#side { width: 16rem; flex: none; display: flex; flex-direction: column; background: var(--side);
+  border-right: 1px solid var(--line); }
+.side-head { display: flex; align-items: center; gap: .5rem; padding: .75rem; }
+.side-head strong { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#threads { flex: 1; overflow-y: auto; padding: 0 .5rem .75rem; }
+#threads a { display: block; padding: .45rem .6rem; border-radius: .5rem; color: inherit;
+  text-decoration: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+  font-size: .9rem; }
+#threads a:hover { background: var(--hover); }
+#threads a.current { background: var(--hover); font-weight: 600; }
+#threads .when { display: block; font-size: .75rem; color: var(--muted); font-weight: 400; }
+#scrim { display: none; }
+#chat { flex: 1; min-width: 0; display: flex; flex-direction: column; }
+header { display: flex; align-items: center; gap: .6rem; padding: .55rem 1rem;
+  border-bottom: 1px solid var(--line); min-height: 3rem; }
+#menu { display: none; padding: .3rem .6rem; }
+h1 { font-size: 1rem; margin: 0; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#model { font-size: .8rem; color: var(--muted); border: 1px solid var(--line);
+  border-radius: 1rem; padding: .05rem .55rem; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; max-width: 40%; }
+#model:empty { display: none; }
 #status { flex: 1; text-align: right; font-size: .8rem; color: var(--muted); }
 #status::before { content: ""; display: inline-block; width: .5rem; height: .5rem;
   margin-right: .35rem; border-radius: 50%; background: var(--muted); }
 #status.on::before { background: var(--ok); }
 #status.err { color: var(--err); }
 #status.err::before { background: var(--err); }
-#log { flex: 1; overflow-y: auto; padding: 1rem max(1rem, calc((100% - 52rem) / 2));
-  display: flex; flex-direction: column; gap: .5rem; }
+#log { flex: 1; overflow-y: auto; padding: 1.25rem max(1rem, calc((100% - 48rem) / 2));
+  display: flex; flex-direction: column; gap: .75rem; }
 .item { display: flex; }
-.bubble { max-width: min(44rem, 88%); padding: .5rem .75rem; border-radius: .9rem;
-  background: var(--card); border: 1px solid var(--line); white-space: pre-wrap;
-  overflow-wrap: anywhere; }
+.bubble { max-width: 100%; min-width: 0; overflow-wrap: anywhere; }
 .kind-user { justify-content: flex-end; }
-.kind-user .bubble { background: var(--me); color: var(--me-fg); border-color: transparent;
-  border-bottom-right-radius: .25rem; }
-.kind-user a { color: inherit; }
-.kind-reply .bubble, .kind-approval .bubble, .kind-error .bubble {
-  border-bottom-left-radius: .25rem; }
-.kind-notice { justify-content: center; }
-.kind-notice .bubble { background: none; border: 0; padding: .1rem .5rem; color: var(--muted);
-  font-size: .85rem; text-align: center; }
-.kind-error .bubble { border-color: var(--err); color: var(--err); }
-.meta { margin-top: .35rem; font-size: .85rem; color: var(--muted); }
-code, pre { font: .8rem/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-pre { margin: .35rem 0 0; padding: .4rem .55rem; background: var(--code); border-radius: .4rem;
-  max-height: 16rem; overflow: auto; white-space: pre-wrap; }
-.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .5rem; }
-.note, .state { font-size: .85rem; color: var(--muted); }
+.kind-user .bubble { max-width: min(40rem, 85%); background: var(--me); color: var(--me-fg);
+  padding: .5rem .85rem; border-radius: 1.1rem; white-space: pre-wrap; }
+.kind-notice, .kind-note { justify-content: center; }
+.kind-notice .bubble, .kind-note .bubble { color: var(--muted); font-size: .85rem;
+  text-align: center; white-space: pre-wrap; }
+.kind-note .bubble::before { content: "ⓘ "; }
+.kind-error .bubble { color: var(--err); border: 1px solid var(--err); border-radius: .7rem;
+  padding: .5rem .8rem; white-space: pre-wrap; }
+.card { border: 1px solid var(--line); border-radius: .8rem; padding: .7rem .9rem;
+  background: var(--card); width: min(40rem, 100%); }
+.card-title { font-weight: 600; margin-bottom: .3rem; }
+.kind-approval .card { border-color: #d97706; }
+.kind-secret .card { background: var(--note); }
+.meta { font-size: .85rem; color: var(--muted); margin-top: .3rem; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin-top: .6rem; }
+.actions input { flex: 1; min-width: 10rem; font: inherit; padding: .35rem .6rem;
+  border: 1px solid var(--line); border-radius: .5rem; background: var(--bg); color: var(--fg); }
+.note, .state, .expires { font-size: .85rem; color: var(--muted); }
 .note.err { color: var(--err); }
-footer { display: flex; gap: .5rem; border-top: 1px solid var(--line);
-  padding: .5rem max(.5rem, calc((100% - 52rem) / 2)) max(.5rem, env(safe-area-inset-bottom)); }
-#text { flex: 1; resize: none; min-height: 2.5rem; max-height: 10rem; padding: .5rem .65rem;
-  font: inherit; font-size: 16px; color: var(--fg); background: var(--card);
-  border: 1px solid var(--line); border-radius: .6rem; }
-button { font: inherit; padding: .4rem .9rem; border-radius: .6rem;
-  border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
-button:disabled { opacity: .5; cursor: default; }
-#send, button.approve { background: var(--me); color: #fff; border-color: transparent; }
-button.deny { color: var(--err); border-color: var(--err); }
+a.button { display: inline-block; text-decoration: none; padding: .4rem .9rem;
+  border-radius: .6rem; background: var(--accent); color: var(--accent-fg); }
+.turn { display: flex; flex-direction: column; gap: .5rem; }
+.turn:empty { display: none; }
+.working { display: flex; align-items: center; gap: .5rem; color: var(--muted);
+  font-size: .9rem; }
+.dots span { display: inline-block; width: .4rem; height: .4rem; margin-right: .2rem;
+  border-radius: 50%; background: var(--muted); animation: blink 1.2s infinite both; }
+.dots span:nth-child(2) { animation-delay: .2s; }
+.dots span:nth-child(3) { animation-delay: .4s; }
+@keyframes blink { 0%, 80%, 100% { opacity: .2; } 40% { opacity: 1; } }
+details.tool { border: 1px solid var(--line); border-radius: .6rem; background: var(--card);
+  font-size: .9rem; max-width: 40rem; }
+details.tool summary { display: flex; align-items: center; gap: .5rem; padding: .35rem .65rem;
+  cursor: pointer; list-style: none; min-width: 0; }
+details.tool summary::-webkit-details-marker { display: none; }
+details.tool summary::after { content: "›"; margin-left: auto; color: var(--muted);
+  transition: transform .15s; }
+details.tool[open] summary::after { transform: rotate(90deg); }
+.targs { color: var(--muted); white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+  min-width: 0; flex: 1; }
+.dur { color: var(--muted); font-size: .8rem; white-space: nowrap; }
+.mark { flex: none; width: 1rem; height: 1rem; display: inline-flex; align-items: center;
+  justify-content: center; font-size: .8rem; font-weight: 700; }
+.mark.done { color: var(--ok); }
+.mark.error { color: var(--err); }
+.mark.running::before { content: ""; width: .8rem; height: .8rem; border-radius: 50%;
+  border: 2px solid var(--line); border-top-color: var(--accent);
+  animation: spin .8s linear infinite; }
+@keyframes spin { to { transform: rotate(360deg); } }
+.tool-body { padding: 0 .65rem .6rem; }
+.tool-body .label { font-size: .75rem; text-transform: uppercase; letter-spacing: .04em;
+  color: var(--muted); margin-top: .5rem; }
+.progress { font-size: .85rem; color: var(--muted); white-space: pre-wrap; }
+.md { line-height: 1.6; }
+.md > :first-child { margin-top: 0; }
+.md > :last-child { margin-bottom: 0; }
+.md p { margin: .5rem 0; white-space: pre-wrap; }
+.md h1, .md h2, .md h3, .md h4, .md h5, .md h6 { margin: 1rem 0 .4rem; line-height: 1.3; }
+.md h1 { font-size: 1.35rem; } .md h2 { font-size: 1.2rem; } .md h3 { font-size: 1.05rem; }
+.md h4, .md h5, .md h6 { font-size: 1rem; }
+.md ul, .md ol { margin: .4rem 0; padding-left: 1.5rem; }
+.md li { margin: .15rem 0; white-space: pre-wrap; }
+.md blockquote { margin: .5rem 0; padding: .1rem .9rem; border-left: 3px solid var(--line);
+  color: var(--muted); }
+.md hr { border: 0; border-top: 1px solid var(--line); margin: 1rem 0; }
+.md a { color: var(--accent); }
+.md table { border-collapse: collapse; margin: .5rem 0; display: block; overflow-x: auto;
+  max-width: 100%; }
+.md th, .md td { border: 1px solid var(--line); padding: .3rem .6rem; text-align: left; }
+.md th { background: var(--code); }
+.md .plain { white-space: pre-wrap; }
+code, pre { font: .85rem/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+:not(pre) > code { background: var(--code); padding: .05rem .3rem; border-radius: .3rem; }
+pre { margin: .3rem 0 0; padding: .55rem .7rem; background: var(--code); border-radius: .5rem;
+  max-height: 24rem; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.code { margin: .6rem 0; border: 1px solid var(--line); border-radius: .6rem; overflow: hidden; }
+.code-head { display: flex; align-items: center; justify-content: space-between;
+  padding: .2rem .3rem .2rem .7rem; background: var(--code); font-size: .78rem;
+  color: var(--muted); border-bottom: 1px solid var(--line); }
+.code-head button { padding: .1rem .55rem; font-size: .78rem; }
+.code pre { margin: 0; border-radius: 0; white-space: pre; overflow-wrap: normal; }
+#empty { margin: auto; text-align: center; max-width: 36rem; padding: 1rem; }
+#empty h2 { font-size: 1.6rem; margin: 0 0 .3rem; }
+#empty .meta { margin-bottom: 1.2rem; }
+#examples { display: flex; flex-wrap: wrap; justify-content: center; gap: .5rem; }
+#examples button { text-align: left; max-width: 17rem; font-size: .9rem; }
+footer { padding: .5rem max(.75rem, calc((100% - 48rem) / 2))
+  max(.75rem, env(safe-area-inset-bottom)); }
+#chips:empty { display: none; }
+.composer { display: flex; align-items: flex-end; gap: .5rem; padding: .4rem;
+  border: 1px solid var(--line); border-radius: 1rem; background: var(--card); }
+.composer:focus-within { border-color: var(--accent); }
+#attach-slot:empty { display: none; }
+#text { flex: 1; resize: none; min-height: 2.2rem; max-height: 12rem; padding: .4rem .5rem;
+  font: inherit; font-size: 16px; color: var(--fg); background: transparent; border: 0;
+  outline: none; }
+.hint { font-size: .75rem; color: var(--muted); text-align: center; margin-top: .3rem; }
+@media (max-width: 48rem) {
+  #side { position: fixed; z-index: 3; inset: 0 auto 0 0; width: min(18rem, 85vw);
+    transform: translateX(-100%); transition: transform .2s; }
+  #app.side-open #side { transform: none; }
+  #app.side-open #scrim { display: block; position: fixed; inset: 0; z-index: 2;
+    background: rgba(0, 0, 0, .35); }
+  #menu { display: inline-block; }
+  #model { max-width: 30%; }
+  .hint { display: none; }
+}
 </style>
 </head>
 <body>
-<header><h1>agentkit</h1><span id="status" role="status"></span></header>
-<main id="log" role="log"></main>
+<div id="app">
+<aside id="side" aria-label="Conversations">
+  <div class="side-head"><strong id="brand">agentkit</strong>
+    <button id="new" type="button" title="Start a new conversation">New chat</button></div>
+  <nav id="threads"></nav>
+</aside>
+<div id="scrim"></div>
+<section id="chat">
+<header>
+  <button id="menu" type="button" aria-label="Conversations">☰</button>
+  <h1 id="title">agentkit</h1><span id="model"></span>
+  <span id="status" role="status"></span>
+</header>
+<main id="log" role="log">
+  <div id="empty" hidden><h2 id="empty-title"></h2><div class="meta" id="empty-model"></div>
+    <div id="examples"></div></div>
+</main>
 <footer>
-<textarea id="text" rows="1" placeholder="Message"
-  aria-label="Message (Enter sends, Shift+Enter new line)"
-  title="Enter sends, Shift+Enter new line"></textarea>
-<button id="send" type="button">Send</button>
+  <div id="chips"></div>
+  <div class="composer">
+    <span id="attach-slot"></span>
+    <textarea id="text" rows="1" placeholder="Message"
+      aria-label="Message (Enter sends, Shift+Enter new line)"></textarea>
+    <button id="send" class="primary" type="button">Send</button>
+    <button id="stop" type="button" hidden>Stop</button>
+  </div>
+  <div class="hint">Enter sends, Shift+Enter adds a line</div>
 </footer>
+</section>
+</div>
 <script>
 "use strict";
-// agentkit web chat: log in with the #token=... fragment, long-poll /api/feed,
-// post messages and decisions.
+// agentkit web chat: log in with the #token=... fragment, long-poll /api/feed for the
+// conversation in ?thread=, render its deliveries and live turns, post messages,
+// decisions and Stop. Every text is put in the page as text nodes, never as HTML.
 const $ = (id) => document.getElementById(id);
 const log = $("log"), statusEl = $("status"), box = $("text"), sendBtn = $("send");
+const stopBtn = $("stop"), emptyEl = $("empty");
 const LOGIN_MSG = "The token is wrong or old. Open the link that `agentkit serve` printed " +
   "(or use the token in the file <database>.token).";
-const shown = new Map();  // feed item id -> element
-let last = 0, conn = "", scrollNext = true;
+const THREAD_RE = /^[A-Za-z0-9_-]{1,64}$/;
+let info = { title: "agentkit", model: "", examples: [] };
+let thread = "owner", generation = 0, conn = "", active = [];
+let shown = new Map(), turnEls = new Map(), turnViews = new Map(), openCards = new Set();
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -13475,8 +13933,6 @@ function h(tag, cls, text) {
 }
 
 function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
-// Connection indicator: only rewrite #status when the state changes,
-// so an error stays readable.
 function setConn(state) {
   if (state === conn || conn === "login") return;
   conn = state;
@@ -13487,8 +13943,8 @@ function showError(text) { setStatus(text, "err"); if (conn !== "login") conn = 
 function loginNeeded() { setStatus(LOGIN_MSG, "err"); conn = "login"; }
 
 // fetch wrapper: same-origin credentials, JSON in and out; throws only on network errors.
-async function api(method, path, body) {
-  const opt = { method, credentials: "same-origin", cache: "no-store", headers: {} };
+async function api(method, path, body, signal) {
+  const opt = { method, credentials: "same-origin", cache: "no-store", headers: {}, signal };
   if (body !== undefined) {
     opt.headers["Content-Type"] = "application/json";
     opt.body = JSON.stringify(body);
@@ -13500,109 +13956,437 @@ async function api(method, path, body) {
 }
 const errText = (res) =>
   (typeof res.data.error === "string" && res.data.error) || "HTTP error " + res.status;
-
-// Append text to el, turning http(s) URLs into safe links (text nodes + <a>, never HTML).
-const URL_RE = /https?:\/\/[^\s<>"'`]+/g;
-function addText(el, text) {
-  let i = 0;
-  for (const m of text.matchAll(URL_RE)) {
-    let url = m[0];
-    // Drop trailing punctuation, but keep a ")" that closes a "(" inside the URL.
-    while (/[.,;:!?)\]}]$/.test(url) && !(url.endsWith(")") && url.includes("("))) {
-      url = url.slice(0, -1);
-    }
-    el.append(text.slice(i, m.index));
-    const a = h("a", "", url);
-    a.href = url;
-    a.target = "_blank";
-    a.rel = "noopener noreferrer";
-    el.append(a);
-    i = m.index + url.length;
-  }
-  el.append(text.slice(i));
+const localTime = (t) => new Date(t * 1000).toLocaleString();
+function shortTime(t) {  // the time today, else the date
+  const d = new Date(t * 1000), today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : d.toLocaleDateString();
 }
 
-function renderApproval(b, ap) {
-  const tool = h("div", "meta", "Tool: ");
-  tool.append(h("code", "", String(ap.tool)));
-  b.append(tool, h("pre", "args", JSON.stringify(ap.args ?? {}, null, 2)));
+// ── markdown: a line-based reader that builds elements (nothing is parsed as HTML) ──
+const MAX_MARKDOWN = 100000;  // longer texts are shown as they are
+const FENCE_RE = /^ {0,3}(`{3,}|~{3,})\s*([\w+#.-]{0,40})/;
+const HEADING_RE = /^ {0,3}(#{1,6})\s+(.*?)(\s+#+)?\s*$/;
+const RULE_RE = /^ {0,3}([-*_])(?:\s*\1){2,}\s*$/;
+const QUOTE_RE = /^ {0,3}> ?/;
+const LIST_RE = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const INLINE_RE = new RegExp([
+  "`([^`\\n]{1,2000})`",
+  "\\*\\*(?![\\s*])([^*\\n]{0,500}?[^\\s*])\\*\\*",
+  "(?<!\\w)__(?![\\s_])([^_\\n]{0,500}?[^\\s_])__(?!\\w)",
+  "\\*(?![\\s*])([^*\\n]{0,500}?[^\\s*])\\*",
+  "(?<!\\w)_(?![\\s_])([^_\\n]{0,500}?[^\\s_])_(?!\\w)",
+  "\\[([^\\[\\]\\n]{1,300})\\]\\(\\s*([^\\s()<>]{1,2000})\\s*\\)",
+  "(https?:\\/\\/[^\\s<>\"'`]{1,2000})",
+].join("|"), "g");
+
+function safeHref(url) {
+  try {
+    const u = new URL(url, location.href);
+    return ["http:", "https:", "mailto:"].includes(u.protocol) ? u.href : null;
+  } catch (e) { return null; }
+}
+function link(text, url) {
+  const href = safeHref(url);
+  if (!href) return document.createTextNode(text);
+  const a = h("a", "", text);
+  a.href = href;
+  a.target = "_blank";
+  a.rel = "noopener noreferrer";
+  return a;
+}
+function inline(el, text) {
+  let i = 0;
+  for (const m of text.matchAll(INLINE_RE)) {
+    let whole = m[0];
+    let node;
+    if (m[1] !== undefined) node = h("code", "", m[1]);
+    else if (m[2] !== undefined || m[3] !== undefined) node = h("strong", "", m[2] ?? m[3]);
+    else if (m[4] !== undefined || m[5] !== undefined) node = h("em", "", m[4] ?? m[5]);
+    else if (m[6] !== undefined) node = link(m[6], m[7]);
+    else {
+      // a bare URL: trailing punctuation is not part of it (a ")" that closes a "(" is)
+      while (/[.,;:!?)\]}]$/.test(whole) && !(whole.endsWith(")") && whole.includes("("))) {
+        whole = whole.slice(0, -1);
+      }
+      node = link(whole, whole);
+    }
+    el.append(text.slice(i, m.index), node);
+    i = m.index + whole.length;
+  }
+  el.append(text.slice(i));
+  return el;
+}
+function codeBlock(code, lang) {
+  const wrap = h("div", "code");
+  const head = h("div", "code-head");
+  head.append(h("span", "lang", lang || "text"));
+  const copy = h("button", "copy", "Copy");
+  copy.type = "button";
+  head.append(copy);
+  const pre = h("pre");
+  const c = h("code", lang ? "language-" + lang.replace(/[^\w-]/g, "") : "", code);
+  pre.append(c);
+  wrap.append(head, pre);
+  return wrap;
+}
+const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|")
+  .slice(0, 50).map((c) => c.trim());
+const isDivider = (line) => line.includes("-") &&
+  cells(line).every((c) => /^:?-+:?$/.test(c));
+function table(lines, i, out) {
+  const t = h("table"), head = h("thead"), body = h("tbody"), row = h("tr");
+  for (const c of cells(lines[i])) row.append(inline(h("th"), c));
+  head.append(row);
+  i += 2;
+  while (i < lines.length && lines[i].includes("|") && lines[i].trim()) {
+    const tr = h("tr");
+    for (const c of cells(lines[i])) tr.append(inline(h("td"), c));
+    body.append(tr);
+    i++;
+  }
+  t.append(head, body);
+  out.append(t);
+  return i;
+}
+function list(lines, i, out) {
+  const stack = [];  // {indent, el}, at most 6 deep
+  while (i < lines.length) {
+    const m = LIST_RE.exec(lines[i]);
+    if (!m) {
+      const last = stack.length && stack[stack.length - 1].el.lastElementChild;
+      if (lines[i].trim() && /^\s/.test(lines[i]) && last) {  // the item goes on
+        inline(last, "\n" + lines[i].trim());
+        i++;
+        continue;
+      }
+      if (!lines[i].trim() && i + 1 < lines.length && LIST_RE.test(lines[i + 1])) {
+        i++;
+        continue;
+      }
+      break;
+    }
+    const indent = m[1].replace(/\t/g, "    ").length;
+    const ordered = /\d/.test(m[2]);
+    while (stack.length > 1 && stack[stack.length - 1].indent > indent) stack.pop();
+    let top = stack[stack.length - 1];
+    if (top && top.ordered !== ordered && indent <= top.indent) {  // another kind of list
+      stack.pop();
+      top = null;
+    }
+    const parent = stack[stack.length - 1];
+    if (!top || (indent > top.indent && stack.length < 6 && top.el.lastElementChild)) {
+      const l = h(ordered ? "ol" : "ul");
+      if (ordered && parseInt(m[2], 10) !== 1) l.start = parseInt(m[2], 10) || 1;
+      const holder = top || parent;
+      (holder ? holder.el.lastElementChild : out).append(l);
+      top = { indent, el: l, ordered };
+      stack.push(top);
+    }
+    top.el.append(inline(h("li"), m[3]));
+    i++;
+  }
+  return i;
+}
+function startsBlock(lines, i) {
+  const line = lines[i];
+  return FENCE_RE.test(line) || HEADING_RE.test(line) || RULE_RE.test(line) ||
+    QUOTE_RE.test(line) || LIST_RE.test(line) ||
+    (line.includes("|") && i + 1 < lines.length && isDivider(lines[i + 1]));
+}
+function blocks(text, out, depth) {
+  const lines = text.split("\n");
+  let i = 0, m;
+  while (i < lines.length) {
+    const line = lines[i];
+    if (!line.trim()) { i++; continue; }
+    if ((m = FENCE_RE.exec(line))) {
+      const close = m[1][0].repeat(m[1].length), body = [];
+      i++;
+      while (i < lines.length && !lines[i].trimStart().startsWith(close)) body.push(lines[i++]);
+      i++;  // the closing fence (or the end: an open fence runs to the end)
+      out.append(codeBlock(body.join("\n"), m[2]));
+    } else if ((m = HEADING_RE.exec(line))) {
+      out.append(inline(h("h" + m[1].length), m[2]));
+      i++;
+    } else if (RULE_RE.test(line)) {
+      out.append(h("hr"));
+      i++;
+    } else if (QUOTE_RE.test(line)) {
+      const body = [];
+      while (i < lines.length && QUOTE_RE.test(lines[i])) {
+        body.push(lines[i++].replace(QUOTE_RE, ""));
+      }
+      const q = h("blockquote");
+      if (depth < 3) blocks(body.join("\n"), q, depth + 1);
+      else q.append(inline(h("p"), body.join("\n")));
+      out.append(q);
+    } else if (LIST_RE.test(line)) {
+      i = list(lines, i, out);
+    } else if (line.includes("|") && i + 1 < lines.length && isDivider(lines[i + 1])) {
+      i = table(lines, i, out);
+    } else {
+      const body = [line];
+      i++;
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines, i)) body.push(lines[i++]);
+      out.append(inline(h("p"), body.join("\n")));
+    }
+  }
+  return out;
+}
+function markdown(text) {
+  const el = h("div", "md");
+  if (text.length > MAX_MARKDOWN) el.append(h("div", "plain", text));
+  else blocks(text, el, 0);
+  return el;
+}
+
+// ── feed items ──
+function approvalCard(b, ap) {
+  b.append(h("div", "card-title", ap.state === "pending" ? "Approval needed" : "Approval"));
+  const who = h("div", "meta", (ap.requester || "The agent") + " asks to run ");
+  who.append(h("code", "", String(ap.tool)));
+  b.append(who, h("pre", "args", JSON.stringify(ap.args ?? {}, null, 2)));
   if (ap.reason) b.append(h("div", "meta", "Reason: " + ap.reason));
   const act = h("div", "actions");
+  const choices = Array.isArray(ap.choices) ? ap.choices : [];
   if (ap.state === "pending") {
-    for (const [cls, label] of [["approve", "Approve"], ["deny", "Deny"]]) {
-      const btn = h("button", cls, label);
-      btn.type = "button";
-      btn.dataset.approval = ap.id;
-      act.append(btn);
-    }
+    if (choices.includes("approved")) act.append(button("approve", "Approve", ap.id));
+    if (choices.includes("denied")) act.append(button("deny", "Deny", ap.id));
+    if (!choices.includes("approved")) act.append(h("span", "state", "Waiting for an approver"));
+    if (ap.expires_at) act.append(h("span", "expires", "Expires " + localTime(ap.expires_at)));
   } else {
-    act.append(h("span", "state", "Status: " + ap.state));
-    // Already decided: disable any buttons still shown for it.
-    for (const btn of log.querySelectorAll("button[data-approval]")) {
-      if (btn.dataset.approval === ap.id) btn.disabled = true;
-    }
+    let text = ap.state.charAt(0).toUpperCase() + ap.state.slice(1);
+    if (ap.decided_by) text += " by " + ap.decided_by;
+    if (ap.decision_reason) text += ": " + ap.decision_reason;
+    act.append(h("span", "state", text));
   }
   act.append(h("span", "note"));
   b.append(act);
 }
-
+function button(cls, label, approval) {
+  const btn = h("button", cls, label);
+  btn.type = "button";
+  btn.dataset.approval = approval;
+  return btn;
+}
+function secretCard(b, it) {
+  b.append(h("div", "card-title", "The agent asks for a secret"));
+  const text = String(it.text ?? "");
+  const reason = text.split("\nOpen this link")[0];
+  if (reason) b.append(h("div", "", reason));
+  const act = h("div", "actions");
+  const href = safeHref(String(it.url || ""));
+  if (href) {
+    const a = h("a", "button", "Open the secure form");
+    a.href = href;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    act.append(a);
+    const exp = new URLSearchParams(new URL(href).hash.slice(1)).get("exp");
+    if (exp && /^[0-9]+$/.test(exp)) act.append(h("span", "state", "Expires " + localTime(+exp)));
+  }
+  b.append(act, h("div", "meta", "Paste the line the form makes here. Values never pass " +
+    "through the chat."));
+}
 function render(it) {
+  if (it.kind === "decided") {  // a decision: the request's card shows it
+    const old = shown.get(it.updates);
+    if (old) render({ ...old.item, approval: it.approval });
+    return;
+  }
   const kind = String(it.kind || "notice").replace(/[^a-z]/g, "");
   const el = h("div", "item kind-" + kind);
   el.dataset.id = it.id;
   if (it.turn_id) el.dataset.turn = it.turn_id;
-  const b = h("div", "bubble");
-  addText(b, String(it.text ?? ""));
-  if (kind === "approval" && it.approval) renderApproval(b, it.approval);
+  let b;
+  if (kind === "reply") b = markdown(String(it.text ?? ""));
+  else if (kind === "approval" || kind === "secret") {
+    b = h("div", "card");
+    if (kind === "secret") secretCard(b, it); else approvalCard(b, it.approval || {});
+  } else b = h("div", "", String(it.text ?? ""));
+  b.classList.add("bubble");
   el.append(b);
+  el.item = it;
   const old = shown.get(it.id);
-  if (old) old.replaceWith(el); else log.append(el);
+  if (old) {
+    const note = old.querySelector(".note"), kept = el.querySelector(".note");
+    if (note && kept) kept.replaceWith(note);  // what the last decision here answered
+    old.replaceWith(el);
+  } else log.append(el);
   shown.set(it.id, el);
-}
-
-const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
-
-// Long-poll loop: runs forever, stops only on 401.
-async function poll() {
-  for (;;) {
-    const t0 = Date.now();
-    let res;
-    try { res = await api("GET", "/api/feed?after=" + last); }
-    catch (e) { setConn("off"); await sleep(2000); continue; }
-    if (res.status === 401) { loginNeeded(); return; }
-    const items = res.data.items;
-    if (!res.ok || !Array.isArray(items)) {
-      if (res.status >= 400 && res.status < 500) {
-        showError(errText(res));
-        await sleep(10000);
-      } else {
-        setConn("off");
-        await sleep(2000);
-      }
-      continue;
-    }
-    setConn("on");
-    if (items.length) {
-      const stick = scrollNext || nearBottom();
-      items.forEach(render);
-      if (stick) log.scrollTop = log.scrollHeight;
-      scrollNext = false;
-    }
-    if (Number.isInteger(res.data.last)) last = res.data.last;
-    else for (const it of items) last = Math.max(last, Number(it.id) || 0);
-    // Guard against a server that answers at once without holding the request.
-    if (!items.length && Date.now() - t0 < 1000) await sleep(1000);
+  if (kind === "user" && it.turn_id && turnEls.has(it.turn_id)) el.after(turnEls.get(it.turn_id));
+  if (kind === "reply" && it.turn_id && turnViews.has(it.turn_id)) {
+    renderTurn(it.turn_id, turnViews.get(it.turn_id), true);
   }
 }
 
-async function sendMessage() {
-  const text = box.value;
+// ── turns: tool cards and the reply as it streams ──
+function shortArgs(args) {
+  let value;
+  try { value = JSON.parse(args); } catch (e) { return String(args).slice(0, 120); }
+  if (value && typeof value === "object" && !Array.isArray(value)) {
+    return Object.entries(value).map(([k, v]) =>
+      k + ": " + (typeof v === "string" ? v : JSON.stringify(v))).join(", ").slice(0, 120);
+  }
+  return JSON.stringify(value).slice(0, 120);
+}
+function pretty(args) {
+  try { return JSON.stringify(JSON.parse(args), null, 2); } catch (e) { return String(args); }
+}
+function toolCard(p) {
+  const d = h("details", "tool");
+  d.dataset.call = p.id;
+  d.open = openCards.has(p.id);
+  const s = h("summary");
+  const mark = h("span", "mark " + p.state, { done: "✓", error: "✕" }[p.state] || "");
+  mark.title = { done: "done", error: "failed", running: "running" }[p.state] || p.state;
+  s.append(mark, h("code", "", String(p.tool)), h("span", "targs", shortArgs(p.args)));
+  if (p.state === "running" && p.progress.length) {
+    s.lastChild.textContent = p.progress[p.progress.length - 1];
+  }
+  if (p.ms != null) {
+    s.append(h("span", "dur", p.ms < 1000 ? p.ms + " ms" : (p.ms / 1000).toFixed(1) + " s"));
+  }
+  const body = h("div", "tool-body");
+  body.append(h("div", "label", "Arguments"), h("pre", "", pretty(p.args)));
+  if (p.progress.length) body.append(h("div", "label", "Progress"),
+    h("div", "progress", p.progress.join("\n")));
+  if (p.result != null) body.append(h("div", "label", p.state === "error" ? "Error" : "Result"),
+    h("pre", "result", p.result));
+  d.append(s, body);
+  d.addEventListener("toggle", () => {
+    if (d.open) openCards.add(p.id); else openCards.delete(p.id);
+  });
+  return d;
+}
+function renderTurn(id, view, force) {
+  const key = JSON.stringify(view);
+  let el = turnEls.get(id);
+  const replied = [...shown.values()].some((e) => e.item.kind === "reply" && e.item.turn_id === id);
+  if (el && !force && el.dataset.key === key + replied) return;
+  turnViews.set(id, view);
+  if (!el) {
+    el = h("div", "turn");
+    el.dataset.turn = id;
+    turnEls.set(id, el);
+    const user = [...shown.values()].find((e) => e.item.kind === "user" && e.item.turn_id === id);
+    if (user) user.after(el); else log.append(el);
+  }
+  el.dataset.key = key + replied;
+  el.replaceChildren();
+  const parts = view.parts || [];
+  parts.forEach((p, i) => {
+    if (p.type === "tool") el.append(toolCard(p));
+    else if (!(replied && i === parts.length - 1)) {
+      const m = markdown(String(p.text));
+      m.classList.add("live");
+      el.append(m);
+    }
+  });
+  const running = view.status === "running" || view.status === "queued";
+  const streaming = parts.length && parts[parts.length - 1].type === "text";
+  if (running && !replied && !streaming) {
+    const w = h("div", "working");
+    const dots = h("span", "dots");
+    dots.append(h("span"), h("span"), h("span"));
+    w.append(dots, h("span", "", parts.length ? "Working…" : "Thinking…"));
+    el.append(w);
+  }
+  if (view.status === "cancelled") el.append(h("div", "meta", "Stopped."));
+}
+
+// ── conversations ──
+function threadUrl(key) { return key === "owner" ? location.pathname : "?thread=" + key; }
+async function loadThreads() {
+  let res;
+  try { res = await api("GET", "/api/threads"); } catch (e) { return; }
+  if (!res.ok || !Array.isArray(res.data.threads)) return;
+  const nav = $("threads");
+  nav.replaceChildren();
+  const list = res.data.threads;
+  if (!list.some((t) => t.key === thread)) list.unshift({ key: thread, title: "New chat" });
+  for (const t of list) {
+    const a = h("a", t.key === thread ? "current" : "", String(t.title || "New chat"));
+    a.href = threadUrl(t.key);
+    a.dataset.thread = t.key;
+    if (t.updated_at) a.append(h("span", "when", shortTime(t.updated_at)));
+    nav.append(a);
+  }
+}
+function openThread(key, push) {
+  if (!THREAD_RE.test(key)) key = "owner";
+  if (push && key !== thread) history.pushState(null, "", threadUrl(key));
+  thread = key;
+  generation++;
+  shown = new Map(); turnEls = new Map(); turnViews = new Map(); openCards = new Set();
+  active = [];
+  log.replaceChildren(emptyEl);
+  emptyEl.hidden = true;
+  stopBtn.hidden = true;
+  $("app").classList.remove("side-open");
+  loadThreads();
+  poll(generation);
+  box.focus();
+}
+function showEmpty() {
+  emptyEl.hidden = shown.size > 0 || turnEls.size > 0;
+}
+function showActive() { stopBtn.hidden = !active.length; }  // Send stays: messages queue
+
+const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 120;
+
+// Long-poll loop of one conversation: ends when another is opened, or on 401.
+async function poll(gen) {
+  let last = 0, seen = "", first = true;
+  while (gen === generation) {
+    const t0 = Date.now();
+    let res;
+    const q = "thread=" + encodeURIComponent(thread) + "&after=" + last +
+      "&seen=" + encodeURIComponent(seen) + "&turns=" + active.slice(-20).join(",");
+    try { res = await api("GET", "/api/feed?" + q); }
+    catch (e) { setConn("off"); await sleep(2000); continue; }
+    if (gen !== generation) return;
+    if (res.status === 401) { loginNeeded(); return; }
+    const items = res.data.items;
+    if (!res.ok || !Array.isArray(items)) {
+      if (res.status >= 400 && res.status < 500) { showError(errText(res)); await sleep(10000); }
+      else { setConn("off"); await sleep(2000); }
+      continue;
+    }
+    setConn("on");
+    const stick = first || nearBottom();
+    const fresh = items.some((it) => !shown.has(it.id));
+    try {
+      items.forEach(render);
+      for (const [id, view] of Object.entries(res.data.turns || {})) renderTurn(id, view, false);
+    } catch (e) { console.error("agentkit: could not show an item:", e); }  // the feed goes on
+    active = Array.isArray(res.data.active) ? res.data.active : [];
+    showActive();
+    showEmpty();
+    if (stick) log.scrollTop = log.scrollHeight;
+    if (fresh && !first) loadThreads();
+    first = false;
+    if (Number.isInteger(res.data.last)) last = res.data.last;
+    seen = String(res.data.state ?? "");
+    // Guard against a server that answers at once without holding the request.
+    if (!items.length && !Object.keys(res.data.turns || {}).length && Date.now() - t0 < 200) {
+      await sleep(1000);
+    }
+  }
+}
+
+async function sendMessage(given) {
+  const text = given ?? box.value;
   if (!text.trim() || sendBtn.disabled) return;
   sendBtn.disabled = true;
   try {
-    const res = await api("POST", "/api/messages", { text });
-    if (res.status === 202) { box.value = ""; grow(); scrollNext = true; }
-    else if (res.status === 401) loginNeeded();
+    const res = await api("POST", "/api/messages", { text, thread });
+    if (res.status === 202) {
+      if (given == null) { box.value = ""; grow(); }
+      log.scrollTop = log.scrollHeight;
+      loadThreads();
+    } else if (res.status === 401) loginNeeded();
     else showError(errText(res));
   } catch (e) {
     showError("Could not send: the server is not reachable.");
@@ -13611,17 +14395,52 @@ async function sendMessage() {
   }
 }
 
+async function stopTurns() {
+  stopBtn.disabled = true;
+  try {
+    for (const id of active) {
+      const res = await api("POST", "/api/turns/" + encodeURIComponent(id) + "/cancel", {});
+      if (res.status === 401) { loginNeeded(); break; }
+      if (!res.ok && res.status !== 400) showError(errText(res));
+    }
+  } catch (e) {
+    showError("Could not stop: the server is not reachable.");
+  } finally {
+    stopBtn.disabled = false;
+  }
+}
+
+function askReason(btn) {
+  const act = btn.parentElement;
+  if (act.querySelector("input")) return;
+  const input = h("input");
+  Object.assign(input, { type: "text", placeholder: "Reason (optional)", maxLength: 2000 });
+  const ok = button("deny-confirm", "Deny", btn.dataset.approval);
+  const cancel = h("button", "deny-cancel", "Cancel");
+  cancel.type = "button";
+  for (const b of act.querySelectorAll("button.approve, button.deny")) b.hidden = true;
+  act.prepend(input, ok, cancel);
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter") { ev.preventDefault(); ok.click(); }
+    if (ev.key === "Escape") cancel.click();
+  });
+  cancel.addEventListener("click", () => {
+    input.remove(); ok.remove(); cancel.remove();
+    for (const b of act.querySelectorAll("button")) b.hidden = false;
+  });
+  input.focus();
+}
+
 async function decide(btn) {
   const id = btn.dataset.approval;
   const decision = btn.classList.contains("approve") ? "approve" : "deny";
-  const body = { decision };
-  if (decision === "deny") {
-    const reason = window.prompt("Deny: reason (optional)", "");
-    if (reason === null) return;  // cancelled
-    if (reason.trim()) body.reason = reason.trim();
-  }
   const act = btn.parentElement, note = act.querySelector(".note");
-  const btns = act.querySelectorAll("button");
+  const body = { decision };
+  const reasonBox = act.querySelector("input");
+  if (decision === "deny" && reasonBox && reasonBox.value.trim()) {
+    body.reason = reasonBox.value.trim();
+  }
+  const btns = act.querySelectorAll("button, input");
   btns.forEach((b) => { b.disabled = true; });
   note.className = "note";
   note.textContent = "…";
@@ -13632,15 +14451,21 @@ async function decide(btn) {
   if (res.status === 401) loginNeeded();
   note.textContent = errText(res);
   note.classList.add("err");
-  // 409: already decided or expired, keep the buttons off;
-  // otherwise (403, 400, ...) allow another try.
+  // 409: already decided or expired, keep the buttons off; otherwise allow another try.
   if (res.status !== 409) btns.forEach((b) => { b.disabled = false; });
+}
+
+async function copyCode(btn) {
+  const code = btn.closest(".code").querySelector("pre").textContent;
+  try { await navigator.clipboard.writeText(code); btn.textContent = "Copied"; }
+  catch (e) { btn.textContent = "Copy failed"; }
+  setTimeout(() => { btn.textContent = "Copy"; }, 1500);
 }
 
 // Textarea grows with its content (CSSOM, allowed by the CSP).
 function grow() {
   box.style.height = "auto";
-  box.style.height = Math.min(box.scrollHeight + 2, 160) + "px";
+  box.style.height = Math.min(box.scrollHeight + 2, 192) + "px";
 }
 
 box.addEventListener("input", grow);
@@ -13650,17 +14475,56 @@ box.addEventListener("keydown", (ev) => {
     sendMessage();
   }
 });
-sendBtn.addEventListener("click", sendMessage);
+sendBtn.addEventListener("click", () => sendMessage());
+stopBtn.addEventListener("click", stopTurns);
+$("new").addEventListener("click", () => {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  openThread("c" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(""), true);
+});
+$("menu").addEventListener("click", () => $("app").classList.toggle("side-open"));
+$("scrim").addEventListener("click", () => $("app").classList.remove("side-open"));
+$("threads").addEventListener("click", (ev) => {
+  const a = ev.target.closest("a[data-thread]");
+  if (!a || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+  ev.preventDefault();
+  openThread(a.dataset.thread, true);
+});
+window.addEventListener("popstate", () => openThread(urlThread(), false));
 log.addEventListener("click", (ev) => {
+  const copy = ev.target.closest("button.copy");
+  if (copy) { copyCode(copy); return; }
+  const ex = ev.target.closest("button[data-example]");
+  if (ex) { sendMessage(ex.dataset.example); return; }
   const btn = ev.target.closest("button[data-approval]");
-  if (btn && !btn.disabled) decide(btn);
+  if (!btn || btn.disabled) return;
+  if (btn.classList.contains("deny")) askReason(btn); else decide(btn);
 });
 
-// Log in with the token from the URL fragment (if any), then start polling.
+function showInfo() {
+  document.title = info.title;
+  $("title").textContent = $("brand").textContent = info.title;
+  $("model").textContent = info.model || "";
+  $("empty-title").textContent = info.title;
+  $("empty-model").textContent = info.model ? "Model: " + info.model : "";
+  const ex = $("examples");
+  ex.replaceChildren();
+  for (const text of info.examples || []) {
+    const b = h("button", "", String(text));
+    b.type = "button";
+    b.dataset.example = String(text);
+    ex.append(b);
+  }
+}
+function urlThread() {
+  const key = new URLSearchParams(location.search).get("thread");
+  return key && THREAD_RE.test(key) ? key : "owner";
+}
+
+// Log in with the token from the URL fragment (if any).
 async function login() {
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
   if (token === null) return true;
-  history.replaceState(null, "", location.pathname);  // the token leaves the URL at once
+  history.replaceState(null, "", location.pathname + location.search);  // the token leaves
   for (;;) {
     try {
       const res = await api("POST", "/api/login", { token });
@@ -13674,7 +14538,17 @@ async function login() {
 }
 
 setStatus("connecting…", "");
-login().then((ok) => { if (ok) poll(); });
+login().then(async (ok) => {
+  if (!ok) return;
+  try {
+    const res = await api("GET", "/api/info");
+    if (res.status === 401) { loginNeeded(); return; }
+    if (res.ok) info = { ...info, ...res.data };
+  } catch (e) { /* the feed says it */ }
+  showInfo();
+  thread = "";
+  openThread(urlThread(), false);
+});
 </script>
 </body>
 </html>

@@ -266,6 +266,24 @@ def test_turns_move_only_from_the_status_they_are_in(store: Store) -> None:
     assert store.thread_ids("cli:m") == ["cli:me", "cli:mine"] and store.thread_ids("x") == []
 
 
+def test_thread_summaries_list_a_prefix_newest_first_titled_by_the_first_message(
+    store: Store,
+) -> None:
+    for thread, text in [
+        ("web:a", "/help"),
+        ("web:a", "plan a trip"),
+        ("web:a", "and a second message"),
+        ("cli:me", "not listed"),
+        ("web:b", "/status"),
+    ]:
+        store.insert_turn(agentkit.new_id("turn"), thread, "web:owner", text, "web", None, None)
+    listed = store.thread_summaries("web:", 10)
+    assert [(s.id, s.title) for s in listed] == [("web:b", None), ("web:a", "plan a trip")]
+    assert listed[0].updated_at >= listed[1].updated_at
+    assert [s.id for s in store.thread_summaries("web:", 1)] == ["web:b"]
+    assert store.thread_summaries("x", 10) == []
+
+
 def test_messages_and_calls_come_back_in_order_and_a_call_is_claimed_once(store: Store) -> None:
     t = turn(store)
     user = store.add_message(t.thread_id, t.id, "user", "hi", False)

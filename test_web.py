@@ -29,7 +29,8 @@ from playwright.sync_api import expect, sync_playwright
 
 import agentkit
 from agentkit import AgentKit
-from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, rows, wait_until
+from fake_servers import FakeOpenAI
+from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, rows, seal, wait_until
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "s3cret-webhook-key-0123456789"
@@ -698,7 +699,8 @@ def test_a_bad_feed_position_is_a_400_not_a_500(web_kit: AgentKit) -> None:
             response = client.get(f"/api/feed?after={after}", headers={"Cookie": cookie})
             assert response.status_code == 400, (after, response.status_code, response.text)
         ok = client.get("/api/feed?after=0", headers={"Cookie": cookie})
-        assert ok.status_code == 200 and ok.json() == {"items": [], "last": 0}
+        assert ok.status_code == 200
+        assert (ok.json()["items"], ok.json()["last"], ok.json()["active"]) == ([], 0, [])
 
 
 def test_web_chat_page_has_a_csp_that_allows_exactly_its_inline_script(
@@ -820,7 +822,8 @@ def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatc
         approve.click()
         expect(page.locator("#log .item.kind-reply")).to_have_text("Restarted nginx.")
         expect(item.locator(".note")).to_have_text("Approved.")
-        expect(approve).to_be_disabled()
+        expect(item.locator(".state")).to_have_text("Approved by web:owner")
+        expect(approve).to_have_count(0)  # a decided card has no buttons
         assert runs == ["nginx"]
         assert [(a.state, a.decided_by) for a in kit.approvals(None)] == [("approved", "web:owner")]
         assert errors == []
@@ -966,3 +969,545 @@ def test_callbacks_that_a_server_on_the_way_may_resolve_elsewhere_are_refused():
     ):
         assert not hook.allows(url), url
     assert hook.allows("http://h/hooks/agent/reply?x=%41")
+
+
+# ──────────────────────────────────── the web chat, as a user ────────────────────────────────────
+
+SCREENSHOTS = ROOT / "screenshots" / "web"  # written by test_screenshots_of_the_web_chat
+HOSTILE = [
+    "<img src=x onerror=alert(1)> and <script>alert(2)</script>",
+    "[click](javascript:alert(3)) and [data](data:text/html,<script>alert(4)</script>)",
+    "```html\n<script>alert(5)</script>\n<img src=x onerror=alert(6)>",  # never closed
+    "- " * 40_000 + "deep",  # 80 KB of list markers on one line
+    "\n".join("  " * depth + "- item" for depth in range(300)),  # a list 300 deep
+    "- " * 500_000 + "<img src=x onerror=alert(7)>",  # 1 MB of them
+    "**" * 30_000 + "`" * 30_000 + "[" * 30_000,  # openers that never close
+]
+
+
+class WholeReplies(agentkit.ScriptedModel):
+    """A script whose replies arrive whole (1 MB word by word is the engine's test)."""
+
+    can_stream = False
+
+
+def stream_kit(tmp_path: Path, fake: FakeOpenAI, **options: object) -> AgentKit:
+    model = agentkit.OpenAIModel("m", base_url=fake.url, api_key="k")
+    return AgentKit(tmp_path / "chat.db", model=model, **options)
+
+
+def log_text(page) -> str:
+    return page.locator("#log").inner_text()
+
+
+def test_a_reply_streams_into_the_page_and_ends_complete_exactly_once(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    reply = "Streaming replies arrive piece by piece, like this one."
+    with FakeOpenAI() as fake:
+        release = fake.hold(reply, after=3)
+        kit = stream_kit(tmp_path, fake)
+        with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+            page.locator("#text").fill("stream please")
+            page.locator("#text").press("Enter")
+            live = page.locator("#log .turn .md.live")
+            expect(live).to_have_count(1)
+            first = live.inner_text()
+            assert first and reply.startswith(first) and first != reply
+            assert not release.is_set()
+            expect(page.locator("#stop")).to_be_visible()
+            release.set()
+            expect(page.locator("#log .item.kind-reply")).to_have_text(reply)
+            expect(live).to_have_count(0)
+            expect(page.locator("#stop")).to_be_hidden()
+            assert log_text(page).count("Streaming replies") == 1
+            page.reload()
+            expect(page.locator("#log .item.kind-reply")).to_have_text(reply)
+            assert log_text(page).count("Streaming replies") == 1
+            assert errors == []
+
+
+def test_a_turn_shows_working_before_its_first_token(browser, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    started, go = threading.Event(), threading.Event()
+
+    def slow(messages: list, tools: list) -> str:
+        started.set()
+        go.wait(30)
+        return "There you are."
+
+    kit = AgentKit(tmp_path / "w.db", model=agentkit.ScriptedModel([slow]))
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.locator("#text").fill("hello")
+        page.locator("#send").click()
+        assert started.wait(20)
+        expect(page.locator("#log .turn .working")).to_be_visible()
+        go.set()
+        expect(page.locator("#log .item.kind-reply")).to_have_text("There you are.")
+        expect(page.locator("#log .turn .working")).to_have_count(0)
+        assert errors == []
+
+
+def test_markdown_renders_to_elements_and_hostile_output_runs_nothing(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    rich = (
+        "# Plan\n\nThis is **bold**, *italic* and `inline code`.\n\n"
+        "- one\n- two\n  - nested\n\n1. first\n2. second\n\n> quoted\n\n"
+        "| name | size |\n|---|---:|\n| a | 1 |\n| b | 2 |\n\n"
+        "See [the docs](https://example.com/docs) or https://example.org.\n\n"
+        "```python\nprint('hi')\n```"
+    )
+    # The 1 MB replies pass the context window: the echo model writes the summaries, so
+    # that each reply of the script answers one message.
+    kit = AgentKit(tmp_path / "md.db", model=WholeReplies([rich, *HOSTILE]), summary_model="echo")
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.locator("#text").fill("show me markdown")
+        page.locator("#text").press("Enter")
+        md = page.locator("#log .item.kind-reply .md")
+        expect(md).to_have_count(1)
+        expect(md.locator("h1")).to_have_text("Plan")
+        expect(md.locator("strong")).to_have_text("bold")
+        expect(md.locator("em")).to_have_text("italic")
+        expect(md.locator("p > code")).to_have_text("inline code")
+        expect(md.locator("ul > li")).to_have_count(3)
+        expect(md.locator("ul ul > li")).to_have_text("nested")
+        expect(md.locator("ol > li")).to_have_count(2)
+        expect(md.locator("blockquote")).to_have_text("quoted")
+        expect(md.locator("table th")).to_have_text(["name", "size"])
+        expect(md.locator("table tbody tr")).to_have_count(2)
+        expect(md.locator("pre > code.language-python")).to_have_text("print('hi')")
+        expect(md.locator(".code-head .lang")).to_have_text("python")
+        expect(md.locator(".code-head button.copy")).to_have_text("Copy")
+        links = md.locator("a")
+        expect(links).to_have_count(2)
+        for i in range(2):
+            assert links.nth(i).get_attribute("rel") == "noopener noreferrer"
+            assert links.nth(i).get_attribute("target") == "_blank"
+        assert links.nth(1).get_attribute("href") == "https://example.org/"
+
+        for n in range(2, len(HOSTILE) + 2):
+            page.locator("#text").fill(f"hostile {n}")
+            page.locator("#text").press("Enter")
+            expect(page.locator("#log .item.kind-reply")).to_have_count(n)
+        counts = page.evaluate(
+            "() => ({img: document.querySelectorAll('img').length,"
+            " script: document.querySelectorAll('#log script').length,"
+            " iframe: document.querySelectorAll('iframe, object, embed').length,"
+            " js: [...document.querySelectorAll('a')].filter(a => !/^(https?|mailto):/"
+            ".test(a.href)).length,"
+            " handlers: [...document.querySelectorAll('#log *')].filter(e =>"
+            " [...e.attributes].some(a => a.name.startsWith('on'))).length})"
+        )
+        assert counts == {"img": 0, "script": 0, "iframe": 0, "js": 0, "handlers": 0}
+        replies = page.locator("#log .item.kind-reply")
+        assert "<img src=x onerror=alert(1)>" in replies.nth(1).inner_text()
+        expect(replies.nth(3).locator("pre > code")).to_contain_text("<script>alert(5)</script>")
+        assert replies.nth(6).inner_text().endswith("<img src=x onerror=alert(7)>")
+        assert replies.nth(5).locator("li").count() > 1  # the deep list still renders
+        assert dialogs == [] and errors == []
+
+
+def test_a_tool_call_is_a_card_with_progress_that_expands_to_its_result(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    model = agentkit.ScriptedModel(
+        [agentkit.ToolCall("lookup", {"city": "Lisbon", "days": 3}), "It is sunny in Lisbon."]
+    )
+    kit = AgentKit(tmp_path / "tool.db", model=model)
+    go = threading.Event()
+
+    @kit.tool
+    def lookup(ctx: agentkit.ToolContext, city: str, days: int) -> str:
+        """Look up the weather."""
+        ctx.progress(f"asking the weather service about {city}")
+        go.wait(30)
+        return f"{city}: sunny for {days} days"
+
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.locator("#text").fill("weather in Lisbon?")
+        page.locator("#send").click()
+        card = page.locator("#log .turn details.tool")
+        expect(card).to_have_count(1)
+        expect(card.locator("summary code")).to_have_text("lookup")
+        expect(card.locator("summary .mark.running")).to_be_visible()
+        expect(card.locator("summary .targs")).to_have_text(
+            "asking the weather service about Lisbon"
+        )
+        go.set()
+        expect(card.locator("summary .mark.done")).to_have_text("✓")
+        expect(card.locator("summary .targs")).to_have_text("city: Lisbon, days: 3")
+        expect(card.locator("summary .dur")).to_have_text(re.compile(r"^\d+(\.\d)? m?s$"))
+        expect(page.locator("#log .item.kind-reply")).to_have_text("It is sunny in Lisbon.")
+        expect(card.locator(".result")).to_be_hidden()
+        card.locator("summary").click()
+        expect(card.locator(".result")).to_have_text("Lisbon: sunny for 3 days")
+        expect(card.locator(".progress")).to_have_text("asking the weather service about Lisbon")
+        page.reload()  # from the stored steps: the card is still there, with its result
+        card = page.locator("#log .turn details.tool")
+        expect(card.locator("summary .mark.done")).to_be_visible()
+        card.locator("summary").click()
+        expect(card.locator(".result")).to_have_text("Lisbon: sunny for 3 days")
+        assert errors == []
+
+
+def test_new_chat_makes_a_second_conversation_and_a_reload_keeps_the_one_in_the_url(
+    browser, web_kit: AgentKit
+) -> None:
+    with served(web_kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.locator("#text").fill("first conversation")
+        page.locator("#text").press("Enter")
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: first conversation")
+        page.locator("#new").click()
+        expect(page.locator("#log .item")).to_have_count(0)
+        expect(page.locator("#empty")).to_be_visible()
+        assert "?thread=c" in page.url
+        page.locator("#text").fill("second conversation")
+        page.locator("#text").press("Enter")
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: second conversation")
+        side = page.locator("#threads a")
+        expect(side).to_have_count(2)
+        expect(side.first).to_contain_text("second conversation")  # newest first
+        expect(side.nth(1)).to_contain_text("first conversation")
+        expect(page.locator("#threads a.current")).to_contain_text("second conversation")
+        second_url = page.url
+        page.reload()
+        assert page.url == second_url
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: second conversation")
+        side.nth(1).click()  # switching needs no reload
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: first conversation")
+        assert page.url == f"{url}/"
+        page.go_back()
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: second conversation")
+        threads = sorted(s.id for s in web_kit.store.thread_summaries("web:", 10))
+        assert threads[1] == "web:owner" and threads[0] == "web:" + second_url.split("=")[1]
+        assert errors == []
+
+
+def test_stop_cancels_the_running_turn(browser, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    with FakeOpenAI() as fake:
+        release = fake.hold("This is a long answer that the user stops.", after=2)
+        kit = stream_kit(tmp_path, fake)
+        try:
+            with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+                page.locator("#text").fill("talk a lot")
+                page.locator("#text").press("Enter")
+                expect(page.locator("#log .turn .md.live")).to_have_count(1)
+                turn_id = page.locator("#log .turn").get_attribute("data-turn")
+                assert kit.turn(turn_id).status == "running"
+                page.locator("#stop").click()
+                expect(page.locator("#log .turn .meta")).to_have_text("Stopped.")
+                assert kit.turn(turn_id).status == "cancelled"
+                expect(page.locator("#stop")).to_be_hidden()
+                release.set()  # the stream ends; the cancelled turn's writes are refused
+                assert errors == []
+        finally:
+            release.set()
+
+
+def test_only_an_actor_who_may_decide_sees_approve_and_a_denial_asks_its_reason_inline(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    steps = [
+        agentkit.ToolCall("restart", {"service": "nginx"}),
+        "Not restarted.",
+        agentkit.ToolCall("restart", {"service": "db"}),
+        "Not restarted either.",
+    ]
+    kit = AgentKit(tmp_path / "deny.db", model=agentkit.ScriptedModel(steps), approvers=["cli:*"])
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        return f"{service} restarted"
+
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        page.on("dialog", lambda d: errors.append(f"dialog: {d.message}"))
+        page.locator("#text").fill("restart nginx")
+        page.locator("#send").click()
+        card = page.locator("#log .item.kind-approval").first
+        expect(card.locator(".state")).to_have_text("Waiting for an approver")
+        expect(card.locator("button.approve")).to_have_count(0)
+        expect(card.locator("code")).to_have_text("restart")
+        expect(card.locator("pre.args")).to_contain_text('"service": "nginx"')
+        expires = kit.approvals()[0].expires_at
+        shown = page.evaluate(f"new Date({expires} * 1000).toLocaleString()")
+        expect(card.locator(".actions")).to_contain_text("Expires " + shown)
+        card.locator("button.deny").click()  # its own request: it may deny it
+        card.locator(".actions input").fill("not now")
+        card.locator("button.deny-confirm").click()
+        expect(card.locator(".note")).to_have_text("Denied.")
+        expect(page.locator("#log .item.kind-reply")).to_have_text("Not restarted.")
+        decided = kit.approvals(None)[0]
+        assert (decided.state, decided.decided_by, decided.decision_reason) == (
+            "denied",
+            "web:owner",
+            "not now",
+        )
+        expect(card.locator(".state")).to_have_text("Denied by web:owner: not now")
+        page.locator("#text").fill("restart db")  # decided from the CLI: the card follows
+        page.locator("#send").click()
+        second = page.locator("#log .item.kind-approval").nth(1)
+        expect(second.locator("button.deny")).to_be_visible()
+        kit.approve(kit.approvals()[0].id, actor="cli:ops", wait=False)
+        expect(second.locator(".state")).to_have_text("Approved by cli:ops")
+        expect(page.locator("#log .item.kind-reply").nth(1)).to_have_text("Not restarted either.")
+        assert errors == []
+
+
+def test_internal_notes_and_secret_requests_do_not_look_like_the_users_messages(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    kit = AgentKit(tmp_path / "sec.db", model="echo")
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        request = kit.request_secret("web:owner", fields=["API_TOKEN"], reason="To deploy.")
+        card = page.locator("#log .item.kind-secret")
+        expect(card.locator("a.button")).to_have_text("Open the secure form")
+        assert card.locator("a.button").get_attribute("href") == request.url
+        assert request.url not in card.inner_text()
+        expect(card).to_contain_text("To deploy.")
+        blob = seal(request.url, {"API_TOKEN": "tok-123"})
+        page.locator("#text").fill(blob)
+        page.locator("#send").click()
+        expect(page.locator("#log .item.kind-note")).to_contain_text("the user gave API_TOKEN")
+        expect(page.locator("#log .item.kind-notice")).to_contain_text("Saved API_TOKEN")
+        expect(page.locator("#log .item.kind-user")).to_have_count(0)
+        assert "tok-123" not in page.content()
+        assert errors == []
+
+
+def test_the_empty_state_shows_the_bot_its_model_and_examples_that_send(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    web = agentkit.WebChat(title="Ops helper", examples=["What is running?", "Show the logs"])
+    kit = AgentKit(tmp_path / "e.db", model="echo", adapters=[web])
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        expect(page.locator("#empty h2")).to_have_text("Ops helper")
+        expect(page.locator("#empty")).to_contain_text("Model: echo")
+        expect(page.locator("header #model")).to_have_text("echo")
+        assert page.title() == "Ops helper"
+        page.locator("#examples button", has_text="What is running?").click()
+        expect(page.locator("#log .item.kind-reply")).to_have_text("echo: What is running?")
+        expect(page.locator("#empty")).to_be_hidden()
+        page.locator("#text").fill("line one")
+        page.locator("#text").press("Shift+Enter")
+        page.locator("#text").type("line two")
+        expect(page.locator("#text")).to_have_value("line one\nline two")
+        assert errors == []
+    for bad in ({"title": ""}, {"examples": "one"}, {"examples": [""]}, {"examples": ["x"] * 9}):
+        with pytest.raises(agentkit.BadInput):
+            agentkit.WebChat(**bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_open_tab_keeps_working_after_serve_restarts(browser, tmp_path: Path) -> None:
+    # no AGENTKIT_WEB_TOKEN: the token is kept in the database's .token file
+    port = free_port()
+    first = AgentKit(tmp_path / "r.db", model="echo")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        with served_at(first, port) as url:
+            token = (tmp_path / "r.db.token").read_text().strip()
+            page.goto(f"{url}/#token={token}")
+            expect(page.locator("#status")).to_have_text("connected")
+            page.locator("#text").fill("before")
+            page.locator("#text").press("Enter")
+            expect(page.locator("#log .item.kind-reply")).to_have_text("echo: before")
+        with served_at(AgentKit(tmp_path / "r.db", model="echo"), port):
+            assert (tmp_path / "r.db.token").read_text().strip() == token
+            page.locator("#text").fill("after")
+            page.locator("#text").press("Enter")
+            expect(page.locator("#log .item.kind-reply").nth(1)).to_have_text("echo: after")
+            expect(page.locator("#status")).to_have_text("connected")
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
+def served_at(kit: AgentKit, port: int) -> Iterator[str]:
+    """`served`, on a given port (a restart keeps its address, and so its cookie)."""
+    stop, urls = threading.Event(), []
+    thread = threading.Thread(
+        target=kit.serve, kwargs={"http": f"127.0.0.1:{port}", "stop": stop, "ready": urls.append}
+    )
+    thread.start()
+    try:
+        wait_until(lambda: urls or not thread.is_alive(), what="serve to be ready")
+        yield urls[0]
+    finally:
+        stop.set()
+        thread.join(15)
+        kit.close()
+
+
+def test_serve_keeps_its_token_says_where_it_is_and_makes_a_new_one_on_request(
+    tmp_path: Path,
+) -> None:
+    def start(*extra: str) -> tuple[str, str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "agentkit.py"), "serve", "--http", "127.0.0.1:0", *extra],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = Lines(proc.stderr)
+        try:
+            wait_until(lambda: "serving" in err.text() or proc.poll() is not None, what="serve")
+            token = (tmp_path / "agentkit.db.token").read_text().strip()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0, err.text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.thread.join(5)
+        return token, err.text()
+
+    token, said = start()
+    assert "agentkit.db.token" in said and "#token=TOKEN" in said and token not in said
+    assert start()[0] == token
+    renewed, said = start("--new-token")
+    assert renewed != token and renewed not in said
+    assert ((tmp_path / "agentkit.db.token").stat().st_mode & 0o777) == 0o600
+    assert start()[0] == renewed
+
+
+def test_a_request_for_another_host_says_how_to_allow_it(web_kit: AgentKit) -> None:
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        response = client.get("/", headers={"Host": "bot.example.com"})
+        assert response.status_code == 421
+        assert "AGENTKIT_PUBLIC_URL" in response.json()["error"]
+        assert "https://bot.example.com" in response.json()["error"]
+
+
+def test_fifty_open_tabs_wait_at_once_and_all_hear_the_reply(web_kit: AgentKit) -> None:
+    tabs = 50
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=60) as client:
+        cookie = login(client, url, TOKEN)
+        first = client.get("/api/feed?after=0", headers={"Cookie": cookie}).json()
+        threads_before = threading.active_count()
+        waiting = threading.Barrier(tabs + 1)
+        answers: list[dict] = []
+
+        def tab() -> None:
+            with httpx.Client(base_url=url, timeout=60) as own:
+                waiting.wait()
+                query = f"after={first['last']}&seen={first['state']}"
+                answer = own.get(f"/api/feed?{query}", headers={"Cookie": cookie})
+                answers.append(answer.json())
+
+        clients = [threading.Thread(target=tab) for _ in range(tabs)]
+        for c in clients:
+            c.start()
+        waiting.wait()
+        wait_until(
+            lambda: threading.active_count() >= threads_before + 2 * tabs,
+            what="every tab to be waiting on the server",
+        )
+        assert client.get("/healthz").status_code == 200  # the server still answers
+        sent = client.post(
+            "/api/messages", json={"text": "to all"}, headers={"Origin": url, "Cookie": cookie}
+        )
+        assert sent.status_code == 202
+        for c in clients:
+            c.join(30)
+        assert len(answers) == tabs
+        assert all(a["items"] or a["turns"] for a in answers)
+        wait_until(
+            lambda: threading.active_count() <= threads_before + 5,
+            what="the server threads of the tabs to end",
+        )
+
+
+def test_screenshots_of_the_web_chat(browser, tmp_path: Path, monkeypatch) -> None:
+    """Desktop and 390 px wide, light and dark, into SCREENSHOTS: for people to look at."""
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    answer = (
+        "Here is the plan:\n\n1. **Check** the service\n2. Restart it if needed\n\n"
+        "```bash\nsystemctl status nginx\n```\n\n| host | state |\n|---|---|\n| web-1 | ok |"
+    )
+    steps = [
+        agentkit.ToolCall("status", {"service": "nginx", "host": "web-1"}),
+        answer,
+        agentkit.ToolCall("restart", {"service": "nginx"}),
+    ]
+    web = agentkit.WebChat(title="Ops helper", examples=["What is running?", "Show the logs"])
+    kit = AgentKit(tmp_path / "shots.db", model=agentkit.ScriptedModel(steps), adapters=[web])
+
+    @kit.tool
+    def status(ctx: agentkit.ToolContext, service: str, host: str) -> str:
+        """Show a service's status."""
+        ctx.progress(f"connecting to {host}")
+        return f"{service} on {host}: active (running) since 3 days"
+
+    @kit.tool(approval=True)
+    def restart(service: str) -> str:
+        """Restart a service."""
+        return f"{service} restarted"
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with served(kit) as url:
+        for scheme in ("light", "dark"):
+            for name, size in (("desktop", (1280, 800)), ("phone", (390, 844))):
+                context = browser.new_context(
+                    color_scheme=scheme, viewport={"width": size[0], "height": size[1]}
+                )
+                page = context.new_page()
+                page.goto(f"{url}/?thread=empty#token={TOKEN}")
+                expect(page.locator("#empty")).to_be_visible()
+                page.screenshot(path=str(SCREENSHOTS / f"empty-{name}-{scheme}.png"))
+                page.goto(f"{url}/")
+                if scheme == "light" and name == "desktop":
+                    page.locator("#text").fill("Is nginx ok on web-1?")
+                    page.locator("#text").press("Enter")
+                    expect(page.locator("#log .item.kind-reply")).to_have_count(1)
+                    page.locator("#text").fill("Restart it, please")
+                    page.locator("#text").press("Enter")
+                expect(page.locator("#log .item.kind-approval button.approve")).to_be_visible()
+                page.locator("#log details.tool summary").first.click()
+                page.locator("#log .item").last.scroll_into_view_if_needed()
+                page.screenshot(path=str(SCREENSHOTS / f"chat-{name}-{scheme}.png"))
+                if name == "phone":
+                    page.locator("#menu").click()
+                    expect(page.locator("#side")).to_be_in_viewport(ratio=1)
+                    page.screenshot(path=str(SCREENSHOTS / f"sidebar-{name}-{scheme}.png"))
+                context.close()
+
+
+def test_the_web_chat_shows_and_stops_only_turns_of_its_own_conversations(
+    web_kit: AgentKit,
+) -> None:
+    other = web_kit.run_turn("cli:me", "not for the web", wait=False).turn_id
+    with served(web_kit) as url, httpx.Client(base_url=url, timeout=10) as client:
+        cookie = login(client, url, TOKEN)
+        headers = {"Origin": url, "Cookie": cookie}
+        stop = client.post(f"/api/turns/{other}/cancel", json={}, headers=headers)
+        assert stop.status_code == 404 and web_kit.turn(other).status != "cancelled"
+        feed = client.get(f"/api/feed?after=0&turns={other}", headers={"Cookie": cookie})
+        assert feed.status_code == 200 and feed.json()["turns"] == {}
+        for bad in ("nope", f"{other},x", ",".join([other] * 21)):
+            response = client.get(f"/api/feed?turns={bad}", headers={"Cookie": cookie})
+            assert response.status_code == 400, bad
+        for thread in ("a/b", "", "x" * 65):
+            sent = client.post(
+                "/api/messages", json={"text": "hi", "thread": thread}, headers=headers
+            )
+            assert sent.status_code == 400, thread
