@@ -1061,6 +1061,16 @@ class Store(ABC):
     def pending_secret_requests(self, turn_id: str) -> list[SecretRequest]:
         """The pending requests a turn made, oldest first."""
 
+    # saved secrets (sealed values; the kit seals and opens them)
+
+    @abstractmethod
+    def save_secrets(self, thread_id: str, sealed: dict[str, bytes]) -> None:
+        """Set a thread's sealed secret values by name, replacing those saved before."""
+
+    @abstractmethod
+    def sealed_secrets(self, thread_id: str) -> dict[str, bytes]:
+        """A thread's sealed secret values by name."""
+
     # retention
 
     @abstractmethod
@@ -1889,6 +1899,23 @@ class _SQLStore(Store):
             (turn_id,),
         )
 
+    # saved secrets
+
+    def save_secrets(self, thread_id: str, sealed: dict[str, bytes]) -> None:
+        at = self.now()
+        self._rows_many(
+            "INSERT INTO secrets (thread_id, name, sealed, saved_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (thread_id, name) DO UPDATE SET sealed = excluded.sealed, "
+            "saved_at = excluded.saved_at",
+            [(thread_id, name, value, at) for name, value in sealed.items()],
+        )
+
+    def sealed_secrets(self, thread_id: str) -> dict[str, bytes]:
+        rows = self._rows(
+            "SELECT name, sealed FROM secrets WHERE thread_id = ? ORDER BY name", (thread_id,)
+        )
+        return {name: bytes(value) for name, value in rows}
+
     # retention
 
     def prune(self, before: float) -> dict[str, int]:
@@ -2094,6 +2121,16 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_running;  -- one index less to write per job: the lease sweep and the
                               -- heartbeat scan jobs_running_target, which holds every
                               -- running job (a few per worker)
+    """,
+    # 7: saved secret values, sealed under the kit key, so that every host reads them
+    """
+    CREATE TABLE secrets (
+        thread_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        saved_at REAL NOT NULL,
+        PRIMARY KEY (thread_id, name)
+    );
     """,
 )
 
@@ -3752,8 +3789,13 @@ class Records:
         self.outlets: dict[str, Any] = {}
         self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
         self.may_decide: Callable[[str], bool] = lambda actor: False
-        # thread -> {saved secret value: its name}, redacted with the process-wide values
-        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+        # thread -> {name: value} of its saved secrets (Secrets.values, set by the facade)
+        self.saved_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+
+    def thread_secrets(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets as `{value: name}`, to redact them (values of 4
+        characters or more: shorter ones would redact ordinary words)."""
+        return {v: name for name, v in self.saved_secrets(thread).items() if len(v) >= 4}
 
     def clean(self, thread: str, value: Any) -> Any:
         """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
@@ -4895,6 +4937,7 @@ class ToolContext:
         root: Path,
         runtime: Callable[[], Any] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        secrets: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
@@ -4903,6 +4946,9 @@ class ToolContext:
         self._root = root
         self._runtime = runtime
         self._on_progress = on_progress
+        # the thread's saved secrets by name (the kit's: sealed in the database; by default
+        # the `.secrets` files of the thread's folder under `root`)
+        self._secrets = secrets or functools.partial(saved_secrets, secrets_folder(root, thread_id))
 
     @property
     def runtime(self) -> "Runtime":
@@ -4931,7 +4977,7 @@ class ToolContext:
         """A secret the user gave this thread through a secret request (KeyError if none)."""
         if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
             raise BadInput(f"a secret name is a plain identifier, not {name!r}")
-        value = read_secret(secrets_folder(self._root, self.thread_id), name)
+        value = self._secrets().get(name)
         if value is None:
             raise KeyError(f"no secret {name!r} in this conversation; ask with secret_request")
         redactions.add(value, name)
@@ -6149,6 +6195,9 @@ class Runtimes:
         self.idle = check_seconds("runtime_idle", idle, positive=True)
         self._used: dict[tuple[str, str], tuple[RuntimeScope, float]] = {}
         self._lock = threading.Lock()
+        # thread -> None: write its saved secrets into its folder on this host, before a
+        # runtime of the thread's own scope is used (Secrets.write_files, set by the facade)
+        self.secret_files: Callable[[str], None] = lambda thread: None
 
     def scope_of(self, thread_id: str, actor: str) -> RuntimeScope:
         """The scope a call in `thread_id` by `actor` works in. The thread's is its own
@@ -6171,6 +6220,8 @@ class Runtimes:
     def get(self, thread_id: str, actor: str) -> Runtime:
         """The runtime of the scope of a call (started if needed), marked as used now."""
         scope = self.scope_of(thread_id, actor)
+        if scope.kind == "thread":
+            self.secret_files(thread_id)
         runtime = self.provider.get(scope)
         with self._lock:
             self._used[scope.kind, scope.key] = (scope, time.monotonic())
@@ -6635,6 +6686,7 @@ class TurnEngine:
             runtime=self.runtimes
             and functools.partial(self.runtimes.get, turn.thread_id, turn.actor),
             on_progress=progress if tool is not None else None,
+            secrets=functools.partial(self.records.saved_secrets, turn.thread_id),
         )
 
     def emit(self, turn: TurnRow, kind: str, **fields: Any) -> list[Any]:
@@ -7053,7 +7105,8 @@ def parse_blob(text: str) -> tuple[str, bytes, bytes, bytes]:
 
 
 def kit_key(db_path: str) -> bytes:
-    """The key that seals the private keys of pending requests: from AGENTKIT_SECRET_KEY, or
+    """The key that seals saved secret values and the private keys of pending requests:
+    from AGENTKIT_SECRET_KEY, or
     the file `<database>.key` beside the database (created with O_EXCL, mode 0600)."""
     configured = os.environ.get("AGENTKIT_SECRET_KEY")
     if configured is not None:
@@ -7065,7 +7118,7 @@ def kit_key(db_path: str) -> bytes:
     if "://" in db_path:
         raise StoreError(
             f"{db_path} is shared by every host that uses it, and so must be the key that "
-            "seals its secret requests: set AGENTKIT_SECRET_KEY (a random string of 32 "
+            "seals its secrets: set AGENTKIT_SECRET_KEY (a random string of 32 "
             "characters or more, the same on every host)"
         )
     path = db_path + ".key"
@@ -7152,9 +7205,10 @@ def secret_page() -> tuple[str, str]:
 class Secrets:
     """Secret requests: the links, the interception of blobs, saving and redaction.
 
-    Values never enter the database: a blob is decrypted when it arrives and the values
-    go to the thread's workspace; only the request row (with its private key sealed under
-    the kit key, deleted once used or expired) is stored.
+    A blob is decrypted when it arrives; its values are stored sealed under the kit key
+    (so a tool on any host reads them, and the database never holds one in the clear) and
+    written to the thread's `.secrets` folder on the hosts whose runtimes use the thread.
+    The request row keeps its private key sealed under the kit key until used or expired.
     """
 
     def __init__(self, records: Records, *, workspace: Path, public_url: str, ttl: float) -> None:
@@ -7264,10 +7318,7 @@ class Secrets:
                 "That secret blob is damaged or was changed; nothing was saved. "
                 "Copy the whole line from the page again."
             ) from None
-        folder = secrets_folder(self.workspace, thread)
-        for name in names:
-            write_secret(folder, name, values[name])
-            redactions.add(values[name], name)
+        self.save(thread, values)
         self.store.use_secret_request(request_id)
         return request_id, names
 
@@ -7297,10 +7348,51 @@ class Secrets:
             check_utf8(f"the value of {name}", values[name])
         return values
 
-    def saved_values(self, thread: str) -> dict[str, str]:
-        """The thread's saved secrets as `{value: name}`, to redact them."""
-        saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return {value: name for name, value in saved.items() if len(value) >= 4}
+    def seal(self, thread: str, name: str, value: str) -> bytes:
+        """A value sealed with AES-GCM under the kit key, bound to its thread and name."""
+        nonce = os.urandom(12)
+        return nonce + AESGCM(self.key).encrypt(nonce, value.encode(), _value_aad(thread, name))
+
+    def values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets by name: the sealed values in the database, over the
+        `.secrets` files of this host (where an earlier release saved them)."""
+        found = saved_secrets(secrets_folder(self.workspace, thread))
+        for name, sealed in self.store.sealed_secrets(thread).items():
+            aad = _value_aad(thread, name)
+            try:
+                opened = AESGCM(self.key).decrypt(sealed[:12], sealed[12:], aad)
+            except InvalidTag:
+                raise StoreError(
+                    f"the saved secret {name} of {thread} does not open with this kit key: "
+                    "every process must have the key it was saved with (the same "
+                    "AGENTKIT_SECRET_KEY on every host)"
+                ) from None
+            found[name] = opened.decode()
+        return found
+
+    def save(self, thread: str, values: dict[str, str]) -> None:
+        """Store values sealed (in the caller's transaction), write them to the thread's
+        `.secrets` on this host and redact them from now on."""
+        self.store.save_secrets(
+            thread, {name: self.seal(thread, name, value) for name, value in values.items()}
+        )
+        folder = secrets_folder(self.workspace, thread)
+        for name, value in values.items():
+            write_secret(folder, name, value)
+            redactions.add(value, name)
+
+    def write_files(self, thread: str) -> None:
+        """Write the thread's saved secrets as `.secrets/NAME` in its folder on this host,
+        for a runtime that reads them there (those already written are left as they are)."""
+        folder = secrets_folder(self.workspace, thread)
+        for name, value in self.values(thread).items():
+            if read_secret(folder, name) != value:
+                write_secret(folder, name, value)
+
+
+def _value_aad(thread: str, name: str) -> bytes:
+    """The associated data that binds a sealed value to its thread and name."""
+    return f"{SECRET_PREFIX}value:{thread}:{name}".encode()
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
@@ -8702,10 +8794,11 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.records.thread_secrets = self.secrets.saved_values
+        self.records.saved_secrets = self.secrets.values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
         self.runtimes = self.engine.runtimes = runtimes
+        runtimes.secret_files = self.secrets.write_files
         self.engine.tools.update((made.name, made) for made in tools)
         self.adapters = self._adapters(adapters)
         self.records.outlets = dict(self.adapters)
