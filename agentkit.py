@@ -1134,6 +1134,10 @@ def copy_store(source: Store, target: Store) -> dict[str, int]:
 # engine below supplies connections, transactions and what its dialect does its own way.
 
 
+EXPIRED_JOB = "state = 'running' AND lease_until < ?"  # a job whose lease ran out
+OWNED_JOB = "state = 'running' AND owner = ?"  # a job an owner holds
+
+
 class _SQLStore(Store):
     """The operations as SQL in the subset SQLite (3.35+) and PostgreSQL (15+) share.
 
@@ -1154,6 +1158,14 @@ class _SQLStore(Store):
     def _list(values: Sequence[int | str]) -> Any:
         """The parameter that `IN_LIST` matches against (ids and names: plain JSON)."""
         return _encoder.encode(list(values))
+
+    @staticmethod
+    def _unlocked_jobs(where: str) -> str:  # with EXPIRED_JOB or OWNED_JOB
+        """A condition on jobs for the sweeps over running jobs (lease renewal and expiry):
+        `where`, and on an engine whose writers run at once, only the rows no other
+        transaction holds now, so that a sweep never waits for (or deadlocks with) a
+        worker finishing the same jobs; the next sweep sees what this one skipped."""
+        return where
 
     def __init__(self) -> None:
         super().__init__()
@@ -1370,7 +1382,7 @@ class _SQLStore(Store):
                 "last_error = 'lease expired: its worker stopped before finishing', "
                 "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
                 "finished_at = CASE WHEN attempts > retries THEN ? END "
-                "WHERE state = 'running' AND lease_until < ? RETURNING target",
+                f"WHERE {self._unlocked_jobs(EXPIRED_JOB)} RETURNING target",
                 (at, at),
             )
             self._unblock(target for (target,) in expired)
@@ -1412,7 +1424,7 @@ class _SQLStore(Store):
 
     def extend_leases(self, owner: str, lease: float) -> None:
         self._count(
-            "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ?",
+            f"UPDATE jobs SET lease_until = ? WHERE {self._unlocked_jobs(OWNED_JOB)}",
             (self.now() + lease, owner),
         )
 
@@ -2500,6 +2512,10 @@ class PostgresStore(_SQLStore):
     latest = len(MIGRATIONS)
     IN_LIST = "= ANY(?)"
 
+    @staticmethod
+    def _unlocked_jobs(where: str) -> str:
+        return f"id IN (SELECT id FROM jobs WHERE {where} FOR UPDATE SKIP LOCKED)"
+
     def __init__(
         self, url: str, *, listen_url: str | None = None, synchronous: str = "normal"
     ) -> None:
@@ -2543,10 +2559,11 @@ class PostgresStore(_SQLStore):
                 autocommit=True,
                 prepare_threshold=None,  # no server-side prepared statements (PgBouncer)
                 connect_timeout=10,
-                keepalives=1,
+                keepalives=1,  # an idle connection to a host gone is dropped in 11 s,
                 keepalives_idle=5,
                 keepalives_interval=2,
                 keepalives_count=3,
+                tcp_user_timeout=10_000,  # and a busy one in 10 s (not 15 minutes)
             )
         except self._driver.Error as e:
             raise StoreError(f"cannot connect to {self.path}: {e}") from None
@@ -3247,22 +3264,28 @@ class Worker:
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
         """Claim and run batches; each batch's outcomes are recorded in the transaction that
-        claims the next one (one commit per batch), and before leaving."""
+        claims the next one (one commit per batch), and before leaving. While the database
+        is out of reach the outcomes are kept and recorded once it answers (those whose
+        lease moved on meanwhile are refused then)."""
         batch, next_tick = 1, 0.0
         ran: list[tuple[Claimed, str, Any]] = []
         try:
             while not stop.is_set() and not self.halted.is_set():
-                if index == 0 and self.tick and time.monotonic() >= next_tick:
-                    self.tick()
-                    next_tick = time.monotonic() + 1.0
                 with self._guard:
                     self._busy += 1
                 try:
+                    if index == 0 and self.tick and time.monotonic() >= next_tick:
+                        self.tick()
+                        next_tick = time.monotonic() + 1.0
                     jobs = self._finish(ran, batch)
                     ran = []
                     if jobs:
                         ran, batch = self._run_batch(jobs)
                         continue
+                except StoreError as e:
+                    log.warning("worker %s: %s; trying again in 1 s", self.owner, e)
+                    stop.wait(1.0)
+                    continue
                 finally:
                     with self._guard:
                         self._busy -= 1

@@ -198,7 +198,7 @@ def test_an_old_database_is_upgraded_with_its_jobs(tmp_path: Path) -> None:
     conn.execute(insert, ("t", '"old"', "done", None, None, None))
     conn.close()
     with AgentKit(path) as kit:
-        assert kit.store.version == len(agentkit.MIGRATIONS) == 6
+        assert kit.store.version == len(agentkit.MIGRATIONS) > 5  # past the five it was made with
         assert kit.store.job_counts() == {"running": 1, "queued": 2, "done": 1}
         kit.task(lambda payload: None, name="t")
         assert [job.payload for job in kit.queue.claim(OWNER, ["t"], 64, 30.0)] == ["free"]
