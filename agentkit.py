@@ -7129,8 +7129,8 @@ def parse_blob(text: str) -> tuple[str, bytes, bytes, bytes]:
 
 def kit_key(db_path: str) -> bytes:
     """The key that seals saved secret values and the private keys of pending requests:
-    from AGENTKIT_SECRET_KEY, or
-    the file `<database>.key` beside the database (created with O_EXCL, mode 0600)."""
+    from AGENTKIT_SECRET_KEY, or the file `<database>.key` beside the database (created
+    with O_EXCL, mode 0600)."""
     configured = os.environ.get("AGENTKIT_SECRET_KEY")
     if configured is not None:
         if len(configured) < 32:
@@ -7223,6 +7223,11 @@ def secret_page() -> tuple[str, str]:
     """The secret page and its policy, as `serve` answers `/secret`; the page carries its
     policy in a meta tag, so the HTML saved to a file also works opened from disk."""
     return with_csp(SECRET_PAGE)
+
+
+def _value_aad(thread: str, name: str) -> bytes:
+    """The associated data that binds a sealed value to its thread and name."""
+    return f"{SECRET_PREFIX}value:{thread}:{name}".encode()
 
 
 class Secrets:
@@ -7411,11 +7416,6 @@ class Secrets:
         for name, value in self.values(thread).items():
             if read_secret(folder, name) != value:
                 write_secret(folder, name, value)
-
-
-def _value_aad(thread: str, name: str) -> bytes:
-    """The associated data that binds a sealed value to its thread and name."""
-    return f"{SECRET_PREFIX}value:{thread}:{name}".encode()
 
 
 def saved_note(names: Sequence[str], request_id: str) -> str:
