@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,23 +188,10 @@ def cluster(network: Namespaces) -> Iterator[tuple[str, int]]:
     try:
         yield folder, port
     finally:
-        pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                pg_ctl,
-                "-D",
-                f"{folder}/data",
-                "stop",
-                "-m",
-                "fast",
-            ],
-            capture_output=True,
-        )
-        subprocess.run(["rm", "-rf", folder], check=True)
+        pg_ctl = str(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1])
+        stop = [pg_ctl, "-D", f"{folder}/data", "stop", "-m", "fast"]
+        subprocess.run(["runuser", "-u", "postgres", "--", *stop], capture_output=True)
+        shutil.rmtree(folder)
 
 
 def lines(path: Path) -> list[list[str]]:
