@@ -1340,6 +1340,16 @@ class Store(ABC):
         """Mark the thread's undelivered messages of these `deliver` kinds as delivered into
         `turn_id` (None: released as turns of their own); them, oldest first."""
 
+    # saved secrets (sealed values; the kit seals and opens them)
+
+    @abstractmethod
+    def save_secrets(self, thread_id: str, sealed: dict[str, bytes]) -> None:
+        """Set a thread's sealed secret values by name, replacing those saved before."""
+
+    @abstractmethod
+    def sealed_secrets(self, thread_id: str) -> dict[str, bytes]:
+        """A thread's sealed secret values by name."""
+
     # retention
 
     @abstractmethod
@@ -1403,6 +1413,10 @@ def copy_store(source: Store, target: Store) -> dict[str, int]:
 # engine below supplies connections, transactions and what its dialect does its own way.
 
 
+EXPIRED_JOB = "state = 'running' AND lease_until < ?"  # a job whose lease ran out
+OWNED_JOB = "state = 'running' AND owner = ?"  # a job an owner holds
+
+
 class _SQLStore(Store):
     """The operations as SQL in the subset SQLite (3.35+) and PostgreSQL (15+) share.
 
@@ -1423,6 +1437,14 @@ class _SQLStore(Store):
     def _list(values: Sequence[int | str]) -> Any:
         """The parameter that `IN_LIST` matches against (ids and names: plain JSON)."""
         return _encoder.encode(list(values))
+
+    @staticmethod
+    def _unlocked_jobs(where: str) -> str:  # with EXPIRED_JOB or OWNED_JOB
+        """A condition on jobs for the sweeps over running jobs (lease renewal and expiry):
+        `where`, and on an engine whose writers run at once, only the rows no other
+        transaction holds now, so that a sweep never waits for (or deadlocks with) a
+        worker finishing the same jobs; the next sweep sees what this one skipped."""
+        return where
 
     def __init__(self) -> None:
         super().__init__()
@@ -1639,7 +1661,7 @@ class _SQLStore(Store):
                 "last_error = 'lease expired: its worker stopped before finishing', "
                 "state = CASE WHEN attempts > retries THEN 'dead' ELSE 'queued' END, "
                 "finished_at = CASE WHEN attempts > retries THEN ? END "
-                "WHERE state = 'running' AND lease_until < ? RETURNING target",
+                f"WHERE {self._unlocked_jobs(EXPIRED_JOB)} RETURNING target",
                 (at, at),
             )
             self._unblock(target for (target,) in expired)
@@ -1681,7 +1703,7 @@ class _SQLStore(Store):
 
     def extend_leases(self, owner: str, lease: float) -> None:
         self._count(
-            "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ?",
+            f"UPDATE jobs SET lease_until = ? WHERE {self._unlocked_jobs(OWNED_JOB)}",
             (self.now() + lease, owner),
         )
 
@@ -2318,6 +2340,23 @@ class _SQLStore(Store):
         )
         return sorted(taken, key=lambda message: message.id)
 
+    # saved secrets
+
+    def save_secrets(self, thread_id: str, sealed: dict[str, bytes]) -> None:
+        at = self.now()
+        self._rows_many(
+            "INSERT INTO secrets (thread_id, name, sealed, saved_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (thread_id, name) DO UPDATE SET sealed = excluded.sealed, "
+            "saved_at = excluded.saved_at",
+            [(thread_id, name, value, at) for name, value in sealed.items()],
+        )
+
+    def sealed_secrets(self, thread_id: str) -> dict[str, bytes]:
+        rows = self._rows(
+            "SELECT name, sealed FROM secrets WHERE thread_id = ? ORDER BY name", (thread_id,)
+        )
+        return {name: bytes(value) for name, value in rows}
+
     # retention
 
     # attachments
@@ -2692,6 +2731,16 @@ MIGRATIONS: tuple[str, ...] = (
         listed_at REAL NOT NULL
     );
     """,
+    # 11: saved secret values, sealed under the kit key, so that every host reads them
+    """
+    CREATE TABLE secrets (
+        thread_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        saved_at REAL NOT NULL,
+        PRIMARY KEY (thread_id, name)
+    );
+    """,
 )
 
 SYNCHRONOUS = {"normal": 1, "full": 2}
@@ -3060,6 +3109,10 @@ class PostgresStore(_SQLStore):
     latest = len(MIGRATIONS)
     IN_LIST = "= ANY(?)"
 
+    @staticmethod
+    def _unlocked_jobs(where: str) -> str:
+        return f"id IN (SELECT id FROM jobs WHERE {where} FOR UPDATE SKIP LOCKED)"
+
     def __init__(
         self, url: str, *, listen_url: str | None = None, synchronous: str = "normal"
     ) -> None:
@@ -3103,10 +3156,11 @@ class PostgresStore(_SQLStore):
                 autocommit=True,
                 prepare_threshold=None,  # no server-side prepared statements (PgBouncer)
                 connect_timeout=10,
-                keepalives=1,
+                keepalives=1,  # an idle connection to a host gone is dropped in 11 s,
                 keepalives_idle=5,
                 keepalives_interval=2,
                 keepalives_count=3,
+                tcp_user_timeout=10_000,  # and a busy one in 10 s (not 15 minutes)
             )
         except self._driver.Error as e:
             raise StoreError(f"cannot connect to {self.path}: {e}") from None
@@ -3807,22 +3861,28 @@ class Worker:
 
     def _loop(self, index: int, until_idle: bool, stop: threading.Event) -> None:
         """Claim and run batches; each batch's outcomes are recorded in the transaction that
-        claims the next one (one commit per batch), and before leaving."""
+        claims the next one (one commit per batch), and before leaving. While the database
+        is out of reach the outcomes are kept and recorded once it answers (those whose
+        lease moved on meanwhile are refused then)."""
         batch, next_tick = 1, 0.0
         ran: list[tuple[Claimed, str, Any]] = []
         try:
             while not stop.is_set() and not self.halted.is_set():
-                if index == 0 and self.tick and time.monotonic() >= next_tick:
-                    self.tick()
-                    next_tick = time.monotonic() + 1.0
                 with self._guard:
                     self._busy += 1
                 try:
+                    if index == 0 and self.tick and time.monotonic() >= next_tick:
+                        self.tick()
+                        next_tick = time.monotonic() + 1.0
                     jobs = self._finish(ran, batch)
                     ran = []
                     if jobs:
                         ran, batch = self._run_batch(jobs)
                         continue
+                except StoreError as e:
+                    log.warning("worker %s: %s; trying again in 1 s", self.owner, e)
+                    stop.wait(1.0)
+                    continue
                 finally:
                     with self._guard:
                         self._busy -= 1
@@ -4571,10 +4631,15 @@ class Records:
         self.outlets: dict[str, Any] = {}
         self.approver_inboxes: tuple[str, ...] = ()  # threads where approvers can be reached
         self.may_decide: Callable[[str], bool] = lambda actor: False
-        # thread -> {saved secret value: its name}, redacted with the process-wide values
-        self.thread_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
+        # thread -> {name: value} of its saved secrets (Secrets.values, set by the facade)
+        self.saved_secrets: Callable[[str], dict[str, str]] = lambda thread: {}
         self.files: AttachmentStore = StoredFiles(self.store, None)  # the kit sets its own
         self.max_file_bytes = MAX_FILE_BYTES
+
+    def thread_secrets(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets as `{value: name}`, to redact them (values of 4
+        characters or more: shorter ones would redact ordinary words)."""
+        return {v: name for name, v in self.saved_secrets(thread).items() if len(v) >= 4}
 
     def clean(self, thread: str, value: Any) -> Any:
         """`value` (a text, or JSON holding texts) with the thread's saved secrets and the
@@ -6126,6 +6191,7 @@ class ToolContext:
         open_file: Callable[[str], bytes] | None = None,
         entries: Entries | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        secrets: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.turn_id = turn_id
@@ -6139,6 +6205,9 @@ class ToolContext:
         self._open_file = open_file
         self._is_cancelled = is_cancelled
         self.attached: list[File] = []  # stored and sent with the call's result
+        # the thread's saved secrets by name (the kit's: sealed in the database; by default
+        # the `.secrets` files of the thread's folder under `root`)
+        self._secrets = secrets or functools.partial(saved_secrets, secrets_folder(root, thread_id))
 
     @property
     def files(self) -> list[Attachment]:
@@ -6189,7 +6258,7 @@ class ToolContext:
         """A secret the user gave this thread through a secret request (KeyError if none)."""
         if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
             raise BadInput(f"a secret name is a plain identifier, not {name!r}")
-        value = read_secret(secrets_folder(self._root, self.thread_id), name)
+        value = self._secrets().get(name)
         if value is None:
             raise KeyError(f"no secret {name!r} in this conversation; ask with secret_request")
         redactions.add(value, name)
@@ -8097,6 +8166,9 @@ class Runtimes:
         self.idle = check_seconds("runtime_idle", idle, positive=True)
         self._used: dict[tuple[str, str], tuple[RuntimeScope, float]] = {}
         self._lock = threading.Lock()
+        # thread -> None: write its saved secrets into its folder on this host, before a
+        # runtime of the thread's own scope is used (Secrets.write_files, set by the facade)
+        self.secret_files: Callable[[str], None] = lambda thread: None
 
     def scope_of(self, thread_id: str, actor: str) -> RuntimeScope:
         """The scope a call in `thread_id` by `actor` works in. The thread's is its own
@@ -8119,6 +8191,8 @@ class Runtimes:
     def get(self, thread_id: str, actor: str) -> Runtime:
         """The runtime of the scope of a call (started if needed), marked as used now."""
         scope = self.scope_of(thread_id, actor)
+        if scope.kind == "thread":
+            self.secret_files(thread_id)
         runtime = self.provider.get(scope)
         with self._lock:
             self._used[scope.kind, scope.key] = (scope, time.monotonic())
@@ -9096,6 +9170,7 @@ class TurnEngine:
             open_file=functools.partial(self.records.open_file, turn.thread_id),
             entries=None if call_id is not None else self.hook_entries(turn),
             is_cancelled=lambda: self.records.turn(turn.id).cancel_requested,
+            secrets=functools.partial(self.records.saved_secrets, turn.thread_id),
         )
 
     def hook_entries(self, turn: TurnRow) -> Entries:
@@ -9602,8 +9677,9 @@ def parse_blob(text: str) -> tuple[str, bytes, bytes, bytes]:
 
 
 def kit_key(db_path: str) -> bytes:
-    """The key that seals the private keys of pending requests: from AGENTKIT_SECRET_KEY, or
-    the file `<database>.key` beside the database (created with O_EXCL, mode 0600)."""
+    """The key that seals saved secret values and the private keys of pending requests:
+    from AGENTKIT_SECRET_KEY, or the file `<database>.key` beside the database (created
+    with O_EXCL, mode 0600)."""
     configured = os.environ.get("AGENTKIT_SECRET_KEY")
     if configured is not None:
         if len(configured) < 32:
@@ -9614,7 +9690,7 @@ def kit_key(db_path: str) -> bytes:
     if "://" in db_path:
         raise StoreError(
             f"{db_path} is shared by every host that uses it, and so must be the key that "
-            "seals its secret requests: set AGENTKIT_SECRET_KEY (a random string of 32 "
+            "seals its secrets: set AGENTKIT_SECRET_KEY (a random string of 32 "
             "characters or more, the same on every host)"
         )
     path = db_path + ".key"
@@ -9699,12 +9775,18 @@ def secret_page() -> tuple[str, str]:
     return with_csp(SECRET_PAGE)
 
 
+def _value_aad(thread: str, name: str) -> bytes:
+    """The associated data that binds a sealed value to its thread and name."""
+    return f"{SECRET_PREFIX}value:{thread}:{name}".encode()
+
+
 class Secrets:
     """Secret requests: the links, the interception of blobs, saving and redaction.
 
-    Values never enter the database: a blob is decrypted when it arrives and the values
-    go to the thread's workspace; only the request row (with its private key sealed under
-    the kit key, deleted once used or expired) is stored.
+    A blob is decrypted when it arrives; its values are stored sealed under the kit key
+    (so a tool on any host reads them, and the database never holds one in the clear) and
+    written to the thread's `.secrets` folder on the hosts whose runtimes use the thread.
+    The request row keeps its private key sealed under the kit key until used or expired.
     """
 
     def __init__(self, records: Records, *, workspace: Path, public_url: str, ttl: float) -> None:
@@ -9814,10 +9896,7 @@ class Secrets:
                 "That secret blob is damaged or was changed; nothing was saved. "
                 "Copy the whole line from the page again."
             ) from None
-        folder = secrets_folder(self.workspace, thread)
-        for name in names:
-            write_secret(folder, name, values[name])
-            redactions.add(values[name], name)
+        self.save(thread, values)
         self.store.use_secret_request(request_id)
         return request_id, names
 
@@ -9847,10 +9926,46 @@ class Secrets:
             check_utf8(f"the value of {name}", values[name])
         return values
 
-    def saved_values(self, thread: str) -> dict[str, str]:
-        """The thread's saved secrets as `{value: name}`, to redact them."""
-        saved = saved_secrets(secrets_folder(self.workspace, thread))
-        return {value: name for name, value in saved.items() if len(value) >= 4}
+    def seal(self, thread: str, name: str, value: str) -> bytes:
+        """A value sealed with AES-GCM under the kit key, bound to its thread and name."""
+        nonce = os.urandom(12)
+        return nonce + AESGCM(self.key).encrypt(nonce, value.encode(), _value_aad(thread, name))
+
+    def values(self, thread: str) -> dict[str, str]:
+        """The thread's saved secrets by name: the sealed values in the database, over the
+        `.secrets` files of this host (where an earlier release saved them)."""
+        found = saved_secrets(secrets_folder(self.workspace, thread))
+        for name, sealed in self.store.sealed_secrets(thread).items():
+            aad = _value_aad(thread, name)
+            try:
+                opened = AESGCM(self.key).decrypt(sealed[:12], sealed[12:], aad)
+            except InvalidTag:
+                raise StoreError(
+                    f"the saved secret {name} of {thread} does not open with this kit key: "
+                    "every process must have the key it was saved with (the same "
+                    "AGENTKIT_SECRET_KEY on every host)"
+                ) from None
+            found[name] = opened.decode()
+        return found
+
+    def save(self, thread: str, values: dict[str, str]) -> None:
+        """Store values sealed (in the caller's transaction), write them to the thread's
+        `.secrets` on this host and redact them from now on."""
+        self.store.save_secrets(
+            thread, {name: self.seal(thread, name, value) for name, value in values.items()}
+        )
+        folder = secrets_folder(self.workspace, thread)
+        for name, value in values.items():
+            write_secret(folder, name, value)
+            redactions.add(value, name)
+
+    def write_files(self, thread: str) -> None:
+        """Write the thread's saved secrets as `.secrets/NAME` in its folder on this host,
+        for a runtime that reads them there (those already written are left as they are)."""
+        folder = secrets_folder(self.workspace, thread)
+        for name, value in self.values(thread).items():
+            if read_secret(folder, name) != value:
+                write_secret(folder, name, value)
 
 
 SAVED_NOTE_START = "[agentkit: the user gave "
@@ -11827,10 +11942,11 @@ class AgentKit:
             public_url=public_url or "http://127.0.0.1:8765",
             ttl=secret_ttl,
         )
-        self.records.thread_secrets = self.secrets.saved_values
+        self.records.saved_secrets = self.secrets.values
         if secret_tool:
             self.tool(self._secret_request_tool, name="secret_request")
         self.runtimes = self.engine.runtimes = runtimes
+        runtimes.secret_files = self.secrets.write_files
         self.engine.tools.update((made.name, made) for made in tools)
         self.adapters = self._adapters(adapters)
         self.records.outlets = dict(self.adapters)

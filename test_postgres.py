@@ -245,3 +245,50 @@ def test_the_cli_copies_a_file_into_postgresql_and_reads_it_through_agentkit_db(
         [*cli, "threads"], capture_output=True, text=True, env={**os.environ, "AGENTKIT_DB": url}
     )
     assert listed.returncode == 0 and "cli:me" in listed.stdout, listed.stderr
+
+
+def test_lease_sweeps_skip_the_rows_another_transaction_holds(url: str) -> None:
+    # a renewal or an expiry sweep that waited for a finishing worker's row locks could
+    # deadlock with it (the rows taken in another order): they take only what is free
+    store = agentkit.open_store(url)
+    at = store.now()
+    new = agentkit.NewJob("t", 0, at, at, 3, 1.0, None, None)
+    store.insert_jobs(new, ["1", "2"])
+    claimed = store.claim_jobs("w", ["t"], 2, 30)
+    held, free = claimed[0].rowid, claimed[1].rowid
+    with psycopg.connect(url) as other:
+        other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (held,))
+        done = threading.Event()
+
+        def sweep() -> None:
+            store.extend_leases("w", 60)
+            store.extend_lease(free, "w", 1, -60)
+            store.requeue_expired()
+            store.release_thread()
+            done.set()
+
+        threading.Thread(target=sweep, daemon=True).start()
+        assert done.wait(30), "a sweep waited for a row another transaction holds"
+    jobs = {r["id"]: r for r in store.rows("jobs")}
+    assert jobs[held]["state"] == "running" and jobs[held]["lease_until"] < at + 45  # skipped
+    assert jobs[free]["state"] == "queued"  # renewed, then ran out and swept
+    store.close()
+
+
+def test_a_worker_whose_connections_are_cut_goes_on_and_loses_nothing(url: str) -> None:
+    with agentkit.AgentKit(url) as kit:
+        pids: set[int] = set()
+
+        @kit.task(name="count")
+        def count(n: int) -> int:
+            pids.add(kit.store.connection().info.backend_pid)
+            if n == 50:  # every connection of this process is cut in the middle of the work
+                with psycopg.connect(url, autocommit=True) as admin:
+                    for pid in pids:
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            return n
+
+        ids = kit.enqueue_many("count", list(range(200)))
+        assert kit.work(until_idle=True) >= 200
+        assert [kit.job(i).result for i in ids] == list(range(200))
+        assert {kit.job(i).state for i in ids} == {"done"}

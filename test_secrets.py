@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -496,9 +497,87 @@ def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
     texts = [d.body["text"] for d in kit.store.deliveries(thread, 0, 200)]
     assert "Sorry, that failed: " in " ".join(texts) and value not in " ".join(texts)
     assert value not in " ".join(str(r) for r in kit.store.rows("events"))
+    assert rows(kit, "secrets", "thread_id", "name") == [(thread, "API_TOKEN")]  # sealed
     assert value.encode() not in database_bytes(tmp_path)
     kit.close()
     assert value.encode() not in database_bytes(tmp_path)
+
+
+# ──────────────────────────────────── across hosts ────────────────────────────────────
+
+OTHER_HOST = """
+import hashlib, sys
+import agentkit
+
+steps = [agentkit.ToolCall("check", {}), "checked"]
+kit = agentkit.AgentKit(sys.argv[1], workspace=sys.argv[2], model=agentkit.ScriptedModel(steps))
+
+
+@kit.tool
+def check(ctx: agentkit.ToolContext) -> str:
+    \"\"\"Digest the token as a tool and as a command reading .secrets/TOKEN.\"\"\"
+    digest = hashlib.sha256(ctx.secret("TOKEN").encode()).hexdigest()
+    read = ctx.runtime.bash("sha256sum < .secrets/TOKEN", timeout=30).output.split()[0]
+    return f"{digest} {read}"
+
+
+with kit:
+    result = kit.run_turn("cli:me", "check it")
+    print(result.status, kit.history("cli:me")[-2]["content"])
+"""
+
+
+def test_a_secret_saved_by_one_host_is_read_by_a_tool_of_another(
+    postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_SECRET_KEY", "shared-kit-key-" + "x" * 32)
+    with AgentKit(postgres_db, workspace=tmp_path / "host-a") as kit:
+        url = kit.request_secret(ACTOR, fields=["TOKEN"], reason="deploy", actor=ACTOR).url
+        assert kit.run_turn(ACTOR, seal(url, {"TOKEN": TOKEN})).note.startswith("Saved")
+        [(name, sealed)] = rows(kit, "secrets", "name", "sealed", thread_id=ACTOR)
+    assert name == "TOKEN" and TOKEN.encode() not in bytes(sealed)
+    other = tmp_path / "host-b"
+    done = subprocess.run(
+        [sys.executable, "-c", OTHER_HOST, postgres_db, str(other)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert done.stdout.split() == ["done", digest, digest]
+    written = agentkit.secrets_folder(other, ACTOR) / "TOKEN"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    schema = urllib.parse.unquote(postgres_db).rpartition("search_path=")[2]
+    base = postgres_db.partition("?")[0]
+    dump = subprocess.run(["pg_dump", "-n", schema, base], capture_output=True, check=True)
+    assert b"CREATE TABLE" in dump.stdout and b"secrets" in dump.stdout
+    assert TOKEN.encode() not in dump.stdout
+
+
+def test_the_database_value_wins_over_a_stale_file_and_a_wrong_key_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an earlier release's file is read as it is until a value is saved in the database
+    # (here as another host would); a runtime of the thread then gets the file rewritten
+    monkeypatch.setenv("AGENTKIT_SECRET_KEY", "first-kit-key-" + "y" * 32)
+    with AgentKit(tmp_path / "agent.db", workspace=tmp_path / "ws") as kit:
+        agentkit.write_secret(secrets_dir(kit), "TOKEN", "old-file-value")
+        assert kit.secrets.values(ACTOR) == {"TOKEN": "old-file-value"}
+        kit.store.save_secrets(ACTOR, {"TOKEN": kit.secrets.seal(ACTOR, "TOKEN", "new-value")})
+        assert kit.secrets.values(ACTOR) == {"TOKEN": "new-value"}
+        assert agentkit.read_secret(secrets_dir(kit), "TOKEN") == "old-file-value"
+        kit.runtimes.get(ACTOR, ACTOR)
+        assert agentkit.read_secret(secrets_dir(kit), "TOKEN") == "new-value"
+        assert stat.S_IMODE((secrets_dir(kit) / "TOKEN").stat().st_mode) == 0o600
+        moved = kit.secrets.seal("cli:elsewhere", "K", "a moved value")
+        kit.store.save_secrets("cli:x", {"K": moved})
+        with pytest.raises(agentkit.StoreError, match="K of cli:x does not open"):
+            kit.secrets.values("cli:x")  # sealed for another thread: refused
+    monkeypatch.setenv("AGENTKIT_SECRET_KEY", "other-kit-key-" + "z" * 32)
+    kit = AgentKit(tmp_path / "agent.db", workspace=tmp_path / "ws")
+    with kit, pytest.raises(agentkit.StoreError, match="same AGENTKIT_SECRET_KEY on every host"):
+        kit.secrets.values(ACTOR)
 
 
 # ──────────────────────────────────── one folder per thread ────────────────────────────────────

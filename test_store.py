@@ -464,6 +464,19 @@ def test_a_secret_request_is_used_once_and_expires_without_its_key(store: Store)
     assert store.secret_request("sec_2")[0].state == "expired"
 
 
+def test_sealed_secrets_are_set_per_thread_and_replaced_by_name(store: Store) -> None:
+    assert store.sealed_secrets("cli:me") == {}
+    store.save_secrets("cli:me", {"A": b"\x00one", "B": b"two"})
+    with store.transaction():
+        store.save_secrets("cli:me", {"A": b"three"})
+        store.save_secrets("cli:other", {"A": b"four"})
+    with pytest.raises(RuntimeError), store.transaction():
+        store.save_secrets("cli:me", {"B": b"undone"})
+        raise RuntimeError("roll the replacement back")
+    assert store.sealed_secrets("cli:me") == {"A": b"three", "B": b"two"}
+    assert store.sealed_secrets("cli:other") == {"A": b"four"}
+
+
 # ───────────────────────────────── transactions, tables ─────────────────────────────────
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -133,3 +136,14 @@ def seal(url: str, values: dict[str, str], names: list[str] | None = None) -> st
     )
     parts = [request_id, *(agentkit.b64url(p) for p in (public, iv, sealed))]
     return "agentkit-secret:v1." + ".".join(parts)
+
+
+def python_process(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`code` (dedented) run by this Python in a new process, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
