@@ -6541,25 +6541,33 @@ class _McpSessionGone(McpError):
     """The HTTP server forgot the session (404): initialise again and send the request anew."""
 
 
-def describe_image(item: dict[str, Any]) -> str:
-    """What the model is told of an image in a tool result: its type and size."""
+def mcp_image(item: dict[str, Any], number: int) -> "File | str":
+    """An image of a tool result as a File the model sees and the user gets; a text
+    saying so when its data is not base64."""
+    mime = str(item.get("mimeType") or "image/png")
     try:
-        size = f"{len(base64.b64decode(item.get('data') or '', validate=True))} bytes"
+        data = base64.b64decode(item.get("data") or "", validate=True)
     except ValueError:
-        size = "data that is not base64"
-    return f"[image: {item.get('mimeType') or 'unknown type'}, {size}]"
+        return f"[image: {mime}, data that is not base64]"
+    extension = mimetypes.guess_extension(mime) or ""
+    return File(f"image-{number}{extension}", data, mime=mime)
 
 
-def mcp_result_text(result: dict[str, Any]) -> str:
-    """A `tools/call` result as the model's text: text content as it stands, images
-    described, and `structuredContent` as JSON unless the text already says it."""
-    parts = []
+def mcp_result(result: dict[str, Any]) -> list[str | File]:
+    """A `tools/call` result as a tool's value: text content as it stands, images as
+    Files, and `structuredContent` as JSON unless the text already says it."""
+    parts: list[str] = []
+    images: list[File] = []
     for item in result.get("content") or []:
         kind = item.get("type")
         if kind == "text":
             parts.append(item.get("text") or "")
         elif kind == "image":
-            parts.append(describe_image(item))
+            image = mcp_image(item, len(images) + 1)
+            if isinstance(image, File):
+                images.append(image)
+            else:
+                parts.append(image)
         elif kind == "resource" and "text" in (item.get("resource") or {}):
             parts.append(item["resource"]["text"])
         else:
@@ -6574,7 +6582,7 @@ def mcp_result_text(result: dict[str, Any]) -> str:
             said = text
         if structured not in (said, {"result": said}):  # the SDKs wrap a plain value
             text = "\n".join(filter(None, [text, as_text(structured)]))
-    return text
+    return [text, *images] if text or not images else images
 
 
 class _McpConnection(ABC):
@@ -6888,7 +6896,7 @@ class McpTool(Tool):
             raise ValueError(f"the arguments are not a JSON object: {args[INVALID_ARGS_KEY]}")
         return {"args": args, "ctx": ctx}
 
-    def call(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    def call(self, args: dict[str, Any], ctx: ToolContext) -> str | list[str | File]:
         return self.server.call(self.remote, args, ctx)
 
 
@@ -7100,8 +7108,11 @@ class McpServer:
             return {}
         return self._tools or {}
 
-    def call(self, tool: str, args: dict[str, Any], ctx: ToolContext | None = None) -> str:
-        """Call one tool: its result text, ToolFailed when it reports an error."""
+    def call(
+        self, tool: str, args: dict[str, Any], ctx: ToolContext | None = None
+    ) -> str | list[str | File]:
+        """Call one tool: its result text (a list of texts and Files when it has images),
+        ToolFailed when it reports an error."""
         for attempt in (1, 2):
             connection = self.connect()
             try:
@@ -7119,10 +7130,11 @@ class McpServer:
                 if connection.alive:
                     raise
                 raise McpError(f"{e}; the call's effect is unknown") from None
-        text = mcp_result_text(result)
+        value = mcp_result(result)
         if result.get("isError"):
-            raise ToolFailed(text or f"{tool} failed")
-        return text
+            said = "\n".join(part for part in value if isinstance(part, str))
+            raise ToolFailed(said or f"{tool} failed")
+        return value[0] if len(value) == 1 and isinstance(value[0], str) else value
 
     def check(self) -> str:
         """Connect and ping: "connected (<server> <version>, protocol <p>, ping <n> ms)",
@@ -9380,8 +9392,8 @@ class TurnEngine:
     @staticmethod
     def finish_tool(tool: Tool, future: concurrent.futures.Future) -> tuple[str, str, list[File]]:
         """`("done" | "error", text, files it returned)` of a started call, waiting up to
-        the tool's timeout. A File (or a list of Files) returned is for the model to see
-        and the user to get; its text is filled in once it is stored."""
+        the tool's timeout. A File (or a list of texts and Files) returned is for the
+        model to see and the user to get; the files' notes follow the text once stored."""
         try:
             value = future.result(timeout=tool.timeout)
         except concurrent.futures.TimeoutError:
@@ -9391,8 +9403,13 @@ class TurnEngine:
             return "error", describe_error(e), []
         if isinstance(value, File):
             return "done", "", [value]
-        if isinstance(value, list) and value and all(isinstance(v, File) for v in value):
-            return "done", "", value
+        if (
+            isinstance(value, list)
+            and any(isinstance(v, File) for v in value)
+            and all(isinstance(v, (str, File)) for v in value)
+        ):
+            texts = [v for v in value if isinstance(v, str)]
+            return "done", "\n".join(texts), [v for v in value if isinstance(v, File)]
         return "done", as_text(value), []
 
     # commands

@@ -45,6 +45,16 @@ def tool_results(kit: AgentKit, thread: str = "cli:me") -> list[tuple[str, str, 
     ]
 
 
+def an_image_was_returned(kit: AgentKit, tool: str, thread: str = "cli:me") -> str:
+    """The model's note of the one image `tool` returned: stored as the thread's file, 68
+    bytes of PNG, and shown to the model (what an MCP image result becomes)."""
+    [message] = [m for m in kit.history(thread) if m["role"] == "tool" and m["name"] == tool]
+    [file] = message["files"]
+    assert (file["name"], file["mime"], file["size"]) == ("image-1.png", "image/png", 68)
+    assert kit.open_file(thread, file["id"]).startswith(b"\x89PNG")
+    return f"[file image-1.png (image/png, 68 bytes), id {file['id']}]"
+
+
 def test_a_stdio_servers_tools_are_listed_cached_and_called_in_a_turn(
     tmp_path: Path, marks: Path
 ) -> None:
@@ -80,7 +90,7 @@ def test_a_stdio_servers_tools_are_listed_cached_and_called_in_a_turn(
             ("calc_add", "5", False),
             ("calc_shout", "HI", False),
             ("calc_fail", "Error executing tool fail: cannot do that: disk full", True),
-            ("calc_pixel", "[image: image/png, 68 bytes]", False),
+            ("calc_pixel", an_image_was_returned(kit, "calc_pixel"), False),
         ]
         assert server.state == "connected"
         tools = server.tools()
@@ -95,12 +105,17 @@ def test_a_stdio_servers_tools_are_listed_cached_and_called_in_a_turn(
 
 def test_structured_content_is_kept_unless_the_text_says_it() -> None:
     image = {"type": "image", "mimeType": "image/gif", "data": "R0lGODlh"}
-    assert agentkit.mcp_result_text({"content": [image]}) == "[image: image/gif, 6 bytes]"
+    gif = agentkit.File("image-1.gif", b"GIF89a", mime="image/gif")
+    assert agentkit.mcp_result({"content": [image]}) == [gif]
+    broken = {**image, "data": "not base64!"}
+    assert agentkit.mcp_result({"content": [broken]}) == [
+        "[image: image/gif, data that is not base64]"
+    ]
     said = {"content": [{"type": "text", "text": "3"}], "structuredContent": {"result": 3}}
-    assert agentkit.mcp_result_text(said) == "3"
+    assert agentkit.mcp_result(said) == ["3"]
     more = {"content": [{"type": "text", "text": "ok"}], "structuredContent": {"rows": 2}}
-    assert agentkit.mcp_result_text(more) == 'ok\n{"rows":2}'
-    assert agentkit.mcp_result_text({"structuredContent": {"rows": 2}}) == '{"rows":2}'
+    assert agentkit.mcp_result(more) == ['ok\n{"rows":2}']
+    assert agentkit.mcp_result({"structuredContent": {"rows": 2}}) == ['{"rows":2}']
 
 
 def test_pages_of_tools_are_all_listed_filtered_and_listed_again_when_changed(
@@ -368,7 +383,7 @@ def test_an_http_server_is_called_hears_list_changed_and_a_lost_session_initiali
         assert kit.run_turn("cli:me", "add").reply == "42"
         assert tool_results(kit) == [
             ("web_add", "42", False),
-            ("web_pixel", "[image: image/png, 68 bytes]", False),
+            ("web_pixel", an_image_was_returned(kit, "web_pixel"), False),
         ]
         assert "web_extra" not in server.tools()
         assert kit.run_turn("cli:me", "grow").reply == "grown"
