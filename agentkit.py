@@ -9594,10 +9594,9 @@ class Approvals:
         if reason is not None:
             check_utf8("reason", reason)
         approval = self.get(approval_id)
-        allowed = self.choices(approval, actor)
-        if not allowed:
-            raise Forbidden(f"{actor} may not decide approvals")
-        if decision not in allowed:
+        if decision not in self.choices(approval, actor):
+            if not self.may_decide(actor):
+                raise Forbidden(f"{actor} may not decide approvals")
             raise Forbidden(f"{actor} asked for this call and may not approve it (deny is allowed)")
         with self.store.transaction():
             late = approval.expires_at <= self.store.now()
