@@ -26,7 +26,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, LeaseLost, LockBusy, StoreError
-from testkit import count, rows, take_over, wait_until
+from testkit import Database, NewDatabase, count, created, rows, take_over, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -68,11 +68,6 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "agent.db"
-
-
-@pytest.fixture
 def kit(db: Path):
     with AgentKit(db) as kit:
         yield kit
@@ -81,6 +76,7 @@ def kit(db: Path):
 # ───────────────────────────────────────── store ─────────────────────────────────────────
 
 
+@pytest.mark.sqlite_only("SQLite's pragmas")
 @pytest.mark.parametrize("synchronous, level", [("normal", 1), ("full", 2)])
 def test_every_pragma_reads_back_as_set(db: Path, synchronous: str, level: int) -> None:
     with AgentKit(db, synchronous=synchronous) as kit:
@@ -123,6 +119,7 @@ def test_a_nested_transaction_is_a_savepoint(kit: AgentKit) -> None:
     assert set(rows(kit, "locks", "name")) == {"outer", "kept"}
 
 
+@pytest.mark.sqlite_only("SQLite's busy timeout")
 def test_a_busy_database_is_retried_then_refused(db: Path) -> None:
     with AgentKit(db) as holder, AgentKit(db) as waiter:
         waiter.store.busy_timeout = 0.3
@@ -154,6 +151,7 @@ def test_a_new_migration_is_applied_once_in_order(db: Path, monkeypatch) -> None
             assert kit.store.version == len(agentkit.MIGRATIONS)
 
 
+@pytest.mark.sqlite_only("an SQLite file's user_version")
 def test_a_database_from_a_newer_agentkit_is_refused_untouched(db: Path) -> None:
     AgentKit(db).close()
     conn = apsw.Connection(str(db))
@@ -167,6 +165,7 @@ def test_a_database_from_a_newer_agentkit_is_refused_untouched(db: Path) -> None
     assert not Path(f"{db}-wal").exists()
 
 
+@pytest.mark.sqlite_only("a file that is not SQLite")
 def test_a_file_that_is_not_sqlite_is_refused_untouched(db: Path) -> None:
     db.write_text("these are my notes, not a database\n" * 100)
     before = digest(db)
@@ -387,7 +386,7 @@ def test_doctor_reports_a_healthy_database(kit: AgentKit, db: Path) -> None:
     kit.lock("a").acquire()
     out = cli("doctor", "--db", str(db))
     assert out.returncode == 0, out.stderr
-    assert f"database   {db}" in out.stdout
+    assert f"database   {kit.store.path}" in out.stdout
     assert (
         f"schema     {len(agentkit.MIGRATIONS)} (latest {len(agentkit.MIGRATIONS)})" in out.stdout
     )
@@ -866,8 +865,8 @@ def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
     code = """
         import sys, agentkit
         db, start = sys.argv[1], float(sys.argv[2])
-        agentkit.now = lambda: start
         kit = agentkit.AgentKit(db)
+        agentkit.now = lambda: start  # this host's clock, once the store has read its own
         kit.task(lambda payload: None, name="t")
         kit.schedule("five", task="t", cron="*/5 * * * *")
         kit.schedule("minute", task="t", every=60)
@@ -1372,8 +1371,7 @@ def test_run_turn_waits_for_a_worker_elsewhere_and_works_inside_an_event_loop(db
         assert kit.turn(queued.turn_id).reply == "echo: later"
 
 
-def test_turn_cli_run_threads_show(tmp_path: Path) -> None:
-    db = tmp_path / "cli.db"
+def test_turn_cli_run_threads_show(db: Database) -> None:
     out = cli("run", "hello there", "--db", str(db), "--thread", "cli:test")
     assert out.returncode == 0 and out.stdout == "echo: hello there\n"
     chat = subprocess.run(
@@ -1757,12 +1755,11 @@ def test_short_lived_threads_leave_no_connection_open(db: Path) -> None:
         assert len(kit.store._all) == 1  # only this thread's
 
 
-def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "new.db"
+def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path, db: Database) -> None:
     for kwargs in ({"approvers": ["owner"]}, {"approval_ttl": 0}, {"lease": -1}):
         with pytest.raises(BadInput):
             AgentKit(db, **kwargs)
-        assert not db.exists()
+        assert not created(db)
     with pytest.raises(StoreError, match="cannot open"):
         AgentKit(tmp_path)
     with AgentKit(db) as kit:
@@ -1904,6 +1901,7 @@ def test_a_polled_message_with_a_lone_surrogate_is_skipped_not_fatal(kit: AgentK
     assert "skipped message 1: text holds a lone surrogate" in caplog.text
 
 
+@pytest.mark.sqlite_only("breaks a COMMIT with SQLite's deferred foreign keys")
 def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
     tx = kit.store.connection()  # the SQLite engine's own: only raw SQL can break a COMMIT
     with pytest.raises(apsw.ConstraintError), kit.store.transaction():
@@ -1926,7 +1924,7 @@ def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
 # ─────────────────────────────────────── retention ───────────────────────────────────────
 
 
-def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) -> None:
+def test_prune_keeps_what_is_live(kit: AgentKit, new_db: NewDatabase, monkeypatch) -> None:
     """Old finished jobs, events, sent deliveries and used requests go; pending approvals,
     unfinished turns, messages and live requests stay."""
     kit.task(lambda payload: "ok", name="old")
@@ -1935,7 +1933,7 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
     kit.enqueue("old", delay=3600)
     kit.tool(lambda: "boom", name="risky", approval=True)
     kit.records.deliver("web:owner", None, "notice", "hello")
-    waiting = scripted_kit(tmp_path / "b.db", [agentkit.ToolCall("risky", {})])
+    waiting = scripted_kit(new_db("b.db"), [agentkit.ToolCall("risky", {})])
     waiting.tool(lambda: "boom", name="risky", approval=True)
     assert waiting.run_turn("cli:me", "go").status == "waiting_approval"
     waiting.request_secret("cli:me", fields=["T"], reason="r")
@@ -1951,12 +1949,13 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
     assert count(waiting, "messages") == 2 and count(waiting, "secret_requests") == 1
     assert [job.state for job in kit.jobs()] == ["queued"]
     assert count(kit, "deliveries") == 0
-    out = cli("prune", "--older-than", "30d", "--db", str(tmp_path / "b.db"))
+    out = cli("prune", "--older-than", "30d", "--db", str(new_db("b.db")))
     assert out.returncode == 0 and "jobs 0" in out.stdout
-    bad = cli("prune", "--older-than", "soon", "--db", str(tmp_path / "b.db"))
+    bad = cli("prune", "--older-than", "soon", "--db", str(new_db("b.db")))
     assert bad.returncode == 2 and "30d" in bad.stderr
 
 
+@pytest.mark.sqlite_only("VACUUM INTO a file")
 def test_vacuum_into_backs_up_a_live_database(kit: AgentKit, tmp_path: Path) -> None:
     kit.run_turn("cli:me", "keep me")
     kit.store.backup(tmp_path / "backup.db")

@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
-from testkit import clear_config, count, rows, wait_until
+from testkit import clear_config, count, holding_writes, rows, stored_bytes, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -127,18 +126,13 @@ def fake() -> Iterator[Fake]:
         yield f
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "agent.db"
-
-
 def telegram(fake: FakeTelegram, **options: Any) -> agentkit.Telegram:
     options = {"allow": "*", "poll_timeout": 1, "lease": 2} | options
     return agentkit.Telegram(fake.token, api_url=fake.url, **options)
 
 
 def make_kit(db: Path, *adapters: agentkit.Adapter, **options: Any) -> AgentKit:
-    options = {"model": RuleModel(), "workspace": db.parent / "workspace"} | options
+    options = {"model": RuleModel()} | options
     return AgentKit(db, adapters=list(adapters), **options)
 
 
@@ -203,10 +197,15 @@ def restart(service: str) -> str:
 
 
 def write_app(
-    tmp_path: Path, fake: FakeTelegram, *, allow: str = "*", approvers: tuple = ("telegram:42",)
+    tmp_path: Path,
+    db: Path | str,
+    fake: FakeTelegram,
+    *,
+    allow: str = "*",
+    approvers: tuple = ("telegram:42",),
 ) -> None:
     config = {
-        "DB": str(tmp_path / "agent.db"),
+        "DB": str(db),
         "TOKEN": fake.token,
         "API": fake.url,
         "ALLOW": allow,
@@ -319,15 +318,12 @@ def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Pa
 def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_once(
     tmp_path: Path, fake: Fake, db: Path, processes: list
 ) -> None:
-    write_app(tmp_path, fake)
+    write_app(tmp_path, db, fake)
     first, _ = serve_process(tmp_path, processes, "first")
     fake.wait_for(lambda f: len(f.polls) >= 1)  # it holds the polling lease and polls
 
-    # hold the write lock: the poller can fetch but not commit what it fetched
-    blocker = apsw.Connection(str(db))
-    blocker.setbusytimeout(10_000)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    # hold the writers back: the poller can fetch but not commit what it fetched
+    with holding_writes(db):
         update_id = fake.push_message(42, 42, "hello")
         fake.wait_for(lambda f: update_id in f.served)  # getUpdates returned it ...
         wait_until(  # ... and the poller read it and went on to store it
@@ -338,9 +334,6 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
         )
         first.kill()  # SIGKILL, blocked inside its commit
         first.wait(10)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert count(db, "turns") == 0  # nothing of it was committed
     assert rows(db, "cursors", "cursor", adapter="telegram") in ([], [None])
     assert fake.texts() == []
@@ -366,7 +359,7 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
 def test_two_serve_processes_poll_one_at_a_time_and_the_survivor_takes_over(
     tmp_path: Path, fake: Fake, db: Path, processes: list
 ) -> None:
-    write_app(tmp_path, fake)
+    write_app(tmp_path, db, fake)
     a = serve_process(tmp_path, processes, "a")
     b = serve_process(tmp_path, processes, "b")
     by_pid = {a[0].pid: a, b[0].pid: b}
@@ -426,7 +419,7 @@ def runs(tmp_path: Path) -> list[str]:
 def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
     tmp_path: Path, fake: Fake, db: Path, processes: list
 ) -> None:
-    write_app(tmp_path, fake, allow="42,7", approvers=("telegram:42",))
+    write_app(tmp_path, db, fake, allow="42,7", approvers=("telegram:42",))
     proc, log = serve_process(tmp_path, processes, "serve")
     group = -1001
 
@@ -816,10 +809,8 @@ def test_the_token_never_reaches_a_log_line_or_the_database(
                 wait_until(lambda: "getUpdates" in caplog.text and "tgdown" in caplog.text)
             stored = [e for e in rows(kit, "deliveries", "error") if e is not None]
             stored += [e for e in rows(kit, "jobs", "last_error") if e is not None]
-            raw = db.read_bytes() + Path(f"{db}-wal").read_bytes()
-        raw_after_close = db.read_bytes() + (
-            Path(f"{db}-wal").read_bytes() if Path(f"{db}-wal").exists() else b""
-        )
+            raw = stored_bytes(db)
+        raw_after_close = stored_bytes(db)
 
     # the failures happened and were written down
     assert any("ConnectError" in error for error in stored), stored
