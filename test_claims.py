@@ -148,6 +148,7 @@ def run_target(kit: AgentKit) -> agentkit.Claimed:
     return first
 
 
+@pytest.mark.sqlite_only("the blocked flag that SQLite's claims set (test_store.py has the rest)")
 @pytest.mark.parametrize("outcome", ["ok", "error", "fail", "lease expired"])
 def test_a_blocked_job_is_claimable_when_its_target_frees(
     kit: AgentKit, clock: list[float], outcome: str

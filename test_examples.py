@@ -269,8 +269,9 @@ def test_secret_tool_asks_for_the_token_then_uses_it_without_storing_it(
     tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = FakeAPI()
+    database = testkit.database_config(db)
     testkit.clear_config(monkeypatch, CONFIG_VARS)
-    for name, value in testkit.database_config(db).items():
+    for name, value in database.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("API_URL", api.url)
     example = import_example("secret_tool")

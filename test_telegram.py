@@ -685,10 +685,10 @@ def deliver_jobs(kit: AgentKit) -> list[tuple]:
 def test_a_long_retry_after_reschedules_the_delivery_for_then(
     fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = [time.time()]
-    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
+        clock = [time.time()]  # stopped once the store has read its own clock
+        monkeypatch.setattr(agentkit, "now", lambda: clock[0])
         fake.push_message(42, 42, "hi")
         tg.poll_once()
         fake.fail_next("sendMessage", 429, retry_after=120)  # too long to wait in the call
