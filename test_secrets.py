@@ -21,7 +21,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, ScriptedModel, ToolCall, ToolContext
-from testkit import CHROMIUM, CHROMIUM_ARGS, NewDatabase, count, rows, seal, stored_bytes
+from testkit import CHROMIUM, CHROMIUM_ARGS, Database, NewDatabase, count, rows, seal, stored_bytes
 
 ROOT = Path(__file__).resolve().parent
 TOKEN = "ghp_" + "S3cr3tV4lue" * 3
@@ -355,7 +355,7 @@ def test_a_request_made_by_one_process_is_completed_by_a_later_one(tmp_path: Pat
     assert (tmp_path / "workspace" / "cli%3Ame" / ".secrets" / "TOKEN").read_text() == TOKEN
 
 
-def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> None:
+def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit, db: Database) -> None:
     class Feed(agentkit.PollingAdapter):
         name = "feed"
 
@@ -363,7 +363,7 @@ def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> No
             raise AssertionError("not sent in this test")
 
     feed = Feed()
-    with AgentKit(kit.store.path, workspace=kit.secrets.workspace, adapters=[feed]) as bot:
+    with AgentKit(db, workspace=kit.secrets.workspace, adapters=[feed]) as bot:
         url = bot.request_secret("feed:room", fields=["TOKEN"], reason="x", actor="feed:ann")
         blob = seal(url.url, {"TOKEN": TOKEN})
         items = [
