@@ -475,7 +475,7 @@ def test_a_scripted_model_uses_the_workspace_tools(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
-    tmp_path: Path, provider: str
+    db: Database, provider: str
 ) -> None:
     steps = [
         ToolCall("bash", {"command": "bomb() { bomb | bomb & }; bomb; sleep 3", "timeout": 10}),
@@ -485,9 +485,7 @@ def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
         "still here",
     ]
     options = {"workspace_tools": True, "workspace_tools_approval": False}
-    with scripted(
-        tmp_path, steps, runtime=provider_named(provider, limits=SMALL), **options
-    ) as kit:
+    with scripted(db, steps, runtime=provider_named(provider, limits=SMALL), **options) as kit:
         assert kit.run_turn("cli:me", "misbehave").reply == "survived"
         assert kit.run_turn("cli:me", "go on").reply == "still here"
         bomb, write, check = [m["content"] for m in kit.history("cli:me") if m["role"] == "tool"]

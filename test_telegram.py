@@ -29,7 +29,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
-from testkit import clear_config, count, holding_writes, rows, stored_bytes, wait_until
+from testkit import Database, clear_config, count, holding_writes, rows, stored_bytes, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -41,7 +41,7 @@ TOKEN_SECRET = TOKEN.partition(":")[2]
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
 
 
-def idle(db: Path) -> bool:
+def idle(db: Database) -> bool:
     """No job waits or runs and every delivery is sent or failed (read as another process)."""
     return not {"queued", "running"} & set(rows(db, "jobs", "state")) and not count(
         db, "deliveries", state="pending"
@@ -131,7 +131,7 @@ def telegram(fake: FakeTelegram, **options: Any) -> agentkit.Telegram:
     return agentkit.Telegram(fake.token, api_url=fake.url, **options)
 
 
-def make_kit(db: Path, *adapters: agentkit.Adapter, **options: Any) -> AgentKit:
+def make_kit(db: Database, *adapters: agentkit.Adapter, **options: Any) -> AgentKit:
     options = {"model": RuleModel()} | options
     return AgentKit(db, adapters=list(adapters), **options)
 
@@ -198,7 +198,7 @@ def restart(service: str) -> str:
 
 def write_app(
     tmp_path: Path,
-    db: Path | str,
+    db: Database | str,
     fake: FakeTelegram,
     *,
     allow: str = "*",
@@ -277,7 +277,7 @@ def fetched_lines(tmp_path: Path) -> list[tuple[int, list[str]]]:
     return [(int(pid), ids) for pid, *ids in lines]
 
 
-def poller_pid(db: Path) -> int | None:
+def poller_pid(db: Database) -> int | None:
     held = [
         owner
         for owner, expires_at in rows(db, "locks", "owner", "expires_at", name="adapter:telegram")
@@ -289,7 +289,7 @@ def poller_pid(db: Path) -> int | None:
 # ─────────────────────────── 1. the same update twice: one turn ───────────────────────────
 
 
-def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Path) -> None:
+def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         update_id = fake.push_message(42, 42, "hello")
@@ -316,7 +316,7 @@ def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Pa
 
 
 def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_once(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
     write_app(tmp_path, db, fake)
     first, _ = serve_process(tmp_path, processes, "first")
@@ -357,7 +357,7 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
 
 
 def test_two_serve_processes_poll_one_at_a_time_and_the_survivor_takes_over(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
     write_app(tmp_path, db, fake)
     a = serve_process(tmp_path, processes, "a")
@@ -417,7 +417,7 @@ def runs(tmp_path: Path) -> list[str]:
 
 
 def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
     write_app(tmp_path, db, fake, allow="42,7", approvers=("telegram:42",))
     proc, log = serve_process(tmp_path, processes, "serve")
@@ -485,7 +485,7 @@ def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
     assert_no_token_in_logs(tmp_path, fake)
 
 
-def approval_kit(db: Path, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
+def approval_kit(db: Database, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
     """A kit whose `restart` tool needs telegram:42's approval; the list of its runs."""
     kit = make_kit(db, tg, approvers=["telegram:42"])
     ran: list[str] = []
@@ -499,7 +499,7 @@ def approval_kit(db: Path, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
     return kit, ran
 
 
-def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db: Path) -> None:
+def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     kit, ran = approval_kit(db, tg)
     with kit:
@@ -531,7 +531,7 @@ def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db
 
 
 def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 3600.0)
     tg = telegram(fake)
@@ -554,7 +554,7 @@ def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
     assert all(m["reply_markup"] is None for m in fake.sent)
 
 
-def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Path) -> None:
+def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     kit, ran = approval_kit(db, tg)
     with kit:
@@ -575,7 +575,7 @@ def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: 
 # ──────────────────────────────────── 5. who may talk ────────────────────────────────────
 
 
-def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: Path) -> None:
+def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: Database) -> None:
     tg = telegram(fake, allow=[42])
     with make_kit(db, tg) as kit:
         fake.push_message(99, 99, "let me in")
@@ -603,7 +603,7 @@ def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: 
 )
 def test_allow_lists(
     fake: Fake,
-    db: Path,
+    db: Database,
     monkeypatch: pytest.MonkeyPatch,
     allow: Any,
     env: str | None,
@@ -631,7 +631,9 @@ def test_allow_lists(
 
 
 @pytest.mark.parametrize("word", ["long", "blob"])  # with line breaks, and one long line
-def test_a_9000_character_reply_arrives_as_three_messages(fake: Fake, db: Path, word: str) -> None:
+def test_a_9000_character_reply_arrives_as_three_messages(
+    fake: Fake, db: Database, word: str
+) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         fake.push_message(42, 42, f"{word} 9000")
@@ -646,7 +648,7 @@ def test_a_9000_character_reply_arrives_as_three_messages(fake: Fake, db: Path, 
         assert ids == sorted(ids)
 
 
-def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Path) -> None:
+def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Database) -> None:
     """getUpdates takes whole seconds: 0.5 must not become timeout=0 (short polling, which
     the poll loop would repeat without a pause, hammering the API)."""
     tg = telegram(fake, poll_timeout=0.5)
@@ -660,7 +662,9 @@ def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Path) ->
 # ─────────────────────────────────── 7. flood control ───────────────────────────────────
 
 
-def test_a_429_is_retried_after_its_retry_after_and_delivered_once(fake: Fake, db: Path) -> None:
+def test_a_429_is_retried_after_its_retry_after_and_delivered_once(
+    fake: Fake, db: Database
+) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         fake.push_message(42, 42, "hi")
@@ -683,7 +687,7 @@ def deliver_jobs(kit: AgentKit) -> list[tuple]:
 
 
 def test_a_long_retry_after_reschedules_the_delivery_for_then(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
@@ -708,7 +712,7 @@ def test_a_long_retry_after_reschedules_the_delivery_for_then(
     [(403, "Forbidden: bot was blocked by the user"), (400, "Bad Request: chat not found")],
 )
 def test_a_permanent_refusal_fails_the_delivery_at_once(
-    fake: Fake, db: Path, status: int, description: str
+    fake: Fake, db: Database, status: int, description: str
 ) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
@@ -727,7 +731,7 @@ def test_a_permanent_refusal_fails_the_delivery_at_once(
 # ──────────────────────────────────────── 8. topics ────────────────────────────────────────
 
 
-def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Path) -> None:
+def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit, serving(kit):
         fake.push_message(-100777, 42, "in the topic", topic=55)
@@ -751,7 +755,7 @@ def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Pa
 # ──────────────────────────────────── 9. typing… ────────────────────────────────────
 
 
-def test_typing_shows_while_a_turn_runs(fake: Fake, db: Path) -> None:
+def test_typing_shows_while_a_turn_runs(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
 
@@ -782,7 +786,7 @@ def closed_port() -> int:
 
 
 def test_the_token_never_reaches_a_log_line_or_the_database(
-    tmp_path: Path, db: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     caplog.set_level(logging.DEBUG)
@@ -865,7 +869,7 @@ class JsonFeed(agentkit.PollingAdapter):
 
 
 def test_a_polling_adapter_of_your_own(
-    tmp_path: Path, db: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "feed.json"
     entries: list[dict[str, Any]] = [
@@ -913,7 +917,7 @@ def test_a_polling_adapter_of_your_own(
 
 
 def test_a_delivery_that_fails_twice_is_sent_once_and_never_again(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     tg = telegram(fake)
@@ -938,7 +942,7 @@ def test_a_delivery_that_fails_twice_is_sent_once_and_never_again(
 
 
 def test_a_long_reply_whose_second_piece_fails_is_still_delivered_once(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     fake.fail_after = {1}  # the sendMessage after the first piece fails once

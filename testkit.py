@@ -115,17 +115,16 @@ def count(of: Source, table: str, **equal: object) -> int:
     return len(rows(of, table, **equal))
 
 
-def stored_bytes(db: os.PathLike[str] | str) -> bytes:
+def stored_bytes(db: Database) -> bytes:
     """What the database `db` keeps, as bytes to search for a secret: an SQLite file's bytes
     (its WAL and free pages included), or every row of every table of a database URL."""
     where = os.fspath(db)
     if "://" not in where:
-        wal = where + "-wal"
-        with open(where, "rb") as f:
-            data = f.read()
-        if os.path.exists(wal):
-            with open(wal, "rb") as f:
-                data += f.read()
+        data = b""
+        for path in (where, where + "-wal", where + "-shm"):
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    data += f.read()
         return data
     store = agentkit.open_store(where)
     try:
@@ -135,7 +134,7 @@ def stored_bytes(db: os.PathLike[str] | str) -> bytes:
 
 
 @contextlib.contextmanager
-def holding_writes(db: os.PathLike[str] | str) -> Iterator[None]:
+def holding_writes(db: Database) -> Iterator[None]:
     """Hold back the write transactions of every process on the database `db` until the
     block ends: a write transaction of a store of the test's own, left open meanwhile."""
     store = agentkit.open_store(os.fspath(db))
