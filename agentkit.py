@@ -3166,11 +3166,15 @@ class PostgresStore(_SQLStore):
             raise StoreError(f"cannot connect to {self.path}: {e}") from None
 
     def _measure_clock(self, conn: Any) -> None:
-        """The offset from this host's clock to the database's, to within half a round trip."""
+        """The offset from this host's clock to the database's, to within half a round trip:
+        none when the database's clock read a time between this host's two readings (the
+        clocks agree as far as can be measured, as on one host)."""
         before = now()
         (db_time,) = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
         after = now()
-        self._offset = float(db_time) - (before + after) / 2
+        self._offset = (
+            0.0 if before <= float(db_time) <= after else float(db_time) - (before + after) / 2
+        )
 
     def now(self) -> float:
         return now() + self._offset

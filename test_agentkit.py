@@ -26,7 +26,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, LeaseLost, LockBusy, StoreError
-from testkit import count, rows, take_over, wait_until
+from testkit import Database, NewDatabase, count, created, rows, take_over, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -68,12 +68,7 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "agent.db"
-
-
-@pytest.fixture
-def kit(db: Path):
+def kit(db: Database):
     with AgentKit(db) as kit:
         yield kit
 
@@ -81,8 +76,9 @@ def kit(db: Path):
 # ───────────────────────────────────────── store ─────────────────────────────────────────
 
 
+@pytest.mark.sqlite_only("SQLite's pragmas")
 @pytest.mark.parametrize("synchronous, level", [("normal", 1), ("full", 2)])
-def test_every_pragma_reads_back_as_set(db: Path, synchronous: str, level: int) -> None:
+def test_every_pragma_reads_back_as_set(db: Database, synchronous: str, level: int) -> None:
     with AgentKit(db, synchronous=synchronous) as kit:
         for conn in (kit.store.connection(), threading_connection(kit)):
             assert conn.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
@@ -123,7 +119,8 @@ def test_a_nested_transaction_is_a_savepoint(kit: AgentKit) -> None:
     assert set(rows(kit, "locks", "name")) == {"outer", "kept"}
 
 
-def test_a_busy_database_is_retried_then_refused(db: Path) -> None:
+@pytest.mark.sqlite_only("SQLite's busy timeout")
+def test_a_busy_database_is_retried_then_refused(db: Database) -> None:
     with AgentKit(db) as holder, AgentKit(db) as waiter:
         waiter.store.busy_timeout = 0.3
         waiter.store.connection().setbusytimeout(50)
@@ -137,14 +134,14 @@ def test_a_busy_database_is_retried_then_refused(db: Path) -> None:
             assert waiter.store.acquire_lock("a", "me", 30) == 1
 
 
-def test_migrations_are_idempotent_on_every_open(db: Path) -> None:
+def test_migrations_are_idempotent_on_every_open(db: Database) -> None:
     for _ in range(3):
         with AgentKit(db) as kit:
             assert kit.store.version == len(agentkit.MIGRATIONS)
             assert {"jobs", "locks", "schedules"} <= set(kit.store.tables())
 
 
-def test_a_new_migration_is_applied_once_in_order(db: Path, monkeypatch) -> None:
+def test_a_new_migration_is_applied_once_in_order(db: Database, monkeypatch) -> None:
     AgentKit(db).close()
     extra = "CREATE TABLE later (x INTEGER); INSERT INTO later VALUES (1);"
     monkeypatch.setattr(agentkit, "MIGRATIONS", (*agentkit.MIGRATIONS, extra))
@@ -154,7 +151,8 @@ def test_a_new_migration_is_applied_once_in_order(db: Path, monkeypatch) -> None
             assert kit.store.version == len(agentkit.MIGRATIONS)
 
 
-def test_a_database_from_a_newer_agentkit_is_refused_untouched(db: Path) -> None:
+@pytest.mark.sqlite_only("an SQLite file's user_version")
+def test_a_database_from_a_newer_agentkit_is_refused_untouched(db: Database) -> None:
     AgentKit(db).close()
     conn = apsw.Connection(str(db))
     conn.execute("PRAGMA journal_mode=DELETE").fetchall()
@@ -167,7 +165,8 @@ def test_a_database_from_a_newer_agentkit_is_refused_untouched(db: Path) -> None
     assert not Path(f"{db}-wal").exists()
 
 
-def test_a_file_that_is_not_sqlite_is_refused_untouched(db: Path) -> None:
+@pytest.mark.sqlite_only("a file that is not SQLite")
+def test_a_file_that_is_not_sqlite_is_refused_untouched(db: Database) -> None:
     db.write_text("these are my notes, not a database\n" * 100)
     before = digest(db)
     with pytest.raises(StoreError, match="not an SQLite database"):
@@ -182,14 +181,14 @@ def test_memory_database_is_shared_by_the_threads_of_one_kit() -> None:
         assert count(other, "locks") == 0  # another kit's memory database is its own
 
 
-def test_a_closed_kit_refuses_use(db: Path) -> None:
+def test_a_closed_kit_refuses_use(db: Database) -> None:
     kit = AgentKit(db)
     kit.close()
     with pytest.raises(StoreError, match="closed"):
         kit.lock("a").acquire()
 
 
-def test_close_stops_running_workers_after_their_jobs(db: Path) -> None:
+def test_close_stops_running_workers_after_their_jobs(db: Database) -> None:
     kit = AgentKit(db)
     started, release = threading.Event(), threading.Event()
 
@@ -244,7 +243,7 @@ def test_close_from_inside_a_job_is_refused_and_changes_nothing(kit: AgentKit) -
 
 
 def test_close_while_serving_returns_after_serve_has_stopped(
-    db: Path, caplog: pytest.LogCaptureFixture
+    db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="agentkit")
     kit = AgentKit(db)
@@ -334,7 +333,7 @@ def test_bad_lock_arguments_are_refused(kit: AgentKit) -> None:
     assert count(kit, "locks") == 0
 
 
-def test_four_processes_share_a_lock_without_overlap(tmp_path: Path, db: Path) -> None:
+def test_four_processes_share_a_lock_without_overlap(tmp_path: Path, db: Database) -> None:
     AgentKit(db).close()
     counter, tokens = tmp_path / "counter", tmp_path / "tokens"
     counter.write_text("0")
@@ -360,7 +359,7 @@ def test_four_processes_share_a_lock_without_overlap(tmp_path: Path, db: Path) -
     assert all(a < b for a, b in itertools.pairwise(seen)), "tokens must grow strictly"
 
 
-def test_a_holder_killed_with_sigkill_loses_the_lock_after_its_ttl(db: Path) -> None:
+def test_a_holder_killed_with_sigkill_loses_the_lock_after_its_ttl(db: Database) -> None:
     AgentKit(db).close()
     holder = python(
         """
@@ -383,11 +382,11 @@ def test_a_holder_killed_with_sigkill_loses_the_lock_after_its_ttl(db: Path) -> 
 # ─────────────────────────────────────── doctor CLI ───────────────────────────────────────
 
 
-def test_doctor_reports_a_healthy_database(kit: AgentKit, db: Path) -> None:
+def test_doctor_reports_a_healthy_database(kit: AgentKit, db: Database) -> None:
     kit.lock("a").acquire()
     out = cli("doctor", "--db", str(db))
     assert out.returncode == 0, out.stderr
-    assert f"database   {db}" in out.stdout
+    assert f"database   {kit.store.path}" in out.stdout
     assert (
         f"schema     {len(agentkit.MIGRATIONS)} (latest {len(agentkit.MIGRATIONS)})" in out.stdout
     )
@@ -679,7 +678,9 @@ def test_jobs_with_the_same_target_never_run_at_once(kit: AgentKit) -> None:
     assert max(overlaps) == 1
 
 
-def test_four_processes_drain_twenty_thousand_jobs_exactly_once(tmp_path: Path, db: Path) -> None:
+def test_four_processes_drain_twenty_thousand_jobs_exactly_once(
+    tmp_path: Path, db: Database
+) -> None:
     with AgentKit(db) as kit:
         kit.task(lambda payload: None, name="record")
         for start in range(0, 20_000, 5_000):
@@ -705,7 +706,7 @@ def test_four_processes_drain_twenty_thousand_jobs_exactly_once(tmp_path: Path, 
         assert kit.store.job_counts() == {"done": 20_000}
 
 
-def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Path) -> None:
+def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Database) -> None:
     with AgentKit(db) as kit:
         kit.task(lambda payload: None, name="slow")
         job_id = kit.enqueue("slow", {"n": 1})
@@ -735,7 +736,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_late_result_refused(db: Pat
         assert kit.job(job_id).result == "finished by the survivor"
 
 
-def test_an_idle_worker_wakes_for_a_job_from_another_process(db: Path) -> None:
+def test_an_idle_worker_wakes_for_a_job_from_another_process(db: Database) -> None:
     with AgentKit(db) as kit:
         done = threading.Event()
         kit.task(lambda payload: done.set(), name="ping")
@@ -756,7 +757,7 @@ def test_an_idle_worker_wakes_for_a_job_from_another_process(db: Path) -> None:
         worker.join()
 
 
-def test_jobs_cli_lists_shows_and_retries(kit: AgentKit, db: Path) -> None:
+def test_jobs_cli_lists_shows_and_retries(kit: AgentKit, db: Database) -> None:
     kit.task(lambda payload: 1 / 0, name="broken", retries=0)
     job_id = kit.enqueue("broken")
     drained(kit)
@@ -860,14 +861,14 @@ def test_scheduled_runs_across_daylight_saving_changes(
 
 
 def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
-    db: Path, tmp_path: Path
+    db: Database, tmp_path: Path
 ) -> None:
     start = calendar_utc(2026, 11, 21, 8, 0, 0)
     code = """
         import sys, agentkit
         db, start = sys.argv[1], float(sys.argv[2])
-        agentkit.now = lambda: start
         kit = agentkit.AgentKit(db)
+        agentkit.now = lambda: start  # this host's clock, once the store has read its own
         kit.task(lambda payload: None, name="t")
         kit.schedule("five", task="t", cron="*/5 * * * *")
         kit.schedule("minute", task="t", every=60)
@@ -889,7 +890,7 @@ def test_three_processes_ticking_the_same_instants_enqueue_each_run_once(
 ToolCall = agentkit.ToolCall
 
 
-def scripted_kit(db: Path, steps: list, **options: object) -> AgentKit:
+def scripted_kit(db: Database, steps: list, **options: object) -> AgentKit:
     return AgentKit(db, model=agentkit.ScriptedModel(steps), **options)
 
 
@@ -902,7 +903,7 @@ def test_echo_turn_records_the_exchange(kit: AgentKit) -> None:
     ]
 
 
-def test_a_tool_call_and_a_final_answer(db: Path) -> None:
+def test_a_tool_call_and_a_final_answer(db: Database) -> None:
     model = agentkit.ScriptedModel([ToolCall("add", {"a": 1, "b": 2}), "The sum is 3."])
     with AgentKit(db, model=model) as kit:
 
@@ -965,7 +966,7 @@ def test_tool_schemas_come_from_type_hints(kit: AgentKit) -> None:
         def spread(*args: int) -> None: ...
 
 
-def test_a_validation_error_goes_back_to_the_model_which_corrects_it(db: Path) -> None:
+def test_a_validation_error_goes_back_to_the_model_which_corrects_it(db: Database) -> None:
     steps = [ToolCall("add", {"a": "one", "b": 2}), ToolCall("add", {"a": 1, "b": 2}), "3"]
     model = agentkit.ScriptedModel(steps)
     with AgentKit(db, model=model) as kit:
@@ -989,7 +990,7 @@ def add_ints(a: int, b: int) -> int:
     return a + b
 
 
-def test_errors_async_tools_blocks_and_replaced_results(db: Path) -> None:
+def test_errors_async_tools_blocks_and_replaced_results(db: Database) -> None:
     steps = [
         [ToolCall("boom", {}), ToolCall("slow_double", {"x": 4}), ToolCall("delete", {})],
         ToolCall("nope", {}),
@@ -1044,7 +1045,7 @@ def test_errors_async_tools_blocks_and_replaced_results(db: Path) -> None:
     ]
 
 
-def test_model_request_hook_changes_the_messages(db: Path) -> None:
+def test_model_request_hook_changes_the_messages(db: Database) -> None:
     model = agentkit.ScriptedModel(["ok"])
     with AgentKit(db, model=model) as kit:
 
@@ -1056,7 +1057,7 @@ def test_model_request_hook_changes_the_messages(db: Path) -> None:
     assert model.calls[0][-1] == {"role": "user", "content": "(be brief)"}
 
 
-def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Path, caplog) -> None:
+def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Database, caplog) -> None:
     with AgentKit(db) as kit:
 
         @kit.on("turn_start")
@@ -1071,7 +1072,7 @@ def test_a_hook_that_raises_fails_the_turn_with_a_clear_error(db: Path, caplog) 
         kit.on("turn_begin")
 
 
-def test_partials_and_callable_objects_are_named_by_what_they_call(db: Path, caplog) -> None:
+def test_partials_and_callable_objects_are_named_by_what_they_call(db: Database, caplog) -> None:
     def broken(setting: str, event: agentkit.Event) -> None:
         raise ValueError(f"no {setting}")
 
@@ -1118,7 +1119,7 @@ def test_events_arrive_in_order(kit: AgentKit) -> None:
     ]
 
 
-def test_commands_answer_without_the_model(db: Path) -> None:
+def test_commands_answer_without_the_model(db: Database) -> None:
     model = agentkit.ScriptedModel([])
     with AgentKit(db, model=model) as kit:
 
@@ -1138,7 +1139,7 @@ def test_commands_answer_without_the_model(db: Path) -> None:
     assert model.calls == []
 
 
-def test_max_steps_fails_the_turn(db: Path) -> None:
+def test_max_steps_fails_the_turn(db: Database) -> None:
     with scripted_kit(db, [ToolCall("add", {"a": 1, "b": 1})] * 3, max_steps=2) as kit:
         kit.tool(add_ints, name="add")
         result = kit.run_turn("cli:me", "loop")
@@ -1172,7 +1173,7 @@ def test_bad_turn_input_is_refused_and_writes_nothing(kit: AgentKit) -> None:
     assert count(kit, "turns") == 0 and count(kit, "jobs") == 0
 
 
-def test_model_errors_fail_the_turn_and_leave_no_half_step(db: Path) -> None:
+def test_model_errors_fail_the_turn_and_leave_no_half_step(db: Database) -> None:
     from fake_servers import FakeOpenAI
 
     with FakeOpenAI() as fake:
@@ -1188,7 +1189,7 @@ def test_model_errors_fail_the_turn_and_leave_no_half_step(db: Path) -> None:
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_turn_with_parallel_tool_calls_through_each_provider(
-    db: Path, provider: str, stream: bool
+    db: Database, provider: str, stream: bool
 ) -> None:
     from fake_servers import FakeAnthropic, FakeOpenAI
 
@@ -1211,7 +1212,7 @@ def test_a_turn_with_parallel_tool_calls_through_each_provider(
 
 
 def test_two_processes_running_turns_on_one_thread_do_not_interleave(
-    db: Path, tmp_path: Path
+    db: Database, tmp_path: Path
 ) -> None:
     AgentKit(db).close()
     trace = tmp_path / "trace"
@@ -1248,7 +1249,7 @@ def test_two_processes_running_turns_on_one_thread_do_not_interleave(
 
 @pytest.mark.parametrize("idempotent", [False, True])
 def test_a_turn_killed_inside_a_tool_finishes_on_restart(
-    db: Path, tmp_path: Path, idempotent: bool
+    db: Database, tmp_path: Path, idempotent: bool
 ) -> None:
     AgentKit(db).close()
     runs = tmp_path / "runs"
@@ -1295,7 +1296,7 @@ def test_a_turn_killed_inside_a_tool_finishes_on_restart(
         assert tool_message["content"] == agentkit.INTERRUPTED and tool_message["is_error"]
 
 
-def test_a_tool_past_its_timeout_is_reported_as_timed_out(db: Path) -> None:
+def test_a_tool_past_its_timeout_is_reported_as_timed_out(db: Database) -> None:
     release = threading.Event()
     model = agentkit.ScriptedModel([ToolCall("hang", {}), "gave up"])
     with AgentKit(db, model=model) as kit:
@@ -1305,7 +1306,7 @@ def test_a_tool_past_its_timeout_is_reported_as_timed_out(db: Path) -> None:
     assert model.calls[1][-1]["content"] == "timed out after 0.2 s"
 
 
-def test_cancel_stops_a_running_turn_at_its_next_step(db: Path) -> None:
+def test_cancel_stops_a_running_turn_at_its_next_step(db: Database) -> None:
     entered, release = threading.Event(), threading.Event()
     model = agentkit.ScriptedModel([ToolCall("wait", {}), "never sent"])
     with AgentKit(db, model=model) as kit:
@@ -1331,7 +1332,7 @@ def test_cancel_stops_a_running_turn_at_its_next_step(db: Path) -> None:
     assert len(model.calls) == 1
 
 
-def test_context_is_bounded_and_keeps_calls_with_their_results(db: Path) -> None:
+def test_context_is_bounded_and_keeps_calls_with_their_results(db: Database) -> None:
     model = agentkit.ScriptedModel(
         [s for i in range(6) for s in (ToolCall("add", {"a": i, "b": 0}), f"answer {i}")]
     )
@@ -1353,7 +1354,7 @@ def test_a_scheduled_prompt_starts_a_turn(kit: AgentKit) -> None:
     assert turn == [("schedule:report", "daily report", "done", "echo: daily report")]
 
 
-def test_run_turn_waits_for_a_worker_elsewhere_and_works_inside_an_event_loop(db: Path) -> None:
+def test_run_turn_waits_for_a_worker_elsewhere_and_works_inside_an_event_loop(db: Database) -> None:
     with AgentKit(db) as kit:
         queued = kit.run_turn("cli:me", "later", wait=False)
         assert queued.status == "queued"
@@ -1372,8 +1373,7 @@ def test_run_turn_waits_for_a_worker_elsewhere_and_works_inside_an_event_loop(db
         assert kit.turn(queued.turn_id).reply == "echo: later"
 
 
-def test_turn_cli_run_threads_show(tmp_path: Path) -> None:
-    db = tmp_path / "cli.db"
+def test_turn_cli_run_threads_show(db: Database) -> None:
     out = cli("run", "hello there", "--db", str(db), "--thread", "cli:test")
     assert out.returncode == 0 and out.stdout == "echo: hello there\n"
     chat = subprocess.run(
@@ -1401,7 +1401,7 @@ def test_turn_cli_run_threads_show(tmp_path: Path) -> None:
 # ─────────────────────────────────────── approvals ───────────────────────────────────────
 
 
-def approval_kit(db: Path, steps: list, runs: list, **options: object) -> AgentKit:
+def approval_kit(db: Database, steps: list, runs: list, **options: object) -> AgentKit:
     """A kit whose `restart` tool needs approval and records its runs."""
     kit = AgentKit(db, model=agentkit.ScriptedModel(steps), **options)
 
@@ -1416,7 +1416,7 @@ def approval_kit(db: Path, steps: list, runs: list, **options: object) -> AgentK
 RESTART = ToolCall("restart", {"service": "nginx"})
 
 
-def test_an_approved_call_runs_once_and_the_turn_goes_on(db: Path) -> None:
+def test_an_approved_call_runs_once_and_the_turn_goes_on(db: Database) -> None:
     runs: list[str] = []
     requested, decided = [], []
     with approval_kit(db, [RESTART, "Restarted nginx."], runs) as kit:
@@ -1444,7 +1444,7 @@ def test_an_approved_call_runs_once_and_the_turn_goes_on(db: Path) -> None:
     assert requested == [approval.id] and decided == [("approved", "cli:me")]
 
 
-def test_the_authorisation_matrix(db: Path, monkeypatch) -> None:
+def test_the_authorisation_matrix(db: Database, monkeypatch) -> None:
     runs: list[str] = []
     steps = [RESTART, "ok"] * 6
     with approval_kit(db, steps, runs, approvers=["telegram:42"], allow_self_approval=False) as kit:
@@ -1488,7 +1488,7 @@ def test_the_authorisation_matrix(db: Path, monkeypatch) -> None:
         assert agentkit.DEFAULT_APPROVERS == ("web:owner", "cli:*")
 
 
-def test_deny_and_expiry_tell_the_model_and_never_run_the_tool(db: Path, monkeypatch) -> None:
+def test_deny_and_expiry_tell_the_model_and_never_run_the_tool(db: Database, monkeypatch) -> None:
     runs: list[str] = []
     model_steps = [RESTART, "Not restarted.", RESTART, "It expired."]
     with approval_kit(db, model_steps, runs, approval_ttl=60) as kit:
@@ -1509,7 +1509,7 @@ def test_deny_and_expiry_tell_the_model_and_never_run_the_tool(db: Path, monkeyp
     assert runs == []
 
 
-def test_calls_without_approval_run_at_once_and_hooks_run_once(db: Path) -> None:
+def test_calls_without_approval_run_at_once_and_hooks_run_once(db: Database) -> None:
     runs: list[str] = []
     calls: list[str] = []
     steps = [[RESTART, ToolCall("status", {})], "both done"]
@@ -1522,7 +1522,7 @@ def test_calls_without_approval_run_at_once_and_hooks_run_once(db: Path) -> None
     assert runs == ["status", "nginx"] and calls == ["restart", "status"]
 
 
-def test_a_message_to_a_waiting_thread_gets_a_note_and_waits_for_the_decision(db: Path) -> None:
+def test_a_message_to_a_waiting_thread_gets_a_note_and_waits_for_the_decision(db: Database) -> None:
     runs: list[str] = []
     model = agentkit.ScriptedModel([RESTART, "restarted", "echoing: hello again"])
     with AgentKit(db, model=model) as kit:
@@ -1542,7 +1542,7 @@ def test_a_message_to_a_waiting_thread_gets_a_note_and_waits_for_the_decision(db
     assert runs == ["nginx"]
 
 
-def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Path) -> None:
+def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Database) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART], runs) as kit:
         approval = kit.run_turn("cli:me", "restart").approvals[0]
@@ -1559,7 +1559,7 @@ def test_cancel_of_a_waiting_turn_cancels_its_approvals(db: Path) -> None:
     assert runs == []
 
 
-def test_cancel_settles_every_approval_of_a_step_past_the_display_limit(db: Path) -> None:
+def test_cancel_settles_every_approval_of_a_step_past_the_display_limit(db: Database) -> None:
     calls = [ToolCall("restart", {"service": f"s{i}"}) for i in range(250)]
     runs: list[str] = []
     with approval_kit(db, [calls, "Fresh start."], runs) as kit:
@@ -1574,7 +1574,7 @@ def test_cancel_settles_every_approval_of_a_step_past_the_display_limit(db: Path
     assert runs == []
 
 
-def test_a_reason_with_a_lone_surrogate_is_bad_input_and_decides_nothing(db: Path) -> None:
+def test_a_reason_with_a_lone_surrogate_is_bad_input_and_decides_nothing(db: Database) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART, "Done."], runs) as kit:
         approval = kit.run_turn("cli:me", "restart").approvals[0]
@@ -1588,7 +1588,7 @@ def test_a_reason_with_a_lone_surrogate_is_bad_input_and_decides_nothing(db: Pat
     assert runs == ["nginx"]
 
 
-def test_a_new_process_approves_what_an_exited_one_requested(db: Path, tmp_path: Path) -> None:
+def test_a_new_process_approves_what_an_exited_one_requested(db: Database, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     code = """
         import sys, agentkit
@@ -1612,7 +1612,7 @@ def test_a_new_process_approves_what_an_exited_one_requested(db: Path, tmp_path:
     assert runs.read_text() == "db\n"
 
 
-def test_two_processes_approving_at_once_run_the_tool_once(db: Path, tmp_path: Path) -> None:
+def test_two_processes_approving_at_once_run_the_tool_once(db: Database, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     go = tmp_path / "go"
     with AgentKit(db, model=agentkit.ScriptedModel([RESTART])) as kit:
@@ -1641,7 +1641,7 @@ def test_two_processes_approving_at_once_run_the_tool_once(db: Path, tmp_path: P
     assert set(outs) <= {"done", "running", "waiting_approval"} and "done" in outs
 
 
-def test_approvals_cli(db: Path) -> None:
+def test_approvals_cli(db: Database) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART, RESTART], runs) as kit:
         first = kit.run_turn("cli:me", "restart").approvals[0]
@@ -1680,7 +1680,7 @@ def test_benchmarks_run_and_find_no_duplicate_or_loss(script: str, tmp_path: Pat
 # ─────────────────────────── regressions found in review ───────────────────────────
 
 
-def test_a_worker_that_lost_its_turn_job_writes_nothing(db: Path) -> None:
+def test_a_worker_that_lost_its_turn_job_writes_nothing(db: Database) -> None:
     with AgentKit(db) as kit:
 
         def stolen(messages: list, tools: list) -> str:
@@ -1695,7 +1695,7 @@ def test_a_worker_that_lost_its_turn_job_writes_nothing(db: Path) -> None:
         assert count(kit, "calls") == 0
 
 
-def test_a_raising_approval_hook_leaves_the_request_standing(db: Path) -> None:
+def test_a_raising_approval_hook_leaves_the_request_standing(db: Database) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART, "done"], runs) as kit:
         kit.on("approval_requested")(lambda e: 1 / 0)
@@ -1705,7 +1705,7 @@ def test_a_raising_approval_hook_leaves_the_request_standing(db: Path) -> None:
     assert runs == ["nginx"]
 
 
-def test_held_messages_keep_their_order_and_are_released_when_the_turn_ends(db: Path) -> None:
+def test_held_messages_keep_their_order_and_are_released_when_the_turn_ends(db: Database) -> None:
     runs: list[str] = []
     model = agentkit.ScriptedModel([RESTART, "restarted", "reply 2", "reply 3", RESTART])
     with AgentKit(db, model=model) as kit:
@@ -1729,7 +1729,7 @@ def test_held_messages_keep_their_order_and_are_released_when_the_turn_ends(db: 
     assert runs == ["nginx"]
 
 
-def test_a_turn_whose_job_dies_fails_and_its_approved_call_is_kept(db: Path) -> None:
+def test_a_turn_whose_job_dies_fails_and_its_approved_call_is_kept(db: Database) -> None:
     runs: list[str] = []
     with approval_kit(db, [RESTART], runs) as bot:
         approval = bot.run_turn("cli:me", "restart").approvals[0]
@@ -1746,7 +1746,7 @@ def test_a_turn_whose_job_dies_fails_and_its_approved_call_is_kept(db: Path) -> 
     assert runs == []
 
 
-def test_short_lived_threads_leave_no_connection_open(db: Path) -> None:
+def test_short_lived_threads_leave_no_connection_open(db: Database) -> None:
     model = agentkit.ScriptedModel([s for _ in range(5) for s in (ToolCall("nap", {}), "ok")])
     with AgentKit(db, model=model, lease=0.3) as kit:
         kit.tool(lambda: time.sleep(0.15) or "rested", name="nap")
@@ -1757,12 +1757,11 @@ def test_short_lived_threads_leave_no_connection_open(db: Path) -> None:
         assert len(kit.store._all) == 1  # only this thread's
 
 
-def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "new.db"
+def test_bad_constructor_and_query_input_touches_nothing(tmp_path: Path, db: Database) -> None:
     for kwargs in ({"approvers": ["owner"]}, {"approval_ttl": 0}, {"lease": -1}):
         with pytest.raises(BadInput):
             AgentKit(db, **kwargs)
-        assert not db.exists()
+        assert not created(db)
     with pytest.raises(StoreError, match="cannot open"):
         AgentKit(tmp_path)
     with AgentKit(db) as kit:
@@ -1904,6 +1903,7 @@ def test_a_polled_message_with_a_lone_surrogate_is_skipped_not_fatal(kit: AgentK
     assert "skipped message 1: text holds a lone surrogate" in caplog.text
 
 
+@pytest.mark.sqlite_only("breaks a COMMIT with SQLite's deferred foreign keys")
 def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
     tx = kit.store.connection()  # the SQLite engine's own: only raw SQL can break a COMMIT
     with pytest.raises(apsw.ConstraintError), kit.store.transaction():
@@ -1926,7 +1926,7 @@ def test_a_failed_commit_leaves_the_connection_usable(kit: AgentKit) -> None:
 # ─────────────────────────────────────── retention ───────────────────────────────────────
 
 
-def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) -> None:
+def test_prune_keeps_what_is_live(kit: AgentKit, new_db: NewDatabase, monkeypatch) -> None:
     """Old finished jobs, events, sent deliveries and used requests go; pending approvals,
     unfinished turns, messages and live requests stay."""
     kit.task(lambda payload: "ok", name="old")
@@ -1935,7 +1935,7 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
     kit.enqueue("old", delay=3600)
     kit.tool(lambda: "boom", name="risky", approval=True)
     kit.records.deliver("web:owner", None, "notice", "hello")
-    waiting = scripted_kit(tmp_path / "b.db", [agentkit.ToolCall("risky", {})])
+    waiting = scripted_kit(new_db("b.db"), [agentkit.ToolCall("risky", {})])
     waiting.tool(lambda: "boom", name="risky", approval=True)
     assert waiting.run_turn("cli:me", "go").status == "waiting_approval"
     waiting.request_secret("cli:me", fields=["T"], reason="r")
@@ -1959,12 +1959,13 @@ def test_prune_keeps_what_is_live(kit: AgentKit, tmp_path: Path, monkeypatch) ->
     assert count(waiting, "messages") == 2 and count(waiting, "secret_requests") == 1
     assert [job.state for job in kit.jobs()] == ["queued"]
     assert count(kit, "deliveries") == 0
-    out = cli("prune", "--older-than", "30d", "--db", str(tmp_path / "b.db"))
+    out = cli("prune", "--older-than", "30d", "--db", str(new_db("b.db")))
     assert out.returncode == 0 and "jobs 0" in out.stdout
-    bad = cli("prune", "--older-than", "soon", "--db", str(tmp_path / "b.db"))
+    bad = cli("prune", "--older-than", "soon", "--db", str(new_db("b.db")))
     assert bad.returncode == 2 and "30d" in bad.stderr
 
 
+@pytest.mark.sqlite_only("VACUUM INTO a file")
 def test_vacuum_into_backs_up_a_live_database(kit: AgentKit, tmp_path: Path) -> None:
     kit.run_turn("cli:me", "keep me")
     kit.store.backup(tmp_path / "backup.db")

@@ -17,15 +17,15 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit
-from testkit import count, rows
+from testkit import Database, count, rows
 
 ROOT = Path(__file__).resolve().parent
 OWNER = "tester"
 
 
 @pytest.fixture
-def kit(tmp_path: Path):
-    with AgentKit(tmp_path / "agent.db") as kit:
+def kit(db: Database):
+    with AgentKit(db) as kit:
         yield kit
 
 
@@ -72,6 +72,7 @@ def kit_with_backlog(path: Path, foreign: int) -> AgentKit:
     return kit
 
 
+@pytest.mark.sqlite_only("counts SQLite's VM instructions")
 def test_a_claim_reads_no_ready_jobs_of_other_tasks(tmp_path: Path) -> None:
     costs = {}
     for foreign in (10, 10_000):
@@ -89,6 +90,7 @@ def test_a_claim_reads_no_ready_jobs_of_other_tasks(tmp_path: Path) -> None:
         assert big <= small * 1.05 + 20, costs  # 10,000 rows read would cost far more
 
 
+@pytest.mark.sqlite_only("reads SQLite's query plans")
 def test_a_claim_by_id_is_a_rowid_lookup(kit: AgentKit) -> None:
     engine = agentkit.SQLiteStore
 
@@ -105,6 +107,7 @@ def test_a_claim_by_id_is_a_rowid_lookup(kit: AgentKit) -> None:
         assert any("INDEX jobs_ready (name=?" in row[3] for row in plan), plan
 
 
+@pytest.mark.sqlite_only("counts SQLite's VM instructions")
 @pytest.mark.parametrize("queued_first", [True, False], ids=["queued-then-run", "run-then-queued"])
 def test_jobs_blocked_behind_a_running_target_are_skipped_without_a_scan(
     tmp_path: Path, queued_first: bool
@@ -145,6 +148,7 @@ def run_target(kit: AgentKit) -> agentkit.Claimed:
     return first
 
 
+@pytest.mark.sqlite_only("the blocked flag that SQLite's claims set (test_store.py has the rest)")
 @pytest.mark.parametrize("outcome", ["ok", "error", "fail", "lease expired"])
 def test_a_blocked_job_is_claimable_when_its_target_frees(
     kit: AgentKit, clock: list[float], outcome: str
@@ -182,6 +186,7 @@ def test_priorities_then_fifo_hold_across_task_names(kit: AgentKit) -> None:
     ]
 
 
+@pytest.mark.sqlite_only("an SQLite file written at schema 5")
 def test_an_old_database_is_upgraded_with_its_jobs(tmp_path: Path) -> None:
     path = tmp_path / "v5.db"
     conn = apsw.Connection(str(path))
@@ -208,8 +213,7 @@ def test_an_old_database_is_upgraded_with_its_jobs(tmp_path: Path) -> None:
         assert [job.payload for job in claim(kit, ["t"])] == ["running"]
 
 
-def test_jobs_of_one_target_never_overlap_across_processes(tmp_path: Path) -> None:
-    db = tmp_path / "agent.db"
+def test_jobs_of_one_target_never_overlap_across_processes(db: Database) -> None:
     with AgentKit(db) as kit:
         kit.task(lambda payload: None, name="spell")
         for target in ("a", "b", "c"):
@@ -263,10 +267,10 @@ def test_healthz_does_not_count_jobs_and_doctor_says_how_long_counting_took(
     assert report["counting seconds"] >= 0
 
 
-def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(tmp_path: Path) -> None:
+def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(db: Database) -> None:
     entered, release = threading.Event(), threading.Event()
     model = agentkit.ScriptedModel([agentkit.ToolCall("wait", {}), "second answer"])
-    with AgentKit(tmp_path / "agent.db", model=model) as kit:
+    with AgentKit(db, model=model) as kit:
 
         @kit.tool
         def wait() -> str:
@@ -290,6 +294,7 @@ def test_a_turn_queued_behind_a_cancelled_running_turn_runs_after_it(tmp_path: P
         assert kit.turn(second.turn_id).reply == "second answer"
 
 
+@pytest.mark.sqlite_only("an SQLite connection option")
 def test_connections_keep_plans_stable_across_binds(kit: AgentKit) -> None:
     # without it, SQLite re-prepares the claim's statements at every bind
     assert kit.store.connection().config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1

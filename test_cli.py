@@ -20,22 +20,24 @@ import pytest
 import agentkit
 from agentkit import AgentKit
 from fake_servers import FakeOpenAI
-from testkit import CONFIG_VARS, rows
+from testkit import CONFIG_VARS, Database, database_config, rows
 
 ROOT = Path(__file__).resolve().parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a CLI process: no configuration from the shell, a home of its own."""
+def environment(tmp_path: Path, db: Database, **extra: str) -> dict[str, str]:
+    """The environment of a CLI process: no configuration from the shell but the test's
+    database (AGENTKIT_DB), a home of its own."""
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env.update(database_config(db))
     env.update(HOME=str(tmp_path / "home"), XDG_DATA_HOME=str(tmp_path / "data"))
     env.update(PYTHONPATH=str(ROOT), **extra)
     return env
 
 
 def cli(
-    tmp_path: Path, *args: str, stdin: str | None = None, **env: str
+    tmp_path: Path, db: Database, *args: str, stdin: str | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run `python agentkit.py ARGS` in tmp_path, its output captured (not a terminal)."""
     return subprocess.run(
@@ -45,7 +47,7 @@ def cli(
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=environment(tmp_path, **env),
+        env=environment(tmp_path, db, **env),
         timeout=60,
     )
 
@@ -115,10 +117,13 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 APP = '''
+import os
+
 import agentkit
 
-# the model at OPENAI_BASE_URL; a lease that never runs out in a test
-kit = agentkit.AgentKit("chat.db", model=agentkit.OpenAIModel("fake-large"), lease=600)
+# the test's database, the model at OPENAI_BASE_URL; a lease that never runs out in a test
+model = agentkit.OpenAIModel("fake-large")
+kit = agentkit.AgentKit(os.environ["AGENTKIT_DB"], model=model, lease=600)
 
 
 @kit.tool
@@ -141,10 +146,10 @@ def write_app(tmp_path: Path) -> None:
 
 
 def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctrl_d(
-    tmp_path: Path, fake: FakeOpenAI
+    tmp_path: Path, db: Database, fake: FakeOpenAI
 ) -> None:
     write_app(tmp_path)
-    env = environment(tmp_path, OPENAI_BASE_URL=fake.url)
+    env = environment(tmp_path, db, OPENAI_BASE_URL=fake.url)
     term = Terminal(["chat", "--app", "app:kit"], tmp_path, env)
     try:
         at = term.wait_for("model openai:fake-large, thread cli:")
@@ -185,7 +190,7 @@ def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctr
     finally:
         term.close()
     assert "Traceback" not in term.screen and " INFO " not in term.screen
-    with AgentKit(tmp_path / "chat.db") as kit:
+    with AgentKit(db) as kit:
         history = kit.history(agentkit.cli_user())
         statuses = rows(kit, "turns", "status")
         jobs = kit.jobs()
@@ -200,11 +205,11 @@ def test_chat_in_a_terminal_approves_inline_cancels_with_ctrl_c_and_exits_on_ctr
 
 
 def test_chat_in_a_terminal_shows_tool_calls_and_tokens_as_they_arrive(
-    tmp_path: Path, fake: FakeOpenAI
+    tmp_path: Path, db: Database, fake: FakeOpenAI
 ) -> None:
     write_app(tmp_path)
     term = Terminal(
-        ["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, OPENAI_BASE_URL=fake.url)
+        ["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, db, OPENAI_BASE_URL=fake.url)
     )
     try:
         at = term.wait_for("> ")
@@ -226,7 +231,7 @@ def test_chat_in_a_terminal_shows_tool_calls_and_tokens_as_they_arrive(
         term.close()
 
 
-def test_run_streams_plain_text_into_a_pipe(tmp_path: Path, fake: FakeOpenAI) -> None:
+def test_run_streams_plain_text_into_a_pipe(tmp_path: Path, db: Database, fake: FakeOpenAI) -> None:
     release = fake.hold("The **disk** is fine.")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "agentkit.py"), "run", "disk?", "-m", "openai:fake-large"],
@@ -234,7 +239,7 @@ def test_run_streams_plain_text_into_a_pipe(tmp_path: Path, fake: FakeOpenAI) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=tmp_path,
-        env=environment(tmp_path, OPENAI_BASE_URL=fake.url),
+        env=environment(tmp_path, db, OPENAI_BASE_URL=fake.url),
     )
     try:
         seen = b""
@@ -254,17 +259,17 @@ def test_run_streams_plain_text_into_a_pipe(tmp_path: Path, fake: FakeOpenAI) ->
 
 
 def test_run_exit_status_says_done_waiting_or_failed_and_prints_how_to_decide(
-    tmp_path: Path, fake: FakeOpenAI
+    tmp_path: Path, db: Database, fake: FakeOpenAI
 ) -> None:
     write_app(tmp_path)
     model = ["--app", "app:kit"]
     env = {"OPENAI_BASE_URL": fake.url}
     fake.push(text="all fine")
-    done = cli(tmp_path, "run", "status?", *model, **env)
+    done = cli(tmp_path, db, "run", "status?", *model, **env)
     assert (done.returncode, done.stdout, done.stderr) == (0, "all fine\n", "")
 
     fake.push(tool_calls=[("restart", {"service": "db"})])
-    waiting = cli(tmp_path, "run", "restart db", *model, **env)
+    waiting = cli(tmp_path, db, "run", "restart db", *model, **env)
     assert waiting.returncode == 3, waiting.stderr
     approval = re.search(r"approval (apr_\w+): restart\(\{\"service\": \"db\"\}\)", waiting.stderr)
     assert approval, waiting.stderr
@@ -272,38 +277,40 @@ def test_run_exit_status_says_done_waiting_or_failed_and_prints_how_to_decide(
     assert f"agentkit approve {apr} --app app:kit" in waiting.stderr
     assert f"agentkit deny {apr} --app app:kit" in waiting.stderr
 
-    held = cli(tmp_path, "run", "and then?", *model, **env)  # the thread waits: it is held
+    held = cli(tmp_path, db, "run", "and then?", *model, **env)  # the thread waits: it is held
     assert held.returncode == 3 and f"/approve {apr}" in held.stderr
 
     fake.push(text="db restarted")  # the resumed turn, run by `approve` itself
-    approved = cli(tmp_path, "approve", apr, "--app", "app:kit", **env)
+    approved = cli(tmp_path, db, "approve", apr, "--app", "app:kit", **env)
     assert approved.returncode == 0, approved.stderr
     assert approved.stdout == f"approved {apr}\ndb restarted\n"
     assert (tmp_path / "restarted.txt").read_text() == "db\n"
     fake.push(text="then nothing")  # the held message, now free: `work` runs it
-    assert cli(tmp_path, "work", "--app", "app:kit", "--until-idle", **env).returncode == 0
-    assert cli(tmp_path, "show", agentkit.cli_user(), "--db", "chat.db").stdout.endswith(
+    assert cli(tmp_path, db, "work", "--app", "app:kit", "--until-idle", **env).returncode == 0
+    assert cli(tmp_path, db, "show", agentkit.cli_user()).stdout.endswith(
         "assistant: then nothing\n"
     )
 
     fake.push_error(400, {"error": {"message": "no such model"}})
-    failed = cli(tmp_path, "run", "again", *model, **env)
+    failed = cli(tmp_path, db, "run", "again", *model, **env)
     assert failed.returncode == 1 and "failed" in failed.stderr and "no such model" in failed.stderr
     assert "INFO" not in done.stderr + waiting.stderr + failed.stderr  # no log line by default
 
 
-def test_approve_without_the_app_says_that_nothing_here_runs_the_call(tmp_path: Path) -> None:
+def test_approve_without_the_app_says_that_nothing_here_runs_the_call(
+    tmp_path: Path, db: Database
+) -> None:
     write_app(tmp_path)
-    with AgentKit(tmp_path / "chat.db", model=agentkit.ScriptedModel([RESTART])) as kit:
+    with AgentKit(db, model=agentkit.ScriptedModel([RESTART])) as kit:
         kit.tool(approval=True, name="restart")(lambda service: service)
         apr = kit.run_turn("cli:me", "restart").approvals[0].id
-    bare = cli(tmp_path, "approve", apr, "--db", "chat.db")
+    bare = cli(tmp_path, db, "approve", apr)
     assert bare.returncode == 0
     assert (
         bare.stdout.startswith(f"approved {apr}; turn ") and "nothing here runs it" in bare.stdout
     )
     assert not (tmp_path / "restarted.txt").exists()
-    worked = cli(tmp_path, "work", "--app", "app:kit", "--until-idle")
+    worked = cli(tmp_path, db, "work", "--app", "app:kit", "--until-idle")
     assert worked.returncode == 0, worked.stderr
     assert (tmp_path / "restarted.txt").read_text() == "nginx\n"
 
@@ -311,47 +318,49 @@ def test_approve_without_the_app_says_that_nothing_here_runs_the_call(tmp_path: 
 RESTART = agentkit.ToolCall("restart", {"service": "nginx"})
 
 
-def test_run_reads_stdin_prints_json_lines_and_names_its_version(tmp_path: Path) -> None:
-    piped = cli(tmp_path, "run", stdin="from a pipe\n")
+def test_run_reads_stdin_prints_json_lines_and_names_its_version(
+    tmp_path: Path, db: Database
+) -> None:
+    piped = cli(tmp_path, db, "run", stdin="from a pipe\n")
     assert (piped.returncode, piped.stdout) == (0, "echo: from a pipe\n")
-    dash = cli(tmp_path, "run", "-", "--json", stdin="dash")
+    dash = cli(tmp_path, db, "run", "-", "--json", stdin="dash")
     events = [json.loads(line) for line in dash.stdout.splitlines()]
     assert events[-1]["kind"] == "done" and events[-1]["result"]["reply"] == "echo: dash"
     assert events[-1]["result"]["status"] == "done"
     texts = [e["text"] for e in events if e["kind"] == "text"]
     assert len(texts) > 1 and "".join(texts) == "echo: dash"  # the deltas, as they came
-    version = cli(tmp_path, "--version")
+    version = cli(tmp_path, db, "--version")
     assert version.stdout == f"agentkit {agentkit.__version__}\n"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'version = { attr = "agentkit.__version__" }' in pyproject
-    assert cli(tmp_path, "run", stdin="").returncode == 2  # an empty message
-    assert cli(tmp_path, "run", "-m", "nosuch:model", "hi").returncode == 2
-    assert cli(tmp_path, "run", "--frobnicate").returncode == 2
-    assert cli(tmp_path, "run", "hi", AGENTKIT_LOG_LEVEL="LOUD").returncode == 2
-    verbose = cli(tmp_path, "run", "-v", "hi")
+    assert cli(tmp_path, db, "run", stdin="").returncode == 2  # an empty message
+    assert cli(tmp_path, db, "run", "-m", "nosuch:model", "hi").returncode == 2
+    assert cli(tmp_path, db, "run", "--frobnicate").returncode == 2
+    assert cli(tmp_path, db, "run", "hi", AGENTKIT_LOG_LEVEL="LOUD").returncode == 2
+    verbose = cli(tmp_path, db, "run", "-v", "hi")
     assert " INFO agentkit: turn_" in verbose.stderr
-    logged = cli(tmp_path, "run", "hi", AGENTKIT_LOG_LEVEL="info")
+    logged = cli(tmp_path, db, "run", "hi", AGENTKIT_LOG_LEVEL="info")
     assert " INFO agentkit: turn_" in logged.stderr
-    missing = cli(tmp_path, "approve", "apr_missing")
+    missing = cli(tmp_path, db, "approve", "apr_missing")
     assert missing.returncode == 1 and "no approval apr_missing" in missing.stderr
-    assert cli(tmp_path, "jobs", "show", "job_999").returncode == 1
+    assert cli(tmp_path, db, "jobs", "show", "job_999").returncode == 1
 
 
 def test_a_bare_run_takes_the_first_model_of_openai_base_url_and_says_so(
-    tmp_path: Path, fake: FakeOpenAI
+    tmp_path: Path, db: Database, fake: FakeOpenAI
 ) -> None:
     fake.push(text="hello from the server")
-    out = cli(tmp_path, "run", "hi", OPENAI_BASE_URL=fake.url)
+    out = cli(tmp_path, db, "run", "hi", OPENAI_BASE_URL=fake.url)
     assert out.returncode == 0 and out.stdout == "hello from the server\n"
     assert "using openai:fake-large" in out.stderr and "/v1/models" in out.stderr
     assert fake.requests[-1].body["model"] == "fake-large"
     fake.push(text="short")
-    system = cli(tmp_path, "run", "hi", "-q", "-s", "Be terse.", OPENAI_BASE_URL=fake.url)
+    system = cli(tmp_path, db, "run", "hi", "-q", "-s", "Be terse.", OPENAI_BASE_URL=fake.url)
     assert (system.stdout, system.stderr) == ("short\n", "")  # -q: no note on the model
     assert fake.requests[-1].body["messages"][0] == {"role": "system", "content": "Be terse."}
-    named = cli(tmp_path, "run", "hi", "-m", "echo", OPENAI_BASE_URL=fake.url)
+    named = cli(tmp_path, db, "run", "hi", "-m", "echo", OPENAI_BASE_URL=fake.url)
     assert (named.stdout, named.stderr) == ("echo: hi\n", "")
-    gone = cli(tmp_path, "run", "hi", OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    gone = cli(tmp_path, db, "run", "hi", OPENAI_BASE_URL="http://127.0.0.1:9/v1")
     assert gone.stdout == "echo: hi\n" and "lists no model" in gone.stderr and "echo" in gone.stderr
 
 
@@ -369,11 +378,12 @@ def test_the_markdown_pen_styles_pieces_however_they_are_cut() -> None:
 
 def test_a_turn_interrupted_by_ctrl_c_hands_its_job_back_and_cancels_at_once(
     tmp_path: Path,
+    db: Database,
 ) -> None:
     def interrupted(messages: list, tools: list) -> str:
         raise KeyboardInterrupt
 
-    with AgentKit(tmp_path / "k.db", lease=600) as kit:
+    with AgentKit(db, lease=600) as kit:
         kit.engine.model = agentkit.ScriptedModel([interrupted, "the next one"])
         with pytest.raises(KeyboardInterrupt):
             kit.run_turn("cli:me", "first")
@@ -389,16 +399,19 @@ def test_a_turn_interrupted_by_ctrl_c_hands_its_job_back_and_cancels_at_once(
 
 
 SECRET_APP = """
+import os
+
 import agentkit
 
 ask = agentkit.ToolCall("secret_request", {"reason": "to deploy", "fields": ["API_TOKEN"]})
-kit = agentkit.AgentKit("sec.db", model=agentkit.ScriptedModel([ask, "Use the link."]))
+model = agentkit.ScriptedModel([ask, "Use the link."])
+kit = agentkit.AgentKit(os.environ["AGENTKIT_DB"], model=model)
 """
 
 
-def test_run_prints_the_link_of_a_secret_request(tmp_path: Path) -> None:
+def test_run_prints_the_link_of_a_secret_request(tmp_path: Path, db: Database) -> None:
     (tmp_path / "sec.py").write_text(SECRET_APP)
-    out = cli(tmp_path, "run", "--app", "sec:kit", "deploy")
+    out = cli(tmp_path, db, "run", "--app", "sec:kit", "deploy")
     assert out.returncode == 0 and out.stdout == "Use the link.\n"
     assert "Open this link to give API_TOKEN securely" in out.stderr
     assert re.search(r"http://127\.0\.0\.1:\d+/secret#v=1&id=sec_\w+&key=", out.stderr)
@@ -406,10 +419,11 @@ def test_run_prints_the_link_of_a_secret_request(tmp_path: Path) -> None:
 
 def test_cancel_at_once_frees_the_thread_and_fences_the_worker_still_running(
     tmp_path: Path,
+    db: Database,
 ) -> None:
     started, release = threading.Event(), threading.Event()
     model = agentkit.ScriptedModel([agentkit.ToolCall("slow", {}), "the next one"])
-    with AgentKit(tmp_path / "k.db", model=model, lease=600) as kit:
+    with AgentKit(db, model=model, lease=600) as kit:
 
         @kit.tool
         def slow() -> str:
@@ -436,19 +450,21 @@ def test_cancel_at_once_frees_the_thread_and_fences_the_worker_still_running(
     assert history[-1] == {"role": "assistant", "content": "the next one"}
 
 
-def test_chat_says_what_was_wrong_with_a_message_and_goes_on(tmp_path: Path) -> None:
-    out = cli(tmp_path, "chat", stdin="x" * 100_001 + "\nstill here\n")
+def test_chat_says_what_was_wrong_with_a_message_and_goes_on(tmp_path: Path, db: Database) -> None:
+    out = cli(tmp_path, db, "chat", stdin="x" * 100_001 + "\nstill here\n")
     assert out.returncode == 0
     assert "at most 100,000 characters" in out.stderr and out.stdout == "echo: still here\n"
 
 
-def test_chat_starts_with_what_the_thread_waits_for(tmp_path: Path, fake: FakeOpenAI) -> None:
+def test_chat_starts_with_what_the_thread_waits_for(
+    tmp_path: Path, db: Database, fake: FakeOpenAI
+) -> None:
     write_app(tmp_path)
     env = {"OPENAI_BASE_URL": fake.url}
     fake.push(tool_calls=[("restart", {"service": "nginx"})])
-    assert cli(tmp_path, "run", "restart nginx", "--app", "app:kit", **env).returncode == 3
+    assert cli(tmp_path, db, "run", "restart nginx", "--app", "app:kit", **env).returncode == 3
     fake.push(text="fine, I leave it")
-    term = Terminal(["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, **env))
+    term = Terminal(["chat", "--app", "app:kit"], tmp_path, environment(tmp_path, db, **env))
     try:
         at = term.wait_for("approval apr_")
         at = term.wait_for("restart: [a]pprove / [d]eny? ", at)
@@ -464,11 +480,11 @@ def test_chat_starts_with_what_the_thread_waits_for(tmp_path: Path, fake: FakeOp
 
 
 def test_ctrl_c_in_run_cancels_the_turn_and_exits_130_at_once(
-    tmp_path: Path, fake: FakeOpenAI
+    tmp_path: Path, db: Database, fake: FakeOpenAI
 ) -> None:
     write_app(tmp_path)
     fake.push_hang(600)  # the model never answers
-    env = environment(tmp_path, OPENAI_BASE_URL=fake.url)
+    env = environment(tmp_path, db, OPENAI_BASE_URL=fake.url)
     term = Terminal(["run", "--app", "app:kit", "slow"], tmp_path, env)
     try:
         for _ in range(600):  # until the request reached the model
@@ -481,6 +497,6 @@ def test_ctrl_c_in_run_cancels_the_turn_and_exits_130_at_once(
         assert term.wait_exit(timeout=60) == 130
     finally:
         term.close()
-    with AgentKit(tmp_path / "chat.db") as kit:
+    with AgentKit(db) as kit:
         (status,) = rows(kit, "turns", "status")
     assert status == "cancelled"

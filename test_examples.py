@@ -26,7 +26,7 @@ import pytest
 import agentkit
 import testkit
 from fake_servers import FakeOpenAI, FakeTelegram
-from testkit import seal, wait_until
+from testkit import Database, seal, wait_until
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
@@ -45,17 +45,23 @@ CONFIG_VARS = (
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
 
 
-def env_for(db: Path, **extra: str) -> dict[str, str]:
-    """The environment of an example's process: no model keys or tokens from outside."""
+def env_for(db: Database, **extra: str) -> dict[str, str]:
+    """The environment of an example's process: no model keys or tokens from outside, the
+    test's database (AGENTKIT_DB), agentkit and the examples importable."""
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    env |= {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "AGENTKIT_DB": str(db)}
-    return env | extra
+    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{EXAMPLES}", "PYTHONUNBUFFERED": "1"}
+    return env | testkit.database_config(db) | extra
 
 
-def run_script(name: str, env: dict[str, str]) -> str:
-    """`python <name>` in examples/; its stdout (it must exit 0)."""
+def run_script(name: str, env: dict[str, str], cwd: Path) -> str:
+    """`python examples/<name>` in `cwd`; its stdout (it must exit 0)."""
     done = subprocess.run(
-        [sys.executable, name], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, str(EXAMPLES / name)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -69,15 +75,15 @@ def agentkit_command() -> list[str]:
 
 
 class Served:
-    """`<command> serve --app <app> --http 127.0.0.1:0` in examples/, as a process (a bare
+    """`<command> serve --app <app> --http 127.0.0.1:0` in `cwd`, as a process (a bare
     kit when `app` is "")."""
 
     PATTERN = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
 
-    def __init__(self, command: list[str], app: str, env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], app: str, env: dict[str, str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
             [*command, "serve", *(["--app", app] if app else []), "--http", "127.0.0.1:0"],
-            cwd=EXAMPLES,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -122,8 +128,8 @@ class Served:
 
 
 @contextlib.contextmanager
-def served(command: list[str], app: str, env: dict[str, str]) -> Iterator[Served]:
-    server = Served(command, app, env)
+def served(command: list[str], app: str, env: dict[str, str], cwd: Path) -> Iterator[Served]:
+    server = Served(command, app, env, cwd)
     try:
         server.wait_ready()
         yield server
@@ -143,8 +149,10 @@ def import_example(name: str) -> object:
 # ───────────────────────────────────────── scripts ─────────────────────────────────────────
 
 
-def test_script_runs_a_turn_with_a_tool_call_and_prints_the_history(tmp_path: Path) -> None:
-    out = run_script("script.py", env_for(tmp_path / "script.db")).splitlines()
+def test_script_runs_a_turn_with_a_tool_call_and_prints_the_history(
+    tmp_path: Path, db: Database
+) -> None:
+    out = run_script("script.py", env_for(db), tmp_path).splitlines()
     assert out[0] == "done: 1234 + 5678 = 6912."
     history = [json.loads(line) for line in out[1:]]
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
@@ -154,9 +162,9 @@ def test_script_runs_a_turn_with_a_tool_call_and_prints_the_history(tmp_path: Pa
 
 
 def test_workspace_agent_writes_and_runs_a_script_in_bwrap_after_approvals(
-    tmp_path: Path,
+    tmp_path: Path, db: Database
 ) -> None:
-    out = run_script("workspace_agent.py", env_for(tmp_path / "workspace_agent.db"))
+    out = run_script("workspace_agent.py", env_for(db), tmp_path)
     assert out.splitlines() == [
         "approving write: {'path': 'hello.py', 'text': \"print('hello from the sandbox')\\n\"}",
         "approving bash: {'command': 'python3 hello.py; cat /etc/shadow'}",
@@ -172,9 +180,9 @@ def test_workspace_agent_writes_and_runs_a_script_in_bwrap_after_approvals(
 
 
 def test_ops_bot_waits_for_approval_runs_the_tool_once_and_reports_a_denial(
-    tmp_path: Path,
+    tmp_path: Path, db: Database
 ) -> None:
-    out = run_script("ops_bot.py", env_for(tmp_path / "ops.db"))
+    out = run_script("ops_bot.py", env_for(db), tmp_path)
     lines = out.splitlines()
     assert re.fullmatch(
         r"waiting_approval \[\('apr_[0-9a-f]{16}', 'restart', \{'service': 'nginx'\}\)\]",
@@ -188,11 +196,10 @@ def test_ops_bot_waits_for_approval_runs_the_tool_once_and_reports_a_denial(
     assert "done -> Outcome: denied by cli:oncall: not during business hours" in lines
     assert "restarting postgres" not in out
     # the decisions are rows: the CLI lists them from the same database
-    db = ["--db", str(tmp_path / "ops.db")]
     listed = subprocess.run(
-        [sys.executable, str(ROOT / "agentkit.py"), "approvals", "--all", *db],
+        [sys.executable, str(ROOT / "agentkit.py"), "approvals", "--all"],
         cwd=tmp_path,
-        env=env_for(tmp_path / "ops.db"),
+        env=env_for(db),
         capture_output=True,
         text=True,
         timeout=60,
@@ -202,9 +209,11 @@ def test_ops_bot_waits_for_approval_runs_the_tool_once_and_reports_a_denial(
     assert "denied by cli:oncall" in listed.stdout
 
 
-def test_daily_report_ticks_once_per_due_time_and_builds_the_report(tmp_path: Path) -> None:
-    env = env_for(tmp_path / "report.db")
-    first = run_script("daily_report.py", env).splitlines()
+def test_daily_report_ticks_once_per_due_time_and_builds_the_report(
+    tmp_path: Path, db: Database
+) -> None:
+    env = env_for(db)
+    first = run_script("daily_report.py", env, tmp_path).splitlines()
     due = re.fullmatch(r"next daily report: (\d{4}-\d\d-\d\dT08:00:00\+0[12]:00)", first[0])
     assert due, first
     assert re.fullmatch(
@@ -218,15 +227,15 @@ def test_daily_report_ticks_once_per_due_time_and_builds_the_report(tmp_path: Pa
         "- failed jobs: none",
     ]
     # schedule() at every start is an upsert: the tick advanced it to the next morning
-    second = run_script("daily_report.py", env).splitlines()
+    second = run_script("daily_report.py", env, tmp_path).splitlines()
     after = re.fullmatch(r"next daily report: (\S+)", second[0])
     assert after
     gap = datetime.fromisoformat(after[1]) - datetime.fromisoformat(due[1])
     assert gap.total_seconds() / 3600 in (23, 24, 25)  # 23 or 25 across a DST change
 
 
-def test_secret_tool_script_prints_the_link(tmp_path: Path) -> None:
-    out = run_script("secret_tool.py", env_for(tmp_path / "secret.db"))
+def test_secret_tool_script_prints_the_link(tmp_path: Path, db: Database) -> None:
+    out = run_script("secret_tool.py", env_for(db), tmp_path)
     assert "I sent you a secure link for your API token." in out
     link = r"Open this link to give API_TOKEN securely .*: http://127\.0\.0\.1:\d+/secret#"
     assert re.search(link, out), out
@@ -258,11 +267,13 @@ class FakeAPI(http.server.ThreadingHTTPServer):
 
 
 def test_secret_tool_asks_for_the_token_then_uses_it_without_storing_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = FakeAPI()
+    database = testkit.database_config(db)
     testkit.clear_config(monkeypatch, CONFIG_VARS)
-    monkeypatch.setenv("AGENTKIT_DB", str(tmp_path / "secret.db"))
+    for name, value in database.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("API_URL", api.url)
     example = import_example("secret_tool")
     kit: agentkit.AgentKit = example.kit
@@ -290,17 +301,16 @@ def test_secret_tool_asks_for_the_token_then_uses_it_without_storing_it(
         kit.close()
         api.shutdown()
         api.server_close()
-    for path in tmp_path.glob("secret.db*"):
-        assert value.encode() not in path.read_bytes(), path.name
+    assert value.encode() not in testkit.stored_bytes(db)
 
 
 # ───────────────────────────────────────── served bots ─────────────────────────────────────────
 
 
-def test_quickbot_serves_the_web_chat(tmp_path: Path) -> None:
-    env = env_for(tmp_path / "quick.db", AGENTKIT_WEB_TOKEN=TOKEN)
+def test_quickbot_serves_the_web_chat(tmp_path: Path, db: Database) -> None:
+    env = env_for(db, AGENTKIT_WEB_TOKEN=TOKEN)
     with (
-        served(agentkit_command(), "quickbot:kit", env) as bot,
+        served(agentkit_command(), "quickbot:kit", env, tmp_path) as bot,
         httpx.Client(base_url=bot.url, timeout=30) as client,
     ):
         login = client.post("/api/login", json={"token": TOKEN}, headers={"Origin": bot.url})
@@ -318,10 +328,12 @@ def test_quickbot_serves_the_web_chat(tmp_path: Path) -> None:
     assert TOKEN not in bot.log()
 
 
-def test_telegram_bot_answers_and_asks_for_approval_with_buttons(tmp_path: Path) -> None:
+def test_telegram_bot_answers_and_asks_for_approval_with_buttons(
+    tmp_path: Path, db: Database
+) -> None:
     with FakeTelegram() as telegram, FakeOpenAI() as openai:
         env = env_for(
-            tmp_path / "telegram.db",
+            db,
             TELEGRAM_BOT_TOKEN=telegram.token,
             TELEGRAM_API_URL=telegram.url,
             AGENTKIT_TELEGRAM_ALLOW="42",
@@ -332,7 +344,7 @@ def test_telegram_bot_answers_and_asks_for_approval_with_buttons(tmp_path: Path)
         openai.push(tool_calls=[("deploy", {"version": "1.2"})])
         openai.push(text="Version 1.2 is live.")
         command = [sys.executable, str(ROOT / "agentkit.py")]  # `python ../agentkit.py`
-        with served(command, "telegram_bot:kit", env) as bot:
+        with served(command, "telegram_bot:kit", env, tmp_path) as bot:
             telegram.push_message(chat_id=42, user_id=42, text="hello")
             telegram.push_message(chat_id=42, user_id=42, text="/ping")
             telegram.push_message(chat_id=7, user_id=7, text="let me in")
@@ -356,7 +368,7 @@ def test_telegram_bot_answers_and_asks_for_approval_with_buttons(tmp_path: Path)
         assert telegram.token not in bot.log()
 
 
-def test_json_feed_answers_each_item_once(tmp_path: Path) -> None:
+def test_json_feed_answers_each_item_once(tmp_path: Path, db: Database) -> None:
     feed, replies = tmp_path / "feed.json", tmp_path / "replies.jsonl"
     items = [
         {"id": 1, "room": "general", "user": "ann", "text": "hello"},
@@ -372,8 +384,8 @@ def test_json_feed_answers_each_item_once(tmp_path: Path) -> None:
         return [json.loads(line) for line in lines] if len(lines) >= count else None
 
     write_feed()
-    env = env_for(tmp_path / "feed.db", FEED_PATH=str(feed), REPLIES_PATH=str(replies))
-    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env) as bot:
+    env = env_for(db, FEED_PATH=str(feed), REPLIES_PATH=str(replies))
+    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env, tmp_path) as bot:
         first = wait_until(lambda: answered(2), what="two replies")
         assert sorted((r["re"], r["room"], r["text"]) for r in first) == [
             (1, "general", "echo: hello"),
@@ -386,7 +398,7 @@ def test_json_feed_answers_each_item_once(tmp_path: Path) -> None:
     # a second process carries on from the stored cursor: nothing is answered again
     items.append({"id": 4, "room": "ops", "user": "bob", "text": "bye"})
     write_feed()
-    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env) as bot:
+    with served([sys.executable, str(ROOT / "agentkit.py")], "json_feed:kit", env, tmp_path) as bot:
         final = wait_until(lambda: answered(4), what="the fourth reply")
         bot.stop()
     assert final[:2] == first and [r["re"] for r in final[2:]] == [3, 4]

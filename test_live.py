@@ -22,7 +22,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, ScriptedModel, ToolCall, ToolContext, TurnEvent
 from fake_servers import FakeAnthropic, FakeOpenAI
-from testkit import clear_config, count, wait_until
+from testkit import Database, clear_config, count, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,11 +46,11 @@ def assistant_texts(kit: AgentKit, thread: str) -> list[str | None]:
     return [m["content"] for m in kit.history(thread) if m["role"] == "assistant"]
 
 
-def test_stream_turn_yields_deltas_tools_progress_and_done(tmp_path: Path) -> None:
+def test_stream_turn_yields_deltas_tools_progress_and_done(db: Database) -> None:
     model = ScriptedModel(
         [ToolCall("disk_free", {"path": "/"}), "Disk / has **10 GB** free, plenty."]
     )
-    kit = AgentKit(tmp_path / "a.db", model=model)
+    kit = AgentKit(db, model=model)
     heard: list[tuple[str, Any]] = []
 
     @kit.tool
@@ -87,8 +87,7 @@ def model_reply(kit: AgentKit) -> str | None:
     return assistant_texts(kit, "cli:me")[-1]
 
 
-def test_events_are_not_stored(tmp_path: Path) -> None:
-    db = tmp_path / "a.db"
+def test_events_are_not_stored(db: Database) -> None:
     with AgentKit(db, model="echo") as kit:
         list(kit.stream_turn("cli:me", "one two three four"))
         streamed = count(kit, "events")
@@ -99,8 +98,8 @@ def test_events_are_not_stored(tmp_path: Path) -> None:
         assert assistant_texts(kit, "cli:me") == ["echo: one two three four"] * 2
 
 
-def test_approval_event_then_done_waiting(tmp_path: Path) -> None:
-    kit = AgentKit(tmp_path / "a.db", model=ScriptedModel([ToolCall("restart", {"s": "x"})]))
+def test_approval_event_then_done_waiting(db: Database) -> None:
+    kit = AgentKit(db, model=ScriptedModel([ToolCall("restart", {"s": "x"})]))
 
     @kit.tool(approval=True)
     def restart(s: str) -> str:
@@ -115,15 +114,15 @@ def test_approval_event_then_done_waiting(tmp_path: Path) -> None:
         assert events[-1].result.approvals[0].id == events[0].approval.id
 
 
-def test_a_command_streams_its_answer(tmp_path: Path) -> None:
-    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+def test_a_command_streams_its_answer(db: Database) -> None:
+    with AgentKit(db, model="echo") as kit:
         events = list(kit.stream_turn("cli:me", "/help"))
         assert [e.kind for e in events] == ["text", "done"]
         assert events[0].text == events[1].result.reply and "/help" in events[0].text
 
 
-def test_bad_input_is_refused_at_once(tmp_path: Path) -> None:
-    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+def test_bad_input_is_refused_at_once(db: Database) -> None:
+    with AgentKit(db, model="echo") as kit:
         with pytest.raises(agentkit.BadInput):
             kit.stream_turn("no-colon", "hi")
         with pytest.raises(agentkit.BadInput):
@@ -146,9 +145,9 @@ class CharModel:
         return agentkit.ModelReply(self.text, [], {})
 
 
-def test_a_secret_cut_across_deltas_never_reaches_a_watcher(tmp_path: Path) -> None:
+def test_a_secret_cut_across_deltas_never_reaches_a_watcher(db: Database) -> None:
     secret = "hunter2-very-secret"
-    kit = AgentKit(tmp_path / "a.db", model=CharModel(f"your password is {secret}, hush"))
+    kit = AgentKit(db, model=CharModel(f"your password is {secret}, hush"))
     agentkit.write_secret(agentkit.secrets_folder(kit.secrets.workspace, "cli:me"), "PW", secret)
     heard: list[str] = []
     kit.on("reply_delta")(lambda e: heard.append(e.text))
@@ -162,13 +161,13 @@ def test_a_secret_cut_across_deltas_never_reaches_a_watcher(tmp_path: Path) -> N
         assert len([e for e in events if e.kind == "text"]) > 10  # it still streamed
 
 
-def test_a_retried_stream_does_not_repeat_what_was_shown(tmp_path: Path) -> None:
+def test_a_retried_stream_does_not_repeat_what_was_shown(db: Database) -> None:
     with FakeOpenAI() as fake:
         fake.push_cut()  # "This answer is cut short.", cut in the middle
         fake.push(text="This answer is cut short.")
         model = agentkit.OpenAIModel("m", base_url=fake.url, api_key="k")
         model.backoff_base = 0.0
-        with AgentKit(tmp_path / "a.db", model=model) as kit:
+        with AgentKit(db, model=model) as kit:
             events = list(kit.stream_turn("cli:me", "hi"))
             assert texts_by_step(events) == {0: "This answer is cut short."}
             assert len(fake.requests) == 2
@@ -176,7 +175,7 @@ def test_a_retried_stream_does_not_repeat_what_was_shown(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("fake_class", [FakeOpenAI, FakeAnthropic])
 def test_the_first_delta_arrives_before_the_stream_is_released(
-    tmp_path: Path, fake_class: type
+    db: Database, fake_class: type
 ) -> None:
     with fake_class() as fake:
         release = fake.hold("Streaming replies arrive piece by piece.")
@@ -184,7 +183,7 @@ def test_the_first_delta_arrives_before_the_stream_is_released(
             model: Any = agentkit.OpenAIModel("m", base_url=fake.url, api_key="k")
         else:
             model = agentkit.AnthropicModel("m", base_url=fake.url, api_key="k")
-        kit = AgentKit(tmp_path / "a.db", model=model)
+        kit = AgentKit(db, model=model)
         hooked = threading.Event()
         kit.on("reply_delta")(lambda e: hooked.set())
         with kit:
@@ -201,11 +200,11 @@ def test_the_first_delta_arrives_before_the_stream_is_released(
             assert rest[-1].result.reply == "Streaming replies arrive piece by piece."
 
 
-def test_astream_turn(tmp_path: Path) -> None:
+def test_astream_turn(db: Database) -> None:
     async def collect(kit: AgentKit) -> list[TurnEvent]:
         return [event async for event in kit.astream_turn("cli:me", "a b c")]
 
-    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+    with AgentKit(db, model="echo") as kit:
         events = asyncio.run(collect(kit))
         assert texts_by_step(events) == {0: "echo: a b c"}
         assert events[-1].kind == "done" and events[-1].result.status == "done"
@@ -232,8 +231,8 @@ while kit.work(until_idle=True) == 0:
 """
 
 
-def test_stream_turn_follows_a_turn_another_process_runs(tmp_path: Path) -> None:
-    db, gate = tmp_path / "a.db", tmp_path / "gate"
+def test_stream_turn_follows_a_turn_another_process_runs(tmp_path: Path, db: Database) -> None:
+    gate = tmp_path / "gate"
     with AgentKit(db, model="echo") as kit:
         started = kit.run_turn("cli:me", "what is the answer?", source_id="m1", wait=False)
         worker = subprocess.Popen(
@@ -259,14 +258,14 @@ def test_stream_turn_follows_a_turn_another_process_runs(tmp_path: Path) -> None
             worker.wait()
 
 
-def test_a_failed_turn_logs_why_redacted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_turn_logs_why_redacted(db: Database, caplog: pytest.LogCaptureFixture) -> None:
     token = "sk-live-this-must-not-show"
     agentkit.redactions.add(token, "key")
 
     def broken(messages: list, tools: list) -> str:
         raise agentkit.ModelError(f"HTTP 401: bad key {token}")
 
-    with AgentKit(tmp_path / "a.db", model=ScriptedModel([broken])) as kit:
+    with AgentKit(db, model=ScriptedModel([broken])) as kit:
         try:
             with caplog.at_level(logging.INFO, logger="agentkit"):
                 result = kit.run_turn("cli:me", "hi")
@@ -279,9 +278,9 @@ def test_a_failed_turn_logs_why_redacted(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_a_raising_delta_hook_is_logged_not_fatal(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with AgentKit(tmp_path / "a.db", model="echo") as kit:
+    with AgentKit(db, model="echo") as kit:
 
         @kit.on("reply_delta")
         def broken(event: Any) -> None:
@@ -293,8 +292,8 @@ def test_a_raising_delta_hook_is_logged_not_fatal(
         assert any("reply_delta" in r.getMessage() for r in caplog.records)
 
 
-def test_progress_takes_text_and_is_nothing_outside_a_call(tmp_path: Path) -> None:
-    kit = AgentKit(tmp_path / "a.db", model=ScriptedModel([ToolCall("work", {}), "ok"]))
+def test_progress_takes_text_and_is_nothing_outside_a_call(db: Database) -> None:
+    kit = AgentKit(db, model=ScriptedModel([ToolCall("work", {}), "ok"]))
     refused: list[str] = []
 
     @kit.tool
@@ -321,9 +320,9 @@ def test_progress_takes_text_and_is_nothing_outside_a_call(tmp_path: Path) -> No
 CLIPPED_SECRET = "AAAAsecretvalueOFthreadA"
 
 
-def test_clipped_progress_does_not_show_part_of_a_secret(tmp_path):
+def test_clipped_progress_does_not_show_part_of_a_secret(db: Database):
     model = agentkit.ScriptedModel([agentkit.ToolCall("prog", {}), "done"])
-    kit = agentkit.AgentKit(str(tmp_path / "a.db"), model=model)
+    kit = agentkit.AgentKit(str(db), model=model)
     agentkit.write_secret(
         agentkit.secrets_folder(kit.engine.workspace, "cli:a"), "API_TOKEN", CLIPPED_SECRET
     )

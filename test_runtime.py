@@ -17,7 +17,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, ToolCall, ToolContext
-from testkit import wait_until
+from testkit import Database, created, wait_until
 
 PROVIDERS = ["local", "bwrap"]
 SMALL = agentkit.RuntimeLimits(cpu_seconds=20, file_bytes=1 << 20, processes=48)
@@ -474,12 +474,14 @@ def test_missing_bwrap_says_how_to_install_it() -> None:
 # ───────────────────────────────────── the kit's runtimes ─────────────────────────────────────
 
 
-def scripted(tmp_path: Path, steps: list, **options: object) -> AgentKit:
-    return AgentKit(tmp_path / "agent.db", model=agentkit.ScriptedModel(steps), **options)
+def scripted(db: Database, steps: list, **options: object) -> AgentKit:
+    return AgentKit(db, model=agentkit.ScriptedModel(steps), **options)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_scripted_model_uses_the_workspace_tools(tmp_path: Path, provider: str) -> None:
+def test_a_scripted_model_uses_the_workspace_tools(
+    tmp_path: Path, db: Database, provider: str
+) -> None:
     steps = [
         ToolCall("write", {"path": "notes/todo.txt", "text": "buy milk\ncall bob\n"}),
         [ToolCall("read", {"path": "notes/todo.txt"}), ToolCall("ls", {"path": "notes"})],
@@ -488,7 +490,7 @@ def test_a_scripted_model_uses_the_workspace_tools(tmp_path: Path, provider: str
         ToolCall("bash", {"command": "wc -l < notes/todo.txt; cat notes/todo.txt"}),
         "All done.",
     ]
-    with scripted(tmp_path, steps, runtime=provider, workspace_tools=True) as kit:
+    with scripted(db, steps, runtime=provider, workspace_tools=True) as kit:
         result = kit.run_turn("cli:me", "tidy my notes")
         assert result.status == "waiting_approval"
         assert [a.tool for a in result.approvals] == ["write"]
@@ -515,7 +517,7 @@ def test_a_scripted_model_uses_the_workspace_tools(tmp_path: Path, provider: str
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
-    tmp_path: Path, provider: str
+    db: Database, provider: str
 ) -> None:
     steps = [
         ToolCall("bash", {"command": "bomb() { bomb | bomb & }; bomb; sleep 3", "timeout": 10}),
@@ -525,9 +527,7 @@ def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
         "still here",
     ]
     options = {"workspace_tools": True, "workspace_tools_approval": False}
-    with scripted(
-        tmp_path, steps, runtime=provider_named(provider, limits=SMALL), **options
-    ) as kit:
+    with scripted(db, steps, runtime=provider_named(provider, limits=SMALL), **options) as kit:
         assert kit.run_turn("cli:me", "misbehave").reply == "survived"
         assert kit.run_turn("cli:me", "go on").reply == "still here"
         bomb, write, check = [m["content"] for m in kit.history("cli:me") if m["role"] == "tool"]
@@ -537,9 +537,9 @@ def test_the_kit_keeps_working_after_a_fork_bomb_and_a_huge_write(
     assert agentkit_cgroups() == []
 
 
-def test_workspace_tools_approval_can_be_lifted_or_decided(tmp_path: Path) -> None:
+def test_workspace_tools_approval_can_be_lifted_or_decided(tmp_path: Path, db: Database) -> None:
     steps = [ToolCall("bash", {"command": "echo free"}), "ok"]
-    with scripted(tmp_path, steps, workspace_tools=["bash"], workspace_tools_approval=False) as kit:
+    with scripted(db, steps, workspace_tools=["bash"], workspace_tools_approval=False) as kit:
         assert kit.run_turn("cli:me", "go").status == "done"
         assert list(kit.engine.tools) == ["secret_request", "bash"]
     asked: list[tuple[str, dict]] = []
@@ -549,21 +549,21 @@ def test_workspace_tools_approval_can_be_lifted_or_decided(tmp_path: Path) -> No
         return "rm needs a look" if "rm" in args.get("command", "") else False
 
     steps = [ToolCall("bash", {"command": "echo hi"}), ToolCall("bash", {"command": "rm x"}), "ok"]
-    with scripted(tmp_path, steps, workspace_tools=True, workspace_tools_approval=decide) as kit:
+    with scripted(db, steps, workspace_tools=True, workspace_tools_approval=decide) as kit:
         result = kit.run_turn("cli:other", "go")
         assert result.status == "waiting_approval"
         assert result.approvals[0].reason == "rm needs a look"
     assert asked == [("bash", {"command": "echo hi"}), ("bash", {"command": "rm x"})]
 
 
-def test_long_tool_output_tells_the_model_where_the_rest_is(tmp_path: Path) -> None:
+def test_long_tool_output_tells_the_model_where_the_rest_is(tmp_path: Path, db: Database) -> None:
     steps = [
         ToolCall("bash", {"command": "seq 1 5000"}),
         ToolCall("grep", {"pattern": "^[0-9]+$"}),
         ToolCall("read", {"path": "many.txt", "offset": 10}),
         "ok",
     ]
-    with scripted(tmp_path, steps, workspace_tools=True, workspace_tools_approval=False) as kit:
+    with scripted(db, steps, workspace_tools=True, workspace_tools_approval=False) as kit:
         folder = tmp_path / "workspace" / agentkit.workspace_name("cli:me")
         folder.mkdir(parents=True)
         (folder / "many.txt").write_text("".join(f"{n}\n" for n in range(3000)))
@@ -576,9 +576,11 @@ def test_long_tool_output_tells_the_model_where_the_rest_is(tmp_path: Path) -> N
     assert "showing lines 10-2009; the file goes on: read it with offset=2010]" in read
 
 
-def test_ctx_runtime_passes_a_secret_to_a_command_and_redacts_it(tmp_path: Path) -> None:
+def test_ctx_runtime_passes_a_secret_to_a_command_and_redacts_it(
+    tmp_path: Path, db: Database
+) -> None:
     steps = [ToolCall("deploy", {}), "deployed"]
-    with scripted(tmp_path, steps, runtime="bwrap") as kit:
+    with scripted(db, steps, runtime="bwrap") as kit:
 
         @kit.tool
         def deploy(ctx: ToolContext) -> str:
@@ -594,11 +596,13 @@ def test_ctx_runtime_passes_a_secret_to_a_command_and_redacts_it(tmp_path: Path)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_saved_secret_never_reaches_the_model_through_bash(tmp_path: Path, provider: str) -> None:
+def test_a_saved_secret_never_reaches_the_model_through_bash(
+    tmp_path: Path, db: Database, provider: str
+) -> None:
     # local commands are not confined: the value is redacted from the result; bwrap hides it
     steps = [ToolCall("bash", {"command": "cat .secrets/TOKEN; echo"}), "ok"]
     options = {"runtime": provider, "workspace_tools": True, "workspace_tools_approval": False}
-    with scripted(tmp_path, steps, **options) as kit:
+    with scripted(db, steps, **options) as kit:
         agentkit.write_secret(
             agentkit.secrets_folder(tmp_path / "workspace", "cli:me"), "TOKEN", "saved-value-5"
         )
@@ -612,7 +616,9 @@ def test_a_saved_secret_never_reaches_the_model_through_bash(tmp_path: Path, pro
     ("scope", "shared"),
     [("thread", False), ("actor", True), ("adapter", True), ("kit", True)],
 )
-def test_the_scope_decides_who_shares_a_workspace(tmp_path: Path, scope: str, shared: bool) -> None:
+def test_the_scope_decides_who_shares_a_workspace(
+    tmp_path: Path, db: Database, scope: str, shared: bool
+) -> None:
     steps = [
         ToolCall("write", {"path": "shared.txt", "text": "from one"}),
         "written",
@@ -620,7 +626,7 @@ def test_the_scope_decides_who_shares_a_workspace(tmp_path: Path, scope: str, sh
         "read",
     ]
     options = {"runtime_scope": scope, "workspace_tools": True, "workspace_tools_approval": False}
-    with scripted(tmp_path, steps, **options) as kit:
+    with scripted(db, steps, **options) as kit:
         kit.run_turn("cli:one", "write", actor="cli:me")
         kit.run_turn("cli:two", "read", actor="cli:me")
         content = next(m["content"] for m in kit.history("cli:two") if m["role"] == "tool")
@@ -658,9 +664,9 @@ class CountingProvider:
         self.inner.stop(scope)
 
 
-def test_idle_runtimes_are_stopped_and_all_on_close(tmp_path: Path) -> None:
+def test_idle_runtimes_are_stopped_and_all_on_close(tmp_path: Path, db: Database) -> None:
     provider = CountingProvider()
-    kit = scripted(tmp_path, [], runtime=provider, runtime_idle=0.05)
+    kit = scripted(db, [], runtime=provider, runtime_idle=0.05)
     assert isinstance(provider, agentkit.RuntimeProvider)
     warm = kit.runtimes.get("cli:me", "cli:me")
     assert kit.runtimes.get("cli:me", "cli:me") is warm  # kept warm while used
@@ -673,8 +679,8 @@ def test_idle_runtimes_are_stopped_and_all_on_close(tmp_path: Path) -> None:
     assert provider.inner._runtimes == {}
 
 
-def test_close_kills_a_running_command(tmp_path: Path) -> None:
-    kit = scripted(tmp_path, [])
+def test_close_kills_a_running_command(tmp_path: Path, db: Database) -> None:
+    kit = scripted(db, [])
     runtime = kit.runtimes.get("cli:me", "cli:me")
     marker = f"1002.{os.getpid()}"
     results: list[agentkit.BashResult] = []
@@ -688,7 +694,7 @@ def test_close_kills_a_running_command(tmp_path: Path) -> None:
     assert results[0].exit_code == -9 and processes_with(marker) == []
 
 
-def test_bad_runtime_options_are_refused(tmp_path: Path) -> None:
+def test_bad_runtime_options_are_refused(tmp_path: Path, db: Database) -> None:
     for options, problem in [
         ({"runtime": "docker"}, "unknown runtime"),
         ({"runtime_scope": "team"}, "runtime_scope is one of"),
@@ -697,8 +703,8 @@ def test_bad_runtime_options_are_refused(tmp_path: Path) -> None:
         ({"workspace_tools": True, "workspace_tools_approval": "yes"}, "a bool or a callable"),
     ]:
         with pytest.raises(agentkit.BadInput, match=problem):
-            scripted(tmp_path, [], **options)
-    assert not (tmp_path / "agent.db").exists()
+            scripted(db, [], **options)
+    assert not created(db)
 
 
 def test_bwrap_command_cannot_reach_host_files_through_inherited_descriptor(tmp_path):

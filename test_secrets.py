@@ -22,7 +22,7 @@ import pytest
 
 import agentkit
 from agentkit import AgentKit, BadInput, ScriptedModel, ToolCall, ToolContext
-from testkit import CHROMIUM, CHROMIUM_ARGS, count, rows, seal
+from testkit import CHROMIUM, CHROMIUM_ARGS, Database, NewDatabase, count, rows, seal, stored_bytes
 
 ROOT = Path(__file__).resolve().parent
 TOKEN = "ghp_" + "S3cr3tV4lue" * 3
@@ -58,8 +58,8 @@ def snapshot(kit: AgentKit) -> tuple:
 
 
 @pytest.fixture
-def kit(tmp_path: Path) -> Iterator[AgentKit]:
-    with AgentKit(tmp_path / "agent.db", workspace=tmp_path / "ws") as kit:
+def kit(db: Path | str, tmp_path: Path) -> Iterator[AgentKit]:
+    with AgentKit(db, workspace=tmp_path / "ws") as kit:
         yield kit
 
 
@@ -99,7 +99,7 @@ def run_page(url: str, values: dict[str, str]) -> str:
 
 
 def test_chromium_encrypts_on_the_served_page_and_agentkit_saves_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    db: Path | str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The whole flow: the model asks, the page served by `serve` encrypts in Chromium, the
     pasted blob is saved, the model goes on; no trace of the value in the database, its
@@ -123,7 +123,7 @@ def test_chromium_encrypts_on_the_served_page_and_agentkit_saves_it(
         return "I sent you a link."
 
     kit = AgentKit(
-        tmp_path / "agent.db",
+        db,
         model=ScriptedModel([model] * 10),
         workspace=tmp_path / "ws",
         public_url=f"http://127.0.0.1:{port}",
@@ -169,11 +169,9 @@ def test_chromium_encrypts_on_the_served_page_and_agentkit_saves_it(
     assert "pushed with [redacted:GITHUB_TOKEN]" in results
     assert "[redacted:GITHUB_TOKEN] in [redacted:REGION]" in caplog.text
     assert rows(kit, "secret_requests", "state", "private_key") == [("used", None)]
-    assert (tmp_path / "agent.db-wal").stat().st_size > 0
-    for _ in range(2):  # the live database and its WAL, then the file after a checkpoint
-        for path in tmp_path.glob("agent.db*"):
-            if path.suffix != ".key":
-                assert TOKEN.encode() not in path.read_bytes(), path
+    assert "://" in str(db) or (tmp_path / "agent.db-wal").stat().st_size > 0
+    for _ in range(2):  # the live database (and its WAL), then after a checkpoint
+        assert TOKEN.encode() not in stored_bytes(db)
         kit.close()
     assert TOKEN not in caplog.text
 
@@ -319,6 +317,7 @@ def test_a_thousand_random_and_mutated_blobs_are_refused_and_write_nothing(
     assert kit.run_turn(ACTOR, blob).note == "Saved TOKEN, USER for this conversation."
 
 
+@pytest.mark.sqlite_only("the kit key in a file beside the database")
 def test_a_request_made_by_one_process_is_completed_by_a_later_one(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("AGENTKIT_SECRET_KEY", None)
@@ -357,7 +356,7 @@ def test_a_request_made_by_one_process_is_completed_by_a_later_one(tmp_path: Pat
     assert (tmp_path / "workspace" / "cli%3Ame" / ".secrets" / "TOKEN").read_text() == TOKEN
 
 
-def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> None:
+def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit, db: Database) -> None:
     class Feed(agentkit.PollingAdapter):
         name = "feed"
 
@@ -365,7 +364,7 @@ def test_a_polling_adapter_stores_a_placeholder_and_replies(kit: AgentKit) -> No
             raise AssertionError("not sent in this test")
 
     feed = Feed()
-    with AgentKit(kit.store.path, workspace=kit.secrets.workspace, adapters=[feed]) as bot:
+    with AgentKit(db, workspace=kit.secrets.workspace, adapters=[feed]) as bot:
         url = bot.request_secret("feed:room", fields=["TOKEN"], reason="x", actor="feed:ann")
         blob = seal(url.url, {"TOKEN": TOKEN})
         items = [
@@ -434,10 +433,10 @@ def test_bad_requests_are_refused_and_write_nothing(kit: AgentKit) -> None:
     )
 
 
-def test_the_tool_can_be_turned_off(tmp_path: Path) -> None:
-    with AgentKit(tmp_path / "a.db", secret_tool=False) as kit:
+def test_the_tool_can_be_turned_off(new_db: NewDatabase) -> None:
+    with AgentKit(new_db("a.db"), secret_tool=False) as kit:
         assert "secret_request" not in kit.engine.tools
-    with AgentKit(tmp_path / "b.db") as kit:
+    with AgentKit(new_db("b.db")) as kit:
         spec = kit.engine.tools["secret_request"].spec()
         assert set(spec["parameters"]["required"]) == {"reason", "fields"}
 
@@ -461,18 +460,13 @@ def test_ctx_secret_refuses_bad_names_and_symlinks(kit: AgentKit, tmp_path: Path
 # ─────────────────────────── redaction of everything that leaves ───────────────────────────
 
 
-def database_bytes(folder: Path) -> bytes:
-    """The raw bytes of the database files (main file, WAL, shared memory)."""
-    return b"".join(p.read_bytes() for p in sorted(folder.glob("agent.db*")))
-
-
 def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
-    tmp_path: Path,
+    db: Path | str, tmp_path: Path
 ) -> None:
     thread = "web:owner"  # the web chat's deliveries stay in the database
     value = "sk-" + os.urandom(12).hex()
     model = ScriptedModel(["Noted.", ToolCall("leak", {})])
-    kit = AgentKit(tmp_path / "agent.db", model=model, workspace=tmp_path / "ws")
+    kit = AgentKit(db, model=model, workspace=tmp_path / "ws")
 
     @kit.tool
     def leak(ctx: ToolContext) -> str:
@@ -498,9 +492,9 @@ def test_a_saved_secret_never_leaves_a_turn_in_errors_replies_or_the_database(
     assert "Sorry, that failed: " in " ".join(texts) and value not in " ".join(texts)
     assert value not in " ".join(str(r) for r in kit.store.rows("events"))
     assert rows(kit, "secrets", "thread_id", "name") == [(thread, "API_TOKEN")]  # sealed
-    assert value.encode() not in database_bytes(tmp_path)
+    assert value.encode() not in stored_bytes(db)
     kit.close()
-    assert value.encode() not in database_bytes(tmp_path)
+    assert value.encode() not in stored_bytes(db)
 
 
 # ──────────────────────────────────── across hosts ────────────────────────────────────
@@ -608,18 +602,18 @@ def old_folder(root: Path, thread: str) -> Path:
 
 
 def test_old_folders_of_long_ids_move_when_unambiguous_and_stay_with_a_warning_otherwise(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    db: Path | str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     shared = "cli:" + "w" * 196
     root = tmp_path / "ws"
-    with AgentKit(tmp_path / "agent.db", workspace=root) as kit:
+    with AgentKit(db, workspace=root) as kit:
         for thread in (LONG, shared, urllib.parse.unquote(old_folder(root, shared).name)):
             kit.run_turn(thread, "hello")
     for thread in (LONG, shared):
         agentkit.write_secret(old_folder(root, thread) / ".secrets", "API_TOKEN", thread[-8:])
     with (
         caplog.at_level(logging.WARNING, "agentkit"),
-        AgentKit(tmp_path / "agent.db", workspace=root) as kit,
+        AgentKit(db, workspace=root) as kit,
     ):
         assert context(kit, LONG).secret("API_TOKEN") == LONG[-8:]
         assert not old_folder(root, LONG).exists()
@@ -630,9 +624,9 @@ def test_old_folders_of_long_ids_move_when_unambiguous_and_stay_with_a_warning_o
 ESCAPED_SECRET = 'pa"ss\\word99\tZ'
 
 
-def test_secret_returned_inside_a_dict_is_redacted(tmp_path):
+def test_secret_returned_inside_a_dict_is_redacted(db: Path | str) -> None:
     model = agentkit.ScriptedModel([agentkit.ToolCall("leak", {}), "done"])
-    kit = agentkit.AgentKit(str(tmp_path / "a.db"), model=model)
+    kit = agentkit.AgentKit(str(db), model=model)
     agentkit.write_secret(
         agentkit.secrets_folder(kit.engine.workspace, "cli:a"), "API_TOKEN", ESCAPED_SECRET
     )
@@ -647,4 +641,4 @@ def test_secret_returned_inside_a_dict_is_redacted(tmp_path):
     kit.close()
     escaped = '\\"ss\\\\word99'  # how JSON writes the middle of the secret
     assert escaped not in tool_message
-    assert escaped.encode() not in (tmp_path / "a.db").read_bytes()
+    assert escaped.encode() not in stored_bytes(db)

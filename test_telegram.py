@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 
 import agentkit
 from agentkit import AgentKit, Inbound
 from fake_servers import FakeTelegram
-from testkit import clear_config, count, rows, wait_until
+from testkit import Database, clear_config, count, holding_writes, rows, stored_bytes, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -42,7 +41,7 @@ TOKEN_SECRET = TOKEN.partition(":")[2]
 # ───────────────────────────────────────── helpers ─────────────────────────────────────────
 
 
-def idle(db: Path) -> bool:
+def idle(db: Database) -> bool:
     """No job waits or runs and every delivery is sent or failed (read as another process)."""
     return not {"queued", "running"} & set(rows(db, "jobs", "state")) and not count(
         db, "deliveries", state="pending"
@@ -127,18 +126,13 @@ def fake() -> Iterator[Fake]:
         yield f
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "agent.db"
-
-
 def telegram(fake: FakeTelegram, **options: Any) -> agentkit.Telegram:
     options = {"allow": "*", "poll_timeout": 1, "lease": 2} | options
     return agentkit.Telegram(fake.token, api_url=fake.url, **options)
 
 
-def make_kit(db: Path, *adapters: agentkit.Adapter, **options: Any) -> AgentKit:
-    options = {"model": RuleModel(), "workspace": db.parent / "workspace"} | options
+def make_kit(db: Database, *adapters: agentkit.Adapter, **options: Any) -> AgentKit:
+    options = {"model": RuleModel()} | options
     return AgentKit(db, adapters=list(adapters), **options)
 
 
@@ -203,10 +197,15 @@ def restart(service: str) -> str:
 
 
 def write_app(
-    tmp_path: Path, fake: FakeTelegram, *, allow: str = "*", approvers: tuple = ("telegram:42",)
+    tmp_path: Path,
+    db: Database | str,
+    fake: FakeTelegram,
+    *,
+    allow: str = "*",
+    approvers: tuple = ("telegram:42",),
 ) -> None:
     config = {
-        "DB": str(tmp_path / "agent.db"),
+        "DB": str(db),
         "TOKEN": fake.token,
         "API": fake.url,
         "ALLOW": allow,
@@ -278,7 +277,7 @@ def fetched_lines(tmp_path: Path) -> list[tuple[int, list[str]]]:
     return [(int(pid), ids) for pid, *ids in lines]
 
 
-def poller_pid(db: Path) -> int | None:
+def poller_pid(db: Database) -> int | None:
     held = [
         owner
         for owner, expires_at in rows(db, "locks", "owner", "expires_at", name="adapter:telegram")
@@ -290,7 +289,7 @@ def poller_pid(db: Path) -> int | None:
 # ─────────────────────────── 1. the same update twice: one turn ───────────────────────────
 
 
-def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Path) -> None:
+def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         update_id = fake.push_message(42, 42, "hello")
@@ -317,17 +316,14 @@ def test_an_update_fetched_twice_gives_one_turn_and_one_reply(fake: Fake, db: Pa
 
 
 def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_once(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
-    write_app(tmp_path, fake)
+    write_app(tmp_path, db, fake)
     first, _ = serve_process(tmp_path, processes, "first")
     fake.wait_for(lambda f: len(f.polls) >= 1)  # it holds the polling lease and polls
 
-    # hold the write lock: the poller can fetch but not commit what it fetched
-    blocker = apsw.Connection(str(db))
-    blocker.setbusytimeout(10_000)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    # hold the writers back: the poller can fetch but not commit what it fetched
+    with holding_writes(db):
         update_id = fake.push_message(42, 42, "hello")
         fake.wait_for(lambda f: update_id in f.served)  # getUpdates returned it ...
         wait_until(  # ... and the poller read it and went on to store it
@@ -338,9 +334,6 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
         )
         first.kill()  # SIGKILL, blocked inside its commit
         first.wait(10)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert count(db, "turns") == 0  # nothing of it was committed
     assert rows(db, "cursors", "cursor", adapter="telegram") in ([], [None])
     assert fake.texts() == []
@@ -364,9 +357,9 @@ def test_updates_fetched_by_a_process_killed_before_its_commit_are_processed_onc
 
 
 def test_two_serve_processes_poll_one_at_a_time_and_the_survivor_takes_over(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
-    write_app(tmp_path, fake)
+    write_app(tmp_path, db, fake)
     a = serve_process(tmp_path, processes, "a")
     b = serve_process(tmp_path, processes, "b")
     by_pid = {a[0].pid: a, b[0].pid: b}
@@ -424,9 +417,9 @@ def runs(tmp_path: Path) -> list[str]:
 
 
 def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
-    tmp_path: Path, fake: Fake, db: Path, processes: list
+    tmp_path: Path, fake: Fake, db: Database, processes: list
 ) -> None:
-    write_app(tmp_path, fake, allow="42,7", approvers=("telegram:42",))
+    write_app(tmp_path, db, fake, allow="42,7", approvers=("telegram:42",))
     proc, log = serve_process(tmp_path, processes, "serve")
     group = -1001
 
@@ -492,7 +485,7 @@ def test_approval_buttons_only_an_approver_can_press_and_the_tool_runs_once(
     assert_no_token_in_logs(tmp_path, fake)
 
 
-def approval_kit(db: Path, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
+def approval_kit(db: Database, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
     """A kit whose `restart` tool needs telegram:42's approval; the list of its runs."""
     kit = make_kit(db, tg, approvers=["telegram:42"])
     ran: list[str] = []
@@ -506,7 +499,7 @@ def approval_kit(db: Path, tg: agentkit.Telegram) -> tuple[AgentKit, list[str]]:
     return kit, ran
 
 
-def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db: Path) -> None:
+def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     kit, ran = approval_kit(db, tg)
     with kit:
@@ -538,7 +531,7 @@ def test_a_decision_made_elsewhere_or_by_expiry_edits_the_request(fake: Fake, db
 
 
 def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 3600.0)
     tg = telegram(fake)
@@ -561,7 +554,7 @@ def test_a_request_decided_before_it_went_out_is_sent_without_buttons(
     assert all(m["reply_markup"] is None for m in fake.sent)
 
 
-def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Path) -> None:
+def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     kit, ran = approval_kit(db, tg)
     with kit:
@@ -582,7 +575,7 @@ def test_an_approval_with_huge_arguments_still_fits_one_message(fake: Fake, db: 
 # ──────────────────────────────────── 5. who may talk ────────────────────────────────────
 
 
-def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: Path) -> None:
+def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: Database) -> None:
     tg = telegram(fake, allow=[42])
     with make_kit(db, tg) as kit:
         fake.push_message(99, 99, "let me in")
@@ -610,7 +603,7 @@ def test_an_unknown_user_is_told_their_id_and_nothing_is_stored(fake: Fake, db: 
 )
 def test_allow_lists(
     fake: Fake,
-    db: Path,
+    db: Database,
     monkeypatch: pytest.MonkeyPatch,
     allow: Any,
     env: str | None,
@@ -638,7 +631,9 @@ def test_allow_lists(
 
 
 @pytest.mark.parametrize("word", ["long", "blob"])  # with line breaks, and one long line
-def test_a_9000_character_reply_arrives_as_three_messages(fake: Fake, db: Path, word: str) -> None:
+def test_a_9000_character_reply_arrives_as_three_messages(
+    fake: Fake, db: Database, word: str
+) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         fake.push_message(42, 42, f"{word} 9000")
@@ -653,7 +648,7 @@ def test_a_9000_character_reply_arrives_as_three_messages(fake: Fake, db: Path, 
         assert ids == sorted(ids)
 
 
-def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Path) -> None:
+def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Database) -> None:
     """getUpdates takes whole seconds: 0.5 must not become timeout=0 (short polling, which
     the poll loop would repeat without a pause, hammering the API)."""
     tg = telegram(fake, poll_timeout=0.5)
@@ -667,7 +662,9 @@ def test_a_poll_timeout_under_a_second_still_long_polls(fake: Fake, db: Path) ->
 # ─────────────────────────────────── 7. flood control ───────────────────────────────────
 
 
-def test_a_429_is_retried_after_its_retry_after_and_delivered_once(fake: Fake, db: Path) -> None:
+def test_a_429_is_retried_after_its_retry_after_and_delivered_once(
+    fake: Fake, db: Database
+) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
         fake.push_message(42, 42, "hi")
@@ -690,12 +687,12 @@ def deliver_jobs(kit: AgentKit) -> list[tuple]:
 
 
 def test_a_long_retry_after_reschedules_the_delivery_for_then(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = [time.time()]
-    monkeypatch.setattr(agentkit, "now", lambda: clock[0])
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
+        clock = [time.time()]  # stopped once the store has read its own clock
+        monkeypatch.setattr(agentkit, "now", lambda: clock[0])
         fake.push_message(42, 42, "hi")
         tg.poll_once()
         fake.fail_next("sendMessage", 429, retry_after=120)  # too long to wait in the call
@@ -715,7 +712,7 @@ def test_a_long_retry_after_reschedules_the_delivery_for_then(
     [(403, "Forbidden: bot was blocked by the user"), (400, "Bad Request: chat not found")],
 )
 def test_a_permanent_refusal_fails_the_delivery_at_once(
-    fake: Fake, db: Path, status: int, description: str
+    fake: Fake, db: Database, status: int, description: str
 ) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
@@ -734,7 +731,7 @@ def test_a_permanent_refusal_fails_the_delivery_at_once(
 # ──────────────────────────────────────── 8. topics ────────────────────────────────────────
 
 
-def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Path) -> None:
+def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit, serving(kit):
         fake.push_message(-100777, 42, "in the topic", topic=55)
@@ -758,7 +755,7 @@ def test_a_forum_topic_is_its_own_thread_and_gets_its_replies(fake: Fake, db: Pa
 # ──────────────────────────────────── 9. typing… ────────────────────────────────────
 
 
-def test_typing_shows_while_a_turn_runs(fake: Fake, db: Path) -> None:
+def test_typing_shows_while_a_turn_runs(fake: Fake, db: Database) -> None:
     tg = telegram(fake)
     with make_kit(db, tg) as kit:
 
@@ -789,7 +786,7 @@ def closed_port() -> int:
 
 
 def test_the_token_never_reaches_a_log_line_or_the_database(
-    tmp_path: Path, db: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     caplog.set_level(logging.DEBUG)
@@ -816,10 +813,8 @@ def test_the_token_never_reaches_a_log_line_or_the_database(
                 wait_until(lambda: "getUpdates" in caplog.text and "tgdown" in caplog.text)
             stored = [e for e in rows(kit, "deliveries", "error") if e is not None]
             stored += [e for e in rows(kit, "jobs", "last_error") if e is not None]
-            raw = db.read_bytes() + Path(f"{db}-wal").read_bytes()
-        raw_after_close = db.read_bytes() + (
-            Path(f"{db}-wal").read_bytes() if Path(f"{db}-wal").exists() else b""
-        )
+            raw = stored_bytes(db)
+        raw_after_close = stored_bytes(db)
 
     # the failures happened and were written down
     assert any("ConnectError" in error for error in stored), stored
@@ -874,7 +869,7 @@ class JsonFeed(agentkit.PollingAdapter):
 
 
 def test_a_polling_adapter_of_your_own(
-    tmp_path: Path, db: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "feed.json"
     entries: list[dict[str, Any]] = [
@@ -922,7 +917,7 @@ def test_a_polling_adapter_of_your_own(
 
 
 def test_a_delivery_that_fails_twice_is_sent_once_and_never_again(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     tg = telegram(fake)
@@ -947,7 +942,7 @@ def test_a_delivery_that_fails_twice_is_sent_once_and_never_again(
 
 
 def test_a_long_reply_whose_second_piece_fails_is_still_delivered_once(
-    fake: Fake, db: Path, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agentkit, "retry_delay", lambda backoff, attempt: 0.05)
     fake.fail_after = {1}  # the sendMessage after the first piece fails once

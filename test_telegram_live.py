@@ -20,7 +20,7 @@ import agentkit
 from agentkit import AgentKit
 from fake_servers import FakeAnthropic, FakeOpenAI, FakeTelegram, _visible
 from test_telegram import calls_of, idle, serving
-from testkit import clear_config, rows, wait_until
+from testkit import Database, clear_config, rows, wait_until
 
 ROOT = Path(__file__).resolve().parent
 
@@ -119,16 +119,16 @@ class SteppedModel:
         return agentkit.ModelReply("".join(self.pieces), [], {})
 
 
-def kit_with(tmp_path: Path, model: Any, adapter: agentkit.Telegram) -> AgentKit:
-    return AgentKit(tmp_path / "a.db", model=model, adapters=[adapter], workspace=tmp_path / "w")
+def kit_with(db: Database, model: Any, adapter: agentkit.Telegram) -> AgentKit:
+    return AgentKit(db, model=model, adapters=[adapter])
 
 
-def test_private_chat_drafts_then_one_html_message(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_private_chat_drafts_then_one_html_message(db: Database, tg: FakeTelegram) -> None:
     with FakeOpenAI() as openai:
         reply = "**Streaming** replies arrive `piece` by piece."
         release = openai.hold(reply)
         model = agentkit.OpenAIModel("m", base_url=openai.url, api_key="k")
-        with kit_with(tmp_path, model, telegram(tg)) as kit, serving(kit):
+        with kit_with(db, model, telegram(tg)) as kit, serving(kit):
             tg.push_message(42, 42, "hi")
             # the first delta (its end may wait while it could begin a known secret)
             tg.wait_for(
@@ -140,21 +140,19 @@ def test_private_chat_drafts_then_one_html_message(tmp_path: Path, tg: FakeTeleg
             assert len({d["draft_id"] for d in drafts}) == 1 and drafts[0]["draft_id"] != 0
             release.set()
             tg.wait_for(lambda f: f.texts(42))
-            wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+            wait_until(lambda: idle(db), what="idle")
             (sent,) = in_chat(tg.sent, 42)
             assert sent["parse_mode"] == "HTML"
             assert sent["text"] == "<b>Streaming</b> replies arrive <code>piece</code> by piece."
             assert tg.edits == []
 
 
-def test_group_first_message_then_edits_then_the_final_edit(
-    tmp_path: Path, tg: FakeTelegram
-) -> None:
+def test_group_first_message_then_edits_then_the_final_edit(db: Database, tg: FakeTelegram) -> None:
     text = "A reply long enough to start a message in the group, then *more* and **more** text."
     with FakeAnthropic() as anthropic:
         release = anthropic.hold(text, after=12)  # 48 characters before the hold
         model = agentkit.AnthropicModel("m", base_url=anthropic.url, api_key="k")
-        with kit_with(tmp_path, model, telegram(tg)) as kit, serving(kit):
+        with kit_with(db, model, telegram(tg)) as kit, serving(kit):
             tg.push_message(-100, 42, "hi", topic=7)
             tg.wait_for(lambda f: in_chat(f.sent, -100))
             (first,) = in_chat(tg.sent, -100)
@@ -164,16 +162,16 @@ def test_group_first_message_then_edits_then_the_final_edit(
             release.set()
             final = agentkit.html_plain(agentkit.markdown_html(text))
             tg.wait_for(lambda f: (f.message(-100, first["message_id"]) or {}).get("text") == final)
-            wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+            wait_until(lambda: idle(db), what="idle")
             assert len(in_chat(tg.sent, -100)) == 1  # one message, edited into the reply
             last = in_chat(tg.edits, -100)[-1]
             assert last["parse_mode"] == "HTML" and "<i>more</i> and <b>more</b>" in last["text"]
 
 
-def test_a_tool_call_shows_as_a_status_line(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_a_tool_call_shows_as_a_status_line(db: Database, tg: FakeTelegram) -> None:
     seen = threading.Event()
     model = agentkit.ScriptedModel([agentkit.ToolCall("disk_free", {}), "It has 10 GB free."])
-    kit = kit_with(tmp_path, model, telegram(tg))
+    kit = kit_with(db, model, telegram(tg))
 
     @kit.tool
     def disk_free(ctx: agentkit.ToolContext) -> str:
@@ -188,18 +186,18 @@ def test_a_tool_call_shows_as_a_status_line(tmp_path: Path, tg: FakeTelegram) ->
         tg.push_message(42, 42, "how much?")
         tg.wait_for(lambda f: f.texts(42))
         assert seen.is_set() and tg.texts(42) == ["It has 10 GB free."]
-        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
-        contents = rows(tmp_path / "a.db", "messages", "content")
+        wait_until(lambda: idle(db), what="idle")
+        contents = rows(db, "messages", "content")
         assert not [text for text in contents if text and "running" in text]
 
 
-def test_group_edits_wait_for_the_interval(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_group_edits_wait_for_the_interval(db: Database, tg: FakeTelegram) -> None:
     clock = [1000.0]
     gates = {1: threading.Event(), 2: threading.Event()}
     pieces = ["x" * 45, " second part", " third part"]
     adapter = telegram(tg, edit_interval=1.0)
     adapter.clock = lambda: clock[0]
-    with kit_with(tmp_path, SteppedModel(pieces, gates), adapter) as kit, serving(kit):
+    with kit_with(db, SteppedModel(pieces, gates), adapter) as kit, serving(kit):
         tg.push_message(-100, 42, "go")
         tg.wait_for(lambda f: in_chat(f.sent, -100))
         gates[1].set()
@@ -212,17 +210,17 @@ def test_group_edits_wait_for_the_interval(tmp_path: Path, tg: FakeTelegram) -> 
         tg.wait_for(lambda f: any(e["plain"].endswith("second part") for e in f.edits))
         gates[2].set()
         tg.wait_for(lambda f: any(e["plain"].endswith("third part") for e in f.edits))
-        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+        wait_until(lambda: idle(db), what="idle")
         assert len(in_chat(tg.sent, -100)) == 1
 
 
-def test_a_429_pauses_edits_but_not_the_final_text(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_a_429_pauses_edits_but_not_the_final_text(db: Database, tg: FakeTelegram) -> None:
     clock = [1000.0]
     gates = {1: threading.Event(), 2: threading.Event()}
     pieces = ["y" * 45, " more", " and the end."]
     adapter = telegram(tg, edit_interval=1.0)
     adapter.clock = lambda: clock[0]
-    with kit_with(tmp_path, SteppedModel(pieces, gates), adapter) as kit, serving(kit):
+    with kit_with(db, SteppedModel(pieces, gates), adapter) as kit, serving(kit):
         tg.push_message(-100, 42, "go")
         tg.wait_for(lambda f: in_chat(f.sent, -100))
         message_id = in_chat(tg.sent, -100)[0]["message_id"]
@@ -237,12 +235,12 @@ def test_a_429_pauses_edits_but_not_the_final_text(tmp_path: Path, tg: FakeTeleg
         gates[2].set()  # the turn ends: the final text goes out at once, as the last edit
         final = "y" * 45 + " more and the end."
         tg.wait_for(lambda f: (f.message(-100, message_id) or {}).get("text") == final)
-        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+        wait_until(lambda: idle(db), what="idle")
         assert [e["plain"] for e in in_chat(tg.edits, -100)] == [final]
         assert len(calls_of(tg, "editMessageText")) == 2  # the refused one, then the final
 
 
-def test_three_failed_edits_stop_the_stream(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_three_failed_edits_stop_the_stream(db: Database, tg: FakeTelegram) -> None:
     gate = threading.Event()
     pieces = ["z" * 45, *[f" {i}" for i in range(3)], " end"]
     adapter = telegram(tg)
@@ -262,39 +260,39 @@ def test_three_failed_edits_stop_the_stream(tmp_path: Path, tg: FakeTelegram) ->
 
     for _ in range(3):
         tg.fail_next("editMessageText", 500)
-    with kit_with(tmp_path, Model(pieces, {}), adapter) as kit, serving(kit):
+    with kit_with(db, Model(pieces, {}), adapter) as kit, serving(kit):
         tg.push_message(-100, 42, "go")
         tg.wait_for(lambda f: f.deleted)  # it gave up: the partial message goes
         gate.set()
         tg.wait_for(lambda f: len(in_chat(f.sent, -100)) == 2)
-        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+        wait_until(lambda: idle(db), what="idle")
         first, final = in_chat(tg.sent, -100)
         assert tg.deleted[0]["message_id"] == first["message_id"]
         assert final["plain"] == "".join(pieces) and final["parse_mode"] == "HTML"
         assert len(calls_of(tg, "editMessageText")) == 3
 
 
-def test_cant_parse_entities_gets_one_plain_resend(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_cant_parse_entities_gets_one_plain_resend(db: Database, tg: FakeTelegram) -> None:
     description = "Bad Request: can't parse entities: Unsupported start tag"
     tg.fail_next("sendMessage", 400, description=description)
-    with kit_with(tmp_path, agentkit.ScriptedModel(["**Bold** & <b>"]), telegram(tg)) as kit:
+    with kit_with(db, agentkit.ScriptedModel(["**Bold** & <b>"]), telegram(tg)) as kit:
         with serving(kit):
             tg.push_message(42, 42, "hi")
             tg.wait_for(lambda f: f.texts(42))
-            wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+            wait_until(lambda: idle(db), what="idle")
         tried = [c for c in calls_of(tg, "sendMessage") if c["chat_id"] == 42]
         assert [c.get("parse_mode") for c in tried] == ["HTML", None]
         (sent,) = in_chat(tg.sent, 42)
         assert sent["text"] == "Bold & <b>" and sent["parse_mode"] is None
 
 
-def test_a_long_reply_is_split_into_valid_html_messages(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_a_long_reply_is_split_into_valid_html_messages(db: Database, tg: FakeTelegram) -> None:
     code = "\n".join(f"row {i} & <{i}>" + "." * 50 for i in range(150))
     reply = f"**Report**\n```text\n{code}\n```\nDone."
-    with kit_with(tmp_path, agentkit.ScriptedModel([reply]), telegram(tg)) as kit:
+    with kit_with(db, agentkit.ScriptedModel([reply]), telegram(tg)) as kit:
         with serving(kit):
             tg.push_message(42, 42, "report")
-            wait_until(lambda: idle(tmp_path / "a.db") and tg.texts(42), what="idle")
+            wait_until(lambda: idle(db) and tg.texts(42), what="idle")
         sent = in_chat(tg.sent, 42)
         assert len(sent) >= 3 and all(s["parse_mode"] == "HTML" for s in sent)
         assert "".join(s["plain"] for s in sent) == agentkit.html_plain(
@@ -332,9 +330,8 @@ def serve(tmp_path: Path, label: str) -> subprocess.Popen:
 
 
 def test_a_worker_killed_mid_stream_is_taken_over_and_replies_once(
-    tmp_path: Path, tg: FakeTelegram
+    tmp_path: Path, db: Database, tg: FakeTelegram
 ) -> None:
-    db = tmp_path / "a.db"
     procs: list[subprocess.Popen] = []
     with FakeOpenAI() as openai:
         release = openai.hold("The first attempt never finishes.")
@@ -366,17 +363,17 @@ def test_a_worker_killed_mid_stream_is_taken_over_and_replies_once(
                     proc.wait(20)
 
 
-def test_a_turn_that_fails_deletes_its_streamed_message(tmp_path: Path, tg: FakeTelegram) -> None:
+def test_a_turn_that_fails_deletes_its_streamed_message(db: Database, tg: FakeTelegram) -> None:
     class Failing(SteppedModel):
         def complete(self, instructions, messages, tools, *, on_delta=None):
             on_delta("w" * 50)
             tg.wait_for(lambda f: in_chat(f.sent, -100))
             raise agentkit.ModelError("the model went away")
 
-    with kit_with(tmp_path, Failing([], {}), telegram(tg)) as kit, serving(kit):
+    with kit_with(db, Failing([], {}), telegram(tg)) as kit, serving(kit):
         tg.push_message(-100, 42, "go")
         tg.wait_for(lambda f: f.deleted and len(in_chat(f.sent, -100)) == 2)
-        wait_until(lambda: idle(tmp_path / "a.db"), what="idle")
+        wait_until(lambda: idle(db), what="idle")
         partial, error = in_chat(tg.sent, -100)
         assert tg.deleted == [
             {"method": "deleteMessage", "chat_id": -100, "message_id": partial["message_id"]}

@@ -30,7 +30,17 @@ from playwright.sync_api import expect, sync_playwright
 import agentkit
 from agentkit import AgentKit
 from fake_servers import FakeOpenAI
-from testkit import CHROMIUM, CHROMIUM_ARGS, CONFIG_VARS, clear_config, rows, seal, wait_until
+from testkit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CONFIG_VARS,
+    Database,
+    NewDatabase,
+    clear_config,
+    rows,
+    seal,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent
 SECRET = "s3cret-webhook-key-0123456789"
@@ -193,9 +203,9 @@ def has_reply(text: str) -> Callable[[list[dict]], bool]:
 
 
 @pytest.fixture
-def hook_kit(tmp_path: Path, recorder: Recorder) -> AgentKit:
+def hook_kit(db: Database, recorder: Recorder) -> AgentKit:
     hook = agentkit.Webhook(SECRET, name="github", callbacks=[f"{recorder.url}/"])
-    return AgentKit(tmp_path / "hook.db", model="echo", adapters=[hook])
+    return AgentKit(db, model="echo", adapters=[hook])
 
 
 def test_webhook_refusals_answer_their_status_and_write_no_row(hook_kit: AgentKit) -> None:
@@ -488,10 +498,10 @@ def test_a_client_that_leaves_mid_long_poll_is_dropped_without_a_traceback(
     quiet(caplog, capsys)
 
 
-def test_a_callback_is_compared_as_a_normalised_url(tmp_path: Path, recorder: Recorder) -> None:
+def test_a_callback_is_compared_as_a_normalised_url(db: Database, recorder: Recorder) -> None:
     prefix = f"{recorder.url}/hooks/agent/"
     hook = agentkit.Webhook(SECRET, name="github", callbacks=[prefix])
-    kit = AgentKit(tmp_path / "hook.db", model="echo", adapters=[hook])
+    kit = AgentKit(db, model="echo", adapters=[hook])
     host, port = "127.0.0.1", port_of(recorder.url)
     escapes = [
         prefix + "../../admin/delete",
@@ -606,19 +616,19 @@ def test_a_thousand_mutated_requests_get_no_5xx_write_nothing_and_log_no_traceba
             assert post_event(client, event()).status_code == 202
 
 
-def test_an_adapter_named_web_must_be_a_web_chat(tmp_path: Path) -> None:
+def test_an_adapter_named_web_must_be_a_web_chat(db: Database) -> None:
     # "web" is the web chat's name: the server hands it `/`, `/api/…` and the token
     with pytest.raises(agentkit.BadInput):
-        AgentKit(tmp_path / "a.db", adapters=[agentkit.Webhook(SECRET, name="web")])
+        AgentKit(db, adapters=[agentkit.Webhook(SECRET, name="web")])
 
 
 # ─────────────────────────────────────── web chat API ───────────────────────────────────────
 
 
 @pytest.fixture
-def web_kit(tmp_path: Path, monkeypatch) -> AgentKit:
+def web_kit(db: Database, monkeypatch) -> AgentKit:
     monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
-    return AgentKit(tmp_path / "web.db", model="echo")
+    return AgentKit(db, model="echo")
 
 
 def test_web_chat_checks_host_origin_token_and_cookie(web_kit: AgentKit) -> None:
@@ -776,13 +786,13 @@ def test_browser_chat_gets_the_echo_reply(browser, web_kit: AgentKit) -> None:
         assert errors == []
 
 
-def test_two_bots_on_one_machine_keep_their_own_sessions(browser, tmp_path: Path) -> None:
+def test_two_bots_on_one_machine_keep_their_own_sessions(browser, new_db: NewDatabase) -> None:
     # cookies are not scoped by port: logging in to one bot must not log out the other
     kits = []
     for name in ("a", "b"):
         web = agentkit.WebChat(token=f"{TOKEN}-{name}")
         web.long_poll = 0.2
-        kits.append(AgentKit(tmp_path / f"{name}.db", model="echo", adapters=[web]))
+        kits.append(AgentKit(new_db(f"{name}.db"), model="echo", adapters=[web]))
     with served(kits[0]) as url_a, served(kits[1]) as url_b:
         context = browser.new_context()
         try:
@@ -796,12 +806,12 @@ def test_two_bots_on_one_machine_keep_their_own_sessions(browser, tmp_path: Path
             context.close()
 
 
-def test_browser_approval_runs_the_tool_once(browser, tmp_path: Path, monkeypatch) -> None:
+def test_browser_approval_runs_the_tool_once(browser, db: Database, monkeypatch) -> None:
     monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
     model = agentkit.ScriptedModel(
         [agentkit.ToolCall("restart", {"service": "nginx"}), "Restarted nginx."]
     )
-    kit = AgentKit(tmp_path / "approve.db", model=model)
+    kit = AgentKit(db, model=model)
     runs: list[str] = []
 
     @kit.tool(approval=True)
@@ -855,6 +865,7 @@ class Lines:
         return "".join(self.lines)
 
 
+@pytest.mark.sqlite_only("no configuration is agentkit.db, its token in a file beside it")
 def test_serve_with_no_configuration_is_a_working_bot(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "agentkit.py"), "serve", "--http", "127.0.0.1:0"],

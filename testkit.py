@@ -4,6 +4,7 @@ Python (what the page does in the browser)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import textwrap
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,7 +64,30 @@ def open_test_store(where: os.PathLike[str] | str) -> agentkit.Store:
     return agentkit.open_store(where if "://" in where else os.path.join(where, "agent.db"))
 
 
+Database = os.PathLike[str] | str  # a test's database: an SQLite file, or a URL
+NewDatabase = Callable[[str], Database]  # conftest's `new_db`: the test's database of a name
 Source = agentkit.AgentKit | agentkit.Store | os.PathLike[str] | str
+
+
+def created(db: Database) -> bool:
+    """Whether the database `db` was created: its file is there, or its schema holds tables."""
+    where = os.fspath(db)
+    if "://" not in where:
+        return os.path.exists(where)
+    import psycopg
+
+    with psycopg.connect(where) as conn:
+        query = "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+        return conn.execute(query).fetchone()[0] > 0
+
+
+def database_config(db: Database) -> dict[str, str]:
+    """The configuration a process needs to use the test's database `db`: AGENTKIT_DB, and
+    for a database URL the kit key and web token that the `new_db` fixture set."""
+    config = {"AGENTKIT_DB": os.fspath(db)}
+    if "://" in config["AGENTKIT_DB"]:
+        config |= {name: os.environ[name] for name in ("AGENTKIT_SECRET_KEY", "AGENTKIT_WEB_TOKEN")}
+    return config
 
 
 def all_rows(of: Source, table: str) -> list[dict]:
@@ -92,6 +116,36 @@ def rows(of: Source, table: str, *names: str, **equal: object) -> list:
 def count(of: Source, table: str, **equal: object) -> int:
     """How many rows of `table` have columns equal to `equal`."""
     return len(rows(of, table, **equal))
+
+
+def stored_bytes(db: Database) -> bytes:
+    """What the database `db` keeps, as bytes to search for a secret: an SQLite file's bytes
+    (its WAL and free pages included), or every row of every table of a database URL."""
+    where = os.fspath(db)
+    if "://" not in where:
+        data = b""
+        for path in (where, where + "-wal", where + "-shm"):
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    data += f.read()
+        return data
+    store = agentkit.open_store(where)
+    try:
+        return repr([store.rows(table) for table in store.tables()]).encode()
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def holding_writes(db: Database) -> Iterator[None]:
+    """Hold back the write transactions of every process on the database `db` until the
+    block ends: a write transaction of a store of the test's own, left open meanwhile."""
+    store = agentkit.open_store(os.fspath(db))
+    try:
+        with store.transaction():
+            yield
+    finally:
+        store.close()
 
 
 def take_over(kit: agentkit.AgentKit, task: str) -> None:
