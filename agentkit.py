@@ -2205,19 +2205,20 @@ class SQLiteStore(_SQLStore):
             return
         if durable:
             conn.execute("PRAGMA synchronous=FULL")
+        cursor = self._cursor()
         try:
-            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            self._retry_busy(lambda: cursor.execute("BEGIN IMMEDIATE"))
             self._local.depth = 1
             try:
                 yield
             except BaseException:
-                conn.execute("ROLLBACK")
+                cursor.execute("ROLLBACK")
                 raise
             try:
-                conn.execute("COMMIT")
+                cursor.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(apsw.Error):
-                    conn.execute("ROLLBACK")  # a failed COMMIT may leave it open
+                    cursor.execute("ROLLBACK")  # a failed COMMIT may leave it open
                 raise
         finally:
             self._local.depth = 0
@@ -2242,22 +2243,31 @@ class SQLiteStore(_SQLStore):
 
     # statements
 
+    def _cursor(self) -> apsw.Cursor:
+        """This thread's cursor, which its statements share (`Connection.execute` would make
+        a cursor object per statement, several per job)."""
+        conn = self.connection()
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None or cursor.connection is not conn:
+            cursor = self._local.cursor = conn.cursor()
+        return cursor
+
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
         return _JOINED if getattr(self._local, "depth", 0) else self.transaction()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        conn = getattr(self._local, "conn", None) or self.connection()
+        cursor = self._cursor()
         try:
-            return conn.execute(sql, params).fetchall()
+            return cursor.execute(sql, params).fetchall()
         except apsw.BusyError:  # on its own, a busy statement did nothing: try again
             if self._local.depth:
                 raise
-            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
+            return self._retry_busy(lambda: cursor.execute(sql, params).fetchall())
 
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
-        conn = getattr(self._local, "conn", None) or self.connection()
+        cursor = self._cursor()
         with self._atomic():
-            return conn.executemany(sql, params).fetchall()
+            return cursor.executemany(sql, params).fetchall()
 
     def _insert_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
         conn = self.connection()
@@ -2339,22 +2349,22 @@ class SQLiteStore(_SQLStore):
         only: int | None = None,
         sweep: bool = False,
     ) -> list[Claimed]:
-        conn = self.connection()
+        cursor = self._cursor()
         with self._atomic():
             if sweep:
                 self.requeue_expired()
             at = self.now()
             if only is None:
-                best = conn.execute(self.BEST_PRIORITIES_SQL, (self._list(names),)).fetchall()
+                best = cursor.execute(self.BEST_PRIORITIES_SQL, (self._list(names),)).fetchall()
                 ready = [
                     row
                     for name, priority in best
                     if priority is not None
-                    for row in self._ready(conn, name, priority, at, limit)
+                    for row in self._ready(cursor, name, priority, at, limit)
                 ]
                 ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
             else:
-                ready = self._ready_by_id(conn, only, names, at)
+                ready = self._ready_by_id(cursor, only, names, at)
             picked, targets = [], set()
             for rowid, target, *_ in ready:
                 if len(picked) < limit and (target is None or target not in targets):
@@ -2363,7 +2373,7 @@ class SQLiteStore(_SQLStore):
             return self._lease(picked, owner, lease, at) if picked else []
 
     def _ready(
-        self, conn: apsw.Connection, name: str, priority: int | None, at: float, limit: int
+        self, cursor: apsw.Cursor, name: str, priority: int | None, at: float, limit: int
     ) -> list[tuple]:
         """Up to `limit` ready rows of one task name from its best queued `priority` down,
         best first, flagging the blocked ones met on the way (the next claim seeks past)."""
@@ -2371,7 +2381,7 @@ class SQLiteStore(_SQLStore):
         while priority is not None:
             page = limit - len(found)
             while len(found) < limit:
-                rows = conn.execute(self.READY_SQL, (name, priority, at, page)).fetchall()
+                rows = cursor.execute(self.READY_SQL, (name, priority, at, page)).fetchall()
                 blocked = [row[0] for row in rows if row[4]]
                 found += [row for row in rows if not row[4]]
                 if not blocked:
@@ -2380,15 +2390,15 @@ class SQLiteStore(_SQLStore):
                 page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
             if len(found) >= limit:
                 break
-            (priority,) = conn.execute(self.NEXT_PRIORITY_SQL, (name, priority)).fetchone()
+            (priority,) = cursor.execute(self.NEXT_PRIORITY_SQL, (name, priority)).fetchone()
         return found[:limit]
 
     def _ready_by_id(
-        self, conn: apsw.Connection, rowid: int, names: Sequence[str], at: float
+        self, cursor: apsw.Cursor, rowid: int, names: Sequence[str], at: float
     ) -> list[tuple]:
         """The one job `rowid` as a ready row if it is ready and of these names (a rowid
         lookup); flagged when its target is running."""
-        row = conn.execute(self.READY_BY_ID_SQL, (rowid, at)).fetchone()
+        row = cursor.execute(self.READY_BY_ID_SQL, (rowid, at)).fetchone()
         if row is None or row[5] not in names:
             return []
         if row[4]:
