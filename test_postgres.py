@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 import agentkit
-from testkit import wait_until
+from agentkit import job_rowid
+from testkit import rows, wait_until
 
 
 @pytest.fixture
@@ -123,6 +124,33 @@ def test_the_database_refuses_a_second_running_job_of_a_target(url: str) -> None
         with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("UPDATE jobs SET state = 'running' WHERE id = %s", (int(second[4:]),))
         assert kit.job(first).state == "running" and kit.job(second).state == "queued"
+
+
+def test_a_claim_never_flags_a_job_after_the_end_of_its_targets_run_unflags_it(url: str) -> None:
+    # Claims and results run side by side here: a claim that reads the target as running
+    # while its job is ending waits for that end before it flags the waiting job, then
+    # finds it unblocked (a flag set after the end that clears it would hide it for good).
+    with agentkit.AgentKit(url) as kit:
+        store = kit.store
+        _, second = kit.enqueue_many("t", [1, 2], target="x", strict=False)
+        [held] = store.claim_jobs("a", ["t"], 1, 30)
+        ending, claimed = threading.Event(), []
+        done = agentkit.JobEnd("done", "null", None, None, store.now(), held.rowid, held.attempt)
+
+        def finish() -> None:
+            with store.transaction():
+                assert store.finish_jobs("a", [done]) == {held.rowid}
+                ending.set()
+                waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                wait_until(lambda: store._rows(waiting) != [(0,)], what="the claim to wait")
+
+        ender = threading.Thread(target=finish)
+        ender.start()
+        ending.wait(30)
+        claimed += store.claim_jobs("b", ["t"], 1, 30)  # reads x as running; waits for the end
+        ender.join()
+        assert [c.rowid for c in claimed] == [job_rowid(second)]
+        assert rows(store, "jobs", "id", blocked=1) == []
 
 
 def test_four_processes_drain_two_thousand_jobs_each_once(url: str) -> None:
