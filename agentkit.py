@@ -635,6 +635,12 @@ class Store(ABC):
         nested one is a savepoint whose rollback undoes only its own writes. `durable`
         (outermost only) commits so that a power cut cannot lose it."""
 
+    def fenced(self) -> contextlib.AbstractContextManager[None]:
+        """A transaction of operations that are each fenced or conditional on their own
+        (results and claims): atomic together, and run beside other transactions where the
+        engine can (`transaction()` serialises them all)."""
+        return self.transaction()
+
     @abstractmethod
     def now(self) -> float:
         """The store's clock, in Unix seconds: the time of leases, expiries and schedules."""
@@ -1373,8 +1379,9 @@ class _SQLStore(Store):
     # lookup. A queued job met while its target runs is flagged `blocked`, which takes it out
     # of the ready index until its target's running job ends. An engine whose transactions
     # run side by side (PostgreSQL) locks the rows a claim reads (`READY_LOCK`) and the
-    # running job a flag depends on (`RUNNING_LOCK`), so that a flag is never set after the
-    # end that clears it.
+    # running job a flag depends on (`RUNNING_LOCK`), skipping a running job that is being
+    # ended (and so leaving its waiting jobs unflagged): a flag is never set after the end
+    # that clears it, and a claim never waits.
     NAMES_TABLE = "json_each(?)"  # a table of the names in `_list(names)`, column `value`
     READY_LOCK = ""
     RUNNING_LOCK = ""
@@ -1465,9 +1472,8 @@ class _SQLStore(Store):
                 rows = self._rows(self.READY_SQL, (name, priority, at, page))
                 blocked = [row[0] for row in rows if row[4]]
                 found += [row for row in rows if not row[4]]
-                if not blocked:
-                    break
-                self._block(blocked)
+                if not blocked or self._block(blocked) < len(blocked):
+                    break  # (unflagged: their target's job is ending; the next claim sees)
                 page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
             if len(found) >= limit:
                 break
@@ -1485,9 +1491,10 @@ class _SQLStore(Store):
             return []
         return rows[:1]
 
-    def _block(self, rowids: Sequence[int]) -> None:
-        """Flag queued jobs met while their target runs (part of a claim), if it still does."""
-        self._count(self.BLOCK_SQL, (self._list(rowids),))
+    def _block(self, rowids: Sequence[int]) -> int:
+        """Flag queued jobs met while their target runs (part of a claim), if it still does;
+        how many were flagged."""
+        return self._count(self.BLOCK_SQL, (self._list(rowids),))
 
     def _lease(self, picked: Sequence[int], owner: str, lease: float, at: float) -> list[Claimed]:
         """Move the picked queued jobs to running under `owner` at `at` (part of a claim), in
@@ -2493,7 +2500,7 @@ class PostgresStore(_SQLStore):
     IN_LIST = "= ANY(?)"
     NAMES_TABLE = "unnest(CAST(? AS TEXT[])) AS names (value)"
     READY_LOCK = " FOR UPDATE SKIP LOCKED"
-    RUNNING_LOCK = " FOR SHARE"
+    RUNNING_LOCK = " FOR SHARE SKIP LOCKED"
 
     def __init__(
         self, url: str, *, listen_url: str | None = None, synchronous: str = "normal"
@@ -2613,6 +2620,9 @@ class PostgresStore(_SQLStore):
         # One operation's statements need no lock of all writers: each is fenced or
         # conditional on its own, and claims skip the rows that others hold.
         return _JOINED if self._local.depth else self._transaction(serial=False)
+
+    def fenced(self) -> contextlib.AbstractContextManager[None]:
+        return self._transaction(serial=False)  # without the advisory lock, as `_atomic`
 
     @contextlib.contextmanager
     def _transaction(self, *, serial: bool) -> Iterator[None]:
@@ -3042,7 +3052,7 @@ class Queue:
     ) -> tuple[dict[int, str], list[Claimed]]:
         """`finish(owner, outcomes)` then `claim(owner, names, limit, lease)` in one
         transaction (a worker's loop: one commit per batch); both results."""
-        with self.store.transaction():
+        with self.store.fenced():
             states = self._record(owner, outcomes)
             jobs = self.claim(owner, names, limit, lease)
         self._after_record(outcomes, states)
