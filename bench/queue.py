@@ -1085,7 +1085,7 @@ class Bench:
             ours = self.attempt(f"{measure}, agentkit", partial(self.drain_rate, "agentkit", procs))
             ours_cell = "FAIL (see above)" if ours is None else rate(ours)
             for name, backend in BACKENDS.items():
-                if name == "agentkit":
+                if name == "agentkit" or name in POSTGRES:  # (those: the PostgreSQL rows)
                     continue
                 label = backend.label
                 if (jobs := self.jobs_for(name)) != self.config.drain_jobs:
