@@ -773,6 +773,12 @@ class Store(ABC):
         nested one is a savepoint whose rollback undoes only its own writes. `durable`
         (outermost only) commits so that a power cut cannot lose it."""
 
+    def fenced(self) -> contextlib.AbstractContextManager[None]:
+        """A transaction of operations that are each fenced or conditional on their own
+        (results and claims): atomic together, and run beside other transactions where the
+        engine can (`transaction()` serialises them all)."""
+        return self.transaction()
+
     @abstractmethod
     def now(self) -> float:
         """The store's clock, in Unix seconds: the time of leases, expiries and schedules."""
@@ -1422,13 +1428,13 @@ class _SQLStore(Store):
 
     Statements use `?` placeholders, `ON CONFLICT`, `RETURNING`, `CASE`, `COALESCE` and
     `EXISTS`; never `INSERT OR REPLACE` or numbered parameters; a JSON function only in
-    `IN_LIST`. An engine runs them through `_rows`, `_rows_many`, `_insert_many`, `_count`
-    and `_described` (translating `?` if its driver wants another style) inside `_atomic`,
-    says how a list of ids or names is matched (`IN_LIST` with `_list(values)`), opens
-    the connection of each thread (`_open`; the bookkeeping and savepoints are here), and
-    writes the rest of the contract on its own: `transaction`, `now`, `wait_for_change`,
-    `tables`, `integrity`, and `claim_jobs` (with `_lease` and `requeue_expired` from
-    here), which is where engines differ most.
+    `IN_LIST` and `NAMES_TABLE`. An engine runs them through `_rows`, `_rows_many`,
+    `_insert_many`, `_count` and `_described` (translating `?` if its driver wants another
+    style) inside `_atomic`, says how a list of ids or names is matched (`IN_LIST` and
+    `NAMES_TABLE` with `_list(values)`) and which rows a claim locks (`READY_LOCK`,
+    `RUNNING_LOCK`), opens the connection of each thread (`_open`; the bookkeeping and
+    savepoints are here), and writes the rest of the contract on its own: `transaction`,
+    `now`, `wait_for_change`, `tables`, `integrity`, and the transaction of `claim_jobs`.
     """
 
     IN_LIST = "IN (SELECT value FROM json_each(?))"  # `x IN_LIST` with `_list(values)`
@@ -1613,7 +1619,6 @@ class _SQLStore(Store):
     # the ones they meet), and whatever ends a target's running job (a result, a failure, a
     # retry, an expired lease) clears its flags in the same transaction, so a blocked job is
     # read once per run of its target, not once per claim.
-    TARGET_RUNNING = "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = ?)"
 
     def insert_job(self, job: NewJob, payload: str, key: str | None) -> int:
         rows = self._rows(
@@ -1666,6 +1671,131 @@ class _SQLStore(Store):
             )
             self._unblock(target for (target,) in expired)
         return len(expired)
+
+    # Claims read only the jobs they can take (migration 6). The ready index holds the queued
+    # jobs that are not blocked, by task name, then priority, run_at and id. A claim seeks each
+    # of its task names on its own: a name's queued priorities, highest first, one seek each (a
+    # loose index scan), and per priority the ready jobs are a range of the index. So other
+    # tasks' backlog and jobs queued for later are never read, and a claim by id is a rowid
+    # lookup. A queued job met while its target runs is flagged `blocked`, which takes it out
+    # of the ready index until its target's running job ends. An engine whose transactions
+    # run side by side (PostgreSQL) locks the rows a claim reads (`READY_LOCK`) and the
+    # running job a flag depends on (`RUNNING_LOCK`), skipping a running job that is being
+    # ended (and so leaving its waiting jobs unflagged): a flag is never set after the end
+    # that clears it, and a claim never waits.
+    NAMES_TABLE = "json_each(?)"  # a table of the names in `_list(names)`, column `value`
+    READY_LOCK = ""
+    RUNNING_LOCK = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Build the claim's statements once per engine, from its hooks."""
+        super().__init_subclass__(**kwargs)
+        busy = (
+            "target IS NOT NULL AND EXISTS (SELECT 1 FROM jobs AS r "
+            "WHERE r.state = 'running' AND r.target = jobs.target)"
+        )
+        # each name with its best queued priority, one index seek per name
+        cls.BEST_PRIORITIES_SQL = (
+            "SELECT value, (SELECT max(priority) FROM jobs WHERE state = 'queued' "
+            f"AND blocked = 0 AND name = value) FROM {cls.NAMES_TABLE}"
+        )
+        # a name's best priority below ? (a statement of its own: `? IS NULL OR ...` in the
+        # first one would scan)
+        cls.NEXT_PRIORITY_SQL = (
+            "SELECT max(priority) FROM jobs "
+            "WHERE state = 'queued' AND blocked = 0 AND name = ? AND priority < ?"
+        )
+        # ready rows: id, target, priority, run_at, and whether the target runs now (busy)
+        cls.READY_SQL = (
+            f"SELECT id, target, priority, run_at, {busy} FROM jobs "
+            "WHERE state = 'queued' AND blocked = 0 AND name = ? AND priority = ? "
+            f"AND run_at <= ? ORDER BY run_at, id LIMIT ?{cls.READY_LOCK}"
+        )
+        cls.READY_BY_ID_SQL = (
+            f"SELECT id, target, priority, run_at, {busy}, name FROM jobs "
+            f"WHERE id = ? AND state = 'queued' AND blocked = 0 AND run_at <= ?{cls.READY_LOCK}"
+        )
+        cls.BLOCK_SQL = (
+            f"UPDATE jobs SET blocked = 1 WHERE id {cls.IN_LIST} AND EXISTS (SELECT 1 FROM "
+            f"jobs AS r WHERE r.state = 'running' AND r.target = jobs.target{cls.RUNNING_LOCK})"
+        )
+        cls.TARGET_RUNNING = (
+            "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' "
+            f"AND r.target = ?{cls.RUNNING_LOCK})"
+        )
+
+    def claim_jobs(
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        *,
+        only: int | None = None,
+        sweep: bool = False,
+    ) -> list[Claimed]:
+        with self._atomic():
+            if sweep:
+                self.requeue_expired()
+            return self._claim(owner, names, limit, lease, only)
+
+    def _claim(
+        self, owner: str, names: Sequence[str], limit: int, lease: float, only: int | None
+    ) -> list[Claimed]:
+        """A claim's reads and writes, in the caller's transaction."""
+        at = self.now()
+        if only is None:
+            best = self._rows(self.BEST_PRIORITIES_SQL, (self._list(names),))
+            ready = [
+                row
+                for name, priority in best
+                if priority is not None
+                for row in self._ready(name, priority, at, limit)
+            ]
+            ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
+        else:
+            ready = self._ready_by_id(only, names, at)
+        picked, targets = [], set()
+        for rowid, target, *_ in ready:
+            if len(picked) < limit and (target is None or target not in targets):
+                picked.append(rowid)
+                targets.add(target)
+        return self._lease(picked, owner, lease, at) if picked else []
+
+    def _ready(self, name: str, priority: int | None, at: float, limit: int) -> list[tuple]:
+        """Up to `limit` ready rows (id, target, priority, run_at, busy) of one task name
+        from its best queued `priority` down, best first, flagging the blocked ones met on
+        the way (the next claim seeks past them)."""
+        found: list[tuple] = []
+        while priority is not None:
+            page = limit - len(found)
+            while len(found) < limit:
+                rows = self._rows(self.READY_SQL, (name, priority, at, page))
+                blocked = [row[0] for row in rows if row[4]]
+                found += [row for row in rows if not row[4]]
+                if not blocked or self._block(blocked) < len(blocked):
+                    break  # (unflagged: their target's job is ending; the next claim sees)
+                page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
+            if len(found) >= limit:
+                break
+            (priority,) = self._rows(self.NEXT_PRIORITY_SQL, (name, priority))[0]
+        return found[:limit]
+
+    def _ready_by_id(self, rowid: int, names: Sequence[str], at: float) -> list[tuple]:
+        """The one job `rowid` as a ready row if it is ready and of these names (a rowid
+        lookup); flagged when its target is running."""
+        rows = self._rows(self.READY_BY_ID_SQL, (rowid, at))
+        if not rows or rows[0][5] not in names:
+            return []
+        if rows[0][4]:
+            self._block([rowid])
+            return []
+        return rows[:1]
+
+    def _block(self, rowids: Sequence[int]) -> int:
+        """Flag queued jobs met while their target runs (part of a claim), if it still does;
+        how many were flagged."""
+        return self._count(self.BLOCK_SQL, (self._list(rowids),))
 
     def _lease(self, picked: Sequence[int], owner: str, lease: float, at: float) -> list[Claimed]:
         """Move the picked queued jobs to running under `owner` at `at` (part of a claim), in
@@ -2851,19 +2981,20 @@ class SQLiteStore(_SQLStore):
             return
         if durable:
             conn.execute("PRAGMA synchronous=FULL")
+        cursor = self._cursor()
         try:
-            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            self._retry_busy(lambda: cursor.execute("BEGIN IMMEDIATE"))
             self._local.depth = 1
             try:
                 yield
             except BaseException:
-                conn.execute("ROLLBACK")
+                cursor.execute("ROLLBACK")
                 raise
             try:
-                conn.execute("COMMIT")
+                cursor.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(apsw.Error):
-                    conn.execute("ROLLBACK")  # a failed COMMIT may leave it open
+                    cursor.execute("ROLLBACK")  # a failed COMMIT may leave it open
                 raise
         finally:
             self._local.depth = 0
@@ -2888,22 +3019,31 @@ class SQLiteStore(_SQLStore):
 
     # statements
 
+    def _cursor(self) -> apsw.Cursor:
+        """This thread's cursor, which its statements share (`Connection.execute` would make
+        a cursor object per statement, several per job)."""
+        conn = self.connection()
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None or cursor.connection is not conn:
+            cursor = self._local.cursor = conn.cursor()
+        return cursor
+
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
         return _JOINED if getattr(self._local, "depth", 0) else self.transaction()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        conn = getattr(self._local, "conn", None) or self.connection()
+        cursor = self._cursor()
         try:
-            return conn.execute(sql, params).fetchall()
+            return cursor.execute(sql, params).fetchall()
         except apsw.BusyError:  # on its own, a busy statement did nothing: try again
             if self._local.depth:
                 raise
-            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
+            return self._retry_busy(lambda: cursor.execute(sql, params).fetchall())
 
     def _rows_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[tuple]:
-        conn = getattr(self._local, "conn", None) or self.connection()
+        cursor = self._cursor()
         with self._atomic():
-            return conn.executemany(sql, params).fetchall()
+            return cursor.executemany(sql, params).fetchall()
 
     def _insert_many(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
         conn = self.connection()
@@ -2941,110 +3081,6 @@ class SQLiteStore(_SQLStore):
     def backup(self, path: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the live database to a new file at `path`."""
         self._rows("VACUUM INTO ?", (os.fspath(path),))
-
-    # Claims read only the jobs they can take (migration 6). The ready index holds the queued
-    # jobs that are not blocked, by task name, then priority, run_at and id. A claim seeks each
-    # of its task names on its own: a name's queued priorities, highest first, one seek each (a
-    # loose index scan), and per priority the ready jobs are a range of the index. So other
-    # tasks' backlog and jobs queued for later are never read, and a claim by id is a rowid
-    # lookup. A queued job met while its target runs is flagged `blocked` (see `_SQLStore`),
-    # which takes it out of the ready index until its target's running job ends.
-    # Each name of the JSON list ?1 with its best queued priority, one index seek per name; and
-    # a name's best priority below ?2 (a statement of its own: `?2 IS NULL OR ...` would scan).
-    BEST_PRIORITIES_SQL = """
-        SELECT value, (SELECT max(priority) FROM jobs
-                       WHERE state = 'queued' AND blocked = 0 AND name = value)
-        FROM json_each(?1)
-    """
-    NEXT_PRIORITY_SQL = (
-        "SELECT max(priority) FROM jobs "
-        "WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority < ?2"
-    )
-    # Ready rows: id, target, priority, run_at, and whether the target is running now (busy).
-    TARGET_BUSY_SQL = (
-        "target IS NOT NULL AND EXISTS (SELECT 1 FROM jobs AS r "
-        "WHERE r.state = 'running' AND r.target = jobs.target)"
-    )
-    READY_SQL = f"""
-        SELECT id, target, priority, run_at, {TARGET_BUSY_SQL} FROM jobs
-        WHERE state = 'queued' AND blocked = 0 AND name = ?1 AND priority = ?2 AND run_at <= ?3
-        ORDER BY run_at, id LIMIT ?4
-    """
-    READY_BY_ID_SQL = f"""
-        SELECT id, target, priority, run_at, {TARGET_BUSY_SQL}, name FROM jobs
-        WHERE id = ?1 AND state = 'queued' AND blocked = 0 AND run_at <= ?2
-    """
-
-    def claim_jobs(
-        self,
-        owner: str,
-        names: Sequence[str],
-        limit: int,
-        lease: float,
-        *,
-        only: int | None = None,
-        sweep: bool = False,
-    ) -> list[Claimed]:
-        conn = self.connection()
-        with self._atomic():
-            if sweep:
-                self.requeue_expired()
-            at = self.now()
-            if only is None:
-                best = conn.execute(self.BEST_PRIORITIES_SQL, (self._list(names),)).fetchall()
-                ready = [
-                    row
-                    for name, priority in best
-                    if priority is not None
-                    for row in self._ready(conn, name, priority, at, limit)
-                ]
-                ready.sort(key=lambda row: (-row[2], row[3], row[0]))  # priority, run_at, id
-            else:
-                ready = self._ready_by_id(conn, only, names, at)
-            picked, targets = [], set()
-            for rowid, target, *_ in ready:
-                if len(picked) < limit and (target is None or target not in targets):
-                    picked.append(rowid)
-                    targets.add(target)
-            return self._lease(picked, owner, lease, at) if picked else []
-
-    def _ready(
-        self, conn: apsw.Connection, name: str, priority: int | None, at: float, limit: int
-    ) -> list[tuple]:
-        """Up to `limit` ready rows of one task name from its best queued `priority` down,
-        best first, flagging the blocked ones met on the way (the next claim seeks past)."""
-        found: list[tuple] = []
-        while priority is not None:
-            page = limit - len(found)
-            while len(found) < limit:
-                rows = conn.execute(self.READY_SQL, (name, priority, at, page)).fetchall()
-                blocked = [row[0] for row in rows if row[4]]
-                found += [row for row in rows if not row[4]]
-                if not blocked:
-                    break
-                self._block(blocked)
-                page = min(page * 2, 4096)  # a run of blocked jobs: flag it in fewer reads
-            if len(found) >= limit:
-                break
-            (priority,) = conn.execute(self.NEXT_PRIORITY_SQL, (name, priority)).fetchone()
-        return found[:limit]
-
-    def _ready_by_id(
-        self, conn: apsw.Connection, rowid: int, names: Sequence[str], at: float
-    ) -> list[tuple]:
-        """The one job `rowid` as a ready row if it is ready and of these names (a rowid
-        lookup); flagged when its target is running."""
-        row = conn.execute(self.READY_BY_ID_SQL, (rowid, at)).fetchone()
-        if row is None or row[5] not in names:
-            return []
-        if row[4]:
-            self._block([rowid])
-            return []
-        return [row]
-
-    def _block(self, rowids: Sequence[int]) -> None:
-        """Flag queued jobs met while their target runs (part of a claim)."""
-        self._count(f"UPDATE jobs SET blocked = 1 WHERE id {self.IN_LIST}", (self._list(rowids),))
 
 
 STORE_ENGINES[""] = SQLiteStore
@@ -3108,6 +3144,9 @@ class PostgresStore(_SQLStore):
 
     latest = len(MIGRATIONS)
     IN_LIST = "= ANY(?)"
+    NAMES_TABLE = "unnest(CAST(? AS TEXT[])) AS names (value)"
+    READY_LOCK = " FOR UPDATE SKIP LOCKED"
+    RUNNING_LOCK = " FOR SHARE SKIP LOCKED"
 
     @staticmethod
     def _unlocked_jobs(where: str) -> str:
@@ -3236,6 +3275,9 @@ class PostgresStore(_SQLStore):
         # One operation's statements need no lock of all writers: each is fenced or
         # conditional on its own, and claims skip the rows that others hold.
         return _JOINED if self._local.depth else self._transaction(serial=False)
+
+    def fenced(self) -> contextlib.AbstractContextManager[None]:
+        return self._transaction(serial=False)  # without the advisory lock, as `_atomic`
 
     @contextlib.contextmanager
     def _transaction(self, *, serial: bool) -> Iterator[None]:
@@ -3366,30 +3408,13 @@ class PostgresStore(_SQLStore):
     ) -> list[Claimed]:
         if sweep:
             self.requeue_expired()
-        which = "id = ? AND " if only is not None else ""
-        sql = (
-            f"SELECT id, target FROM jobs WHERE {which}state = 'queued' AND run_at <= ? "
-            f"AND name {self.IN_LIST} AND (target IS NULL OR NOT {self._RUNNING}) "
-            "ORDER BY priority DESC, run_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
-        )
         for _ in range(5):  # another host started a job of one of the targets first: again
             try:
                 with self._transaction(serial=False):
-                    at = self.now()
-                    params = (*([] if only is None else [only]), at, list(names), limit)
-                    picked, targets = [], set()
-                    for rowid, target in self._rows(sql, params):
-                        if target is None or target not in targets:
-                            picked.append(rowid)
-                            targets.add(target)
-                    return self._lease(picked, owner, lease, at) if picked else []
+                    return self._claim(owner, names, limit, lease, only)
             except self._driver.errors.UniqueViolation:
                 continue
         return []
-
-    _RUNNING = (
-        "EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND r.target = jobs.target)"
-    )
 
 
 STORE_ENGINES["postgresql"] = STORE_ENGINES["postgres"] = PostgresStore
@@ -3682,7 +3707,7 @@ class Queue:
     ) -> tuple[dict[int, str], list[Claimed]]:
         """`finish(owner, outcomes)` then `claim(owner, names, limit, lease)` in one
         transaction (a worker's loop: one commit per batch); both results."""
-        with self.store.transaction():
+        with self.store.fenced():
             states = self._record(owner, outcomes)
             jobs = self.claim(owner, names, limit, lease)
         self._after_record(outcomes, states)

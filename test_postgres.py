@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 import agentkit
-from testkit import wait_until
+from agentkit import job_rowid
+from testkit import rows, wait_until
 
 
 @pytest.fixture
@@ -123,6 +124,53 @@ def test_the_database_refuses_a_second_running_job_of_a_target(url: str) -> None
         with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("UPDATE jobs SET state = 'running' WHERE id = %s", (int(second[4:]),))
         assert kit.job(first).state == "running" and kit.job(second).state == "queued"
+
+
+def test_a_claim_never_flags_a_job_after_the_end_of_its_targets_run_unflags_it(url: str) -> None:
+    # Claims and results run side by side here: a claim that reads the target as running
+    # while its job is ending leaves the waiting job unflagged, without waiting (a flag set
+    # after the end that clears it would hide the job from every claim for good).
+    with agentkit.AgentKit(url) as kit:
+        store = kit.store
+        _, second = kit.enqueue_many("t", [1, 2], target="x", strict=False)
+        [held] = store.claim_jobs("a", ["t"], 1, 30)
+        done = agentkit.JobEnd("done", "null", None, None, store.now(), held.rowid, held.attempt)
+        claimed: list[agentkit.Claimed] = []
+
+        def claim() -> None:
+            claimed.extend(store.claim_jobs("b", ["t"], 1, 30))
+            store.release_thread()
+
+        with store.transaction():
+            assert store.finish_jobs("a", [done]) == {held.rowid}
+            claimer = threading.Thread(target=claim)  # reads x as running: the end is not in
+            claimer.start()
+            claimer.join(30)
+            assert not claimer.is_alive()
+        assert claimed == []
+        assert rows(store, "jobs", "id", blocked=1) == []
+        assert [c.rowid for c in store.claim_jobs("b", ["t"], 1, 30)] == [job_rowid(second)]
+
+
+def test_a_workers_results_and_claims_do_not_wait_for_other_transactions(url: str) -> None:
+    # Only `transaction()` takes the lock that serialises transactions: a worker's loop
+    # (results and the next claim in one transaction) runs beside it.
+    with agentkit.AgentKit(url) as kit, agentkit.AgentKit(url) as other:
+        kit.enqueue_many("t", [1, 2], strict=False)
+        [first] = kit.queue.claim("w", ["t"], 1, 30)
+        claimed: list[agentkit.Claimed] = []
+
+        def loop() -> None:
+            claimed.extend(kit.queue.finish_and_claim("w", [(first, "ok", "1")], ["t"], 1, 30)[1])
+            kit.store.release_thread()
+
+        with other.store.transaction():
+            worker = threading.Thread(target=loop)
+            worker.start()
+            worker.join(30)
+            assert not worker.is_alive()
+        assert [c.rowid for c in claimed] == [first.rowid + 1]
+        assert kit.job(f"job_{first.rowid}").state == "done"
 
 
 def test_four_processes_drain_two_thousand_jobs_each_once(url: str) -> None:

@@ -109,6 +109,17 @@ def test_one_running_job_per_target(store: Store) -> None:
     assert [c.rowid for c in store.claim_jobs("b", ["t"], 10, 30)] == [second]
 
 
+def test_a_claim_flags_the_jobs_behind_a_running_target_until_its_job_ends(store: Store) -> None:
+    first, second, third = add(store, *[job(store, target="x") for _ in range(3)])
+    [claimed] = store.claim_jobs("a", ["t"], 10, 30)  # one per target: the others wait
+    assert claimed.rowid == first
+    assert store.claim_jobs("b", ["t"], 10, 30) == []  # meets them while x runs: flagged
+    assert rows(store, "jobs", "id", blocked=1) == [second, third]
+    assert store.finish_jobs("a", [ended(claimed)]) == {first}
+    assert rows(store, "jobs", "id", blocked=1) == []
+    assert [c.rowid for c in store.claim_jobs("b", ["t"], 10, 30)] == [second]
+
+
 def test_a_batch_claim_takes_priority_then_age_and_only_ready_jobs_of_its_names(
     store: Store,
 ) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark agentkit's durable SQLite job queue against bare SQLite and peer queues.
+"""Benchmark agentkit's durable job queue against bare SQLite and peer queues (SQLite, PostgreSQL).
 
 Setup (this script installs nothing):  pip install -e '.[bench]'
 Run from the repository root:          python bench/queue.py [--quick] [--dir DIR]
@@ -17,6 +17,15 @@ cost and empty-poll cost behind backlogs a worker cannot take (up to 1M jobs que
 later, 1M ready jobs of another task, 100k jobs blocked behind a running job of their
 target), and `Worker.run_one(job id)` (run_turn's claim) with 1M foreign ready jobs;
 peak memory while draining; idle wake-up latency and idle CPU.
+
+PostgreSQL rows (skipped with --no-postgres), in the same run, against procrastinate and
+pgqueuer, each set up as its documentation says, every commit durable (fsync and
+synchronous_commit on): enqueue one at a time and in bulk, drain with 1 and 4 worker
+processes, claim cost behind 1k and 1M jobs queued for later (built with one INSERT ...
+SELECT generate_series), 100k jobs blocked behind a running job of their target, and idle
+wake-up and CPU. The server is AGENTKIT_BENCH_POSTGRES (a database the bench may create
+schemas in) or a private cluster that `.ci/postgres` starts (it installs Debian's
+postgresql when missing) and the bench stops.
 """
 
 from __future__ import annotations
@@ -30,13 +39,17 @@ if os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import asyncio
 import contextlib
 import json
 import multiprocessing
 import platform
 import random
+import shutil
+import socket
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -55,7 +68,11 @@ try:
     import huey
     import litequeue
     import persistqueue
+    import pgqueuer
+    import procrastinate
+    import psycopg
     from huey.storage import SqliteStorage
+    from pgqueuer.domain.types import QueueExecutionMode
 except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"missing benchmark dependency ({missing}); run: pip install -e '.[bench]'")
 
@@ -93,6 +110,12 @@ class Config:
     wake_samples: int  # row 6
     idle_seconds: float
     repeats: int  # rows 1-3 keep the best of this many runs (background load only slows)
+    pg_enqueue_jobs: int  # PostgreSQL rows: one enqueue call per job
+    pg_batch_jobs: int  # enqueued batch_size at a time
+    pg_drain_jobs: int  # per queue (procrastinate: a fifth, it runs one job per round trip)
+    pg_waiting_sizes: tuple[int, ...]  # jobs queued for later while claiming
+    pg_waiting_jobs: int  # ready jobs run behind them (procrastinate: a tenth)
+    pg_wake_samples: int
 
 
 FULL_RUN = Config(
@@ -111,6 +134,12 @@ FULL_RUN = Config(
     wake_samples=20,
     idle_seconds=3.0,
     repeats=2,
+    pg_enqueue_jobs=1_000,
+    pg_batch_jobs=20_000,
+    pg_drain_jobs=5_000,
+    pg_waiting_sizes=(1_000, 1_000_000),
+    pg_waiting_jobs=1_000,
+    pg_wake_samples=30,
 )
 QUICK_RUN = Config(
     enqueue_jobs=1_000,
@@ -128,6 +157,12 @@ QUICK_RUN = Config(
     wake_samples=5,
     idle_seconds=1.0,
     repeats=1,
+    pg_enqueue_jobs=200,
+    pg_batch_jobs=2_000,
+    pg_drain_jobs=1_000,
+    pg_waiting_sizes=(1_000, 10_000),
+    pg_waiting_jobs=200,
+    pg_wake_samples=5,
 )
 
 
@@ -462,6 +497,202 @@ class PersistQueueBackend(Backend):
         self.queue.close()
 
 
+# ─────────────────────────────────── PostgreSQL queues ───────────────────────────────────
+# Each opened on a URL whose search_path selects a fresh schema of the bench's server (see
+# PgServer), so every measurement starts from an empty database, as the SQLite rows do.
+
+
+def _pg_count(url: str, sql: str) -> int:
+    """The single number a query answers, on a connection of its own."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+class PgAgentKitBackend(AgentKitBackend):
+    """agentkit on PostgreSQL (every commit durable: synchronous_commit=on)."""
+
+    label = "agentkit, PostgreSQL"
+
+    def fill_later(self, count: int) -> None:
+        """Untimed setup: `count` jobs to run tomorrow, in one INSERT ... SELECT."""
+        with psycopg.connect(self.kit.store._url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO jobs (name, payload, state, priority, run_at, created_at, retries,"
+                " backoff) SELECT 'record', '{\"i\":-1}', 'queued', 0,"
+                " extract(epoch FROM now()) + 86400, extract(epoch FROM now()), 3, 1.0"
+                " FROM generate_series(1, %s)",
+                (count,),
+            )
+
+
+class ProcrastinateBackend(Backend):
+    """procrastinate as its documentation sets it up: an App on a PsycopgConnector, tasks
+    deferred with `defer` / `batch_defer`, a worker at its defaults (concurrency 1,
+    LISTEN/NOTIFY, jobs kept after they succeed) that stops when the queue is empty."""
+
+    label = "procrastinate, worker defaults"
+
+    def __init__(self, where: str) -> None:
+        self.url = where
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=where))
+        self.handle: Handler = lambda payload: None
+
+        def record(**payload: Any) -> None:
+            self.handle(payload)
+
+        record.__module__ = "bench_queue"
+        self.task = self.app.task(name="record")(record)
+        self.app.open()
+        if (
+            _pg_count(
+                where,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'procrastinate_jobs'"
+                " AND schemaname = current_schema()",
+            )
+            == 0
+        ):
+            self.app.schema_manager.apply_schema()
+
+    def put(self, payload: Payload) -> None:
+        self.task.defer(**payload)
+
+    def put_many(self, batch: list[Payload]) -> None:
+        self.task.batch_defer(*batch)
+
+    def fill_later(self, count: int) -> None:
+        """Untimed setup: `count` jobs scheduled for tomorrow, in one INSERT ... SELECT (its
+        triggers off meanwhile: they only log events and notify)."""
+        with psycopg.connect(self.url, autocommit=True) as conn, conn.transaction():
+            conn.execute("ALTER TABLE procrastinate_jobs DISABLE TRIGGER USER")
+            conn.execute(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at) "
+                "SELECT 'default', 'record', jsonb_build_object('i', -1), "
+                "now() + interval '1 day' FROM generate_series(1, %s)",
+                (count,),
+            )
+            conn.execute("ALTER TABLE procrastinate_jobs ENABLE TRIGGER USER")
+
+    async def _worker(self, wait: bool) -> None:
+        async with self.app.open_async():
+            await self.app.run_worker_async(wait=wait, install_signal_handlers=False)
+
+    def drain(self, handle: Handler) -> None:
+        self.handle = handle
+        self.app.close()  # the worker opens its own pool, in its event loop
+        asyncio.run(self._worker(wait=False))
+        self.app.open()
+
+    def serve(self, handle: Handler, stop: Any) -> None:
+        """Run jobs, waiting for new ones when idle, until `stop` is set."""
+        self.handle = handle
+        self.app.close()
+        asyncio.run(_until_set(self._worker(wait=True), stop))
+        self.app.open()
+
+    def pending(self) -> int:
+        return _pg_count(
+            self.url, "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
+        )
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class PgQueuerBackend(Backend):
+    """pgqueuer as its documentation sets it up: `Queries.enqueue` (a list of jobs for a
+    batch), a PgQueuer on a PsycopgDriver with an async entrypoint, `run()` at its
+    defaults (batch_size 10) in drain mode; its tables `durable` (the default: logged)."""
+
+    label = "pgqueuer, run() defaults"
+
+    def __init__(self, where: str) -> None:
+        self.url = where
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(
+            psycopg.AsyncConnection.connect(where, autocommit=True)
+        )
+        self.queries = pgqueuer.Queries(pgqueuer.PsycopgDriver(self.conn))
+        if (
+            _pg_count(
+                where,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'pgqueuer'"
+                " AND schemaname = current_schema()",
+            )
+            == 0
+        ):
+            self.loop.run_until_complete(self.queries.install())
+
+    def put(self, payload: Payload) -> None:
+        self.loop.run_until_complete(self.queries.enqueue("record", json.dumps(payload).encode()))
+
+    def put_many(self, batch: list[Payload]) -> None:
+        data = [json.dumps(payload).encode() for payload in batch]
+        self.loop.run_until_complete(
+            self.queries.enqueue(["record"] * len(batch), data, [0] * len(batch))
+        )
+
+    def fill_later(self, count: int) -> None:
+        """Untimed setup: `count` jobs to run tomorrow, in one INSERT ... SELECT."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO pgqueuer (priority, entrypoint, payload, execute_after, status) "
+                "SELECT 0, 'record', convert_to('{\"i\":-1}', 'UTF8'), "
+                "now() + interval '1 day', 'queued' FROM generate_series(1, %s)",
+                (count,),
+            )
+
+    async def _run(self, handle: Handler, mode: Any, stop: Any = None) -> None:
+        """Run a worker in `mode`; with `stop`, until it is set (then its shutdown event)."""
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        worker = pgqueuer.PgQueuer(pgqueuer.PsycopgDriver(conn))
+
+        @worker.entrypoint("record")
+        async def record(job: Any) -> None:
+            handle(json.loads(job.payload))
+
+        if stop is not None:
+            _when_set(stop, worker.shutdown.set)
+        try:
+            await worker.run(mode=mode)
+        finally:
+            await conn.close()
+
+    def drain(self, handle: Handler) -> None:
+        self.loop.run_until_complete(self._run(handle, QueueExecutionMode.drain))
+
+    def serve(self, handle: Handler, stop: Any) -> None:
+        """Run jobs, waiting for new ones when idle, until `stop` is set."""
+        self.loop.run_until_complete(self._run(handle, QueueExecutionMode.continuous, stop))
+
+    def pending(self) -> int:
+        return _pg_count(self.url, "SELECT count(*) FROM pgqueuer")
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+def _when_set(stop: Any, action: Callable[[], object]) -> None:
+    """Call `action` in the running event loop once the (process or thread) event `stop`
+    is set."""
+    loop = asyncio.get_running_loop()
+
+    def watch() -> None:
+        stop.wait()
+        loop.call_soon_threadsafe(action)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+async def _until_set(work: Any, stop: Any) -> None:
+    """Run the coroutine `work` until the event `stop` is set, then cancel it (how a
+    procrastinate worker run as a task is stopped)."""
+    task = asyncio.ensure_future(work)
+    _when_set(stop, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 BACKENDS: dict[str, type[Backend]] = {
     "agentkit": AgentKitBackend,
     "bare": BareBackend,
@@ -470,18 +701,22 @@ BACKENDS: dict[str, type[Backend]] = {
     "huey-normal": HueyNormalBackend,
     "litequeue": LiteQueueBackend,
     "persist-queue": PersistQueueBackend,
+    "pg-agentkit": PgAgentKitBackend,
+    "procrastinate": ProcrastinateBackend,
+    "pgqueuer": PgQueuerBackend,
 }
+POSTGRES = ("pg-agentkit", "procrastinate", "pgqueuer")  # opened on a URL, not a file
 # Peers drained with fewer jobs to fit the time budget: huey and persist-queue at their
 # defaults fsync every commit; litequeue and persist-queue scan past done rows on each claim.
 SLOW = {"huey", "litequeue", "persist-queue"}
 
 
-def open_backend(name: str, path: Path) -> Backend:
-    """Open the named queue on `path`."""
-    return BACKENDS[name](path)
+def open_backend(name: str, where: str | Path) -> Backend:
+    """Open the named queue on a file or, for the PostgreSQL ones, a URL."""
+    return BACKENDS[name](where if name in POSTGRES else Path(where))  # type: ignore[arg-type]
 
 
-def pending_after(name: str, path: Path) -> int:
+def pending_after(name: str, path: str | Path) -> int:
     """Reopen a queue and count the jobs left in it."""
     backend = open_backend(name, path)
     try:
@@ -496,7 +731,7 @@ def pending_after(name: str, path: Path) -> int:
 def _drain_worker(name: str, path: str, n: int, ready: Any, start: Any, out: Any) -> None:
     """Child process: open the queue, wait for the start signal, drain, report."""
     try:
-        backend = open_backend(name, Path(path))
+        backend = open_backend(name, path)
         tally = Tally(n)
         ready.wait()
         start.wait()
@@ -509,7 +744,7 @@ def _drain_worker(name: str, path: str, n: int, ready: Any, start: Any, out: Any
         out.put((0.0, b"", traceback.format_exc()))
 
 
-def timed_drain(name: str, path: Path, n: int, procs: int) -> tuple[float, Tally]:
+def timed_drain(name: str, path: str | Path, n: int, procs: int) -> tuple[float, Tally]:
     """Drain `path` with `procs` processes: seconds from the start signal to all done."""
     ready, start, out = SPAWN.Barrier(procs + 1), SPAWN.Event(), SPAWN.Queue()
     workers = [
@@ -535,6 +770,21 @@ def timed_drain(name: str, path: Path, n: int, procs: int) -> tuple[float, Tally
     if errors:
         raise RuntimeError(f"{name} worker crashed:\n{errors[0]}")
     return max(finished) - began, tally
+
+
+def serve_jobs(backend: Backend, n: int) -> tuple[float, Tally]:
+    """Run a queue's worker until it has run `n` jobs (ids 0..n-1); seconds it took."""
+    tally, stop, ran = Tally(n), threading.Event(), [0]
+
+    def handle(payload: Payload) -> None:
+        tally.record(payload)
+        ran[0] += 1
+        if ran[0] == n:
+            stop.set()
+
+    began = time.perf_counter()
+    backend.serve(handle, stop)  # type: ignore[attr-defined]
+    return time.perf_counter() - began, tally
 
 
 def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
@@ -564,9 +814,9 @@ def _memory_probe(path: str, n: int) -> tuple[float, bytes]:
     return max(peak - baseline, 0) / 1024, bytes(tally.counts)
 
 
-def _idle_worker(path: str, n: int, ready: Any, stop: Any, out: Any) -> None:
-    """Child process: an idle agentkit worker reporting each job's enqueue-to-start delay."""
-    backend = AgentKitBackend(Path(path))
+def _idle_worker(name: str, path: str, n: int, ready: Any, stop: Any, out: Any) -> None:
+    """Child process: an idle worker reporting each job's enqueue-to-start delay."""
+    backend = open_backend(name, path)
     tally = Tally(n)
 
     def handle(payload: Payload) -> None:
@@ -583,6 +833,67 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PgServer:
+    """The PostgreSQL server of the PostgreSQL rows: AGENTKIT_BENCH_POSTGRES (the URL of a
+    database the bench may create schemas in), else a private cluster that the tests'
+    `.ci/postgres` starts on a free loopback port (fsync and synchronous_commit on), stopped
+    at the end. Each measurement gets a schema of its own."""
+
+    def __init__(self) -> None:
+        self.url = os.environ.get("AGENTKIT_BENCH_POSTGRES", "")
+        self.folder = ""
+        self.schemas: list[str] = []
+        if not self.url:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            script = Path(__file__).resolve().parent.parent / ".ci" / "postgres"
+            started = subprocess.run(
+                ["bash", str(script)],
+                env={**os.environ, "AGENTKIT_PG_PORT": str(port)},
+                capture_output=True,
+                text=True,
+            )
+            if started.returncode:
+                raise RuntimeError(f"could not start PostgreSQL (.ci/postgres): {started.stderr}")
+            self.folder, self.url = started.stdout.strip().splitlines()[-2:]
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            self.version = conn.execute("SHOW server_version").fetchone()[0]
+            self.commit = conn.execute("SHOW synchronous_commit").fetchone()[0]
+            self.fsync = conn.execute("SHOW fsync").fetchone()[0]
+
+    def fresh(self) -> str:
+        """A URL whose search_path selects a new, empty schema."""
+        schema = f"bench_{os.getpid()}_{len(self.schemas)}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            conn.execute(f"CREATE SCHEMA {schema}")
+        self.schemas.append(schema)
+        joiner = "&" if "?" in self.url else "?"
+        return f"{self.url}{joiner}options=-csearch_path%3D{schema}"
+
+    def describe(self) -> str:
+        return (
+            f"PostgreSQL {self.version.split()[0]} (fsync={self.fsync}, synchronous_commit="
+            f"{self.commit}; {'private cluster' if self.folder else 'AGENTKIT_BENCH_POSTGRES'}"
+            f"); procrastinate {version('procrastinate')}, pgqueuer {version('pgqueuer')}, "
+            f"psycopg {version('psycopg')}"
+        )
+
+    def close(self) -> None:
+        if self.folder:
+            pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]
+            stop = [str(pg_ctl), "-D", f"{self.folder}/data", "stop", "-m", "fast"]
+            if os.geteuid() == 0:
+                stop = ["runuser", "-u", "postgres", "--", *stop]
+            subprocess.run(stop, capture_output=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for schema in self.schemas:
+                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 # ───────────────────────────────────────── table ─────────────────────────────────────────
@@ -651,6 +962,7 @@ class Bench:
         self.failed = False
         self._databases = 0
         self.began = time.perf_counter()
+        self.server: PgServer | None = None
 
     def fresh(self, name: str) -> Path:
         """A path for a new database file in a folder of its own."""
@@ -658,6 +970,15 @@ class Bench:
         folder = self.workdir / f"{self._databases:02d}-{name}"
         folder.mkdir()
         return folder / "queue.db"
+
+    def where(self, name: str, purpose: str) -> str | Path:
+        """A fresh database for one measurement of the named queue: a file, or for the
+        PostgreSQL queues a new schema of the bench's server."""
+        if name in POSTGRES:
+            if self.server is None:
+                raise RuntimeError("the PostgreSQL rows need a server (see --no-postgres)")
+            return self.server.fresh()
+        return self.fresh(f"{purpose}-{name}")
 
     @contextlib.contextmanager
     def section(self, measure: str) -> Iterator[None]:
@@ -695,7 +1016,7 @@ class Bench:
 
     def enqueue_rate(self, name: str, batch_size: int, total: int) -> float:
         """Jobs/s enqueued with `batch_size` jobs per transaction (1: one `put` per job)."""
-        backend = open_backend(name, self.fresh(f"enqueue-{name}"))
+        backend = open_backend(name, self.where(name, "enqueue"))
         jobs = payloads(total)
         began = time.perf_counter()
         if batch_size == 1:
@@ -705,9 +1026,13 @@ class Bench:
             for batch in chunks(jobs, batch_size):
                 backend.put_many(batch)
         elapsed = time.perf_counter() - began
-        tally = Tally(total)
-        backend.drain(tally.record)
-        tally.verify(backend.pending())
+        if name in POSTGRES:  # counted, not drained: procrastinate would take longer than the row
+            if (pending := backend.pending()) != total:
+                raise CheckFailed(f"{pending} jobs queued after enqueueing {total}")
+        else:
+            tally = Tally(total)
+            backend.drain(tally.record)
+            tally.verify(backend.pending())
         backend.close()
         return total / elapsed
 
@@ -732,6 +1057,9 @@ class Bench:
 
     def jobs_for(self, name: str) -> int:
         """Jobs per drain: fewer for the slow peers."""
+        if name in POSTGRES:
+            jobs = self.config.pg_drain_jobs
+            return jobs // 5 if name == "procrastinate" else jobs
         return self.config.slow_drain_jobs if name in SLOW else self.config.drain_jobs
 
     def drain_rate(self, name: str, procs: int) -> float:
@@ -741,7 +1069,7 @@ class Bench:
     def drain_once(self, name: str, procs: int) -> float:
         """Jobs/s for one drain of a fresh queue."""
         n = self.jobs_for(name)
-        path = self.fresh(f"drain{procs}-{name}")
+        path = self.where(name, f"drain{procs}")
         backend = open_backend(name, path)
         backend.fill(payloads(n))
         backend.close()
@@ -757,7 +1085,7 @@ class Bench:
             ours = self.attempt(f"{measure}, agentkit", partial(self.drain_rate, "agentkit", procs))
             ours_cell = "FAIL (see above)" if ours is None else rate(ours)
             for name, backend in BACKENDS.items():
-                if name == "agentkit":
+                if name == "agentkit" or name in POSTGRES:  # (those: the PostgreSQL rows)
                     continue
                 label = backend.label
                 if (jobs := self.jobs_for(name)) != self.config.drain_jobs:
@@ -776,7 +1104,7 @@ class Bench:
 
     # row 4: claim latency
 
-    def claim_costs(self, backlog: int, kind: str) -> tuple[float, ...]:
+    def claim_costs(self, backlog: int, kind: str, name: str = "agentkit") -> tuple[float, ...]:
         """Seconds per job claimed+completed, and per empty poll (the fastest round of each:
         background load only slows), with a backlog of `backlog` jobs this worker cannot
         take, of one `kind`: "later" (queued for tomorrow), "foreign" (ready, of a task it
@@ -790,7 +1118,8 @@ class Bench:
         by_id = cfg.latency_jobs if kind == "foreign" else 0
         total = backlog + ready + by_id
         held = 1 if kind == "blocked" else 0  # the running job that blocks the backlog
-        backend = AgentKitBackend(self.fresh(f"latency-{kind}-{backlog}"))
+        backend = open_backend(name, self.where(name, f"latency-{kind}-{backlog}"))
+        assert isinstance(backend, AgentKitBackend)
         options = {
             "later": {"delay": LATER},
             "foreign": {"task": "foreign", "strict": False},
@@ -842,7 +1171,12 @@ class Bench:
         backend.close()
         return tuple(costs)
 
-    def latency_rows(self) -> None:
+    def latency_rows(
+        self,
+        kinds: tuple[str, ...] = ("later", "foreign", "blocked"),
+        name: str = "agentkit",
+        prefix: str = "",
+    ) -> None:
         cfg = self.config
         cases = [
             ("later", cfg.latency_sizes, "queued for later"),
@@ -850,8 +1184,10 @@ class Bench:
             ("blocked", cfg.blocked_sizes, "blocked on one running target"),
         ]
         for kind, sizes, backlog in cases:
-            with self.section(f"claim latency, {backlog}"):
-                costs = {size: self.claim_costs(size, kind) for size in sizes}
+            if kind not in kinds:
+                continue
+            with self.section(f"{prefix}claim latency, {backlog}"):
+                costs = {size: self.claim_costs(size, kind, name) for size in sizes}
                 columns = [
                     (0, "claim+complete per job", Target("<=", 2.0)),
                     (1, "empty poll, work(until_idle)", None),
@@ -864,13 +1200,103 @@ class Bench:
                         ratio = cost[column] / first
                         self.rows.append(
                             Row(
-                                f"{what}, {size:,} {backlog}",
+                                f"{prefix}{what}, {size:,} {backlog}",
                                 f"{cost[column] * 1e3:.3f} ms",
                                 f"{first * 1e3:.3f} ms (agentkit, {sizes[0]:,})",
                                 f"{ratio:.2f}",
                                 *judge(ratio, target if size == sizes[-1] else None),
                             )
                         )
+
+    # PostgreSQL rows
+
+    def waiting_cost(self, name: str, backlog: int) -> float:
+        """Seconds per job to run pg_waiting_jobs ready jobs in one worker (claim, run,
+        complete; from its start to its last job) behind `backlog` jobs queued for tomorrow
+        (the fastest of repeats)."""
+        n = self.config.pg_waiting_jobs
+        if name == "procrastinate":  # its claim reads the jobs queued for later: 10x fewer
+            n //= 10
+        backend = open_backend(name, self.where(name, "waiting"))
+        backend.fill_later(backlog)  # type: ignore[attr-defined]
+        costs = []
+        for _ in range(self.config.repeats):
+            backend.put_many(payloads(n))
+            elapsed, tally = serve_jobs(backend, n)  # a drain would wait for the later jobs
+            costs.append(elapsed / n)
+            tally.verify(backend.pending() - backlog)
+        backend.close()
+        return min(costs)
+
+    def postgres_rows(self) -> None:
+        """The PostgreSQL rows: agentkit against procrastinate and pgqueuer."""
+        cfg, prefix, peers = self.config, "PostgreSQL: ", POSTGRES[1:]
+        enqueues = [
+            ("enqueue, 1 job per call", 1, cfg.pg_enqueue_jobs),
+            (
+                f"enqueue in bulk, {cfg.batch_size:,} jobs per call",
+                cfg.batch_size,
+                cfg.pg_batch_jobs,
+            ),
+        ]
+        for measure, size, total in enqueues:
+            with self.section(prefix + measure):
+                ours = self.best(partial(self.enqueue_rate, "pg-agentkit", size, total))
+                for peer in peers:
+                    theirs = self.best(partial(self.enqueue_rate, peer, size, total))
+                    label = BACKENDS[peer].label
+                    self.compare(f"{prefix}{measure} ({total:,})", ours, theirs, label, None)
+        for procs in (1, 4):
+            measure = f"{prefix}drain, {procs} process{'es' if procs > 1 else ''}"
+            measure += f", {cfg.pg_drain_jobs:,} jobs"
+            rates = {
+                name: self.attempt(f"{measure}, {name}", partial(self.drain_rate, name, procs))
+                for name in POSTGRES
+            }
+            ours = rates.pop("pg-agentkit")
+            theirs = {peer: value for peer, value in rates.items() if value is not None}
+            fastest = max(theirs, key=lambda peer: theirs[peer], default=None)
+            for peer, value in theirs.items():
+                label = BACKENDS[peer].label
+                if (jobs := self.jobs_for(peer)) != cfg.pg_drain_jobs:
+                    label += f", {jobs:,} jobs"
+                if ours is None:
+                    self.rows.append(Row(measure, "FAIL (see above)", f"{rate(value)} ({label})"))
+                else:
+                    target = Target(">=", 1.5) if peer == fastest else None
+                    self.compare(measure, ours, value, label, target)
+        sizes = cfg.pg_waiting_sizes
+        with self.section(f"{prefix}claim latency, queued for later"):
+            costs = {name: [self.waiting_cost(name, size) for size in sizes] for name in POSTGRES}
+            ours = costs.pop("pg-agentkit")
+            what = f"claim+run+complete per job, {cfg.pg_waiting_jobs:,} ready behind"
+            for index, size in enumerate(sizes):
+                ratio = ours[index] / ours[0]
+                last = index == len(sizes) - 1
+                self.rows.append(
+                    Row(
+                        f"{prefix}{what} {size:,} queued for later",
+                        f"{ours[index] * 1e3:.3f} ms",
+                        f"{ours[0] * 1e3:.3f} ms (agentkit, {sizes[0]:,})",
+                        f"{ratio:.2f}",
+                        *judge(ratio, Target("<=", 2.0) if last else None),
+                    )
+                )
+                for peer, cost in costs.items():
+                    theirs = f"{cost[index] * 1e3:.3f} ms ({BACKENDS[peer].label}"
+                    if peer == "procrastinate":
+                        theirs += f", {cfg.pg_waiting_jobs // 10:,} ready"
+                    theirs += f"; {cost[index] / cost[0]:.2f}x its {sizes[0]:,})"
+                    self.rows.append(
+                        Row(
+                            f"{prefix}{what} {size:,} queued for later",
+                            f"{ours[index] * 1e3:.3f} ms",
+                            theirs,
+                            f"{ours[index] / cost[index]:.2f}",
+                        )
+                    )
+        self.latency_rows(("blocked",), "pg-agentkit", prefix)
+        self.idle_rows(POSTGRES, prefix)
 
     # row 3b: per-job overhead with slow handlers
 
@@ -941,32 +1367,31 @@ class Bench:
 
     # row 6: idle wake-up
 
-    def idle_costs(self) -> tuple[list[float], float]:
-        """Enqueue-to-start seconds of jobs sent to an idle worker process, and that
-        worker's CPU use (fraction of one core) while it waited on an empty queue."""
+    def idle_costs(self, name: str, where: str | Path, samples: int) -> tuple[list[float], float]:
+        """Enqueue-to-start seconds of `samples` jobs sent to an idle worker process, and
+        that worker's CPU use (fraction of one core) while it waited on an empty queue."""
         cfg = self.config
-        path = self.fresh("idle")
-        producer = AgentKitBackend(path)
+        producer = open_backend(name, where)
         ready, stop, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
         worker = SPAWN.Process(
-            target=_idle_worker, args=(str(path), cfg.wake_samples, ready, stop, out)
+            target=_idle_worker, args=(name, str(where), samples, ready, stop, out)
         )
         worker.start()
         try:
             if not ready.wait(timeout=60):
                 raise RuntimeError("the idle worker did not start")
-            time.sleep(0.5)  # let it settle into waiting
+            time.sleep(1.0)  # let it settle into waiting
             cpu_before, wall_before = cpu_seconds(worker.pid), time.perf_counter()
             time.sleep(cfg.idle_seconds)
             cpu_used = cpu_seconds(worker.pid) - cpu_before
             cpu = cpu_used / (time.perf_counter() - wall_before)
             spacing, latencies = random.Random(7), []
-            for i in range(cfg.wake_samples):
+            for i in range(samples):
                 producer.put({"i": i, "t": time.time()})
                 latencies.append(out.get(timeout=30))
                 time.sleep(spacing.uniform(0.1, 0.2))
             stop.set()
-            tally = Tally(cfg.wake_samples)
+            tally = Tally(samples)
             tally.merge(out.get(timeout=30))
             tally.verify(producer.pending())
         finally:
@@ -977,29 +1402,36 @@ class Bench:
             producer.close()
         return latencies, cpu
 
-    def idle_rows(self) -> None:
+    def idle_rows(self, names: tuple[str, ...] = ("agentkit",), prefix: str = "") -> None:
+        """Wake-up latency and idle CPU of each named queue's worker (targets: agentkit's)."""
         cfg = self.config
-        with self.section("idle worker"):
-            latencies, cpu = self.idle_costs()
-            median = statistics.median(latencies) * 1e3
-            self.rows.append(
-                Row(
-                    f"idle wake-up: enqueue to handler start ({cfg.wake_samples} jobs)",
-                    f"{median:.1f} ms",
-                    f"median; max {max(latencies) * 1e3:.1f} ms",
-                    "",
-                    *judge(median, Target("<", 50, " ms")),
+        samples = cfg.pg_wake_samples if prefix else cfg.wake_samples
+        for name in names:
+            label = "" if name in ("agentkit", "pg-agentkit") else f" ({BACKENDS[name].label})"
+            with self.section(f"{prefix}idle worker{label}"):
+                latencies, cpu = self.idle_costs(name, self.where(name, "idle"), samples)
+                median = statistics.median(latencies) * 1e3
+                ours = not label
+                self.rows.append(
+                    Row(
+                        f"{prefix}idle wake-up: enqueue to handler start ({samples} jobs)",
+                        f"{median:.1f} ms" if ours else "",
+                        f"median; max {max(latencies) * 1e3:.1f} ms{label}"
+                        if ours
+                        else f"{median:.1f} ms median, max {max(latencies) * 1e3:.1f} ms{label}",
+                        "",
+                        *judge(median, Target("<", 50, " ms") if ours else None),
+                    )
                 )
-            )
-            self.rows.append(
-                Row(
-                    f"idle worker CPU, {cfg.idle_seconds:g} s on an empty queue",
-                    f"{cpu * 100:.2f}%",
-                    "of one core",
-                    "",
-                    *judge(cpu * 100, Target("<", 2, "%")),
+                self.rows.append(
+                    Row(
+                        f"{prefix}idle worker CPU, {cfg.idle_seconds:g} s on an empty queue",
+                        f"{cpu * 100:.2f}%" if ours else "",
+                        f"of one core{label}" if ours else f"{cpu * 100:.2f}% of one core{label}",
+                        "",
+                        *judge(cpu * 100, Target("<", 2, "%") if ours else None),
+                    )
                 )
-            )
 
 
 def machine() -> str:
@@ -1017,6 +1449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: a ~30 s smoke run")
     parser.add_argument("--dir", help="where to create the databases (default: system temp)")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip the PostgreSQL rows (SQLite only)"
+    )
     args = parser.parse_args(argv)
     config = QUICK_RUN if args.quick else FULL_RUN
     print(machine())
@@ -1030,6 +1465,15 @@ def main(argv: list[str] | None = None) -> int:
         bench.latency_rows()
         bench.memory_row()
         bench.idle_rows()
+        if not args.no_postgres:
+            with bench.section("PostgreSQL server"):
+                bench.server = PgServer()
+                print(bench.server.describe())
+            if bench.server is not None:
+                try:
+                    bench.postgres_rows()
+                finally:
+                    bench.server.close()
     print(
         f"run took {time.perf_counter() - bench.began:.0f} s; rates are wall-clock jobs/s, "
         f"best of {config.repeats} except for the slow peers (fewer jobs, one run); "
