@@ -7,6 +7,7 @@ Files the tests watch are written under the folder in MCP_TEST_DIR (when set).
 
 import argparse
 import base64
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ PIXEL = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 )
 
+# One plain line per record (the SDK's Rich handler wraps them at the console's width,
+# which differs where there is no terminal), before the SDK would set up its own.
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 server = MCPServer("testkit", version="1.0")
 
 

@@ -68,7 +68,10 @@ def test_the_example_extension_by_path_in_run_and_serve_and_by_module_in_another
         assert me == {"role": "user", "content": "remember the milk"}
     env = env_for(db, AGENTKIT_WEB_TOKEN=TOKEN, AGENTKIT_MODEL="notes:c")
     command = [*agentkit_command(), "--db", str(db), "--ext", str(EXAMPLE)]
-    with served(command, "", env) as bot, httpx.Client(base_url=bot.url, timeout=30) as client:
+    with (
+        served(command, "", env, tmp_path) as bot,
+        httpx.Client(base_url=bot.url, timeout=30) as client,
+    ):
         headers = {"Origin": bot.url}
         assert client.post("/api/login", json={"token": TOKEN}, headers=headers).is_success
         sent = client.post("/api/messages", json={"text": "remember the bread"}, headers=headers)
