@@ -8010,12 +8010,16 @@ class LocalRuntime:
         )
 
     def _track(self, proc: subprocess.Popen, alive: bool) -> None:
-        """Note a command started (alive) or ended, so that stop() can kill it."""
+        """Note a command started (alive) or ended, so that stop() can kill it; one that
+        started while stop() ran (after it killed the others) is killed here."""
         with self._lock:
-            if alive:
-                self._running.add(proc)
-            else:
+            if not alive:
                 self._running.discard(proc)
+            elif self._root_fd is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                self._running.add(proc)
 
 
 _SYSTEM_FOLDERS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
