@@ -14021,7 +14021,27 @@ pre { margin: .3rem 0 0; padding: .55rem .7rem; background: var(--code); border-
 #examples button { text-align: left; max-width: 17rem; font-size: .9rem; }
 footer { padding: .5rem max(.75rem, calc((100% - 48rem) / 2))
   max(.75rem, env(safe-area-inset-bottom)); }
+#chips { display: flex; flex-wrap: wrap; gap: .4rem; margin-bottom: .4rem; }
 #chips:empty { display: none; }
+.chip { display: inline-flex; align-items: center; gap: .4rem; max-width: 100%;
+  padding: .2rem .3rem .2rem .5rem; border: 1px solid var(--line); border-radius: .6rem;
+  background: var(--card); font-size: .85rem; }
+.chip img { width: 2rem; height: 2rem; object-fit: cover; border-radius: .3rem; }
+.chip .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
+.chip .size, .chip .state { color: var(--muted); white-space: nowrap; }
+.chip.error { border-color: var(--err); }
+.chip.error .state { color: var(--err); white-space: normal; }
+.chip button { padding: 0 .45rem; border: 0; }
+#attach { padding: .4rem .6rem; border: 0; background: transparent; }
+#chat.dropping { outline: 2px dashed var(--accent); outline-offset: -4px; }
+.files { display: flex; flex-wrap: wrap; gap: .4rem; margin-top: .3rem; white-space: normal; }
+.files img { display: block; max-width: min(16rem, 100%); max-height: 16rem;
+  border-radius: .6rem; }
+a.file-link { display: inline-flex; gap: .4rem; align-items: center; padding: .35rem .7rem;
+  border: 1px solid var(--line); border-radius: .6rem; background: var(--card);
+  color: var(--fg); text-decoration: none; max-width: 100%; overflow-wrap: anywhere; }
+a.file-link:hover { background: var(--hover); }
+a.file-link .size { color: var(--muted); font-size: .85rem; white-space: nowrap; }
 .composer { display: flex; align-items: flex-end; gap: .5rem; padding: .4rem;
   border: 1px solid var(--line); border-radius: 1rem; background: var(--card); }
 .composer:focus-within { border-color: var(--accent); }
@@ -14063,7 +14083,9 @@ footer { padding: .5rem max(.75rem, calc((100% - 48rem) / 2))
 <footer>
   <div id="chips"></div>
   <div class="composer">
-    <span id="attach-slot"></span>
+    <span id="attach-slot"><button id="attach" type="button" aria-label="Attach files"
+      title="Attach files (or paste or drop them)">📎</button>
+      <input id="file-input" type="file" multiple hidden></span>
     <textarea id="text" rows="1" placeholder="Message"
       aria-label="Message (Enter sends, Shift+Enter new line)"></textarea>
     <button id="send" class="primary" type="button">Send</button>
@@ -14306,6 +14328,81 @@ function markdown(text) {
   return el;
 }
 
+// ── files: chips of the uploads to send, and the files of the log ──
+const PREVIEW_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+let uploads = [];  // {chip, id, done}: the files chosen for the next message
+function sizeText(n) {
+  if (n < 1024) return n + " B";
+  return n < 1048576 ? (n / 1024).toFixed(1) + " KB" : (n / 1048576).toFixed(1) + " MB";
+}
+function fileLinks(files) {  // images as previews, anything else as a download link
+  const el = h("div", "files");
+  for (const f of files) {
+    const a = h("a", "file-link");
+    a.href = String(f.url);
+    a.download = String(f.name);
+    if (PREVIEW_TYPES.includes(f.mime)) {
+      a.className = "file-image";
+      const img = h("img");
+      img.src = a.href;
+      img.alt = String(f.name);
+      a.append(img);
+    } else a.append(h("span", "name", String(f.name)), h("span", "size", sizeText(+f.size || 0)));
+    el.append(a);
+  }
+  return el;
+}
+function addFiles(files) {  // each file uploads at once and shows as a chip
+  for (const file of files) {
+    const chip = h("div", "chip");
+    const up = { chip, id: null, done: null };
+    if (PREVIEW_TYPES.includes(file.type)) {
+      const img = h("img");
+      img.src = URL.createObjectURL(file);
+      img.alt = "";
+      chip.append(img);
+    }
+    const state = h("span", "state", "uploading…");
+    const remove = h("button", "remove", "×");
+    remove.type = "button";
+    remove.setAttribute("aria-label", "Remove " + file.name);
+    remove.addEventListener("click", () => { dropUpload(up); box.focus(); });
+    chip.append(h("span", "name", file.name), h("span", "size", sizeText(file.size)), state,
+      remove);
+    $("chips").append(chip);
+    up.done = uploadFile(file, up, state);
+    uploads.push(up);
+  }
+}
+async function uploadFile(file, up, state) {
+  try {
+    const r = await fetch("/api/files?name=" + encodeURIComponent(file.name || "file"),
+      { method: "POST", credentials: "same-origin", body: file });
+    let data = {};
+    try { data = await r.json(); } catch (e) { /* not JSON */ }
+    if (r.status === 201 && typeof data.id === "string") {
+      up.id = data.id;
+      state.remove();
+      return;
+    }
+    if (r.status === 401) loginNeeded();
+    state.textContent = errText({ status: r.status, data: data || {} });
+  } catch (e) {
+    state.textContent = "Could not upload: the server refused it or is not reachable.";
+  }
+  up.chip.classList.add("error");
+}
+function dropUpload(up) {
+  const img = up.chip.querySelector("img");
+  if (img) URL.revokeObjectURL(img.src);
+  up.chip.remove();
+  uploads = uploads.filter((u) => u !== up);
+}
+async function uploaded() {  // the uploads done, once none is still on its way
+  await Promise.all(uploads.map((u) => u.done));
+  return uploads.filter((u) => u.id);
+}
+
 // ── feed items ──
 function approvalCard(b, ap) {
   b.append(h("div", "card-title", ap.state === "pending" ? "Approval needed" : "Approval"));
@@ -14369,7 +14466,9 @@ function render(it) {
   else if (kind === "approval" || kind === "secret") {
     b = h("div", "card");
     if (kind === "secret") secretCard(b, it); else approvalCard(b, it.approval || {});
-  } else b = h("div", "", String(it.text ?? ""));
+  } else b = h("div", "", kind === "file" ? null : String(it.text ?? ""));
+  const files = Array.isArray(it.files) ? it.files : it.file ? [it.file] : [];
+  if (files.length) b.append(fileLinks(files));
   b.classList.add("bubble");
   el.append(b);
   el.item = it;
@@ -14542,13 +14641,16 @@ async function poll(gen) {
 }
 
 async function sendMessage(given) {
+  if (sendBtn.disabled) return;
   const text = given ?? box.value;
-  if (!text.trim() || sendBtn.disabled) return;
   sendBtn.disabled = true;
   try {
-    const res = await api("POST", "/api/messages", { text, thread });
+    const files = given == null ? await uploaded() : [];
+    if (!text.trim() && !files.length) return;
+    const ids = files.map((u) => u.id);
+    const res = await api("POST", "/api/messages", { text, files: ids, thread });
     if (res.status === 202) {
-      if (given == null) { box.value = ""; grow(); }
+      if (given == null) { box.value = ""; grow(); files.forEach(dropUpload); }
       log.scrollTop = log.scrollHeight;
       loadThreads();
     } else if (res.status === 401) loginNeeded();
@@ -14641,6 +14743,32 @@ box.addEventListener("keydown", (ev) => {
   }
 });
 sendBtn.addEventListener("click", () => sendMessage());
+const fileInput = $("file-input");
+$("attach").addEventListener("click", () => fileInput.click());
+fileInput.addEventListener("change", () => {
+  addFiles([...fileInput.files]);
+  fileInput.value = "";
+});
+box.addEventListener("paste", (ev) => {
+  const files = [...((ev.clipboardData && ev.clipboardData.files) || [])];
+  if (files.length) { ev.preventDefault(); addFiles(files); }
+});
+const chatEl = $("chat");
+const carriesFiles = (ev) => ev.dataTransfer && [...ev.dataTransfer.types].includes("Files");
+chatEl.addEventListener("dragover", (ev) => {
+  if (!carriesFiles(ev)) return;
+  ev.preventDefault();
+  chatEl.classList.add("dropping");
+});
+chatEl.addEventListener("dragleave", (ev) => {
+  if (!chatEl.contains(ev.relatedTarget)) chatEl.classList.remove("dropping");
+});
+chatEl.addEventListener("drop", (ev) => {
+  chatEl.classList.remove("dropping");
+  if (!ev.dataTransfer || !ev.dataTransfer.files.length) return;
+  ev.preventDefault();
+  addFiles([...ev.dataTransfer.files]);
+});
 stopBtn.addEventListener("click", stopTurns);
 $("new").addEventListener("click", () => {
   const bytes = crypto.getRandomValues(new Uint8Array(8));
