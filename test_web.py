@@ -1522,3 +1522,62 @@ def test_the_web_chat_shows_and_stops_only_turns_of_its_own_conversations(
                 "/api/messages", json={"text": "hi", "thread": thread}, headers=headers
             )
             assert sent.status_code == 400, thread
+
+
+# ─────────────────────────────────────── files in the page ───────────────────────────────────────
+
+PIXEL = base64.b64decode(  # a 1x1 PNG, which a browser decodes
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+
+
+def test_the_page_uploads_previews_and_sends_files_and_shows_a_tools_file_for_download(
+    browser, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("AGENTKIT_WEB_TOKEN", TOKEN)
+    model = agentkit.ScriptedModel([agentkit.ToolCall("report", {}), "here is the report"])
+    kit = AgentKit(tmp_path / "files.db", model=model, max_file_bytes=5_000)
+
+    @kit.tool
+    def report(ctx: agentkit.ToolContext) -> str:
+        """Send the report."""
+        ctx.attach(agentkit.File("report.txt", b"the report's bytes"))
+        return "sent"
+
+    with served(kit) as url, chat_page(browser, url, TOKEN) as (page, errors):
+        big = {"name": "big.bin", "mimeType": "application/octet-stream", "buffer": b"x" * 6_000}
+        page.set_input_files("#file-input", files=[big])
+        expect(page.locator(".chip.error .state")).to_contain_text("over the limit")
+        page.locator(".chip.error button").click()
+        cat = {"name": "cat.png", "mimeType": "image/png", "buffer": PIXEL}
+        page.set_input_files("#file-input", files=[cat])
+        expect(page.locator(".chip img")).to_have_count(1)  # a thumbnail before sending
+        page.evaluate(  # a pasted file uploads too
+            """() => { const data = new DataTransfer();
+                data.items.add(new File(["plain notes"], "notes.txt", {type: "text/plain"}));
+                document.querySelector("#text").dispatchEvent(
+                    new ClipboardEvent("paste", {clipboardData: data, bubbles: true})); }"""
+        )
+        expect(page.locator(".chip")).to_have_count(2)
+        expect(page.locator(".chip .state")).to_have_count(0)  # both uploaded, none refused
+        page.locator("#text").fill("what is this?")
+        page.locator("#send").click()
+        shown = page.locator("#log .item.kind-user img")
+        expect(shown).to_have_count(1)
+        expect(shown).to_have_js_property("naturalWidth", 1)  # served, decoded
+        expect(page.locator("#log .item.kind-reply").last).to_contain_text("here is the report")
+        link = page.locator("#log a.file-link", has_text="report.txt")
+        expect(link).to_have_count(1)
+        fetched = page.evaluate(
+            "href => fetch(href).then(r => r.text())", link.get_attribute("href")
+        )
+        assert fetched == "the report's bytes"
+        assert [e for e in errors if "status of 413" not in e] == []  # the refusal, logged
+    [user] = [m for m in model.calls[0] if m["role"] == "user"]
+    text, image = user["content"]
+    assert text["text"].startswith("what is this?") and 'name="notes.txt"' in text["text"]
+    assert (image["type"], image["mime"], base64.b64decode(image["data"])) == (
+        "image",
+        "image/png",
+        PIXEL,
+    )
