@@ -14084,7 +14084,10 @@ a.file-link .size { color: var(--muted); font-size: .85rem; white-space: nowrap;
   <div id="chips"></div>
   <div class="composer">
     <span id="attach-slot"><button id="attach" type="button" aria-label="Attach files"
-      title="Attach files (or paste or drop them)">📎</button>
+      title="Attach files (or paste or drop them)"><svg width="18" height="18"
+      viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2"
+      stroke-linecap="round" aria-hidden="true"><path d="M21 11.5l-8.5 8.5a5 5 0 0 1-7-7
+      l9-9a3.3 3.3 0 0 1 4.7 4.7l-9 9a1.7 1.7 0 0 1-2.4-2.4l8.3-8.3"/></svg></button>
       <input id="file-input" type="file" multiple hidden></span>
     <textarea id="text" rows="1" placeholder="Message"
       aria-label="Message (Enter sends, Shift+Enter new line)"></textarea>

@@ -9,7 +9,6 @@ served over HTTP, and a real process killed with SIGKILL between two polls.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -17,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytest
 import agentkit
 from agentkit import AgentKit, File, ScriptedModel, ToolCall, ToolContext
 from fake_servers import FakeAnthropic, FakeOpenAI, FakeTelegram
-from testkit import all_rows, clear_config, count, wait_until
+from testkit import all_rows, clear_config, count, served, wait_until
 
 ROOT = Path(__file__).resolve().parent
 TOKEN = "web-token-for-the-attachment-tests"
@@ -497,29 +495,6 @@ def test_a_tools_files_go_out_as_photo_and_document_exactly_once(
 
 
 # ───────────────────────────────────── web chat and webhook ─────────────────────────────────────
-
-
-@contextlib.contextmanager
-def served(kit: AgentKit) -> Iterator[str]:
-    """`kit.serve` on a free loopback port in a thread; its URL; stopped and closed after."""
-    stop, urls, errors = threading.Event(), [], []
-
-    def run() -> None:
-        try:
-            kit.serve(http="127.0.0.1:0", workers=2, stop=stop, ready=urls.append)
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=run, name="test-serve", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: urls or errors or not thread.is_alive(), what="serve to be ready")
-        assert urls and not errors, errors
-        yield urls[0]
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-        kit.close()
 
 
 def signed_in(client: httpx.Client, url: str) -> dict[str, str]:

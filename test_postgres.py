@@ -5,7 +5,6 @@ LISTEN/NOTIFY wake-ups, and one running job per target refused by the database i
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 
 import psycopg
@@ -13,22 +12,12 @@ import pytest
 
 import agentkit
 from agentkit import job_rowid
-from testkit import rows, wait_until
+from testkit import python_process, rows, wait_until
 
 
 @pytest.fixture
 def url(postgres_db: str) -> str:
     return postgres_db
-
-
-def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_a_postgresql_url_opens_the_postgresql_engine(url: str) -> None:
@@ -49,7 +38,7 @@ def test_eight_processes_starting_at_once_migrate_once(url: str, tmp_path) -> No
         print(store.version, len(store.tables()))
         store.close()
     """
-    procs = [run_python(code, url, str(go)) for _ in range(8)]
+    procs = [python_process(code, url, str(go)) for _ in range(8)]
     go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outputs]
@@ -71,7 +60,7 @@ def test_leases_follow_the_database_clock_on_a_host_ten_minutes_ahead(url: str) 
             print(claimed.rowid)
             store.close()
         """
-        out, err = run_python(skewed, url).communicate(timeout=60)
+        out, err = python_process(skewed, url).communicate(timeout=60)
         assert out.strip() == job[4:], err
         [row] = [r for r in kit.store.rows("jobs") if r["id"] == int(job[4:])]
         # The lease runs 30 s on the database's clock (this host's), not 630 s.
@@ -92,7 +81,7 @@ def test_a_host_ten_minutes_behind_does_not_take_over_a_live_lease(url: str) -> 
             print(len(store.claim_jobs("late", ["slow"], 1, 30)))
             store.close()
         """
-        out, err = run_python(behind, url).communicate(timeout=60)
+        out, err = python_process(behind, url).communicate(timeout=60)
         assert out.strip() == "0", err
         assert [r["owner"] for r in kit.store.rows("jobs")] == ["first"]
 
@@ -108,7 +97,7 @@ def test_a_notify_from_another_process_wakes_an_idle_waiter(url: str) -> None:
             woke.set()
 
         threading.Thread(target=waiter, daemon=True).start()
-        _, err = run_python(
+        _, err = python_process(
             "import sys, agentkit; s = agentkit.open_store(sys.argv[1]); s.notify(); s.close()",
             url,
         ).communicate(timeout=60)
@@ -183,7 +172,7 @@ def test_four_processes_drain_two_thousand_jobs_each_once(url: str) -> None:
             kit.work(until_idle=True)
             kit.close()
         """
-        procs = [run_python(worker, url) for _ in range(4)]
+        procs = [python_process(worker, url) for _ in range(4)]
         errors = [p.communicate(timeout=300)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, errors
         jobs = [kit.job(i) for i in ids]

@@ -39,6 +39,7 @@ from testkit import (
     clear_config,
     rows,
     seal,
+    served,
     wait_until,
 )
 
@@ -54,34 +55,6 @@ TOKEN = "web-token-for-tests-0123456789"
 def no_configuration(monkeypatch) -> None:
     """No test here picks up a model, a bot token or a web token from the environment."""
     clear_config(monkeypatch)
-
-
-@contextlib.contextmanager
-def served(kit: AgentKit, workers: int = 2) -> Iterator[str]:
-    """Run `kit.serve` on a free loopback port in a thread; yield its URL; stop and close."""
-    stop = threading.Event()
-    urls: list[str] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            kit.serve(http="127.0.0.1:0", workers=workers, stop=stop, ready=urls.append)
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=run, name="test-serve", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: urls or errors or not thread.is_alive(), what="serve to be ready")
-        assert not errors, errors
-        assert urls, "serve returned before it was ready"
-        yield urls[0]
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-        assert not thread.is_alive(), "serve did not stop within 15 s of stop being set"
-        kit.close()
-    assert not errors, errors
 
 
 def sign(secret: str, payload: bytes, t: int | None = None) -> str:
@@ -1332,14 +1305,14 @@ def test_an_open_tab_keeps_working_after_serve_restarts(browser, tmp_path: Path)
     context = browser.new_context()
     try:
         page = context.new_page()
-        with served_at(first, port) as url:
+        with served(first, http=f"127.0.0.1:{port}") as url:
             token = (tmp_path / "r.db.token").read_text().strip()
             page.goto(f"{url}/#token={token}")
             expect(page.locator("#status")).to_have_text("connected")
             page.locator("#text").fill("before")
             page.locator("#text").press("Enter")
             expect(page.locator("#log .item.kind-reply")).to_have_text("echo: before")
-        with served_at(AgentKit(tmp_path / "r.db", model="echo"), port):
+        with served(AgentKit(tmp_path / "r.db", model="echo"), http=f"127.0.0.1:{port}"):
             assert (tmp_path / "r.db.token").read_text().strip() == token
             page.locator("#text").fill("after")
             page.locator("#text").press("Enter")
@@ -1347,23 +1320,6 @@ def test_an_open_tab_keeps_working_after_serve_restarts(browser, tmp_path: Path)
             expect(page.locator("#status")).to_have_text("connected")
     finally:
         context.close()
-
-
-@contextlib.contextmanager
-def served_at(kit: AgentKit, port: int) -> Iterator[str]:
-    """`served`, on a given port (a restart keeps its address, and so its cookie)."""
-    stop, urls = threading.Event(), []
-    thread = threading.Thread(
-        target=kit.serve, kwargs={"http": f"127.0.0.1:{port}", "stop": stop, "ready": urls.append}
-    )
-    thread.start()
-    try:
-        wait_until(lambda: urls or not thread.is_alive(), what="serve to be ready")
-        yield urls[0]
-    finally:
-        stop.set()
-        thread.join(15)
-        kit.close()
 
 
 def test_serve_keeps_its_token_says_where_it_is_and_makes_a_new_one_on_request(
@@ -1572,6 +1528,14 @@ def test_the_page_uploads_previews_and_sends_files_and_shows_a_tools_file_for_do
             "href => fetch(href).then(r => r.text())", link.get_attribute("href")
         )
         assert fetched == "the report's bytes"
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # for people to look at
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            for name, size in (("desktop", (1280, 800)), ("phone", (390, 844))):
+                page.set_viewport_size({"width": size[0], "height": size[1]})
+                if name == "phone":  # the sidebar slides away when the page narrows
+                    expect(page.locator("#side")).not_to_be_in_viewport()
+                page.screenshot(path=str(SCREENSHOTS / f"files-{name}-{scheme}.png"))
         assert [e for e in errors if "status of 413" not in e] == []  # the refusal, logged
     [user] = [m for m in model.calls[0] if m["role"] == "user"]
     text, image = user["content"]

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -201,3 +202,32 @@ def python_process(code: str, *args: str, env: dict[str, str] | None = None) -> 
         text=True,
         env={**os.environ, **(env or {})},
     )
+
+
+@contextlib.contextmanager
+def served(kit: agentkit.AgentKit, workers: int = 2, http: str = "127.0.0.1:0") -> Iterator[str]:
+    """Run `kit.serve` in a thread (on a free loopback port, or `http`); yield its URL;
+    stop and close."""
+    stop = threading.Event()
+    urls: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            kit.serve(http=http, workers=workers, stop=stop, ready=urls.append)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="test-serve", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: urls or errors or not thread.is_alive(), what="serve to be ready")
+        assert not errors, errors
+        assert urls, "serve returned before it was ready"
+        yield urls[0]
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "serve did not stop within 15 s of stop being set"
+        kit.close()
+    assert not errors, errors
